@@ -1,0 +1,402 @@
+"""Job records, the FIFO queue, the append-only journal and the data-directory layout.
+
+Data directory (``--data-dir``; default :func:`default_data_dir`)::
+
+    <data dir>/
+        journal.jsonl          one JSON object per line: {"t", "job_id", "state", ...}; fsynced per line
+        <job id>/
+            job.json           the job record (prompt, params, seed, preset, timings, versions, state,
+                               result files with size + SHA-256, error), rewritten tmp -> fsync -> rename
+            preview.npz        the latest preview mesh (written by the worker, tmp -> rename)
+            work/              the pipeline's scratch folder (``JobContext.out_dir``)
+            result/            finished files (GLB, OBJ, MTL, PNG), moved here tmp -> fsync -> rename
+                               before ``result_ready`` is sent
+
+Job states: ``queued`` -> ``running`` -> ``done`` | ``error`` | ``cancelled``; ``interrupted`` is
+given at start-up to jobs that were queued or running when the previous server died.
+Nothing in this module knows about sockets or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"
+ERROR = "error"
+CANCELLED = "cancelled"
+INTERRUPTED = "interrupted"
+ACTIVE_STATES = frozenset({QUEUED, RUNNING})
+FINAL_STATES = frozenset({DONE, ERROR, CANCELLED, INTERRUPTED})
+STATES = ACTIVE_STATES | FINAL_STATES
+
+RESULT_DIR = "result"
+WORK_DIR = "work"
+JOB_FILE = "job.json"
+PREVIEW_FILE = "preview.npz"
+JOURNAL_FILE = "journal.jsonl"
+
+
+class DataDirError(Exception):
+    """The data directory cannot be used (not creatable, not writable, a file in the way)."""
+
+
+def default_data_dir() -> Path:
+    """``$CONJURE_DATA_DIR``, else ``$XDG_DATA_HOME/conjure/jobs``, else ``~/.local/share/conjure/jobs``."""
+    env = os.environ.get("CONJURE_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "conjure" / "jobs"
+
+
+def valid_job_id(job_id: object) -> bool:
+    """True for a canonical UUID string (the only thing ever used as a folder name)."""
+    if not isinstance(job_id, str) or len(job_id) != 36:
+        return False
+    try:
+        return str(uuid.UUID(job_id)) == job_id.lower()
+    except ValueError:
+        return False
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via ``path.tmp`` -> fsync -> rename -> fsync(dir)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@dataclass
+class JobRecord:
+    """Everything the server knows about one job; ``to_json`` is what ``job.json`` holds.
+
+    Times are UNIX seconds (float). ``results`` maps a kind ('glb', 'obj', 'mtl', 'png', ...) to
+    ``{"name": file name in result/, "size": bytes, "sha256": hex}``.
+    """
+
+    job_id: str
+    prompt: str
+    negative_prompt: str = ""
+    seed: int | None = None
+    preset: str = "standard"
+    overrides: dict = field(default_factory=dict)
+    state: str = QUEUED
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    timings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    error: dict | None = None
+    pipeline: str = ""
+    last_seq: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> JobRecord:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in obj.items() if k in names})
+
+    def params_dict(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "preset": self.preset,
+            "overrides": dict(self.overrides),
+        }
+
+    def summary(self) -> dict:
+        """Short description for ``list_jobs`` / ``status`` replies and ``conjure-backend jobs``."""
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "prompt": self.prompt,
+            "preset": self.preset,
+            "seed": self.seed,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "results": {k: {"size": v["size"], "sha256": v["sha256"]} for k, v in self.results.items()},
+            "error": self.error,
+            "last_seq": self.last_seq,
+        }
+
+
+class Journal:
+    """Append-only JSONL file of job state changes; every line is flushed and fsynced.
+
+    A torn last line (power loss, kill -9 mid-write) is ignored when reading.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "ab")
+
+    def append(self, job_id: str, state: str, **extra) -> None:
+        line = json.dumps({"t": time.time(), "job_id": job_id, "state": state, **extra}, sort_keys=True)
+        self._f.write(line.encode() + b"\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    @staticmethod
+    def read(path: Path) -> OrderedDict[str, dict]:
+        """Latest journal entry per job id, in first-seen order."""
+        latest: OrderedDict[str, dict] = OrderedDict()
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            return latest
+        for line in raw.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict) or not valid_job_id(entry.get("job_id")):
+                continue
+            if entry.get("state") not in STATES:
+                continue
+            latest[entry["job_id"]] = entry
+        return latest
+
+    def rewrite(self, entries: list[dict]) -> None:
+        """Replace the journal with ``entries`` (compaction at start-up), atomically."""
+        self._f.close()
+        data = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in entries)
+        atomic_write_bytes(self.path, data)
+        self._f = open(self.path, "ab")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class JobStore:
+    """Job records in memory plus their folders and journal on disk.
+
+    ``open`` recovers the previous run: replays the journal, reads each ``job.json``, and marks
+    jobs that were queued or running as ``interrupted`` (journal and job.json both updated).
+    """
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.jobs: OrderedDict[str, JobRecord] = OrderedDict()
+        self.journal: Journal | None = None
+        self.recovered_interrupted: list[str] = []
+
+    # ---- layout -------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        if not valid_job_id(job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
+        return self.data_dir / job_id
+
+    def work_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / WORK_DIR
+
+    def result_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / RESULT_DIR
+
+    def result_path(self, job_id: str, kind: str) -> Path | None:
+        rec = self.jobs.get(job_id)
+        if rec is None or kind not in rec.results:
+            return None
+        return self.result_dir(job_id) / rec.results[kind]["name"]
+
+    # ---- life cycle ---------------------------------------------------------------------------
+    def open(self) -> JobStore:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataDirError(f"cannot create data directory {self.data_dir}: {exc.strerror or exc}") from exc
+        if not self.data_dir.is_dir():
+            raise DataDirError(f"data directory {self.data_dir} is not a directory")
+        probe = self.data_dir / f".write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise DataDirError(f"data directory {self.data_dir} is not writable: {exc.strerror or exc}") from exc
+        journal_path = self.data_dir / JOURNAL_FILE
+        latest = Journal.read(journal_path)
+        # job folders whose journal line was lost still count (job.json is the fuller record)
+        for child in sorted(self.data_dir.iterdir()):
+            if child.is_dir() and valid_job_id(child.name) and child.name not in latest:
+                if (child / JOB_FILE).exists():
+                    latest[child.name] = {"job_id": child.name, "state": None}
+        self.journal = Journal(journal_path)
+        compacted = []
+        for job_id, entry in latest.items():
+            rec = self._load_record(job_id)
+            if rec is None:
+                continue
+            if entry.get("state") in STATES and rec.state != entry["state"]:
+                # the journal is written before job.json: it wins
+                rec.state = entry["state"]
+            if rec.state in ACTIVE_STATES:
+                rec.state = INTERRUPTED
+                rec.finished = rec.finished or time.time()
+                rec.error = {"code": "interrupted", "message": "the server stopped while this job was "
+                             "queued or running; submit it again with a new job id"}
+                self.recovered_interrupted.append(job_id)
+                self.write_record(rec)
+            if rec.state == DONE and not self._results_intact(rec):
+                rec.state = ERROR
+                rec.error = {"code": "result_missing", "message": "result files are missing or damaged"}
+                self.write_record(rec)
+            self.jobs[job_id] = rec
+            compacted.append({"t": time.time(), "job_id": job_id, "state": rec.state})
+        self.journal.rewrite(compacted)
+        return self
+
+    def _load_record(self, job_id: str) -> JobRecord | None:
+        try:
+            obj = json.loads((self.job_dir(job_id) / JOB_FILE).read_text())
+            rec = JobRecord.from_json(obj)
+        except (OSError, ValueError, TypeError):
+            return None
+        if rec.job_id != job_id or rec.state not in STATES:
+            return None
+        return rec
+
+    def _results_intact(self, rec: JobRecord) -> bool:
+        for info in rec.results.values():
+            path = self.result_dir(rec.job_id) / info["name"]
+            try:
+                if path.stat().st_size != info["size"]:
+                    return False
+            except OSError:
+                return False
+        return bool(rec.results)
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
+    def add(self, rec: JobRecord) -> None:
+        """Create the job folder, write job.json, journal ``queued``."""
+        d = self.job_dir(rec.job_id)
+        (d / WORK_DIR).mkdir(parents=True, exist_ok=True)
+        self.jobs[rec.job_id] = rec
+        self.write_record(rec)
+        self.journal.append(rec.job_id, rec.state)
+
+    def set_state(self, rec: JobRecord, state: str, **journal_extra) -> None:
+        """Journal first (fsynced), then job.json."""
+        assert state in STATES, state
+        rec.state = state
+        now = time.time()
+        if state == RUNNING:
+            rec.started = now
+            rec.timings["queued_s"] = round(now - rec.created, 4)
+        elif state in FINAL_STATES:
+            rec.finished = now
+            if rec.started is not None:
+                rec.timings["run_s"] = round(now - rec.started, 4)
+        self.journal.append(rec.job_id, state, **journal_extra)
+        self.write_record(rec)
+
+    def write_record(self, rec: JobRecord) -> None:
+        atomic_write_json(self.job_dir(rec.job_id) / JOB_FILE, rec.to_json())
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.jobs.get(job_id)
+
+    def list(self) -> list[JobRecord]:
+        return list(self.jobs.values())
+
+
+def read_data_dir(data_dir: Path) -> list[JobRecord]:
+    """Read-only listing for ``conjure-backend jobs``: job.json of every job folder, newest first."""
+    data_dir = Path(data_dir).expanduser()
+    latest = Journal.read(data_dir / JOURNAL_FILE)
+    out = []
+    if not data_dir.is_dir():
+        return out
+    for child in data_dir.iterdir():
+        if not (child.is_dir() and valid_job_id(child.name)):
+            continue
+        try:
+            rec = JobRecord.from_json(json.loads((child / JOB_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        entry = latest.get(child.name)
+        if entry and entry.get("state") in STATES:
+            rec.state = entry["state"]
+        out.append(rec)
+    out.sort(key=lambda r: r.created, reverse=True)
+    return out
+
+
+class JobQueue:
+    """FIFO of job ids waiting for the worker, with a length limit (``queue_full`` past it)."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError("queue limit must be at least 1")
+        self.limit = limit
+        self._items: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def full(self) -> bool:
+        return len(self._items) >= self.limit
+
+    def push(self, job_id: str) -> int:
+        """Append; returns the 1-based position (1 = next to run)."""
+        self._items.append(job_id)
+        return len(self._items)
+
+    def pop(self) -> str | None:
+        return self._items.pop(0) if self._items else None
+
+    def remove(self, job_id: str) -> bool:
+        try:
+            self._items.remove(job_id)
+            return True
+        except ValueError:
+            return False
+
+    def position(self, job_id: str) -> int | None:
+        try:
+            return self._items.index(job_id) + 1
+        except ValueError:
+            return None
+
+    def ids(self) -> list[str]:
+        return list(self._items)

@@ -1,0 +1,377 @@
+"""The worker process: runs the pipeline, one job at a time, and streams events back.
+
+The server starts it with the ``spawn`` start method and talks to it over a
+``multiprocessing`` pipe (both ends are our own processes; nothing from the network is ever
+unpickled here). The worker is long-lived, so the pipeline's model cache stays resident
+between jobs; it is only restarted after a crash, a kill, or a cancel it did not honour.
+
+Server -> worker (pipe):
+    ("run", job_no, job_id, params: dict, work_dir: str, result_dir: str, preview_path: str)
+    ("quit",)
+Cancel does not go through the pipe (the pipe is not read while the pipeline runs): the server
+writes the job number to a shared integer, and ``JobContext.cancelled`` compares it.
+
+Worker -> server (pipe):
+    ("ready", pid)
+    ("fatal", message)                              could not import the pipeline; the worker exits
+    ("started", job_no)
+    ("progress", job_no, ProgressEvent)
+    ("preview", job_no, PreviewEvent)
+    ("result", job_no, {"files": {kind: {"name", "size", "sha256"}}, "info": dict})
+    ("cancelled", job_no)
+    ("error", job_no, code, message, retriable: bool, traceback: str)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import importlib
+import importlib.metadata
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+from .jobs import fsync_dir
+
+DEFAULT_PIPELINE = "backend.pipeline.run:run_job"
+PREVIEW_WRITE_INTERVAL_S = 0.5
+
+
+class PipelineSpecError(ValueError):
+    """A ``module:function`` pipeline spec that cannot be imported."""
+
+
+def load_callable(spec: str):
+    """Import ``"package.module:function"`` and return the function."""
+    if ":" not in spec:
+        raise PipelineSpecError(f"pipeline {spec!r} must look like package.module:function")
+    mod_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as exc:  # ImportError, or anything the module raises while importing
+        raise PipelineSpecError(f"cannot import pipeline module {mod_name!r}: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise PipelineSpecError(f"pipeline module {mod_name!r} has no function {func_name!r}")
+    return fn
+
+
+_VERSIONS: dict | None = None
+
+
+def package_versions() -> dict:
+    """Versions of the packages that shape a result (None when not installed). Cached."""
+    global _VERSIONS
+    if _VERSIONS is None:
+        out = {"python": sys.version.split()[0]}
+        for name in ("conjure", "torch", "diffusers", "transformers", "gsplat", "diffrp-nvdiffrast",
+                     "nvdiffrast", "trimesh", "xatlas", "numpy", "pyzmq"):
+            try:
+                out[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                out[name] = None
+        _VERSIONS = out
+    return dict(_VERSIONS)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
+    """(size in bytes, hex SHA-256) of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            size += len(block)
+            h.update(block)
+    return size, h.hexdigest()
+
+
+def publish_results(files: dict, work_dir: Path, result_dir: Path) -> dict:
+    """Make the pipeline's files durable in ``result_dir``: fsync, then rename (or copy to a
+    temporary name, fsync, rename when the file lives elsewhere), then fsync the folder.
+
+    File names are kept (an OBJ names its MTL, the MTL its PNG). Returns
+    ``{kind: {"name", "size", "sha256"}}``. Raises ``ValueError`` if 'glb' is missing.
+    """
+    if "glb" not in files:
+        raise ValueError("the pipeline returned no 'glb' file")
+    result_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for kind, src in files.items():
+        src = Path(src)
+        dst = result_dir / src.name
+        if src.resolve().parent == Path(work_dir).resolve():
+            with open(src, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(src, dst)
+        else:
+            tmp = dst.with_name(dst.name + ".tmp")
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.replace(tmp, dst)
+        size, digest = sha256_file(dst)
+        out[str(kind)] = {"name": dst.name, "size": size, "sha256": digest}
+    fsync_dir(result_dir)
+    return out
+
+
+def write_preview_npz(path: Path, mesh) -> None:
+    """Save a ``MeshPayload`` as ``.npz`` (arrays named after its fields), tmp -> rename."""
+    import numpy as np
+
+    arrays = {}
+    for name in ("positions", "faces", "uvs", "normals", "colors", "texture_rgba"):
+        value = getattr(mesh, name, None)
+        if value is not None:
+            arrays[name] = np.asarray(value)
+    png = getattr(mesh, "texture_png", None)
+    if png is not None:
+        arrays["texture_png"] = np.frombuffer(png, np.uint8)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    return name.endswith("OutOfMemoryError") or "out of memory" in str(exc).lower()
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the server dies (so a kill -9 of the server leaves no orphan)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="conjure-parent-watch").start()
+
+
+def _make_params(params: dict):
+    try:
+        from protocol.params import GenerationParams
+    except ImportError:  # pragma: no cover - the protocol package is always present in the product
+        return SimpleNamespace(**params)
+    return GenerationParams(**params)
+
+
+def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
+    """Entry point of the worker process (spawned)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
+    try:
+        run_job = load_callable(pipeline_spec)
+    except PipelineSpecError as exc:
+        conn.send(("fatal", str(exc)))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg[0] == "quit":
+            return
+        if msg[0] == "run":
+            try:
+                _run_one(conn, cancel_value, run_job, *msg[1:])
+            except (BrokenPipeError, EOFError, OSError):
+                return
+
+
+def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, result_dir, preview_path):
+    from backend.pipeline.events import Cancelled, PreviewEvent, ProgressEvent, ResultEvent
+
+    work_dir, result_dir, preview_path = Path(work_dir), Path(result_dir), Path(preview_path)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    last_preview_write = [0.0]
+    pending_preview = [None]
+
+    def emit(event):
+        if isinstance(event, ProgressEvent):
+            conn.send(("progress", job_no, event))
+        elif isinstance(event, PreviewEvent):
+            now = time.monotonic()
+            if now - last_preview_write[0] >= PREVIEW_WRITE_INTERVAL_S:
+                write_preview_npz(preview_path, event.mesh)
+                last_preview_write[0] = now
+                pending_preview[0] = None
+            else:
+                pending_preview[0] = event.mesh
+            conn.send(("preview", job_no, event))
+
+    def cancelled() -> bool:
+        return cancel_value.value == job_no
+
+    from backend.pipeline.events import JobContext
+
+    ctx = JobContext(out_dir=work_dir, emit=emit, cancelled=cancelled)
+    conn.send(("started", job_no))
+    try:
+        result = run_job(_make_params(params), ctx)
+        if not isinstance(result, ResultEvent):
+            raise TypeError(f"the pipeline returned {type(result).__name__}, not a ResultEvent")
+        if pending_preview[0] is not None:
+            write_preview_npz(preview_path, pending_preview[0])
+        files = publish_results(result.files, work_dir, result_dir)
+        conn.send(("result", job_no, {"files": files, "info": _plain(result.info)}))
+    except Cancelled:
+        conn.send(("cancelled", job_no))
+    except (BrokenPipeError, EOFError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure of a job becomes an error message
+        tb = traceback.format_exc(limit=20)
+        if _is_oom(exc):
+            with contextlib.suppress(Exception):
+                torch = sys.modules.get("torch")
+                if torch is not None and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            conn.send(("error", job_no, "out_of_memory",
+                       f"out of memory while running the job ({type(exc).__name__}: {exc}); try a smaller "
+                       "preset such as 'draft', or lower the resolution overrides", True, tb))
+        elif isinstance(exc, ValueError):
+            conn.send(("error", job_no, "invalid_params", f"{exc}", False, tb))
+        else:
+            conn.send(("error", job_no, "pipeline_error", f"{type(exc).__name__}: {exc}", True, tb))
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+
+
+def _plain(obj):
+    """JSON-safe copy (paths and numbers as str/float)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "item"):
+        with contextlib.suppress(Exception):
+            return obj.item()
+    return str(obj)
+
+
+class WorkerDied(Exception):
+    """The worker process exited (crash, OOM kill, kill -9)."""
+
+    def __init__(self, exitcode):
+        super().__init__(f"worker process exited with code {exitcode}")
+        self.exitcode = exitcode
+
+
+class WorkerHandle:
+    """The server's side of one worker process: start, send a job, read events, cancel, kill."""
+
+    def __init__(self, pipeline_spec: str = DEFAULT_PIPELINE):
+        self.pipeline_spec = pipeline_spec
+        self._mp = multiprocessing.get_context("spawn")
+        self.proc = None
+        self.conn = None
+        self.cancel_value = None
+        self.ready = False
+        self.pid = None
+        self.starts = 0
+
+    def start(self) -> None:
+        parent, child = self._mp.Pipe(duplex=True)
+        self.cancel_value = self._mp.RawValue("q", 0)
+        self.proc = self._mp.Process(target=worker_main, args=(child, self.cancel_value, self.pipeline_spec),
+                                     name="conjure-worker", daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        self.ready = False
+        self.pid = self.proc.pid
+        self.starts += 1
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def run(self, job_no: int, job_id: str, params: dict, work_dir: Path, result_dir: Path,
+            preview_path: Path) -> None:
+        self.conn.send(("run", job_no, job_id, params, str(work_dir), str(result_dir), str(preview_path)))
+
+    def cancel(self, job_no: int) -> None:
+        self.cancel_value.value = job_no
+
+    def read(self, max_messages: int = 64) -> list:
+        """Messages waiting on the pipe (non-blocking). Raises ``WorkerDied`` on EOF."""
+        out = []
+        try:
+            while len(out) < max_messages and self.conn.poll(0):
+                out.append(self.conn.recv())
+        except (EOFError, OSError):
+            self.proc.join(1.0)
+            raise WorkerDied(self.proc.exitcode) from None
+        if not out and not self.proc.is_alive():
+            # drain anything written before the exit, then report it
+            try:
+                while self.conn.poll(0):
+                    out.append(self.conn.recv())
+            except (EOFError, OSError):
+                pass
+            if not out:
+                raise WorkerDied(self.proc.exitcode)
+        return out
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the worker has imported the pipeline. Raises ``PipelineSpecError`` / ``WorkerDied``
+        / ``TimeoutError``."""
+        if not self.conn.poll(timeout):
+            if not self.proc.is_alive():
+                raise WorkerDied(self.proc.exitcode)
+            raise TimeoutError(f"the worker did not start within {timeout:g} s")
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(1.0)
+            raise WorkerDied(self.proc.exitcode) from None
+        if msg[0] == "fatal":
+            raise PipelineSpecError(msg[1])
+        if msg[0] != "ready":
+            raise RuntimeError(f"unexpected first message from the worker: {msg[0]!r}")
+        self.ready = True
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2.0)
+        if self.conn is not None:
+            self.conn.close()
+        self.ready = False
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Ask the worker to quit; kill it if it does not within ``timeout``."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(("quit",))
+        self.proc.join(timeout)
+        self.kill()
