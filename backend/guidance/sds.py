@@ -1,0 +1,161 @@
+"""Score Distillation Sampling with a diffusers UNet (latent Stable Diffusion or a pixel-space UNet).
+
+SDS (DreamFusion; threestudio's form): for a rendered batch x (latents z = E(x) for latent models,
+z = 2x - 1 for pixel-space models), a timestep t ~ U[t_min, t_max] (annealed over the run) and noise
+eps, the UNet predicts eps_hat on z_t = sqrt(a_t) z + sqrt(1 - a_t) eps with classifier-free guidance
+
+    eps_hat = eps_uncond + cfg * (eps_cond - eps_uncond)
+    grad    = w(t) * (eps_hat - eps)                 (optionally clamped to ±grad_clip)
+    loss    = 0.5 * sum((z - (z - grad).detach())^2) / B
+
+so d loss / d z = grad / B, and the gradient reaches the images through the VAE encoder / the
+resize. ``eps_cond`` uses the view-dependent prompt of each camera ("<prompt>, front view", ...).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from backend.gaussians.cameras import view_word
+from backend.guidance.base import Guidance, GuidanceError
+from backend.guidance.loader import ModelBundle, encode_texts
+from backend.pipeline.schedule import anneal
+
+log = logging.getLogger(__name__)
+
+
+def view_prompt(prompt: str, word: str) -> str:
+    """The view-dependent prompt: ``"<prompt>, <word> view"``."""
+    return f"{prompt}, {word} view"
+
+
+class DiffusionGuidance(Guidance):
+    """SDS guidance from a resident :class:`ModelBundle` and a ``GuidanceConfig``."""
+
+    def __init__(self, bundle: ModelBundle, config, description: str = "") -> None:
+        self.bundle = bundle
+        self.config = config
+        self.model_id = bundle.model_id
+        self.resolution = bundle.resolution
+        self.vocabulary = bundle.vocabulary
+        self.description = description or f"using model {bundle.model_id}"
+        self.device = bundle.device
+        self.unet = bundle.unet
+        self.text_encoder = None  # released: lives in the bundle on the CPU between prompts
+        self._cond: dict[str, torch.Tensor] = {}
+        self._uncond: torch.Tensor | None = None
+        self.prompt: str | None = None
+        self.last: dict = {}
+
+    @property
+    def is_latent(self) -> bool:
+        return self.bundle.is_latent
+
+    # ------------------------------------------------------------------ prompts
+    def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise GuidanceError("the prompt is empty")
+        prompt = prompt.strip()
+        negative = (negative_prompt or self.config.negative_prompt or "").strip()
+        words = ("front", "side", "back", "overhead")
+        texts = {w: view_prompt(prompt, w) if self.config.view_dependent else prompt for w in words}
+        embeds = encode_texts(self.bundle, list(texts.values()) + [negative], offload=self.config.cpu_offload)
+        dtype = self.bundle.dtype
+        self._cond = {w: embeds[t].to(self.device, dtype) for w, t in texts.items()}
+        self._uncond = embeds[negative].to(self.device, dtype)
+        self.prompt = prompt
+
+    def view_embeddings(self, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) conditional embeddings, one view word per camera."""
+        if self._uncond is None:
+            raise GuidanceError("call set_prompt() before sds_loss()")
+        az = azimuth_deg.detach().float().cpu().tolist()
+        el = elevation_deg.detach().float().cpu().tolist()
+        return torch.cat([self._cond[view_word(a, e)] for a, e in zip(az, el)], dim=0)
+
+    # ------------------------------------------------------------------ SDS
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] → the UNet's input space (latents or [-1, 1] RGB), float32."""
+        size = self.bundle.unet.config.sample_size if not self.is_latent else self.resolution
+        x = images
+        if x.shape[-2:] != (size, size):
+            down = x.shape[-1] > size
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
+        x = x * 2.0 - 1.0
+        if not self.is_latent:
+            return x.float()
+        vae = self.bundle.vae
+        vae_dev = self.bundle.vae_device
+        vae_dtype = next(vae.parameters()).dtype
+        posterior = vae.encode(x.to(vae_dev, vae_dtype)).latent_dist
+        latents = posterior.sample() * float(vae.config.scaling_factor)
+        return latents.to(self.device).float()
+
+    def timestep_range(self, step_ratio: float) -> tuple[int, int]:
+        """Annealed [t_lo, t_hi] (integer timesteps) at ``step_ratio``."""
+        c = self.config
+        T = self.bundle.num_train_timesteps
+        t_min = anneal(c.t_min, c.t_min_end, step_ratio, c.t_anneal)
+        t_max = anneal(c.t_max, c.t_max_end, step_ratio, c.t_anneal)
+        lo = int(round(min(t_min, t_max) * T))
+        hi = int(round(max(t_min, t_max) * T))
+        lo = min(max(lo, 1), T - 1)
+        hi = min(max(hi, lo), T - 1)
+        return lo, hi
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        a = self.bundle.alphas_cumprod[t]
+        if self.config.weighting == "sds":
+            return 1.0 - a
+        if self.config.weighting == "uniform":
+            return torch.ones_like(a)
+        if self.config.weighting == "fantasia3d":
+            return a.sqrt() * (1.0 - a)
+        raise GuidanceError(f"unknown SDS weighting {self.config.weighting!r}")
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """CFG noise prediction (B, C, h, w) float32 for noisy inputs ``z_t`` at timesteps ``t``."""
+        B = z_t.shape[0]
+        unet = self.bundle.unet
+        dtype = self.bundle.dtype
+        uncond = self._uncond.expand(B, -1, -1)
+        model_in = torch.cat([z_t, z_t], dim=0).to(dtype)
+        out = unet(model_in, torch.cat([t, t], dim=0), encoder_hidden_states=torch.cat([cond, uncond], 0)).sample
+        out = out.float()
+        a = self.bundle.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)
+        zz = torch.cat([z_t, z_t], dim=0).float()
+        ptype = self.bundle.prediction_type
+        if ptype == "v_prediction":
+            out = a.sqrt() * out + (1.0 - a).sqrt() * zz
+        elif ptype == "sample":
+            out = (zz - a.sqrt() * out) / (1.0 - a).sqrt()
+        elif ptype != "epsilon":
+            raise GuidanceError(f"unsupported prediction_type {ptype!r}")
+        eps_cond, eps_uncond = out.chunk(2)
+        return eps_uncond + self.config.cfg_scale * (eps_cond - eps_uncond)
+
+    def sds_loss(self, images: torch.Tensor, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor,
+                 step_ratio: float) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise GuidanceError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        B = images.shape[0]
+        cond = self.view_embeddings(azimuth_deg, elevation_deg)
+        z = self.encode_images(images.to(self.device))
+        lo, hi = self.timestep_range(step_ratio)
+        t = torch.randint(lo, hi + 1, (B,), device=self.device, dtype=torch.long)
+        with torch.no_grad():
+            noise = torch.randn_like(z)
+            a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
+            z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
+            eps_hat = self.predict_noise(z_t, t, cond)
+            grad = self.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            if self.config.grad_clip > 0:
+                grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
+            target = (z - grad).detach()
+        loss = 0.5 * F.mse_loss(z, target, reduction="sum") / B
+        self.last = {"t": t.detach().cpu(), "grad_norm": float(grad.norm()), "t_range": (lo, hi)}
+        return loss

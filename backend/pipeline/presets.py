@@ -1,0 +1,388 @@
+"""Presets: dataclasses for every pipeline setting, four named presets and dotted overrides.
+
+A :class:`Preset` has nested sections ``coarse`` (:class:`CoarseConfig`), ``fine``
+(:class:`FineConfig` or ``None`` for coarse-only presets) and ``guidance``
+(:class:`GuidanceConfig`), plus ``object_size`` (largest dimension of the final asset in metres).
+
+Every field can be overridden with a dotted key, from the CLI (``coarse.steps=300``) or a
+submit message (``{"coarse.steps": 300}``)::
+
+    preset = get_preset("draft", {"coarse.steps": "300", "guidance.cfg_scale": 50})
+
+Values are coerced to the field's type (strings from the CLI included: ``"true"``/``"false"``
+for booleans, ``"none"`` for optional fields, ``"64,256"`` for tuples). A bad preset name, an
+unknown key or a value of the wrong type raises ``ValueError`` naming the key.
+
+Annealed values are stored as ``<name>`` (start) and ``<name>_end`` and evaluated with
+``backend.pipeline.schedule``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class GuidanceConfig:
+    """Diffusion prior and SDS settings.
+
+    Attributes:
+        model: "auto" (SD 2.1-base with CUDA, the bundled CPU prior otherwise), a hub id or a
+            local folder in the diffusers pipeline layout.
+        cfg_scale: classifier-free guidance scale (DreamFusion-style SDS uses ~100 for SD).
+        negative_prompt: used when the job gives none.
+        t_min, t_max: timestep range as fractions of the training timesteps at the start of the run;
+        t_min_end, t_max_end: the same at the end of the run; t_anneal: schedule kind between them.
+        weighting: "sds" (w = 1 - alpha_bar_t, threestudio), "uniform" (w = 1) or
+            "fantasia3d" (w = sqrt(alpha_bar_t) * (1 - alpha_bar_t)).
+        grad_clip: clamp each element of the SDS gradient to ±grad_clip (0 disables).
+        fp16: run the UNet/VAE in float16 on CUDA (always float32 on the CPU).
+        attention_slicing: trade speed for memory in attention (small GPUs).
+        cpu_offload: keep the VAE and text encoder on the CPU; only the UNet lives on the GPU.
+        view_dependent: append ", front view" / side / back / overhead to the prompt per camera.
+    """
+
+    model: str = "auto"
+    cfg_scale: float = 100.0
+    negative_prompt: str = ""
+    t_min: float = 0.02
+    t_max: float = 0.98
+    t_min_end: float = 0.02
+    t_max_end: float = 0.50
+    t_anneal: str = "sqrt"
+    weighting: str = "sds"
+    grad_clip: float = 0.0
+    fp16: bool = True
+    attention_slicing: bool = False
+    cpu_offload: bool = False
+    view_dependent: bool = True
+
+
+@dataclass
+class CoarseConfig:
+    """Gaussian SDS stage.
+
+    Attributes:
+        steps: optimisation steps; batch_size: views rendered per step.
+        num_points: initial Gaussians; init_shape: "sphere" (uniform in a ball) or "shell";
+            init_radius: ball radius (world units, the volume is [-1, 1]^3);
+            init_scale: initial Gaussian std (world units); init_opacity: initial opacity in (0, 1).
+        render_resolution, render_resolution_end: progressive render size (pixels, linear ramp
+            that ends at ``resolution_ramp_until`` of the run).
+        lr_means, lr_means_end: position learning rate (exp schedule); lr_scales, lr_quats,
+            lr_opacities, lr_colors: constant Adam learning rates per parameter group.
+        densify_from, densify_until: run fractions between which densify/prune happen every
+            densify_interval steps; densify_fraction: fraction of Gaussians (largest view-space
+            gradients) cloned/split each time; max_points: cap; prune_opacity: prune below it;
+            split_scale: Gaussians with a std above it (world units) are split, smaller ones cloned.
+        random_bg_prob: probability of a random background colour per view (white otherwise).
+        elevation_range, distance_range, fovy_range: camera sampling ranges (degrees / world units).
+        preview_every: emit a preview mesh every N steps (0 = only at the end);
+        preview_grid, preview_faces: density-grid resolution / face budget of previews;
+        mesh_grid, mesh_faces: the same for the final mesh of coarse-only presets.
+        density_threshold: iso level of the density grid (sum of opacity-weighted Gaussians).
+        renderer: "auto", "gsplat" or "torch".
+    """
+
+    steps: int = 500
+    batch_size: int = 4
+    num_points: int = 4000
+    init_shape: str = "sphere"
+    init_radius: float = 0.5
+    init_scale: float = 0.03
+    init_opacity: float = 0.1
+    render_resolution: int = 128
+    render_resolution_end: int = 256
+    resolution_ramp_until: float = 0.5
+    lr_means: float = 1e-3
+    lr_means_end: float = 2e-5
+    lr_scales: float = 5e-3
+    lr_quats: float = 5e-3
+    lr_opacities: float = 5e-2
+    lr_colors: float = 1e-2
+    densify_from: float = 0.1
+    densify_until: float = 0.6
+    densify_interval: int = 50
+    densify_fraction: float = 0.1
+    max_points: int = 50000
+    prune_opacity: float = 0.01
+    split_scale: float = 0.04
+    random_bg_prob: float = 0.5
+    elevation_range: tuple[float, float] = (-10.0, 45.0)
+    distance_range: tuple[float, float] = (2.8, 3.4)
+    fovy_range: tuple[float, float] = (45.0, 55.0)
+    preview_every: int = 100
+    preview_grid: int = 64
+    preview_faces: int = 20000
+    mesh_grid: int = 128
+    mesh_faces: int = 50000
+    density_threshold: float = 0.5
+    renderer: str = "auto"
+
+
+@dataclass
+class FineConfig:
+    """Textured-mesh refinement stage (fields may be added by the fine stage).
+
+    Attributes:
+        steps: optimisation steps; render_resolution: rasterised view size (pixels);
+        texture_resolution: texture side (pixels); grid_resolution: density grid used to
+        extract the starting mesh; face_budget: faces after decimation; lr: texture learning
+        rate; vertex_offsets: also optimise per-vertex offsets.
+    """
+
+    steps: int = 300
+    render_resolution: int = 512
+    texture_resolution: int = 1024
+    grid_resolution: int = 128
+    face_budget: int = 50000
+    lr: float = 1e-2
+    vertex_offsets: bool = False
+
+
+@dataclass
+class Preset:
+    """A named set of pipeline settings. ``fine`` is None for coarse-only presets.
+
+    ``object_size`` is the largest dimension of the final asset in metres (Blender units).
+    """
+
+    name: str
+    coarse: CoarseConfig = field(default_factory=CoarseConfig)
+    fine: FineConfig | None = field(default_factory=FineConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    object_size: float = 1.0
+    seed: int | None = None
+
+
+def _draft() -> Preset:
+    return Preset(
+        name="draft",
+        coarse=CoarseConfig(steps=500, batch_size=4, num_points=4000, render_resolution=128,
+                            render_resolution_end=256, preview_every=50, mesh_grid=128, mesh_faces=30000),
+        fine=None,
+    )
+
+
+def _standard() -> Preset:
+    return Preset(
+        name="standard",
+        coarse=CoarseConfig(steps=800, batch_size=4, num_points=5000, preview_every=100),
+        fine=FineConfig(steps=300, render_resolution=512, texture_resolution=1024),
+    )
+
+
+def _high() -> Preset:
+    return Preset(
+        name="high",
+        coarse=CoarseConfig(steps=1500, batch_size=4, num_points=5000, render_resolution=256,
+                            render_resolution_end=512, max_points=100000, preview_every=150,
+                            mesh_grid=192, mesh_faces=100000),
+        fine=FineConfig(steps=600, render_resolution=512, texture_resolution=2048, grid_resolution=192,
+                        face_budget=100000),
+    )
+
+
+def _cpu() -> Preset:
+    """Finishes on 2 CPU cores in a few minutes with the bundled pixel-space prior."""
+    return Preset(
+        name="cpu",
+        coarse=CoarseConfig(steps=300, batch_size=2, num_points=1500, init_scale=0.05, init_opacity=0.2,
+                            render_resolution=32, render_resolution_end=64, resolution_ramp_until=0.5,
+                            lr_means=2e-3, lr_means_end=1e-4, densify_interval=50, densify_fraction=0.1,
+                            max_points=4000, split_scale=0.06, preview_every=50, preview_grid=48,
+                            preview_faces=5000, mesh_grid=64, mesh_faces=10000),
+        fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
+                        face_budget=5000, lr=2e-2, vertex_offsets=False),
+        guidance=GuidanceConfig(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
+    )
+
+
+PRESETS = {"draft": _draft, "standard": _standard, "high": _high, "cpu": _cpu}
+
+
+def preset_names() -> list[str]:
+    """The names accepted by :func:`get_preset`."""
+    return list(PRESETS)
+
+
+def get_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
+    """A fresh copy of preset ``name`` with dotted ``overrides`` applied (see the module docstring).
+
+    Raises:
+        ValueError: unknown preset, unknown override key, or a value that does not fit the field.
+    """
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    preset = PRESETS[name]()
+    for key, value in (overrides or {}).items():
+        apply_override(preset, key, value)
+    validate_preset(preset)
+    return preset
+
+
+def validate_preset(preset: Preset) -> None:
+    """Raise ValueError naming the field when a value is out of its range."""
+    c, g = preset.coarse, preset.guidance
+    checks = [
+        ("coarse.steps", c.steps >= 1, "must be >= 1"),
+        ("coarse.batch_size", c.batch_size >= 1, "must be >= 1"),
+        ("coarse.num_points", c.num_points >= 1, "must be >= 1"),
+        ("coarse.render_resolution", c.render_resolution >= 8, "must be >= 8"),
+        ("coarse.render_resolution_end", c.render_resolution_end >= 8, "must be >= 8"),
+        ("coarse.init_shape", c.init_shape in ("sphere", "shell"), "must be 'sphere' or 'shell'"),
+        ("coarse.init_opacity", 0.0 < c.init_opacity < 1.0, "must be in (0, 1)"),
+        ("coarse.init_scale", c.init_scale > 0, "must be > 0"),
+        ("coarse.init_radius", c.init_radius > 0, "must be > 0"),
+        ("coarse.densify_interval", c.densify_interval >= 1, "must be >= 1"),
+        ("coarse.max_points", c.max_points >= c.num_points, "must be >= coarse.num_points"),
+        ("coarse.preview_every", c.preview_every >= 0, "must be >= 0"),
+        ("coarse.renderer", c.renderer in ("auto", "gsplat", "torch"), "must be auto, gsplat or torch"),
+        ("guidance.t_min", 0.0 <= g.t_min <= g.t_max <= 1.0, "need 0 <= t_min <= t_max <= 1"),
+        ("guidance.t_min_end", 0.0 <= g.t_min_end <= g.t_max_end <= 1.0,
+         "need 0 <= t_min_end <= t_max_end <= 1"),
+        ("guidance.weighting", g.weighting in ("sds", "uniform", "fantasia3d"),
+         "must be sds, uniform or fantasia3d"),
+        ("guidance.t_anneal", g.t_anneal in ("constant", "linear", "cosine", "sqrt", "step"),
+         "must be constant, linear, cosine, sqrt or step"),
+        ("guidance.grad_clip", g.grad_clip >= 0, "must be >= 0"),
+        ("object_size", preset.object_size > 0, "must be > 0 (metres)"),
+    ]
+    if preset.fine is not None:
+        checks += [
+            ("fine.steps", preset.fine.steps >= 0, "must be >= 0"),
+            ("fine.render_resolution", preset.fine.render_resolution >= 8, "must be >= 8"),
+            ("fine.texture_resolution", preset.fine.texture_resolution >= 8, "must be >= 8"),
+            ("fine.face_budget", preset.fine.face_budget >= 4, "must be >= 4"),
+        ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ValueError(f"bad value for {key!r} in preset {preset.name!r}: {why}")
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split a CLI override ``"coarse.steps=300"`` into ``("coarse.steps", "300")``."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.field=value (e.g. coarse.steps=300)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override {text!r} has an empty key")
+    return key, value.strip()
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Several CLI overrides into a dict (later ones win)."""
+    return dict(parse_override(item) for item in items)
+
+
+def override_keys(preset: Preset | None = None) -> list[str]:
+    """Every dotted key that can be overridden (for help texts and validation)."""
+    preset = preset or get_preset("standard")
+    keys: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif f.name != "name":
+                keys.append(prefix + f.name)
+
+    walk(preset, "")
+    if preset.fine is None:
+        keys.extend(f"fine.{f.name}" for f in dataclasses.fields(FineConfig))
+    return keys
+
+
+def apply_override(preset: Preset, key: str, value: Any) -> None:
+    """Set dotted ``key`` on ``preset`` in place, coercing ``value`` to the field's type."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"override key must be a non-empty string, got {key!r}")
+    parts = key.split(".")
+    if parts == ["fine"] and _is_none(value):
+        preset.fine = None
+        return
+    obj: Any = preset
+    for i, part in enumerate(parts[:-1]):
+        if part == "fine" and i == 0 and preset.fine is None:
+            preset.fine = FineConfig()  # overriding a fine field enables the fine stage
+        sub = getattr(obj, part, None) if dataclasses.is_dataclass(obj) else None
+        if sub is None or not dataclasses.is_dataclass(sub):
+            raise ValueError(f"unknown override key {key!r} (in preset {preset.name!r}): "
+                             f"{'.'.join(parts[:i + 1])!r} is not a section")
+        obj = sub
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    leaf = parts[-1]
+    if leaf not in fields or (obj is preset and leaf == "name") or dataclasses.is_dataclass(getattr(obj, leaf)):
+        valid = ", ".join(k for k in override_keys(preset) if k.startswith(".".join(parts[:-1])))
+        raise ValueError(f"unknown override key {key!r} for preset {preset.name!r}; valid keys: {valid}")
+    hints = typing.get_type_hints(type(obj))
+    try:
+        coerced = _coerce(value, hints[leaf])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad value {value!r} for override {key!r}: {exc}") from None
+    setattr(obj, leaf, coerced)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off"))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if _is_none(value) and len(args) < len(typing.get_args(hint)):
+            return None
+        return _coerce(value, args[0])
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"expected {len(args)} comma-separated values")
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError("expected a boolean (true/false)")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer, got a boolean")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            return int(value.strip())
+        raise ValueError("expected an integer")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value.strip())
+        raise ValueError("expected a number")
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    raise ValueError(f"unsupported field type {hint!r}")
+
+
+def preset_to_dict(preset: Preset) -> dict[str, Any]:
+    """A JSON-friendly dict of a preset (for job records and logs)."""
+    return dataclasses.asdict(copy.deepcopy(preset))
