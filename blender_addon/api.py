@@ -1,0 +1,105 @@
+"""Headless API: ``generate(prompt, ...) -> bpy.types.Object``, blocking.
+
+Works where timers never run (``blender -b --python script.py``, bpy as a module): it
+pumps the socket itself until the result is in the scene, and raises ``ConjureError`` on
+a backend error, a cancel, a lost backend or a timeout. Example::
+
+    import bpy
+    from conjure import api            # bl_ext.user_default.conjure.api for the extension
+
+    for i, prompt in enumerate(["a wooden barrel", "a stone lantern", "a red mushroom"]):
+        bpy.context.scene.cursor.location = (i * 2.5, 0, 0)
+        obj = api.generate(prompt, seed=i, preset="draft")
+        print(obj.name, len(obj.data.polygons))
+    bpy.ops.wm.save_as_mainfile(filepath="props.blend")
+"""
+
+import time
+
+import bpy
+
+from .client import ConjureError
+from .preferences import get_prefs
+from .runtime import RUNTIME
+
+__all__ = ["generate", "ConjureError", "connect", "disconnect"]
+
+LOST_GIVE_UP_S = 30.0
+
+
+def connect(connection=None):
+    """Connect (or reconnect) to a backend; ``connection`` as in ``generate``. Returns the Client."""
+    client = RUNTIME.client
+    if connection is not None and client is not None:
+        from .client import load_connection
+
+        info, _path = load_connection(connection)
+        if info.url != client.info.url or info.key != client.info.key:
+            RUNTIME.drop_client()
+    return RUNTIME.ensure_client(get_prefs(), connection)
+
+
+def disconnect():
+    """Close the socket (linger 0). Scripts may call it at the end; Blender also does at exit."""
+    RUNTIME.drop_client()
+
+
+def generate(prompt, *, negative_prompt="", seed=None, preset=None, overrides=None, timeout=None,
+             connection=None, location=None, collection=None, previews=False):
+    """Generate a textured mesh from ``prompt`` and return the new object (blocking).
+
+    Args:
+        prompt: what to make.
+        negative_prompt: what to avoid.
+        seed: int in [0, 2**32), or None for a random one chosen by the backend.
+        preset: "draft", "standard", "high", "cpu" (default: the add-on preference).
+        overrides: dotted preset overrides, e.g. ``{"coarse.steps": 300}``.
+        timeout: seconds before the job is cancelled and ``ConjureError('timeout')`` is raised
+            (default: the add-on preference, 1 hour).
+        connection: None (the preferences / default connection file), a connection-file path,
+            a ``protocol.ConnectionInfo`` or ``{"address": "tcp://host:port", "key": "<hex>"}``.
+        location: where the object goes (default: the 3D cursor).
+        collection: a ``bpy.types.Collection`` (default: the active collection).
+        previews: also show preview meshes while waiting (off: faster).
+
+    Returns:
+        The new ``bpy.types.Object`` (selected and active), with custom properties
+        ``conjure_job_id``, ``conjure_prompt``, ``conjure_seed`` and ``conjure_preset``.
+    """
+    prefs = get_prefs()
+    timeout = float(prefs.timeout if timeout is None else timeout)
+    client = connect(connection)
+    request = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+               "preset": preset or prefs.default_preset, "overrides": overrides or {}}
+    job = RUNTIME.submit(request, location=location, collection=collection, connection=connection)
+    start = time.monotonic()
+    lost_since = None
+    try:
+        while True:
+            RUNTIME.process(0.05, timeout_ms=20, previews=previews)
+            if job.imported_object is not None and not any(t[0] == job.job_id for t in RUNTIME.tasks):
+                obj = bpy.data.objects.get(job.imported_object)
+                if obj is None:
+                    raise ConjureError("import_failed", "the imported object disappeared", job_id=job.job_id)
+                return obj
+            if job.finished and job.state != "done":
+                raise job.error or ConjureError(job.state, "the job ended: " + job.state, job_id=job.job_id)
+            now = time.monotonic()
+            if client.state == "lost":
+                lost_since = lost_since or now
+                if now - lost_since > LOST_GIVE_UP_S:
+                    raise ConjureError("backend_unreachable", "the backend stopped answering for %.0f s"
+                                       % (now - lost_since), job_id=job.job_id, retriable=True)
+            else:
+                lost_since = None
+            if client.state == "incompatible":
+                raise client.error
+            if now - start > timeout:
+                client.cancel(job.job_id, "timeout")
+                client.flush()
+                raise ConjureError("timeout", "no result after %.0f s; the job was cancelled" % timeout,
+                                   job_id=job.job_id)
+    except KeyboardInterrupt:
+        client.cancel(job.job_id, "interrupted by the user")
+        client.flush()
+        raise

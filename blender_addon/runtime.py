@@ -1,0 +1,425 @@
+"""The add-on's live state and its one timer pump (main thread only).
+
+``RUNTIME`` owns the ``Client``, an optional ``LocalBackend`` child process, one
+``PreviewSlot`` per running job and a queue of staged scene edits (preview swaps, the final
+import). ``pump()`` is the single persistent ``bpy.app.timers`` callback: each tick it reads
+the socket and applies staged edits within a budget of about 4 ms, and it records how long
+each tick took (``tick_seconds``) so tests and benchmarks can report p99.
+
+In background mode (``blender -b``) and bpy-as-a-module timers never fire; ``api.py`` then
+calls ``process()`` in its own blocking loop.
+"""
+
+import atexit
+import os
+import time
+from collections import deque
+
+import bpy
+
+from . import importer
+from .backend_process import LocalBackend
+from .client import FINAL_STATES, Client, ConjureError, load_connection, parse_address
+from .preferences import default_connection_file, get_prefs
+
+TICK_BUDGET_S = 0.004
+BUSY_INTERVAL_S = 0.01
+IDLE_INTERVAL_S = 0.1
+OFFLINE_INTERVAL_S = 0.5
+REDRAW_EVERY_S = 0.05
+
+
+class Runtime:
+    def __init__(self):
+        self.client = None
+        self.backend = None  # LocalBackend we started
+        self.error = None  # ConjureError for the panel (connection/start problems)
+        self.slots = {}  # job_id -> importer.PreviewSlot
+        self.placement = {}  # job_id -> (location tuple, collection name)
+        self.tasks = deque()  # (job_id, kind, generator)
+        self.tick_seconds = deque(maxlen=20000)
+        self.stats = {"previews_applied": 0, "previews_skipped": 0, "imports": 0, "ticks": 0}
+        self.current_job_id = None  # the job the panel follows
+        self.timer_registered = False
+        self._last_redraw = 0.0
+        self._dirty = False
+        self._waiting_backend_since = None
+        self.on_import = []  # callbacks(job, obj) (tests, scripts)
+        self.pending_request = None  # (request, location, collection name) until the backend answers
+
+    # -- connection -------------------------------------------------------------------------
+    def connection_source(self, prefs):
+        """(ConnectionInfo or None, file path or None) from the preferences."""
+        if prefs.mode == "CONNECT" and prefs.connect_with == "ADDRESS":
+            return parse_address(prefs.address, prefs.key), None
+        return None, default_connection_file(prefs)
+
+    def ensure_client(self, prefs=None, connection=None):
+        """The connected (or connecting) client; builds it from ``connection`` or the preferences.
+
+        Raises ``ConjureError`` (with ``action='start_backend'`` when there is nothing to
+        connect to yet).
+        """
+        if self.client is not None and not self.client.closed:
+            return self.client
+        prefs = prefs or get_prefs()
+        if connection is not None:
+            info, path = load_connection(connection)
+        else:
+            info, path = self.connection_source(prefs)
+            if info is None:
+                if not os.path.exists(path):
+                    raise ConjureError("no_backend", "No backend is running (no connection file at %s)." % path,
+                                       action="start_backend")
+                info, path = load_connection(path)
+        try:
+            self.client = Client(info, connection_file=path)
+        except ImportError as e:  # _deps.MissingDependency
+            raise ConjureError("missing_pyzmq", str(e)) from None
+        self.error = None
+        self.ensure_timer()
+        return self.client
+
+    def start_backend(self, prefs=None):
+        """Start the local backend from the preferences (no-op if ours is running)."""
+        prefs = prefs or get_prefs()
+        if self.backend is not None and self.backend.running:
+            return self.backend
+        conn = default_connection_file(prefs)
+        self.backend = LocalBackend(bpy.path.abspath(prefs.python_path) if prefs.python_path else "python3",
+                                    conn, data_dir=bpy.path.abspath(prefs.data_dir) if prefs.data_dir else "",
+                                    device=prefs.device, extra_args=prefs.backend_args)
+        self.backend.start()
+        self._waiting_backend_since = time.monotonic()
+        self.error = None
+        if self.client is not None and self.client.connection_file != conn:
+            self.drop_client()
+        self.ensure_timer()
+        self._dirty = True
+        return self.backend
+
+    def stop_backend(self):
+        if self.backend is not None:
+            self.backend.stop()
+        self.backend = None
+        self._waiting_backend_since = None
+        self._dirty = True
+
+    def drop_client(self):
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+
+    def backend_status(self):
+        """(icon, text) describing the connection, for the panel and preferences."""
+        c = self.client
+        b = self.backend
+        if self._waiting_backend_since is not None and (c is None or c.state != "connected"):
+            if b is not None and not b.running:
+                return "ERROR", "Backend exited (code %s) — see %s" % (b.exit_code, b.log_path)
+            return "SORTTIME", "Starting backend… %.0f s" % (time.monotonic() - self._waiting_backend_since)
+        if c is None:
+            if self.error is not None:
+                return "ERROR", self.error.message
+            return "UNLINKED", "Not connected"
+        if c.state == "connected":
+            dev = c.server_info.get("device") or ""
+            ver = c.server_info.get("server_version") or ""
+            extra = ", ".join(x for x in (dev, ver and "v" + ver) if x)
+            return "LINKED", "Connected" + (" (%s)" % extra if extra else "")
+        if c.state == "connecting":
+            return "SORTTIME", "Connecting to %s…" % c.info.url
+        if c.error is not None:
+            return "ERROR", c.error.message
+        return "ERROR", c.state.capitalize()
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def submit(self, request, *, location=None, collection=None, prefs=None, connection=None):
+        """Send a generation request (kwargs of ``Client.submit``); returns the ``JobState``."""
+        client = self.ensure_client(prefs, connection)
+        job = client.submit(**request)
+        if location is None:
+            location = importer.default_location()
+        if collection is None:
+            collection = importer.default_collection()
+        self.placement[job.job_id] = (tuple(location), collection.name)
+        self.current_job_id = job.job_id
+        self.ensure_timer()
+        self._dirty = True
+        return job
+
+    def cancel(self, job_id=None):
+        job_id = job_id or self.current_job_id
+        if self.client is not None and job_id:
+            self.client.cancel(job_id)
+
+    def current_job(self):
+        if self.client is None or self.current_job_id is None:
+            return None
+        return self.client.jobs.get(self.current_job_id)
+
+    def reimport(self, job_id, params=None):
+        """Bring a finished job's result into the scene again (re-attaches from seq 1)."""
+        client = self.ensure_client()
+        job = client.jobs.get(job_id)
+        if job is not None and job.state == "done" and job.result_mesh is None:
+            client.forget(job_id)
+        job = client.attach(job_id, 1, params=params, origin="reimport")
+        self.placement[job_id] = (importer.default_location(), importer.default_collection().name)
+        self.current_job_id = job_id
+        self.ensure_timer()
+        return job
+
+    # -- the pump -----------------------------------------------------------------------------
+    def process(self, budget_s=TICK_BUDGET_S, *, timeout_ms=0, previews=True):
+        """One round: socket, then staged scene edits, within ``budget_s``. Returns True if busy."""
+        start = time.perf_counter()
+        deadline = start + budget_s
+        client = self.client
+        if client is None and self._waiting_backend_since is not None:
+            try:
+                if self.backend is not None and self.backend.connection_ready():
+                    self.ensure_client()
+                    client = self.client
+            except ConjureError:
+                pass
+        if client is not None:
+            client.poll(budget_s * 0.5, timeout_ms=timeout_ms)
+            if client.state == "connected":
+                self._waiting_backend_since = None
+                if self.pending_request is not None:
+                    request, loc, coll_name = self.pending_request
+                    self.pending_request = None
+                    coll = bpy.data.collections.get(coll_name) or bpy.context.scene.collection
+                    try:
+                        self.submit(request, location=loc, collection=coll)
+                    except ConjureError as e:
+                        self.error = e
+            self._schedule(client, previews)
+            if client.changed:
+                client.changed = False
+                self._dirty = True
+        ran = 0
+        while self.tasks and (ran == 0 or time.perf_counter() < deadline):
+            job_id, kind, gen = self.tasks[0]
+            try:
+                stage = next(gen)
+            except StopIteration:
+                self.tasks.popleft()
+                self._task_done(job_id, kind, gen)
+                continue
+            except Exception as e:  # a bad mesh must not kill the pump
+                self.tasks.popleft()
+                self._task_failed(job_id, kind, e)
+                continue
+            ran += 1
+            if stage in ("swap", "object"):
+                self._dirty = True
+        self._redraw()
+        busy = bool(self.tasks) or (client is not None and bool(client.active_jobs()))
+        return busy
+
+    def _schedule(self, client, previews):
+        queued = {(j, k) for j, k, _ in self.tasks}
+        for job in list(client.jobs.values()):
+            jid = job.job_id
+            if job.result_mesh is not None and (jid, "result") not in queued:
+                self._drop_tasks(jid, "preview")
+                payload, job.result_mesh = job.result_mesh, None
+                self.tasks.append((jid, "result", self._result_stages(job, payload)))
+            elif job.preview_mesh is not None and (jid, "preview") not in queued and not job.finished:
+                payload, job.preview_mesh = job.preview_mesh, None
+                if not previews or not get_prefs().show_previews or job.origin == "reimport":
+                    self.stats["previews_skipped"] += 1
+                    continue
+                slot = self._slot(job)
+                self.tasks.append((jid, "preview", slot.stages(payload)))
+            elif job.finished and job.state != "done" and jid in self.slots:
+                self._drop_tasks(jid, "preview")
+                self.slots.pop(jid).remove()
+                self._dirty = True
+
+    def _drop_tasks(self, job_id, kind):
+        for item in [t for t in self.tasks if t[0] == job_id and t[1] == kind]:
+            self.tasks.remove(item)
+            item[2].close()
+
+    def _slot(self, job):
+        slot = self.slots.get(job.job_id)
+        if slot is None:
+            loc, coll_name = self.placement.get(job.job_id, (None, None))
+            coll = bpy.data.collections.get(coll_name) if coll_name else None
+            slot = importer.PreviewSlot(job.job_id, importer.object_name_for_prompt(job.prompt),
+                                        location=loc, collection=coll)
+            self.slots[job.job_id] = slot
+        return slot
+
+    def _result_stages(self, job, payload):
+        loc, coll_name = self.placement.get(job.job_id, (None, None))
+        coll = None
+        if coll_name:
+            coll = bpy.data.collections.get(coll_name)
+            if coll is None and coll_name == bpy.context.scene.collection.name:
+                coll = bpy.context.scene.collection
+        params = job.params or {}
+        info = job.result_info or {}
+        seed = params.get("seed", info.get("seed"))
+        props = {
+            importer.PROP_JOB_ID: job.job_id,
+            "conjure_prompt": params.get("prompt", ""),
+            "conjure_negative_prompt": params.get("negative_prompt", ""),
+            "conjure_seed": seed if isinstance(seed, int) and 0 <= seed < 2**31 else str(seed),
+            "conjure_preset": params.get("preset", ""),
+        }
+        name = importer.object_name_for_prompt(params.get("prompt") or "Conjure")
+        return importer.import_result_stages(payload, name=name, location=loc, collection=coll, props=props,
+                                             replace=self.slots.get(job.job_id))
+
+    def _task_done(self, job_id, kind, gen):
+        if kind == "preview":
+            self.stats["previews_applied"] += 1
+            return
+        self.slots.pop(job_id, None)
+        self.stats["imports"] += 1
+        job = self.client.jobs.get(job_id) if self.client else None
+        obj = gen.obj
+        if job is not None:
+            job.imported_object = obj.name
+        _undo_push("Conjure: " + obj.name)
+        for cb in list(self.on_import):
+            cb(job, obj)
+        self._dirty = True
+
+    def _task_failed(self, job_id, kind, exc):
+        job = self.client.jobs.get(job_id) if self.client else None
+        if job is not None and kind == "result":
+            job.state = "failed"
+            job.error = ConjureError("import_failed", "Could not build the result in Blender: %s" % exc,
+                                     job_id=job_id)
+        self._dirty = True
+
+    def _redraw(self):
+        now = time.monotonic()
+        if not self._dirty or now - self._last_redraw < REDRAW_EVERY_S:
+            return
+        self._dirty = False
+        self._last_redraw = now
+        wm = getattr(bpy.context, "window_manager", None)
+        if wm is None:
+            return
+        for window in wm.windows:
+            for area in window.screen.areas:
+                if area.type in ("VIEW_3D", "PREFERENCES"):
+                    area.tag_redraw()
+
+    def tick(self):
+        """The timer callback body: one budgeted round; returns seconds until the next tick."""
+        t0 = time.perf_counter()
+        try:
+            busy = self.process(TICK_BUDGET_S)
+        except Exception as e:  # never let the timer die
+            self.error = ConjureError("internal", "Conjure pump error: %s" % e)
+            busy = False
+        self.tick_seconds.append(time.perf_counter() - t0)
+        self.stats["ticks"] += 1
+        if busy or self._waiting_backend_since is not None:
+            return BUSY_INTERVAL_S
+        if self.client is None:
+            return OFFLINE_INTERVAL_S
+        return IDLE_INTERVAL_S
+
+    def ensure_timer(self):
+        if not bpy.app.timers.is_registered(pump):
+            bpy.app.timers.register(pump, first_interval=0.0, persistent=True)
+        self.timer_registered = True
+
+    def stop_timer(self):
+        if bpy.app.timers.is_registered(pump):
+            bpy.app.timers.unregister(pump)
+        self.timer_registered = False
+
+    def shutdown(self):
+        """Close the socket (linger 0), stop our backend, drop the timer. Safe to repeat."""
+        try:
+            self.stop_timer()
+        except Exception:
+            pass
+        for _job_id, _kind, gen in self.tasks:
+            gen.close()
+        self.tasks.clear()
+        self.drop_client()
+        self.stop_backend()
+        self.slots.clear()
+
+    def on_file_loaded(self):
+        """After File > Open/New: old preview objects are gone; keep jobs, forget slots."""
+        self._drop_all_previews()
+        if self.client is not None:
+            self.ensure_timer()
+
+    def _drop_all_previews(self):
+        for job_id, kind, gen in list(self.tasks):
+            if kind == "preview":
+                self.tasks.remove((job_id, kind, gen))
+                gen.close()
+        self.slots.clear()
+
+    def active(self):
+        return [j for j in (self.client.jobs.values() if self.client else ()) if j.state not in FINAL_STATES]
+
+
+def _undo_push(message):
+    """One undo step for the imported object, where there is a UI to undo in."""
+    if bpy.app.background:
+        return
+    wm = bpy.context.window_manager
+    window = wm.windows[0] if wm and wm.windows else None
+    if window is None:
+        return
+    try:
+        with bpy.context.temp_override(window=window):
+            bpy.ops.ed.undo_push(message=message)
+    except Exception:
+        pass
+
+
+RUNTIME = Runtime()
+
+
+def pump():
+    """The persistent timer: ``bpy.app.timers`` calls this; it returns its next interval."""
+    return RUNTIME.tick()
+
+
+def tick_percentiles():
+    """(count, p50, p99, max) of recorded tick durations in milliseconds."""
+    data = sorted(RUNTIME.tick_seconds)
+    if not data:
+        return 0, 0.0, 0.0, 0.0
+
+    def q(p):
+        return data[min(len(data) - 1, int(p * len(data)))] * 1e3
+
+    return len(data), q(0.5), q(0.99), data[-1] * 1e3
+
+
+def _at_exit():
+    RUNTIME.shutdown()
+
+
+_atexit_registered = False
+
+
+def register():
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(_at_exit)
+        _atexit_registered = True
+
+
+def unregister():
+    global _atexit_registered
+    RUNTIME.shutdown()
+    if _atexit_registered:
+        atexit.unregister(_at_exit)
+        _atexit_registered = False
