@@ -12,7 +12,7 @@ Data directory (``--data-dir``; default :func:`default_data_dir`)::
             result/            finished files (GLB, OBJ, MTL, PNG), moved here tmp -> fsync -> rename
                                before ``result_ready`` is sent
 
-Job states: ``queued`` -> ``running`` -> ``done`` | ``error`` | ``cancelled``; ``interrupted`` is
+Job states: ``queued`` -> ``running`` -> ``done`` | ``failed`` | ``cancelled``; ``interrupted`` is
 given at start-up to jobs that were queued or running when the previous server died.
 Nothing in this module knows about sockets or torch.
 """
@@ -30,11 +30,11 @@ from pathlib import Path
 QUEUED = "queued"
 RUNNING = "running"
 DONE = "done"
-ERROR = "error"
+FAILED = "failed"
 CANCELLED = "cancelled"
 INTERRUPTED = "interrupted"
 ACTIVE_STATES = frozenset({QUEUED, RUNNING})
-FINAL_STATES = frozenset({DONE, ERROR, CANCELLED, INTERRUPTED})
+FINAL_STATES = frozenset({DONE, FAILED, CANCELLED, INTERRUPTED})
 STATES = ACTIVE_STATES | FINAL_STATES
 
 RESULT_DIR = "result"
@@ -274,7 +274,7 @@ class JobStore:
                 self.recovered_interrupted.append(job_id)
                 self.write_record(rec)
             if rec.state == DONE and not self._results_intact(rec):
-                rec.state = ERROR
+                rec.state = FAILED
                 rec.error = {"code": "result_missing", "message": "result files are missing or damaged"}
                 self.write_record(rec)
             self.jobs[job_id] = rec

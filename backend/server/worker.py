@@ -17,7 +17,7 @@ Worker -> server (pipe):
     ("started", job_no)
     ("progress", job_no, ProgressEvent)
     ("preview", job_no, PreviewEvent)
-    ("result", job_no, {"files": {kind: {"name", "size", "sha256"}}, "info": dict})
+    ("result", job_no, {"files": {kind: {"name", "size", "sha256"}}, "info": dict, "mesh": MeshPayload})
     ("cancelled", job_no)
     ("error", job_no, code, message, retriable: bool, traceback: str)
 """
@@ -44,6 +44,7 @@ from .jobs import fsync_dir
 
 DEFAULT_PIPELINE = "backend.pipeline.run:run_job"
 PREVIEW_WRITE_INTERVAL_S = 0.5
+RESULT_MESH_FILE = "result_mesh.npz"
 
 
 class PipelineSpecError(ValueError):
@@ -146,6 +147,23 @@ def write_preview_npz(path: Path, mesh) -> None:
     os.replace(tmp, path)
 
 
+def read_mesh_npz(path: Path):
+    """Inverse of :func:`write_preview_npz`: a ``MeshPayload`` or None if the file is missing/bad."""
+    import numpy as np
+
+    from protocol.mesh import MeshPayload
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        return None
+    if "positions" not in arrays or "faces" not in arrays:
+        return None
+    png = arrays.pop("texture_png", None)
+    return MeshPayload(texture_png=None if png is None else png.tobytes(), **arrays)
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -238,7 +256,10 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
         if pending_preview[0] is not None:
             write_preview_npz(preview_path, pending_preview[0])
         files = publish_results(result.files, work_dir, result_dir)
-        conn.send(("result", job_no, {"files": files, "info": _plain(result.info)}))
+        mesh = getattr(result, "mesh", None)
+        if mesh is not None:
+            write_preview_npz(preview_path.with_name(RESULT_MESH_FILE), mesh)
+        conn.send(("result", job_no, {"files": files, "info": _plain(result.info), "mesh": mesh}))
     except Cancelled:
         conn.send(("cancelled", job_no))
     except (BrokenPipeError, EOFError):

@@ -1,0 +1,89 @@
+"""Checks that run in the server process before a job reaches the worker (no torch unless needed).
+
+- :func:`params_checker` returns the function that validates a preset name + overrides for the
+  configured pipeline: ``backend.pipeline.presets.get_preset`` for the real pipeline, or the
+  pipeline module's own ``check_params(preset, overrides)`` (tests' fake pipeline).
+- :func:`gpu_requirements` / :func:`check_gpu` find what a preset demands (``renderer="gsplat"``,
+  ``rasterizer="nvdiffrast"``, ``device="cuda"``) and whether this machine has it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from collections.abc import Callable
+
+from .worker import DEFAULT_PIPELINE
+
+REAL_PIPELINE_MODULE = DEFAULT_PIPELINE.split(":", 1)[0]
+
+#: value found in a preset field -> (python package to import, what it is, pip hint)
+_GPU_VALUES = {
+    "gsplat": ("gsplat", "the gsplat CUDA Gaussian renderer", "pip install 'conjure[gpu]'"),
+    "nvdiffrast": ("nvdiffrast", "the nvdiffrast CUDA rasteriser", "pip install 'conjure[gpu]'"),
+    "cuda": (None, "a CUDA device", None),
+}
+
+
+class PreflightError(ValueError):
+    """A preset that cannot run here, with a message that says why and what to do."""
+
+
+def params_checker(pipeline_spec: str) -> Callable[[str, dict], object]:
+    """``check(preset_name, overrides)``; raises ``ValueError`` with a clear message when invalid."""
+    module_name = pipeline_spec.split(":", 1)[0]
+    if module_name == REAL_PIPELINE_MODULE:
+        def check(preset: str, overrides: dict):
+            from backend.pipeline.presets import get_preset
+
+            p = get_preset(preset, overrides)
+            check_gpu(p)
+            return p
+        return check
+    module = importlib.import_module(module_name)
+    fn = getattr(module, "check_params", None)
+    if fn is None:
+        return lambda preset, overrides: None
+    return fn
+
+
+def gpu_requirements(preset) -> list[tuple[str, str]]:
+    """``[(dotted field, value)]`` of preset fields that demand GPU-only packages or CUDA."""
+    found: list[tuple[str, str]] = []
+
+    def walk(obj, prefix):
+        if not dataclasses.is_dataclass(obj):
+            return
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            elif isinstance(value, str) and value in _GPU_VALUES:
+                if value != "cuda" or f.name in ("device", "backend"):
+                    found.append((key, value))
+
+    walk(preset, "")
+    return found
+
+
+def check_gpu(preset) -> None:
+    """Raise ``PreflightError`` (a ``ValueError``) if the preset needs GPU pieces this machine lacks."""
+    needs = gpu_requirements(preset)
+    if not needs:
+        return
+    name = getattr(preset, "name", "?")
+    for key, value in needs:
+        package, what, hint = _GPU_VALUES[value]
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise PreflightError(f"preset {name!r} sets {key}={value!r}, which needs {what}, but the "
+                                 f"'{package}' package is not installed ({hint}); or use "
+                                 f"--set {key}=auto / the 'cpu' preset")
+    import torch  # only when a preset demands CUDA
+
+    if not torch.cuda.is_available():
+        key, value = needs[0]
+        raise PreflightError(f"preset {name!r} sets {key}={value!r}, which needs a CUDA GPU, but torch "
+                             f"{torch.__version__} sees none; use the 'cpu' preset or --set {key}=auto")
+
