@@ -484,8 +484,9 @@ class Client:
         self._grant_credit(job)
 
     def _grant_credit(self, job):
-        """Tell the server we are ready for one more preview (credit-based flow control)."""
-        # TODO(server): the grant message is defined by backend/server/app.py
+        """Tell the server we are ready for one more preview (credit-based flow control):
+        ``preview_credits`` in a ``status`` request adds credits to our subscription."""
+        self._send("status", {"preview_credits": 1}, job_id=job.job_id)
 
     def _on_result_ready(self, msg):
         job = self._job_for(msg)

@@ -56,6 +56,16 @@ _LOOP_TOTAL_WRITABLE = not bpy.types.MeshPolygon.bl_rna.properties["loop_total"]
 _COLOR_SRGB = _has_rna_prop(bpy.types.ByteColorAttributeValue, "color_srgb")
 
 
+def _check_payload(payload, n, f, faces):
+    """Cheap guards (Blender does not range-check ``foreach_set`` indices)."""
+    if f and (int(faces.max()) >= n or int(faces.min()) < 0):
+        raise ValueError("mesh face indices out of range 0..%d" % (n - 1))
+    if payload.uvs is not None and np.shape(payload.uvs) != (3 * f, 2):
+        raise ValueError("per-corner UVs must have shape (%d, 2), got %s" % (3 * f, np.shape(payload.uvs)))
+    if payload.colors is not None and np.shape(payload.colors) != (n, 4):
+        raise ValueError("vertex colours must have shape (%d, 4), got %s" % (n, np.shape(payload.colors)))
+
+
 def mesh_build_stages(mesh, payload):
     """Fill an EMPTY ``bpy.types.Mesh`` from ``payload`` in stages; a generator.
 
@@ -67,6 +77,7 @@ def mesh_build_stages(mesh, payload):
     pos = np.ascontiguousarray(payload.positions, dtype=np.float32).reshape(-1, 3)
     faces = np.ascontiguousarray(payload.faces).reshape(-1, 3)
     n, f = len(pos), len(faces)
+    _check_payload(payload, n, f, faces)
     mesh.vertices.add(n)
     mesh.vertices.foreach_set("co", pos.ravel())
     yield "vertices"
