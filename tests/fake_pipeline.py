@@ -25,7 +25,6 @@ import signal
 import time
 
 import numpy as np
-import trimesh  # (imported up front: the worker keeps it resident, like real models)
 
 from backend.pipeline.events import PreviewEvent, ProgressEvent, ResultEvent
 
@@ -79,7 +78,14 @@ def check_params(preset: str, overrides: dict) -> dict:
     return knobs
 
 
+def warm_up() -> None:
+    """Called once by the server's worker before it reports ready (like loading real models)."""
+    import trimesh  # noqa: F401
+
+
 def _icosphere(subdivisions: int, radius: float):
+    import trimesh
+
 
     sphere = trimesh.creation.icosphere(subdivisions=max(0, min(subdivisions, 6)), radius=radius)
     return np.asarray(sphere.vertices, np.float32), np.asarray(sphere.faces, np.uint32)
@@ -117,6 +123,7 @@ def _step(seconds: float, busy: bool) -> None:
 
 def _export(mesh, out_dir, write_obj: bool) -> dict:
     """GLB (+ OBJ/MTL/PNG) of ``mesh`` into ``out_dir``; Blender Z-up -> glTF Y-up."""
+    import trimesh
     from PIL import Image
 
     v = mesh.positions.astype(np.float64)

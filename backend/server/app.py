@@ -777,7 +777,7 @@ class Server:
                 sub.cursor = nxt
                 continue
             p = stream.preview
-            if p is not None and sub.credits > 0 and p.number > sub.preview_sent:
+            if p is not None and not stream.closed and sub.credits > 0 and p.number > sub.preview_sent:
                 content = {**p.content, "preview_no": p.number, "after_seq": p.after_seq}
                 r = self._send(sub.client, "preview_mesh", content, p.buffers, job_id=stream.job_id, direct=False)
                 if r != "ok":
@@ -875,6 +875,9 @@ class Server:
 
     def _end_running(self, rec, state) -> None:
         self.running = None
+        stream = self.streams.get(rec.job_id)
+        if stream is not None:
+            stream.drop_preview()  # the final event supersedes any preview not sent yet
         self.store.set_state(rec, state)
         self._trim_streams()
 
@@ -884,7 +887,6 @@ class Server:
         self.stats["jobs_done"] += 1
         self._end_running(rec, J.DONE)  # journal + job.json before result_ready goes out
         content, buffers = self._result_content(rec, payload.get("mesh"))
-        stream.preview = None if not self.subs.get(rec.job_id) else stream.preview
         self._append(rec, stream, "result_ready", content, buffers, final=True)
 
     def _finish_cancelled(self, rec, stream) -> None:

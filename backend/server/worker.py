@@ -3,7 +3,8 @@
 The server starts it with the ``spawn`` start method and talks to it over a
 ``multiprocessing`` pipe (both ends are our own processes; nothing from the network is ever
 unpickled here). The worker is long-lived, so the pipeline's model cache stays resident
-between jobs; it is only restarted after a crash, a kill, or a cancel it did not honour.
+between jobs (an optional ``warm_up()`` in the pipeline's module runs once before the worker
+reports ready); it is only restarted after a crash, a kill, or a cancel it did not honour.
 
 Server -> worker (pipe):
     ("run", job_no, job_id, params: dict, work_dir: str, result_dir: str, preview_path: str)
@@ -45,6 +46,8 @@ from .jobs import fsync_dir
 DEFAULT_PIPELINE = "backend.pipeline.run:run_job"
 PREVIEW_WRITE_INTERVAL_S = 0.5
 RESULT_MESH_FILE = "result_mesh.npz"
+#: niceness added to the worker process, so the server's control loop stays responsive on busy CPUs
+WORKER_NICE = 5
 
 
 class PipelineSpecError(ValueError):
@@ -200,12 +203,21 @@ def _make_params(params: dict):
 def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
     """Entry point of the worker process (spawned)."""
     _die_with_parent()
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(WORKER_NICE)  # the control loop wins the CPU when both want it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
     try:
         run_job = load_callable(pipeline_spec)
     except PipelineSpecError as exc:
         conn.send(("fatal", str(exc)))
         return
+    warm_up = getattr(sys.modules.get(pipeline_spec.split(":", 1)[0]), "warm_up", None)
+    if callable(warm_up):
+        try:
+            warm_up()
+        except Exception as exc:  # noqa: BLE001 - reported to the server, which refuses to start
+            conn.send(("fatal", f"the pipeline's warm_up() failed: {type(exc).__name__}: {exc}"))
+            return
     conn.send(("ready", os.getpid()))
     while True:
         try:

@@ -1,0 +1,104 @@
+"""Start ``python -m backend serve`` as a child process and wait for its connection file.
+
+Used by the tests and ``bench/bench_server.py``; scripts may use it to run a private backend.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from protocol import ConnectionInfo
+from protocol.connection import read_connection_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    """A running ``serve`` process. ``info`` is its ``ConnectionInfo`` once started."""
+
+    def __init__(self, data_dir: Path, connection_file: Path, *, pipeline: str | None = None,
+                 args: list[str] | None = None, env: dict | None = None, log_file: Path | None = None):
+        self.data_dir = Path(data_dir)
+        self.connection_file = Path(connection_file)
+        self.pipeline = pipeline
+        self.args = list(args or [])
+        self.env = env
+        self.log_file = Path(log_file) if log_file else self.connection_file.with_suffix(".log")
+        self.proc: subprocess.Popen | None = None
+        self.info: ConnectionInfo | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "backend", "serve", "--data-dir", str(self.data_dir),
+               "--connection-file", str(self.connection_file)]
+        if self.pipeline:
+            cmd += ["--pipeline", self.pipeline]
+        return cmd + self.args
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        """Launch and wait until the connection file appears (raises ``RuntimeError`` with the log)."""
+        try:
+            self.connection_file.unlink()
+        except FileNotFoundError:
+            pass
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(self.env or {})
+        self._log = open(self.log_file, "ab")
+        self.proc = subprocess.Popen(self.command(), cwd=REPO_ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if self.connection_file.exists():
+                try:
+                    self.info = read_connection_file(self.connection_file)
+                    return self
+                except Exception:  # noqa: BLE001 - half-written file: retry
+                    pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"server did not start within {timeout:g} s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        """SIGKILL the server (its worker follows through PR_SET_PDEATHSIG)."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+        return self.proc.returncode
+
+    kill = kill9
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
