@@ -66,7 +66,8 @@ BUFFER_DTYPES = (
 )
 _DTYPES = {name: np.dtype(name).newbyteorder("<") for name in BUFFER_DTYPES}
 
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+#: Job states on the wire; "interrupted": the job was running when the server stopped.
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,64}\Z")
 _JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")

@@ -64,7 +64,7 @@ def _as_view(frame) -> memoryview:
     else:
         view = memoryview(frame)
     if view.ndim != 1 or view.itemsize != 1:
-        view = view.cast("B")
+        view = view.cast("B") if view.nbytes else memoryview(b"")
     return view
 
 
