@@ -1,0 +1,407 @@
+"""Fine stage: the coarse Gaussians become a UV-textured mesh refined at higher resolution.
+
+Steps (Magic3D's refine stage with DreamGaussian's texture pipeline):
+
+1. extract a mesh from the Gaussians' density grid at ``FineConfig.grid_resolution``
+   (``backend.mesh.extract``, the coarse stage's extractor);
+2. clean it up (largest components, holes, winding, outward normals) and decimate it to
+   ``FineConfig.face_budget`` (``backend.mesh.cleanup``);
+3. unwrap UVs with xatlas (``backend.mesh.uv``) and bake an initial texture from the Gaussians
+   (``backend.mesh.bake``);
+4. optimise the texture (and optionally small vertex offsets, regularised by a Laplacian and a
+   normal-consistency term) with a loss on rasterised renders: SDS through the guidance
+   interface in the pipeline, or any ``loss_fn`` (the reference tests use target images).
+
+Frames: meshes stay in Blender's frame (metres, +Z up, front −Y) in the optimisation volume
+[−1, 1]³; ``run.py`` scales to ``object_size`` when exporting. Images are (B, 3, H, W) in [0, 1]
+with row 0 at the top; the texture is (H, W, 3) float in [0, 1], row 0 at the top, UVs per corner
+with origin bottom-left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backend.gaussians.cameras import Cameras, sample_cameras
+from backend.mesh import rasterize as rz
+from backend.mesh.bake import ColorFn, bake_texture, gaussian_color_fn
+from backend.mesh.cleanup import clean_mesh
+from backend.mesh.export import compute_vertex_normals
+from backend.mesh.uv import unwrap, uv_from_corners
+from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
+from protocol.mesh import MeshPayload
+
+log = logging.getLogger(__name__)
+
+#: loss_fn(images (B, 3, H, W) in [0, 1], cameras, step_ratio in [0, 1]) -> scalar tensor
+LossFn = Callable[[torch.Tensor, Cameras, float], torch.Tensor]
+#: camera_fn(step) -> Cameras (image size = the render resolution)
+CameraFn = Callable[[int], Cameras]
+
+# Defaults for settings FineConfig may not carry (read with getattr so older presets keep working).
+FINE_DEFAULTS = {
+    "batch_size": 4,
+    "preview_every": 50,
+    "uv_padding": 2,
+    "lr_offsets": 1e-4,
+    "offset_limit": 0.05,
+    "laplacian_weight": 1e4,
+    "normal_weight": 1e2,
+    "rasterizer": "auto",
+    "bake_dilation": 16,
+    "min_component_fraction": 0.02,
+}
+
+
+def fine_setting(cfg, name: str):
+    """``cfg.name`` when the FineConfig has the field, else the documented default."""
+    return getattr(cfg, name, FINE_DEFAULTS[name])
+
+
+@dataclass
+class TexturedMesh:
+    """A mesh being refined (all tensors on one device).
+
+    positions: (V, 3) float32 Blender-frame rest positions; faces: (F, 3) int64 CCW from outside;
+    corner_uvs: (F*3, 2) float32 per-corner UVs (origin bottom-left);
+    uv: (M, 2) float32 unique UVs and uv_faces (F, 3) int64 (index buffer for ``interpolate``);
+    texture: (H, W, 3) float32 in [0, 1], row 0 at the top;
+    offsets: (V, 3) float32 learned displacement (zeros unless vertex offsets are optimised).
+    """
+
+    positions: torch.Tensor
+    faces: torch.Tensor
+    corner_uvs: torch.Tensor
+    uv: torch.Tensor
+    uv_faces: torch.Tensor
+    texture: torch.Tensor
+    offsets: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def deformed(self) -> torch.Tensor:
+        return self.positions if self.offsets is None else self.positions + self.offsets
+
+    def render(self, cameras: Cameras, background: float | torch.Tensor = 1.0, backend: str = "auto",
+               texture: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> rz.MeshRender:
+        """Rasterise with the current (or given) texture and positions."""
+        return rz.render_mesh(self.deformed if positions is None else positions, self.faces, cameras,
+                              texture_map=self.texture if texture is None else texture, uv=self.uv,
+                              uv_faces=self.uv_faces, background=background, backend=backend)
+
+    def to_payload(self) -> MeshPayload:
+        """MeshPayload (Blender frame) with per-corner UVs, normals and the RGBA8 texture."""
+        pos = self.deformed.detach().cpu().numpy().astype(np.float32)
+        faces = self.faces.detach().cpu().numpy().astype(np.int64)
+        tex = (self.texture.detach().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+        rgba = np.concatenate([tex, np.full(tex.shape[:2] + (1,), 255, np.uint8)], axis=2)
+        return MeshPayload(
+            positions=pos, faces=faces.astype(np.uint32),
+            uvs=self.corner_uvs.detach().cpu().numpy().astype(np.float32),
+            normals=compute_vertex_normals(pos, faces), texture_rgba=np.ascontiguousarray(rgba),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# building the starting mesh
+
+
+def prepare_textured_mesh(positions: np.ndarray, faces: np.ndarray, color_fn: ColorFn | None, *,
+                          face_budget: int, texture_resolution: int, uv_padding: int = 2,
+                          device: torch.device | str = "cpu", backend: str = "auto",
+                          bake_dilation: int = 16, min_component_fraction: float = 0.02,
+                          default_color: float = 0.5) -> TexturedMesh:
+    """Clean-up → decimation → xatlas UVs → baked texture (flat ``default_color`` if no color_fn).
+
+    Args:
+        positions: (N, 3) Blender-frame vertices; faces: (F, 3) ints (an extracted surface).
+        color_fn: (P, 3) points → (P, 3) colours in [0, 1], or None for a flat texture.
+    """
+    t0 = time.perf_counter()
+    clean = clean_mesh(positions, faces, face_budget=face_budget, min_component_fraction=min_component_fraction)
+    t1 = time.perf_counter()
+    atlas = unwrap(clean.positions, clean.faces, resolution=texture_resolution, padding=uv_padding)
+    t2 = time.perf_counter()
+    device = torch.device(device)
+    pos = torch.as_tensor(clean.positions, dtype=torch.float32, device=device)
+    fcs = torch.as_tensor(clean.faces, dtype=torch.int64, device=device)
+    corner = torch.as_tensor(atlas.corner_uvs, dtype=torch.float32, device=device)
+    if color_fn is not None:
+        tex, mask = bake_texture(pos, fcs, corner, color_fn, texture_resolution,
+                                 dilate_iterations=bake_dilation, backend=backend)
+        coverage = float(mask.float().mean())
+    else:
+        tex = torch.full((texture_resolution, texture_resolution, 3), float(default_color), device=device)
+        coverage = float("nan")
+    t3 = time.perf_counter()
+    info = dict(clean.stats, uv_charts_texels=texture_resolution, atlas_coverage=coverage,
+                seconds_cleanup=t1 - t0, seconds_uv=t2 - t1, seconds_bake=t3 - t2)
+    return TexturedMesh(pos, fcs, corner, torch.as_tensor(atlas.uv, device=device),
+                        torch.as_tensor(atlas.uv_faces, device=device), tex, None, info)
+
+
+def textured_mesh_from_payload(mesh: MeshPayload, device: torch.device | str = "cpu",
+                               texture_resolution: int | None = None) -> TexturedMesh:
+    """A TexturedMesh from a MeshPayload that already has per-corner UVs (texture kept or flat)."""
+    if mesh.uvs is None:
+        raise ValueError("the mesh has no UVs; use prepare_textured_mesh")
+    uv, uv_faces = uv_from_corners(mesh.uvs)
+    if mesh.texture_rgba is not None:
+        tex = torch.as_tensor(np.asarray(mesh.texture_rgba)[..., :3], dtype=torch.float32) / 255.0
+    else:
+        n = texture_resolution or 256
+        tex = torch.full((n, n, 3), 0.5)
+    device = torch.device(device)
+    return TexturedMesh(
+        torch.as_tensor(np.asarray(mesh.positions), dtype=torch.float32, device=device),
+        torch.as_tensor(np.asarray(mesh.faces).astype(np.int64), device=device),
+        torch.as_tensor(np.asarray(mesh.uvs), dtype=torch.float32, device=device),
+        torch.as_tensor(uv, device=device), torch.as_tensor(uv_faces, device=device), tex.to(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# regularisers for vertex offsets
+
+
+def uniform_laplacian(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """(V, 3) v_i − mean of v_i's edge neighbours (uniform weights)."""
+    V = vertices.shape[0]
+    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=0)
+    e = torch.cat([e, e.flip(1)], dim=0)
+    summed = torch.zeros_like(vertices).index_add_(0, e[:, 0], vertices[e[:, 1]])
+    deg = torch.zeros(V, dtype=vertices.dtype, device=vertices.device).index_add_(
+        0, e[:, 0], torch.ones(e.shape[0], dtype=vertices.dtype, device=vertices.device))
+    return vertices - summed / deg.clamp(min=1.0).unsqueeze(-1)
+
+
+def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
+    """(E, 2) int64 pairs of faces sharing an edge (manifold edges only)."""
+    f = faces.detach().cpu().numpy()
+    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    face_id = np.tile(np.arange(len(f)), 3)
+    key = edges[:, 0] * (int(f.max()) + 1) + edges[:, 1]
+    order = np.argsort(key, kind="stable")
+    _, start, counts = np.unique(key[order], return_index=True, return_counts=True)
+    two = counts == 2
+    pairs = np.stack([face_id[order[start[two]]], face_id[order[start[two] + 1]]], axis=1)
+    return torch.as_tensor(pairs, dtype=torch.int64, device=faces.device)
+
+
+def normal_consistency(vertices: torch.Tensor, faces: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+    """Mean (1 − cos) between the normals of adjacent faces (0 for a flat surface)."""
+    tri = vertices[faces]
+    n = F.normalize(torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1), dim=-1, eps=1e-12)
+    if adjacency.numel() == 0:
+        return vertices.new_zeros(())
+    return (1.0 - (n[adjacency[:, 0]] * n[adjacency[:, 1]]).sum(-1)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# the refinement loop
+
+
+@dataclass
+class RefineSettings:
+    """Loop settings (filled from FineConfig by :func:`refine_settings_from_config`)."""
+
+    steps: int = 300
+    lr: float = 1e-2
+    vertex_offsets: bool = False
+    lr_offsets: float = 1e-4
+    offset_limit: float = 0.05
+    laplacian_weight: float = 1e4
+    normal_weight: float = 1e2
+    preview_every: int = 50
+    background: float = 1.0
+    backend: str = "auto"
+
+
+def refine_settings_from_config(cfg) -> RefineSettings:
+    return RefineSettings(
+        steps=int(cfg.steps), lr=float(cfg.lr), vertex_offsets=bool(cfg.vertex_offsets),
+        lr_offsets=float(fine_setting(cfg, "lr_offsets")), offset_limit=float(fine_setting(cfg, "offset_limit")),
+        laplacian_weight=float(fine_setting(cfg, "laplacian_weight")),
+        normal_weight=float(fine_setting(cfg, "normal_weight")),
+        preview_every=int(fine_setting(cfg, "preview_every")), backend=str(fine_setting(cfg, "rasterizer")),
+    )
+
+
+def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, settings: RefineSettings,
+           ctx: JobContext | None = None, stage: str = "fine") -> TexturedMesh:
+    """Optimise ``mesh.texture`` (and offsets when enabled) against ``loss_fn`` on rendered views.
+
+    Each step renders ``camera_fn(step)`` with the differentiable rasteriser, evaluates
+    ``loss_fn(images, cameras, step_ratio)`` (+ offset regularisers), and takes an Adam step;
+    the texture is clamped to [0, 1] and offsets to ±offset_limit. Between steps it calls
+    ``ctx.check_cancel()``, emits ``ProgressEvent(stage, step, total)`` and, every
+    ``preview_every`` steps and at the end, ``PreviewEvent(stage, step, mesh)``.
+
+    Returns:
+        the same TexturedMesh, updated in place (texture, offsets) with ``info['loss']`` history.
+    """
+    texture = mesh.texture.detach().clone().requires_grad_(True)
+    groups = [{"params": [texture], "lr": settings.lr}]
+    offsets = None
+    adjacency = None
+    if settings.vertex_offsets:
+        offsets = torch.zeros_like(mesh.positions, requires_grad=True)
+        groups.append({"params": [offsets], "lr": settings.lr_offsets})
+        adjacency = face_adjacency(mesh.faces)
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+    losses: list[float] = []
+    total = settings.steps
+    for step in range(total):
+        if ctx is not None:
+            ctx.check_cancel()
+        ratio = step / max(total - 1, 1)
+        cams = camera_fn(step)
+        pos = mesh.positions if offsets is None else mesh.positions + offsets
+        out = mesh.render(cams, background=settings.background, backend=settings.backend,
+                          texture=texture, positions=pos)
+        loss = loss_fn(out.image, cams, ratio)
+        if offsets is not None:
+            lap = uniform_laplacian(offsets, mesh.faces).square().sum(-1).mean()
+            loss = loss + settings.laplacian_weight * lap + settings.normal_weight * normal_consistency(
+                pos, mesh.faces, adjacency)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            texture.clamp_(0.0, 1.0)
+            if offsets is not None:
+                offsets.clamp_(-settings.offset_limit, settings.offset_limit)
+        losses.append(float(loss.detach()))
+        mesh.texture = texture.detach()
+        mesh.offsets = None if offsets is None else offsets.detach()
+        if ctx is not None:
+            ctx.emit(ProgressEvent(stage, step + 1, total, f"loss {losses[-1]:.4g}"))
+            last = step == total - 1
+            if last or (settings.preview_every > 0 and (step + 1) % settings.preview_every == 0):
+                ctx.emit(PreviewEvent(stage, step + 1, mesh.to_payload()))
+    mesh.texture = texture.detach()
+    mesh.offsets = None if offsets is None else offsets.detach()
+    mesh.info["loss"] = losses
+    return mesh
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline entry
+
+
+def sds_loss_fn(guidance) -> LossFn:
+    """Loss through the guidance interface; renders are resized to ``guidance.resolution``."""
+    side = int(guidance.resolution)
+
+    def fn(images: torch.Tensor, cams: Cameras, step_ratio: float) -> torch.Tensor:
+        if images.shape[-1] != side or images.shape[-2] != side:
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False,
+                                   antialias=images.shape[-1] > side)
+        return guidance.sds_loss(images, cams.azimuth_deg, cams.elevation_deg, step_ratio)
+
+    return fn
+
+
+def random_camera_fn(batch: int, resolution: int, coarse_cfg=None, seed: int | None = None,
+                     device: torch.device | str = "cpu") -> CameraFn:
+    """Random orbit cameras per step, in the coarse stage's sampling ranges when given."""
+    gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 1)
+    kw = {}
+    if coarse_cfg is not None:
+        kw = dict(elevation_range=tuple(coarse_cfg.elevation_range), distance_range=tuple(coarse_cfg.distance_range),
+                  fovy_range=tuple(coarse_cfg.fovy_range))
+
+    def fn(step: int) -> Cameras:
+        return sample_cameras(batch, resolution, generator=gen, device=device, **kw)
+
+    return fn
+
+
+def gaussian_fields(gaussians) -> dict[str, torch.Tensor]:
+    """Activated tensors (means, quats, scales, opacities, colors) of a coarse-stage Gaussian set.
+
+    Accepts an object exposing them as attributes or zero-argument methods (activated values),
+    or a mapping with those keys.
+    """
+    names = ("means", "quats", "scales", "opacities", "colors")
+    out = {}
+    for name in names:
+        if isinstance(gaussians, dict):
+            value = gaussians.get(name)
+        else:
+            value = getattr(gaussians, name, None)
+            if callable(value):
+                value = value()
+        if value is None:
+            raise TypeError(f"the Gaussians object has no {name!r}; need {names}")
+        out[name] = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    return out
+
+
+def _extract(gaussians, grid_resolution: int, coarse_cfg):
+    """Call the coarse stage's extractor → (positions (N, 3), faces (F, 3)) numpy."""
+    from backend.mesh import extract as ex
+
+    fn = getattr(ex, "extract_mesh", None)
+    if fn is None:
+        raise RuntimeError("backend.mesh.extract has no extract_mesh function")
+    threshold = getattr(coarse_cfg, "density_threshold", None) if coarse_cfg is not None else None
+    kwargs = {"grid_resolution": grid_resolution}
+    if threshold is not None:
+        kwargs["threshold"] = threshold
+    try:
+        mesh = fn(gaussians, **kwargs)
+    except TypeError:
+        mesh = fn(gaussians, grid_resolution)
+    return np.asarray(mesh.positions), np.asarray(mesh.faces).astype(np.int64)
+
+
+def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
+                   loss_fn: LossFn | None = None, camera_fn: CameraFn | None = None) -> MeshPayload:
+    """Coarse Gaussians → textured, refined mesh (Blender frame, [−1, 1]³ volume).
+
+    Args:
+        gaussians: the coarse stage's result (see :func:`gaussian_fields`).
+        preset: a ``Preset`` whose ``fine`` section is set.
+        guidance: a ``Guidance`` with its prompt already set (used when ``loss_fn`` is None).
+        ctx: the job's context (events, cancel).
+        params: the job's ``GenerationParams`` (its seed picks the cameras).
+        loss_fn, camera_fn: overrides for tests and tools.
+
+    Returns:
+        MeshPayload with per-corner UVs, vertex normals and ``texture_rgba``.
+    """
+    cfg = preset.fine
+    if cfg is None:
+        raise ValueError(f"preset {preset.name!r} has no fine stage")
+    fields = gaussian_fields(gaussians)
+    device = fields["means"].device
+    backend = str(fine_setting(cfg, "rasterizer"))
+    ctx.emit(ProgressEvent("fine", 0, cfg.steps, "extracting mesh"))
+    positions, faces = _extract(gaussians, cfg.grid_resolution, preset.coarse)
+    ctx.check_cancel()
+    color_fn = gaussian_color_fn(fields["means"], fields["quats"], fields["scales"], fields["opacities"],
+                                 fields["colors"])
+    mesh = prepare_textured_mesh(
+        positions, faces, color_fn, face_budget=cfg.face_budget, texture_resolution=cfg.texture_resolution,
+        uv_padding=int(fine_setting(cfg, "uv_padding")), device=device, backend=backend,
+        bake_dilation=int(fine_setting(cfg, "bake_dilation")),
+        min_component_fraction=float(fine_setting(cfg, "min_component_fraction")))
+    log.info("fine stage mesh: %s", {k: v for k, v in mesh.info.items() if k != "loss"})
+    ctx.emit(PreviewEvent("fine", 0, mesh.to_payload()))
+    ctx.check_cancel()
+    if loss_fn is None:
+        loss_fn = sds_loss_fn(guidance)
+    if camera_fn is None:
+        seed = getattr(params, "seed", None) if params is not None else None
+        camera_fn = random_camera_fn(int(fine_setting(cfg, "batch_size")), cfg.render_resolution,
+                                     preset.coarse, seed=seed, device=device)
+    settings = replace(refine_settings_from_config(cfg), backend=backend)
+    refine(mesh, loss_fn, camera_fn, settings, ctx)
+    return mesh.to_payload()
