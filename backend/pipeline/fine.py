@@ -324,41 +324,34 @@ def random_camera_fn(batch: int, resolution: int, coarse_cfg=None, seed: int | N
 
 
 def gaussian_fields(gaussians) -> dict[str, torch.Tensor]:
-    """Activated tensors (means, quats, scales, opacities, colors) of a coarse-stage Gaussian set.
+    """Activated, detached tensors (means, quats, scales, opacities, colors) of the coarse Gaussians.
 
-    Accepts an object exposing them as attributes or zero-argument methods (activated values),
-    or a mapping with those keys.
+    Accepts a ``GaussianModel`` (its ``activated()`` view), activated ``Gaussians``, any object with
+    those attributes, or a mapping with those keys.
     """
     names = ("means", "quats", "scales", "opacities", "colors")
+    g = gaussians.activated() if hasattr(gaussians, "activated") else gaussians
     out = {}
     for name in names:
-        if isinstance(gaussians, dict):
-            value = gaussians.get(name)
-        else:
-            value = getattr(gaussians, name, None)
-            if callable(value):
-                value = value()
+        value = g.get(name) if isinstance(g, dict) else getattr(g, name, None)
         if value is None:
             raise TypeError(f"the Gaussians object has no {name!r}; need {names}")
         out[name] = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     return out
 
 
-def _extract(gaussians, grid_resolution: int, coarse_cfg):
-    """Call the coarse stage's extractor → (positions (N, 3), faces (F, 3)) numpy."""
-    from backend.mesh import extract as ex
+def extract_surface(gaussians, grid_resolution: int, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The coarse stage's extractor at ``grid_resolution`` → (positions (N, 3), faces (F, 3)) numpy.
 
-    fn = getattr(ex, "extract_mesh", None)
-    if fn is None:
-        raise RuntimeError("backend.mesh.extract has no extract_mesh function")
-    threshold = getattr(coarse_cfg, "density_threshold", None) if coarse_cfg is not None else None
-    kwargs = {"grid_resolution": grid_resolution}
+    Its own decimation is disabled (huge budget): :func:`prepare_textured_mesh` decimates after
+    clean-up, so no faces are dropped before the winding/hole repair.
+    """
+    from backend.mesh.extract import extract_mesh
+
+    kwargs = {"grid_resolution": int(grid_resolution), "face_budget": 1 << 30, "with_colors": False}
     if threshold is not None:
-        kwargs["threshold"] = threshold
-    try:
-        mesh = fn(gaussians, **kwargs)
-    except TypeError:
-        mesh = fn(gaussians, grid_resolution)
+        kwargs["threshold"] = float(threshold)
+    mesh = extract_mesh(gaussians, **kwargs)
     return np.asarray(mesh.positions), np.asarray(mesh.faces).astype(np.int64)
 
 
@@ -384,7 +377,8 @@ def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
     device = fields["means"].device
     backend = str(fine_setting(cfg, "rasterizer"))
     ctx.emit(ProgressEvent("fine", 0, cfg.steps, "extracting mesh"))
-    positions, faces = _extract(gaussians, cfg.grid_resolution, preset.coarse)
+    positions, faces = extract_surface(gaussians, cfg.grid_resolution,
+                                       getattr(preset.coarse, "density_threshold", None))
     ctx.check_cancel()
     color_fn = gaussian_color_fn(fields["means"], fields["quats"], fields["scales"], fields["opacities"],
                                  fields["colors"])
