@@ -554,10 +554,10 @@ class Server:
             return
         if rec.state == J.QUEUED:
             self.queue.remove(job_id)
-            self.store.set_state(rec, J.CANCELLED)
             self.stats["jobs_cancelled"] += 1
             self._append(rec, self._ensure_stream(rec), "cancelled",
                          {"message": "cancelled before it started", "state": "cancelled"}, final=True)
+            self.store.set_state(rec, J.CANCELLED)
         elif rec.state == J.RUNNING and self.running and self.running.job_id == job_id:
             stream = self._ensure_stream(rec)
             if self.running.cancel_requested is None:
@@ -724,9 +724,7 @@ class Server:
         if stream.closed:
             return
         ev = stream.append(msg_type, content, buffers, final=final)
-        rec.last_seq = ev.seq
-        if final:
-            self.store.write_record(rec)
+        rec.last_seq = ev.seq  # persisted with the job's next state change (no fsync on this path)
         self._dirty.add(rec.job_id)
 
     def _flush(self) -> None:
@@ -874,6 +872,8 @@ class Server:
         self._append(rec, stream, "progress", content)
 
     def _end_running(self, rec, state) -> None:
+        """Journal + job.json (fsynced) of the final state. Called after the final event was put in
+        the job's log and before the loop flushes it, so nothing reaches a client before the disk."""
         self.running = None
         stream = self.streams.get(rec.job_id)
         if stream is not None:
@@ -885,21 +885,21 @@ class Server:
         rec.results = payload["files"]
         rec.info = payload.get("info") or {}
         self.stats["jobs_done"] += 1
-        self._end_running(rec, J.DONE)  # journal + job.json before result_ready goes out
         content, buffers = self._result_content(rec, payload.get("mesh"))
         self._append(rec, stream, "result_ready", content, buffers, final=True)
+        self._end_running(rec, J.DONE)
 
     def _finish_cancelled(self, rec, stream) -> None:
         self.stats["jobs_cancelled"] += 1
-        self._end_running(rec, J.CANCELLED)
         self._append(rec, stream, "cancelled", {"message": "cancelled", "state": "cancelled"}, final=True)
+        self._end_running(rec, J.CANCELLED)
 
     def _finish_failed(self, rec, stream, code, message, retriable) -> None:
         rec.error = {"code": code, "message": message, "retriable": bool(retriable)}
         self.stats["jobs_failed"] += 1
-        self._end_running(rec, J.FAILED)
         self._append(rec, stream, "error", {"code": code, "message": message, "retriable": bool(retriable),
                                             "state": "failed"}, final=True)
+        self._end_running(rec, J.FAILED)
 
     def _worker_died(self, poller, exc: WorkerDied) -> None:
         code = exc.exitcode
