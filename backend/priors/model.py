@@ -1,0 +1,141 @@
+"""Construction, saving and loading of the conjure-solids model (diffusers pipeline layout).
+
+Layout written by ``save_model(folder, ...)`` (what ``backend.guidance`` loads with
+``from_pretrained(folder, subfolder=...)``)::
+
+    model_index.json
+    unet/          UNet2DConditionModel, pixel space: RGB in [-1, 1], sample_size 32, 3 channels
+    text_encoder/  CLIPTextModel (tiny: hidden 64, 2 layers)
+    tokenizer/     CLIPTokenizer (word-level vocabulary of the closed world, see ``tokenizer``)
+    scheduler/     DDPMScheduler (1000 steps, squaredcos_cap_v2, epsilon prediction)
+
+There is deliberately no ``vae/``: the guidance treats that as a pixel-space model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backend.priors.tokenizer import BOS, EOS, build_vocab, write_tokenizer
+
+RESOLUTION = 32
+TEXT_DIM = 64
+
+
+@dataclass
+class SolidsModel:
+    """The trainable parts plus the tokenizer and scheduler (all diffusers/transformers objects)."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+
+
+def make_unet(resolution: int = RESOLUTION):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        # cross-attention (text) only at 8x8 and in the mid block: cheap enough for 2 CPU cores
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=16,
+        norm_num_groups=8,
+    )
+
+
+def make_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, _ = build_vocab()
+    cfg = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=TEXT_DIM,
+        intermediate_size=2 * TEXT_DIM,
+        projection_dim=TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,  # tokenizer pads to 16; 77 keeps SD-style padding valid too
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
+    )
+    return CLIPTextModel(cfg)
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=True,
+        clip_sample_range=1.0,
+    )
+
+
+def new_model(tmp_tokenizer_dir: str | Path) -> SolidsModel:
+    """A freshly initialised model (seed torch before calling for reproducibility)."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp_tokenizer_dir)))
+    return SolidsModel(make_unet(), make_text_encoder(), tok, make_scheduler())
+
+
+def save_model(folder: str | Path, model: SolidsModel) -> Path:
+    """Write the whole pipeline folder (safetensors weights) and ``model_index.json``."""
+    import diffusers
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    model.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    write_tokenizer(folder / "tokenizer")
+    model.scheduler.save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "DiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "_conjure_prior": "conjure-solids",
+        "_transformers_version": transformers.__version__,
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> SolidsModel:
+    """Load the components with ``from_pretrained`` from the subfolders, in eval mode."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no model_index.json)")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).eval()
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").to(device).eval()
+    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    return SolidsModel(unet, te, tok, sched)
+
+
+def encode_prompts(model: SolidsModel, prompts: list[str], device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, L, TEXT_DIM) text-encoder hidden states, padded to ``tokenizer.model_max_length``."""
+    tok = model.tokenizer
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt").input_ids.to(device)
+    return model.text_encoder(ids)[0]

@@ -1,0 +1,154 @@
+"""Train the bundled conjure-solids prior (one reproducible command, fixed seeds).
+
+    python -m backend.priors.train --out backend/priors/weights/conjure-solids
+
+Defaults (documented in ``TrainConfig``) are sized for 2 shared CPU cores: about an hour of wall
+time with ``torch.set_num_threads(1)``. The UNet and the text encoder train jointly on epsilon-MSE
+with 10 % empty captions (classifier-free guidance dropout); an exponential moving average (EMA) of
+the weights is what gets saved. A checkpoint of the EMA weights is written into ``--out`` every
+``--save-every`` steps (with ``train_state.json``), so a run stopped early still leaves a complete,
+loadable model folder. Uses CUDA when available (same seeds; results differ only numerically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backend.priors import BUNDLED_PRIOR_DIR
+from backend.priors.data import build_geometry_bank, sample_batch
+from backend.priors.model import RESOLUTION, SolidsModel, new_model, save_model
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000  # optimiser steps
+    batch: int = 16  # images per step
+    lr: float = 1e-3  # AdamW peak learning rate (constant after warm-up)
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 0.0
+    ema_decay: float = 0.995  # EMA of weights (with 1+n / 10+n warm-up)
+    p_empty: float = 0.1  # classifier-free guidance caption dropout
+    views_per_shape: int = 600  # cached geometry renders per shape
+    resolution: int = RESOLUTION
+    seed: int = 1234
+    threads: int = 1
+    save_every: int = 100
+    log_every: int = 20
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+
+
+def train(cfg: TrainConfig, out: Path, log=print) -> dict:
+    torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.time()
+    bank = build_geometry_bank(cfg.views_per_shape, cfg.resolution, seed=cfg.seed)
+    log(f"geometry bank {tuple(bank.coverage.shape)} ready in {time.time() - t0:.1f}s")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = new_model(Path(tmp) / "tokenizer")
+    unet, te = model.unet.to(device).train(), model.text_encoder.to(device).train()
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
+        p.requires_grad_(False)
+    params = list(unet.parameters()) + list(te.parameters())
+    log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, "
+        f"text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.3f} M")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = model.scheduler
+    alphas = sched.alphas_cumprod.to(device)
+    tok = model.tokenizer
+    id_cache: dict[str, torch.Tensor] = {}
+
+    def ids_for(captions: list[str]) -> torch.Tensor:
+        for c in captions:
+            if c not in id_cache:
+                id_cache[c] = tok(c, padding="max_length", max_length=tok.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids[0]
+        return torch.stack([id_cache[c] for c in captions]).to(device)
+
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    ema_loss, history = None, []
+    out.mkdir(parents=True, exist_ok=True)
+    t_train = time.time()
+
+    def checkpoint(step: int) -> None:
+        save_model(out, SolidsModel(ema_unet, ema_te, tok, sched))
+        state = {"step": step, "config": asdict(cfg), "ema_loss": ema_loss,
+                 "train_seconds": round(time.time() - t_train, 1),
+                 "total_seconds": round(time.time() - t0, 1), "loss_history": history,
+                 "torch": torch.__version__, "device": str(device)}
+        (out / "train_state.json").write_text(json.dumps(state, indent=1) + "\n")
+
+    for step in range(1, cfg.steps + 1):
+        lr = cfg.lr * min(1.0, step / cfg.warmup)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        b = sample_batch(bank, cfg.batch, g, p_empty=cfg.p_empty)
+        x0 = (b.images * 2 - 1).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        emb = te(ids_for(b.captions))[0]
+        pred = unet(xt, t, emb).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_te, te, decay)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise RuntimeError(f"loss became {lv} at step {step}")
+        ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
+        if step % cfg.log_every == 0 or step == 1:
+            el = time.time() - t_train
+            history.append([step, round(ema_loss, 5)])
+            log(f"step {step}/{cfg.steps} loss {lv:.4f} ema_loss {ema_loss:.4f} lr {lr:.2e} "
+                f"{el / step:.2f}s/step elapsed {el / 60:.1f} min")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            checkpoint(step)
+    log(f"done: {cfg.steps} steps in {(time.time() - t_train) / 60:.1f} min, final ema_loss {ema_loss:.4f}")
+    return {"ema_loss": ema_loss, "seconds": time.time() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=BUNDLED_PRIOR_DIR)
+    d = TrainConfig()
+    for name, val in asdict(d).items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
+    args = ap.parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    log(f"config {asdict(cfg)} -> {args.out}")
+    train(cfg, args.out, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
