@@ -90,7 +90,7 @@ from .worker import (
 log = logging.getLogger("conjure.server")
 
 SERVER_VERSION = "0.1.0"
-KEEP_FINISHED_STREAMS = 64
+KEEP_FINISHED_STREAMS = 16
 CLIENT_FORGET_S = 3600.0
 LEGACY_REFILL_S = 1.0
 LEGACY_ALIVE_S = 5.0
@@ -175,6 +175,9 @@ class Server:
         self.url = ""
         self._check_params = None
         self._dirty: set[str] = set()  # job ids whose subscribers may have something to send
+        self._restart_at: float | None = None  # delayed worker restart after failed starts
+        self._failed_starts = 0
+        self._last_trim = 0.0
 
     # ------------------------------------------------------------------ start / stop
     def start(self) -> ConnectionInfo:
@@ -751,6 +754,8 @@ class Server:
                         client.last_refill = now
                     if self._flush_sub(stream, sub):
                         busy = True
+                    elif stream.closed and sub.cursor >= stream.last_seq:
+                        del subs[client_id]  # the client has the whole stream: forget it
             if not busy:
                 self._dirty.discard(job_id)
 
@@ -809,6 +814,8 @@ class Server:
         # tell clients waiting in the queue their new positions? (status answers on demand)
 
     def _pump_worker(self, poller, budget: int = 256) -> None:
+        if self._restart_at is not None:
+            return  # no worker until the delayed restart
         try:
             msgs = self.worker.read(budget)
         except WorkerDied as exc:
@@ -818,6 +825,7 @@ class Server:
             kind = m[0]
             if kind == "ready":
                 self.worker.ready = True
+                self._failed_starts = 0
                 continue
             if kind == "fatal":
                 log.error("worker cannot start: %s", m[1])
@@ -915,14 +923,26 @@ class Server:
                 self._finish_failed(rec, stream, "worker_crashed",
                                     f"the worker process {how} while running the job{hint}; it was restarted",
                                     True)
+        if not self.worker.ready:  # died before it was ready: back off (1, 2, 4 ... 30 s)
+            self._failed_starts += 1
+            delay = min(30.0, 2.0 ** (self._failed_starts - 1))
+            log.error("the worker died while starting (exit code %s); retrying in %.0f s", code, delay)
+            self._unregister_worker(poller)
+            self.worker.kill()
+            self._restart_at = time.monotonic() + delay
+            return
         self._restart_worker(poller)
 
-    def _restart_worker(self, poller) -> None:
+    def _unregister_worker(self, poller) -> None:
         if self._worker_fd is not None:
             try:
                 poller.unregister(self._worker_fd)
             except KeyError:
                 pass
+            self._worker_fd = None
+
+    def _restart_worker(self, poller) -> None:
+        self._unregister_worker(poller)
         self.worker.kill()
         self.stats["worker_restarts"] += 1
         self.worker.start()
@@ -930,6 +950,13 @@ class Server:
         poller.register(self._worker_fd, zmq.POLLIN)
 
     def _timers(self, poller) -> None:
+        now = time.monotonic()
+        if self._restart_at is not None and now >= self._restart_at:
+            self._restart_at = None
+            self._restart_worker(poller)
+        if now - self._last_trim > 1.0:
+            self._last_trim = now
+            self._trim_streams()
         run = self.running
         if run is not None and run.cancel_requested is not None:
             if time.monotonic() - run.cancel_requested > self.config.cancel_timeout:
