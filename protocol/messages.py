@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import re
 import time as _time
 import uuid
@@ -361,9 +362,12 @@ def loads_bounded(raw, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPT
     if _json_too_deep(raw, max_depth):
         raise ProtocolError("bad_json", f"{what} JSON is nested deeper than {max_depth}")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        return _DECODER.decode(raw.decode("utf-8"))
     except (ValueError, RecursionError, UnicodeDecodeError, TypeError) as e:
         raise ProtocolError("bad_json", f"{what} is not valid JSON: {str(e)[:200]}") from None
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _json_default(o):
@@ -376,11 +380,13 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
 def dumps(obj) -> bytes:
+    """Compact strict JSON (no NaN/Infinity) as UTF-8; numpy scalars become Python numbers."""
     try:
-        return json.dumps(
-            obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
-        ).encode("utf-8")
+        return _ENCODER.encode(obj).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as e:
         raise ProtocolError("bad_content", f"cannot encode as JSON: {e}") from None
 
@@ -402,7 +408,7 @@ class Message:
     msg_type: str
     content: dict = field(default_factory=dict)
     buffers: list = field(default_factory=list)
-    msg_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    msg_id: str = field(default_factory=lambda: os.urandom(16).hex())
     session: str = ""
     server_session: str | None = None
     job_id: str | None = None
@@ -591,6 +597,8 @@ class Session:
         content = dumps(msg.content)
         if len(header) > MAX_HEADER_BYTES or len(content) > MAX_CONTENT_BYTES:
             raise ProtocolError("too_large", "header or content JSON exceeds its size limit")
+        if _json_too_deep(content, MAX_JSON_DEPTH):
+            raise ProtocolError("bad_content", f"content is nested deeper than {MAX_JSON_DEPTH}")
         signed = [header, content, *frames]
         total = sum(len(f) for f in signed)
         if total > self.max_message_bytes:
