@@ -104,6 +104,14 @@ def _tname(v) -> str:
     return type(v).__name__
 
 
+def _finite(v) -> bool:
+    """True for finite reals; huge JSON integers (beyond float range) count as not finite."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def S(max_chars: int = MAX_STR_CHARS, *, nonempty: bool = False, pattern: re.Pattern | None = None):
     def check(v, path):
         if not isinstance(v, str):
@@ -130,7 +138,7 @@ def N(lo: float | None = None, hi: float | None = None):
     def check(v, path):
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise _bad(path, f"must be a number, got {_tname(v)}")
-        if not math.isfinite(v):
+        if not _finite(v):
             raise _bad(path, "must be finite")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise _bad(path, f"must be in [{lo}, {hi}], got {v}")
@@ -482,7 +490,7 @@ def _validate_header(h) -> None:
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= 2**53):
         raise ProtocolError("bad_header", "header.seq must be null or an integer >= 0", field="seq")
     t = h["time"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t):
         raise ProtocolError("bad_header", "header.time must be a finite number", field="time")
     if not isinstance(h["buffers"], list):
         raise ProtocolError("bad_header", "header.buffers must be a list", field="buffers")

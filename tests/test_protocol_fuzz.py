@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import MeshPayload, ProtocolError, ReplayGuard, Session, decode_mesh, encode_mesh
-from protocol.messages import MAX_BUFFERS, MAX_CONTENT_BYTES, MAX_HEADER_BYTES, PROTOCOL_TAG
+from protocol.messages import _SCHEMAS, MAX_BUFFERS, MAX_CONTENT_BYTES, MAX_HEADER_BYTES, PROTOCOL_TAG
 from protocol.signing import Signer
 
 KEY = b"fuzz-key-0123456789abcdef"
@@ -92,6 +92,20 @@ def test_signed_garbage_json_raises_only_protocol_error(header_patch, content, b
     try:
         session = Session(KEY)
         session.deserialize(forge(header, content, buffers))
+    except ProtocolError:
+        pass
+
+
+CONTENT_KEYS = sorted({k for fields, _, _ in _SCHEMAS.values() for k in fields} | {"x"})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(_SCHEMAS)), st.dictionaries(st.sampled_from(CONTENT_KEYS), json_values, max_size=6),
+       st.none() | st.just(JOB) | json_values, st.lists(st.binary(max_size=40), max_size=2))
+def test_signed_content_with_known_field_names_raises_only_protocol_error(msg_type, content, job_id, buffers):
+    descs = [{"dtype": "bytes", "shape": [len(b)], "nbytes": len(b)} for b in buffers]
+    try:
+        Session(KEY).deserialize(forge(_header(msg_type=msg_type, job_id=job_id, buffers=descs), content, buffers))
     except ProtocolError:
         pass
 
@@ -181,6 +195,9 @@ def test_replayed_and_expired():
     expect(forge(_header(time=time.time() + 3600)), "expired")
     expect(forge(_header(time=float("nan")) | {}), None)  # NaN does not even encode as strict JSON
     expect(forge(_header(time="now")), "bad_header")
+    expect(forge(_header(time=10**400)), "bad_header")  # an integer beyond float range
+    expect(forge(_header(msg_type="progress", job_id=JOB),
+                 {"stage": "s", "step": 0, "total": 1, "fraction": 0.5, "elapsed": 10**400}), "bad_content")
 
 
 def test_replay_guard_memory_is_bounded_and_evicted_signatures_stay_rejected():

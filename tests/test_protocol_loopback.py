@@ -103,3 +103,45 @@ def test_replayed_frames_are_rejected_over_the_wire(sockets):
     with pytest.raises(ProtocolError) as e:
         _recv(server, router)
     assert e.value.code == "replayed"
+
+
+def test_large_mesh_and_result_chunks_over_the_wire(sockets):
+    """A mesh above the threaded-hashing threshold, then a file pulled in signed chunks."""
+    router, dealer = sockets
+    key = new_key()
+    server = Session(key, routing=True)
+    client = Session(key)
+    job = new_job_id()
+    client.send(dealer, "fetch_result", {"offset": 0, "length": 1 << 20}, job_id=job)
+    rid, _ = _recv(server, router)
+
+    n = 600_000  # positions 7.2 MB + faces 7.2 MB + colors 2.4 MB > 8 MB: hashed in threads
+    rng = np.random.default_rng(1)
+    mesh = MeshPayload(positions=rng.normal(size=(n, 3)).astype(np.float32),
+                       faces=rng.integers(0, n, (n, 3)).astype(np.uint32),
+                       colors=rng.integers(0, 256, (n, 4)).astype(np.uint8))
+    meta, bufs = encode_mesh(mesh)
+    server.send(router, "result_ready", {"name": "result.glb", "size": 10, "sha256": "0" * 64, "files": [],
+                                         "mesh": meta}, bufs, job_id=job, seq=9, routing_id=rid)
+    _, ready = _recv(client, dealer)
+    got = ready.mesh()
+    np.testing.assert_array_equal(got.faces, mesh.faces)
+    np.testing.assert_array_equal(got.colors, mesh.colors)
+
+    blob = rng.bytes(3000)
+    received = bytearray()
+    offset = 0
+    while True:
+        client.send(dealer, "fetch_result", {"name": "result.glb", "offset": offset, "length": 1024}, job_id=job)
+        rid, req = _recv(server, router)
+        o, n_bytes = req.content["offset"], req.content["length"]
+        piece = blob[o:o + n_bytes]
+        server.send(router, "result_chunk", {"name": "result.glb", "offset": o, "size": len(blob),
+                                             "eof": o + len(piece) >= len(blob)}, [piece], job_id=job, routing_id=rid)
+        _, chunk = _recv(client, dealer)
+        assert chunk.content["offset"] == offset
+        received += chunk.buffers[0]
+        offset += len(chunk.buffers[0])
+        if chunk.content["eof"]:
+            break
+    assert bytes(received) == blob
