@@ -88,8 +88,10 @@ def generate(prompt, *, negative_prompt="", seed=None, preset=None, overrides=No
             if client.state == "lost":
                 lost_since = lost_since or now
                 if now - lost_since > LOST_GIVE_UP_S:
-                    raise ConjureError("backend_unreachable", "the backend stopped answering for %.0f s"
-                                       % (now - lost_since), job_id=job.job_id, retriable=True)
+                    why = client.error.message if client.error is not None else "The backend stopped answering."
+                    raise ConjureError("backend_unreachable", why + " Gave up waiting after %.0f s."
+                                       % (now - lost_since + 2.0), job_id=job.job_id, retriable=True,
+                                       action="start_backend")
             else:
                 lost_since = None
             if client.state == "incompatible":

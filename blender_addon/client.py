@@ -153,6 +153,7 @@ class Client:
         self._last_ping = 0.0
         self._connected_at = time.monotonic()
         self._last_reconnect = 0.0
+        self.trace = deque(maxlen=64)  # (msg_type, seq, short content) of recent messages, for debugging
         self._fetches = {}  # job_id -> {"name", "size", "sha256", "chunks": bytearray, "on_done"}
         self._open()
 
@@ -410,6 +411,8 @@ class Client:
             self.changed = True
             if was_lost:
                 self._reattach()
+        self.trace.append((msg.msg_type, msg.seq, {k: v for k, v in msg.content.items()
+                                                   if k in ("state", "code", "stage", "step", "message")}))
         handler = getattr(self, "_on_" + msg.msg_type, None)
         if handler is not None:
             handler(msg)
@@ -419,6 +422,7 @@ class Client:
             if not job.finished:
                 self._send("attach", {"from_seq": job.last_seq + 1, "preview_credits": PREVIEW_CREDITS},
                            job_id=job.job_id)
+                self._send("status", {}, job_id=job.job_id)
         for job_id, fetch in list(self._fetches.items()):
             self._request_chunk(job_id, fetch)
 
@@ -542,14 +546,23 @@ class Client:
                                      retriable=c.get("retriable", False)), state)
 
     def _on_status_reply(self, msg):
+        """Status replies (answers to credit grants and to the check after a restart) can end a
+        job whose final event we will never see, e.g. one interrupted by a server restart."""
         job = self.jobs.get(msg.job_id)
-        if job is None:
+        if job is None or job.finished:
             return
-        state = msg.content.get("state")
-        if state in ("failed", "cancelled") and not job.finished:
-            err = msg.content.get("error") or {}
-            self._fail(job, ConjureError(err.get("code", state), err.get("message", state), job_id=job.job_id),
-                       state)
+        c = msg.content
+        state = c.get("state")
+        if state in ("failed", "cancelled", "interrupted"):
+            err = c.get("error") or {}
+            code = err.get("code") or state
+            text = err.get("message") or "the job %s" % state
+            end = "interrupted" if "interrupted" in (code, state) else state
+            self._fail(job, ConjureError(code, text, job_id=job.job_id, retriable=bool(err.get("retriable")),
+                                         action="retry" if code == "interrupted" else None), end)
+        elif state == "done" and not getattr(job, "_refetch", False):
+            job._refetch = True  # the result event was missed: ask for the job's events again
+            self._send("attach", {"from_seq": 1}, job_id=job.job_id)
 
     def _on_jobs(self, msg):
         self.history = list(msg.content["jobs"])
