@@ -1,0 +1,135 @@
+"""Register/unregister the add-on three times with bpy 5.0.1: no errors, nothing left behind
+(classes, scene/window-manager properties, handlers, timers, sockets); pure helpers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_addon_support import body_main, have_bpy, run_body
+
+pytestmark = pytest.mark.skipif(not have_bpy(), reason="bpy 5.0.1 not installed")
+
+
+def _snapshot(bpy):
+    from blender_addon import runtime
+
+    return {
+        "classes": sorted(n for n in dir(bpy.types) if n.startswith("CONJURE_")),
+        "scene_prop": hasattr(bpy.types.Scene, "conjure"),
+        "wm_prop": hasattr(bpy.types.WindowManager, "conjure_progress"),
+        "load_post": sum(1 for h in bpy.app.handlers.load_post if "conjure" in repr(h).lower()
+                         or getattr(h, "__module__", "").startswith("blender_addon")),
+        "timer": bpy.app.timers.is_registered(runtime.pump),
+        "client": runtime.RUNTIME.client is not None,
+        "atexit": runtime._atexit_registered,
+        "addon": "blender_addon" in bpy.context.preferences.addons,
+    }
+
+
+def _body_cycles(args):
+    import importlib
+    import os
+    import tempfile
+    import time
+
+    import bpy
+
+    addon_utils = importlib.import_module("addon_utils")
+    from protocol import ConnectionInfo, write_connection_file
+
+    before_handlers = len(bpy.app.handlers.load_post)
+    conn = write_connection_file(os.path.join(tempfile.mkdtemp(), "c.json"),
+                                 ConnectionInfo("tcp", "127.0.0.1", 9, b"k" * 32, "1.0"))
+    cycles = []
+    for _ in range(3):
+        addon_utils.enable("blender_addon", default_set=True, handle_error=None)
+        from blender_addon import api, runtime
+
+        api.connect(str(conn))  # a socket towards nobody: disabling must not hang on it
+        runtime.RUNTIME.process(0.01)
+        on = _snapshot(bpy)
+        t0 = time.perf_counter()
+        addon_utils.disable("blender_addon", default_set=True, handle_error=None)
+        off_seconds = time.perf_counter() - t0
+        off = _snapshot(bpy)
+        cycles.append({"on": on, "off": off, "off_seconds": off_seconds})
+    # direct register()/unregister() (how build checks and scripts may do it) as well
+    import blender_addon
+
+    blender_addon.register()
+    mid = _snapshot(bpy)
+    blender_addon.unregister()
+    end = _snapshot(bpy)
+    return {"cycles": cycles, "mid": mid, "end": end,
+            "handlers_delta": len(bpy.app.handlers.load_post) - before_handlers}
+
+
+def test_register_unregister_three_times_leaves_nothing():
+    r = run_body(__file__, "cycles")
+    for c in r["cycles"]:
+        on, off = c["on"], c["off"]
+        assert "CONJURE_PT_main" in on["classes"] and "CONJURE_OT_generate" in on["classes"]
+        assert on["scene_prop"] and on["wm_prop"] and on["load_post"] == 1 and on["timer"] and on["client"]
+        assert on["atexit"] and on["addon"]
+        assert off == {"classes": [], "scene_prop": False, "wm_prop": False, "load_post": 0, "timer": False,
+                       "client": False, "atexit": False, "addon": False}
+        assert c["off_seconds"] < 1.0, "closing sockets must not wait (linger 0)"
+    assert r["mid"]["classes"] and r["end"]["classes"] == [] and not r["end"]["timer"]
+    assert r["handlers_delta"] == 0
+
+
+def _body_helpers(args):
+    import bpy
+
+    from blender_addon import properties
+    from blender_addon.client import ConjureError, parse_address
+
+    bpy.utils.register_class(properties.ConjureSettings)
+    bpy.types.Scene.conjure = bpy.props.PointerProperty(type=properties.ConjureSettings)
+    s = bpy.context.scene.conjure
+    out = {}
+    try:
+        properties.settings_to_request(s)
+    except ConjureError as e:
+        out["empty"] = e.code
+    s.prompt = "  a   wooden\tchair "
+    s.random_seed = False
+    s.seed = 5
+    s.use_steps = True
+    s.steps = 300
+    s.use_texture_resolution = True
+    s.texture_resolution = "2048"
+    s.guidance_scale = 7.5  # not enabled: must not be sent
+    s.extra_overrides = "fine.steps=200; coarse.renderer=torch, guidance.fp16=false"
+    out["req"] = properties.settings_to_request(s, "draft")
+    s.random_seed = True
+    out["random_seed"] = properties.settings_to_request(s)["seed"]
+    out["shown_seed"] = s.seed
+    out["addr"] = parse_address("tcp://10.0.0.2:5600", "ab" * 16).url
+    try:
+        parse_address("10.0.0.2", "ab")
+    except ConjureError as e:
+        out["bad_addr"] = e.code
+    try:
+        properties.parse_extra_overrides("oops")
+    except ConjureError as e:
+        out["bad_extra"] = e.code
+    from blender_addon import importer
+
+    out["names"] = [importer.object_name_for_prompt("x " * 80), importer.object_name_for_prompt("   ")]
+    return out
+
+
+def test_settings_become_request_with_override_table():
+    r = run_body(__file__, "helpers")
+    assert r["empty"] == "invalid_params"
+    assert r["req"] == {"prompt": "a wooden chair", "negative_prompt": "", "seed": 5, "preset": "draft",
+                        "overrides": {"coarse.steps": 300, "fine.texture_resolution": 2048, "fine.steps": 200,
+                                      "coarse.renderer": "torch", "guidance.fp16": False}}
+    assert r["random_seed"] == r["shown_seed"]
+    assert r["addr"] == "tcp://10.0.0.2:5600" and r["bad_addr"] == "bad_address" and r["bad_extra"] == "invalid_params"
+    assert len(r["names"][0].encode()) <= 56 and r["names"][1] == "Conjure"
+
+
+if __name__ == "__main__":
+    body_main(globals())
