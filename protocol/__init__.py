@@ -18,6 +18,7 @@ from .messages import (
     PROTOCOL_VERSION,
     Message,
     Session,
+    default_limits,
     is_job_id,
     new_job_id,
     validate_content,
@@ -30,7 +31,7 @@ __all__ = [
     "BUFFER_DTYPES", "ConnectionInfo", "ERROR_CODES", "GenerationParams", "JOB_STATES", "MAX_CHUNK_BYTES",
     "MAX_FACES", "MAX_MESSAGE_BYTES", "MAX_TEXTURE_SIDE", "MAX_VERTICES", "MSG_TYPES", "MeshPayload",
     "Message", "PROTOCOL_MAJOR", "PROTOCOL_TAG", "PROTOCOL_VERSION", "ProtocolError", "ReplayGuard",
-    "Session", "Signer", "decode_mesh", "default_connection_path", "encode_mesh", "is_job_id",
+    "Session", "Signer", "decode_mesh", "default_connection_path", "default_limits", "encode_mesh", "is_job_id",
     "new_job_id", "new_key", "read_connection_file", "validate_content", "validate_params",
     "version_compatible", "write_connection_file",
 ]

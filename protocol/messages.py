@@ -77,6 +77,24 @@ _HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
 
+def default_limits(max_message_bytes: int = MAX_MESSAGE_BYTES) -> dict:
+    """The hard limits this protocol version enforces, e.g. for ``hello_reply.limits``."""
+    from .mesh import MAX_FACES, MAX_PNG_BYTES, MAX_TEXTURE_SIDE, MAX_VERTICES
+
+    return {
+        "max_message_bytes": int(max_message_bytes),
+        "max_buffers": MAX_BUFFERS,
+        "max_header_bytes": MAX_HEADER_BYTES,
+        "max_content_bytes": MAX_CONTENT_BYTES,
+        "max_json_depth": MAX_JSON_DEPTH,
+        "max_chunk_bytes": MAX_CHUNK_BYTES,
+        "max_vertices": MAX_VERTICES,
+        "max_faces": MAX_FACES,
+        "max_texture_side": MAX_TEXTURE_SIDE,
+        "max_png_bytes": MAX_PNG_BYTES,
+    }
+
+
 def new_job_id() -> str:
     """A fresh job id (UUID4, canonical lower-case form)."""
     return str(uuid.uuid4())
