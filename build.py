@@ -114,6 +114,15 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` without the variables that would let the repository (or another Python) leak
+    into a child process: builds and install checks must see only what they ship."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
+                                                           "PYTHONUSERBASE", "PIP_TARGET", "PIP_PREFIX")}
+    env.update(extra)
+    return env
+
+
 # ---------------------------------------------------------------------------------------------
 # Project facts
 
@@ -193,7 +202,7 @@ def _pip_download(python: str, platform: str, dest: Path) -> Path | None:
         for tag in PLATFORMS[platform]:
             cmd += ["--platform", tag]
         cmd.append(f"pyzmq=={PYZMQ_VERSION}")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=clean_env())
         if proc.returncode != 0:
             if "No matching distribution" in proc.stderr or "Could not find a version" in proc.stderr:
                 return None
@@ -495,9 +504,9 @@ def build_backend_wheel(dist: Path) -> Artifact:
         base = [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--no-deps", "-q",
                 "-w", str(out_dir), str(src)]
         proc = subprocess.run(base[:4] + ["--no-build-isolation"] + base[4:], capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, env=clean_env(), cwd=tmp)
         if proc.returncode != 0:  # no local setuptools/wheel: let pip fetch them
-            proc = subprocess.run(base, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(base, capture_output=True, text=True, timeout=600, env=clean_env(), cwd=tmp)
         if proc.returncode != 0:
             raise BuildError("pip wheel failed for the backend:\n" + (proc.stderr or proc.stdout)[-3000:])
         wheels = list(out_dir.glob("conjure-*.whl"))
@@ -793,7 +802,7 @@ def check_with_blender_validator(art: Artifact) -> Check:
     if cli is None:
         return Check(art.path.name, "Blender's own validator", None, "bpy not installed")
     proc = subprocess.run([sys.executable, str(cli), "validate", "--valid-tags=", str(art.path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=clean_env())
     text = (proc.stdout + proc.stderr).strip().replace("\n", " ")
     return Check(art.path.name, "Blender's own validator (bl_pkg validate)", proc.returncode == 0, text[-300:])
 
@@ -826,14 +835,14 @@ def check_backend_wheel_installs(art: Artifact) -> Check:
     with tempfile.TemporaryDirectory(prefix="conjure-whl-inst-") as tmp:
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                                "--disable-pip-version-check", "--prefix", tmp, str(art.path)],
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, env=clean_env(), cwd=tmp)
         if proc.returncode != 0:
             return Check(t, "installs; conjure-backend --help runs", False, proc.stderr[-300:])
         script = Path(tmp) / "bin" / "conjure-backend"
         if not script.exists():
             return Check(t, "installs; conjure-backend --help runs", False, "no bin/conjure-backend script")
         site = next(Path(tmp).glob("lib/python*/site-packages"))
-        env = dict(os.environ, PYTHONPATH=str(site), PYTHONNOUSERSITE="1")
+        env = clean_env(PYTHONPATH=str(site), PYTHONNOUSERSITE="1")
         run = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
                              timeout=120, env=env, cwd=tmp)
         first = (run.stdout or run.stderr).strip().splitlines()[:1]
@@ -979,7 +988,7 @@ def check_install_bpy(art: Artifact, want_version: str) -> list[Check]:
     with tempfile.TemporaryDirectory(prefix="conjure-bpy-user-") as user:
         script = Path(user) / "check_install.py"
         script.write_text(_BPY_SCRIPT)
-        env = dict(os.environ, BLENDER_USER_RESOURCES=str(Path(user) / "resources"), PYTHONNOUSERSITE="1")
+        env = clean_env(BLENDER_USER_RESOURCES=str(Path(user) / "resources"), PYTHONNOUSERSITE="1")
         env.pop("CONJURE_BUNDLED_ZMQ", None)  # the extension path must load Blender's own wheel install
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(script), str(art.path), ADDON_MODULE], capture_output=True,
@@ -999,12 +1008,11 @@ def check_install_legacy(art: Artifact, want_version: str, blender: str | None =
     with tempfile.TemporaryDirectory(prefix="conjure-b34-user-") as user:
         script = Path(user) / "check_legacy.py"
         script.write_text(_LEGACY_SCRIPT)
-        env = dict(os.environ, BLENDER_USER_SCRIPTS=str(Path(user) / "scripts"),
+        env = clean_env(BLENDER_USER_SCRIPTS=str(Path(user) / "scripts"),
                    BLENDER_USER_CONFIG=str(Path(user) / "config"), BLENDER_USER_DATAFILES=str(Path(user) / "data"),
                    CONJURE_BUNDLED_ZMQ="1")  # the host may have python3-zmq; prove the bundled copy loads
         env.pop("CONJURE_DEPS_DIR", None)
-        for var in ("PYTHONPATH", "PYTHONHOME", "PYTHONNOUSERSITE"):
-            env.pop(var, None)
+        env.pop("PYTHONNOUSERSITE", None)
         # Debian's Blender embeds the system Python and finds its prefix through `python3` on PATH; a
         # pyenv/venv python3 first on PATH would hand it a foreign stdlib with no dist-packages.
         env["PATH"] = os.pathsep.join([str(Path(blender).resolve().parent), "/usr/bin", env.get("PATH", "")])
@@ -1032,15 +1040,15 @@ def run_checks(result: BuildResult, *, blender: str | None = None, install: bool
             checks.append(check_with_blender_validator(art))
     for art in result.of_kind("backend-wheel"):
         checks += check_backend_wheel(art, version)
-        if install:
-            checks.append(check_backend_wheel_installs(art))
     if install:
         here = "linux-x64"  # the check machines; pick the zip that serves this one
         ext = [a for a in result.of_kind("extension") if here in a.platforms]
         leg = [a for a in result.of_kind("legacy") if here in a.platforms]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+            f_whl = [pool.submit(check_backend_wheel_installs, a) for a in result.of_kind("backend-wheel")]
             f_bpy = pool.submit(check_install_bpy, ext[0], version) if ext else None
             f_leg = pool.submit(check_install_legacy, leg[0], version, blender) if leg else None
+            checks += [f.result() for f in f_whl]
             if f_bpy:
                 checks += f_bpy.result()
             else:
