@@ -299,20 +299,36 @@ def walk_files(top: Path, skip_names=TREE_SKIP_NAMES, top_skip=()):
     return out
 
 
+def drop_git_ignored(files: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """Leave out files git ignores (caches, generated meshes, local data); a no-op outside a checkout."""
+    if not files or not (ROOT / ".git").exists():
+        return files
+    try:
+        proc = subprocess.run(["git", "check-ignore", "--stdin", "-z"], cwd=ROOT,
+                              input="\0".join(str(p.relative_to(ROOT)) for p, _ in files) + "\0",
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return files
+    if proc.returncode not in (0, 1):  # 1 = nothing ignored
+        return files
+    ignored = {ROOT / x for x in proc.stdout.split("\0") if x}
+    return [(p, rel) for p, rel in files if p not in ignored]
+
+
 def addon_files() -> list[tuple[Path, str]]:
     """The add-on's own files (zip-relative names), without the build-made parts."""
     if not (ADDON_SRC / "__init__.py").is_file():
         raise BuildError(f"{ADDON_SRC}/__init__.py is missing: nothing to package")
-    return walk_files(ADDON_SRC, TREE_SKIP_NAMES, top_skip=ADDON_SKIP_NAMES)
+    return drop_git_ignored(walk_files(ADDON_SRC, TREE_SKIP_NAMES, top_skip=ADDON_SKIP_NAMES))
 
 
 def protocol_files() -> list[tuple[Path, str]]:
-    return walk_files(PROTOCOL_SRC)
+    return drop_git_ignored(walk_files(PROTOCOL_SRC))
 
 
 def backend_source_files() -> list[tuple[Path, str]]:
     """backend/, protocol/, pyproject.toml, README.md (and LICENSE if present) as ``backend_src/...``."""
-    files = [(p, "backend/" + rel) for p, rel in walk_files(BACKEND_SRC)]
+    files = [(p, "backend/" + rel) for p, rel in drop_git_ignored(walk_files(BACKEND_SRC))]
     files += [(p, "protocol/" + rel) for p, rel in protocol_files()]
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         if (ROOT / name).is_file():
