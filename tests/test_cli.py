@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import trimesh
 
-from backend.cli import parse_sets
+from backend.cli import main, parse_sets
 from backend.server import jobs as J
 from backend.server.jobs import JobRecord, JobStore, read_data_dir
 from backend.server.launcher import REPO_ROOT
@@ -20,9 +22,17 @@ FAKE = "tests.fake_pipeline:run_job"
 
 
 def cli(*args, timeout=120):
+    """``python -m backend ...`` as a real process."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run([sys.executable, "-m", "backend", *map(str, args)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def cli_here(capsys, *args):
+    """``backend.cli.main`` in this process (for the fast paths); returns (code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def test_generate_writes_glb_and_obj_next_to_it(tmp_path):
@@ -44,7 +54,8 @@ def test_generate_writes_glb_and_obj_next_to_it(tmp_path):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".conjure-")]  # work dir removed
 
 
-def test_generate_reports_bad_input_clearly(tmp_path):
+def test_generate_reports_bad_input_clearly(tmp_path, capsys):
+    cli = functools.partial(cli_here, capsys)
     r = cli("generate", "x", "--out", tmp_path / "a.glb", "--set", "nokey", "--pipeline", FAKE)
     assert r.returncode == 2 and "must look like section.field=value" in r.stderr
     r = cli("generate", "x", "--out", tmp_path / "a.glb", "--set", "test.stepz=3", "--pipeline", FAKE)
@@ -96,7 +107,8 @@ def test_store_recovers_after_a_crash(tmp_path):
     third.close()
 
 
-def test_jobs_command_lists_the_data_dir(tmp_path):
+def test_jobs_command_lists_the_data_dir(tmp_path, capsys):
+    cli = functools.partial(cli_here, capsys)
     store = JobStore(tmp_path).open()
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
     store.add(_record(a))
@@ -113,7 +125,8 @@ def test_jobs_command_lists_the_data_dir(tmp_path):
     assert r.returncode == 0 and "no jobs" in r.stdout
 
 
-def test_keys_command(tmp_path):
+def test_keys_command(tmp_path, capsys):
+    cli = functools.partial(cli_here, capsys)
     r = cli("keys", "--dir", tmp_path / "k", "--client", "laptop")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "k" / "clients" / "laptop.key").exists()

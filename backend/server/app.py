@@ -95,6 +95,8 @@ CLIENT_FORGET_S = 3600.0
 LEGACY_REFILL_S = 1.0
 LEGACY_ALIVE_S = 5.0
 OUTBOX_LIMIT = 256
+#: most bytes one result_chunk carries (a client asking for more gets this much; it pulls the rest)
+MAX_FETCH_BYTES = 4 << 20
 
 
 class ServerStartError(Exception):
@@ -466,7 +468,8 @@ class Server:
             "protocol_version": PROTOCOL_VERSION,
             "server_version": SERVER_VERSION,
             "limits": {"queue_limit": self.queue.limit, "max_chunk_bytes": MAX_CHUNK_BYTES,
-                       "max_message_bytes": MAX_MESSAGE_BYTES, "preview_credits": DEFAULT_PREVIEW_CREDITS,
+                       "max_message_bytes": MAX_MESSAGE_BYTES, "max_fetch_bytes": MAX_FETCH_BYTES,
+                       "preview_credits": DEFAULT_PREVIEW_CREDITS,
                        "event_log": self.config.log_limit, "cancel_timeout_s": self.config.cancel_timeout},
             "presets": presets,
             "capabilities": ["attach", "fetch_result", "preview_credits", "stats"],
@@ -659,7 +662,7 @@ class Server:
                         + ", ".join(v["name"] for v in rec.results.values()), job_id=msg.job_id,
                         in_reply_to=msg.msg_id, field="name")
             return
-        offset, length = msg.content["offset"], msg.content["length"]
+        offset, length = msg.content["offset"], min(msg.content["length"], MAX_FETCH_BYTES)
         if offset > info["size"]:
             self._error(msg.session, "bad_offset", f"offset {offset} is past the end ({info['size']} bytes)",
                         job_id=msg.job_id, in_reply_to=msg.msg_id, field="offset")
