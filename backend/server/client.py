@@ -214,6 +214,8 @@ class BackendClient:
         reply = self.request("fetch_result", first, job_id=job_id, expect=("result_chunk",), timeout=timeout)
         size, digest, name = reply.content["size"], reply.content.get("sha256"), reply.content["name"]
         parts = {0: bytes(reply.buffers[0])}
+        if not reply.content["eof"]:
+            chunk = len(parts[0])  # the server may cap the chunk size
         offsets = list(range(chunk, size, chunk))
         inflight: dict[int, str] = {}
         while offsets or inflight:
