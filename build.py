@@ -469,7 +469,11 @@ def _add_addon(zw: ZipWriter, *, version: str, legacy: bool, info_src: str) -> N
 def build_extension_zip(dist: Path, ws: WheelSet, platforms: list[str], *, split: bool, version: str,
                         proto: tuple[str, int], commit: str) -> Artifact:
     wheels = _wheels_for(ws, EXTENSION_PYTHONS, platforms)
-    manifest = manifest_template()
+    manifest = {}
+    for key, value in manifest_template().items():  # keep the template's order, version after id
+        manifest[key] = value
+        if key == "id":
+            manifest["version"] = version
     manifest["version"] = version
     manifest["platforms"] = list(platforms)
     manifest["wheels"] = [f"./wheels/{w.name}" for w in wheels]
