@@ -84,7 +84,7 @@ header_keys = st.sampled_from(["msg_id", "msg_type", "session", "server_session"
                                "version", "buffers"])
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(header_keys, json_values), json_values, st.lists(st.binary(max_size=40), max_size=3))
 def test_signed_garbage_json_raises_only_protocol_error(header_patch, content, buffers):
     """Correctly signed (an insider or a bug) but nonsensical header/content."""
@@ -99,7 +99,7 @@ def test_signed_garbage_json_raises_only_protocol_error(header_patch, content, b
 CONTENT_KEYS = sorted({k for fields, _, _ in _SCHEMAS.values() for k in fields} | {"x"})
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(sorted(_SCHEMAS)), st.dictionaries(st.sampled_from(CONTENT_KEYS), json_values, max_size=6),
        st.none() | st.just(JOB) | json_values, st.lists(st.binary(max_size=40), max_size=2))
 def test_signed_content_with_known_field_names_raises_only_protocol_error(msg_type, content, job_id, buffers):
@@ -417,7 +417,7 @@ mesh_descs = st.fixed_dictionaries({}, optional={
 })
 
 
-@FUZZ
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(["positions", "faces", "uvs", "normals", "colors", "texture_png",
                                         "texture_rgba", "bogus"]), mesh_descs | json_values, max_size=5),
        st.lists(st.binary(max_size=64) | st.none(), max_size=6))
