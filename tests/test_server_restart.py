@@ -86,3 +86,5 @@ def test_kill9_mid_job_then_restart(tmp_path):
         c2.close()
     finally:
         assert srv2.stop() == 0, srv2.log()
+    assert not conn.exists()  # a clean stop removes the connection file
+    assert "interrupted" in srv2.log()  # and the restart said which jobs it found interrupted
