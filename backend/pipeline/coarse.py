@@ -1,0 +1,156 @@
+"""Coarse stage: optimise 3D Gaussians against a 2D loss on random views, streaming preview meshes.
+
+The loop is loss-agnostic: ``loss_fn(render, cameras, background, step_ratio) -> scalar``. The
+pipeline plugs in Score Distillation Sampling (:func:`sds_loss_fn`); tests plug in a photometric
+loss against reference images of a known shape through the very same loop.
+
+Per step: sample ``batch_size`` cameras (``cameras.sample_cameras`` within the preset's ranges) at
+the progressive render resolution, random backgrounds, render, loss, backward, accumulate
+view-space gradients, Adam step, densify/prune on schedule, ``ProgressEvent`` (stage 'coarse');
+every ``preview_every`` steps and at the end a ``PreviewEvent`` with a vertex-coloured mesh.
+``ctx.check_cancel()`` runs before every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from backend.gaussians.cameras import Cameras, sample_cameras
+from backend.gaussians.densify import Densifier, DensifyConfig
+from backend.gaussians.model import GaussianModel
+from backend.gaussians.render import RenderOutput, resolve_backend
+from backend.mesh.extract import EmptyMeshError, extract_mesh, fit_to_size
+from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
+from backend.pipeline.schedule import anneal, step_ratio
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[RenderOutput, Cameras, torch.Tensor, float], torch.Tensor]
+
+
+def sds_loss_fn(guidance) -> LossFn:
+    """The SDS loss of a ``Guidance`` as a coarse-stage loss function."""
+
+    def loss(render: RenderOutput, cameras: Cameras, background: torch.Tensor, ratio: float) -> torch.Tensor:
+        return guidance.sds_loss(render.image, cameras.azimuth_deg, cameras.elevation_deg, ratio)
+
+    return loss
+
+
+@dataclass
+class CoarseResult:
+    """What the coarse stage hands on: the Gaussians and a few measurements."""
+
+    gaussians: GaussianModel
+    losses: list[float] = field(default_factory=list)
+    previews: int = 0
+    step_seconds: float = 0.0        # mean wall time of one optimisation step
+    preview_seconds: float = 0.0     # mean wall time of one preview extraction
+    first_preview_seconds: float | None = None  # from the stage start
+    renderer: str = "torch"
+    densify_log: list[dict] = field(default_factory=list)
+
+
+def render_resolution(config, ratio: float) -> int:
+    """Progressive render size at ``ratio`` (multiple of 4 pixels)."""
+    res = anneal(config.render_resolution, config.render_resolution_end, ratio, "linear",
+                 finish=max(config.resolution_ramp_until, 1e-6))
+    return max(8, int(round(res / 4.0)) * 4)
+
+
+def random_backgrounds(batch: int, prob: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    """(B, 3) background colours: uniform random with probability ``prob``, white otherwise."""
+    rand = torch.rand(batch, 3, generator=generator)
+    use = torch.rand(batch, 1, generator=generator) < prob
+    return torch.where(use, rand, torch.ones_like(rand)).to(device)
+
+
+def _lrs(config, ratio: float) -> dict[str, float]:
+    return {
+        "means": anneal(config.lr_means, config.lr_means_end, ratio, "exp"),
+        "log_scales": config.lr_scales, "quats": config.lr_quats,
+        "opacity_logits": config.lr_opacities, "color_logits": config.lr_colors,
+    }
+
+
+def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, device="cpu",
+                     generator: torch.Generator | None = None, object_size: float = 1.0,
+                     stage: str = "coarse", init: GaussianModel | None = None) -> CoarseResult:
+    """Run the coarse stage (see module docstring) with a ``CoarseConfig`` and return the Gaussians.
+
+    Args:
+        loss_fn: ``(render, cameras, background, step_ratio) -> scalar``.
+        generator: CPU generator for cameras, backgrounds, initialisation and splits (reproducible).
+        object_size: previews are scaled so their largest dimension is this many metres.
+        init: start from these Gaussians instead of a random ball.
+    Raises:
+        Cancelled: when ``ctx`` says so (checked before every step).
+    """
+    ctx = ctx or JobContext(out_dir=None)  # type: ignore[arg-type]
+    device = torch.device(device)
+    backend = resolve_backend(config.renderer, device)
+    model = init or GaussianModel.init_random(config.num_points, config.init_radius, config.init_shape,
+                                              config.init_scale, config.init_opacity, generator, device)
+    optimizer = model.make_optimizer(_lrs(config, 0.0))
+    densifier = Densifier(DensifyConfig(fraction=config.densify_fraction, max_points=config.max_points,
+                                        prune_opacity=config.prune_opacity, split_scale=config.split_scale),
+                          len(model), device)
+    result = CoarseResult(model, renderer=backend)
+    steps = int(config.steps)
+    t_stage = time.perf_counter()
+    step_time = 0.0
+    preview_time = 0.0
+    log.info("coarse stage: %d steps, batch %d, %d Gaussians, renderer %s", steps, config.batch_size,
+             len(model), backend)
+    for step in range(steps):
+        ctx.check_cancel()
+        t0 = time.perf_counter()
+        ratio = step_ratio(step, steps)
+        res = render_resolution(config, ratio)
+        cams = sample_cameras(config.batch_size, res, generator, elevation_range=tuple(config.elevation_range),
+                              distance_range=tuple(config.distance_range), fovy_range=tuple(config.fovy_range),
+                              device=device)
+        bg = random_backgrounds(config.batch_size, config.random_bg_prob, generator, device)
+        for group in optimizer.param_groups:
+            group["lr"] = _lrs(config, ratio)[group["name"]]
+        densifying = config.densify_from <= ratio <= config.densify_until
+        out = model.render(cams, bg, backend=backend, retain_means2d=densifying)
+        loss = loss_fn(out, cams, bg, ratio)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"coarse stage: non-finite loss {float(loss)} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if densifying:
+            densifier.accumulate(out, res, res)
+        optimizer.step()
+        if densifying and (step + 1) % config.densify_interval == 0:
+            info = densifier.step(model, optimizer, generator)
+            info["step"] = step + 1
+            result.densify_log.append(info)
+            log.debug("densify at step %d: %s", step + 1, info)
+        result.losses.append(float(loss.detach()))
+        step_time += time.perf_counter() - t0
+        ctx.emit(ProgressEvent(stage, step + 1, steps,
+                               f"loss {result.losses[-1]:.4g}, {len(model)} Gaussians, {res}px"))
+        last = step + 1 == steps
+        if last or (config.preview_every and (step + 1) % config.preview_every == 0):
+            t1 = time.perf_counter()
+            try:
+                mesh = extract_mesh(model, config.preview_grid, config.preview_faces, config.density_threshold)
+            except EmptyMeshError as exc:
+                log.warning("no preview at step %d: %s", step + 1, exc)
+            else:
+                ctx.emit(PreviewEvent(stage, step + 1, fit_to_size(mesh, object_size)))
+                result.previews += 1
+                if result.first_preview_seconds is None:
+                    result.first_preview_seconds = time.perf_counter() - t_stage
+            preview_time += time.perf_counter() - t1
+    result.step_seconds = step_time / max(steps, 1)
+    result.preview_seconds = preview_time / max(result.previews, 1)
+    result.gaussians = model
+    return result

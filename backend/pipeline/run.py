@@ -1,0 +1,98 @@
+"""Pipeline entry point: ``run_job(params, ctx) -> ResultEvent``.
+
+Stages (each reported with ``ProgressEvent``): 'load' (preset, guidance model), 'coarse'
+(Gaussian SDS, previews every N steps), 'fine' (textured mesh, when the preset has one; otherwise
+the coarse Gaussians are meshed with vertex colours), 'export' (GLB + OBJ/MTL/PNG in ``ctx.out_dir``).
+The final mesh is centred and scaled so its largest dimension is ``preset.object_size`` metres.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+
+import numpy as np
+import torch
+
+from backend.pipeline.events import JobContext, ProgressEvent, ResultEvent
+from backend.pipeline.presets import get_preset, preset_to_dict
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU generator for the pipeline's own draws."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unknown_words(prompt: str, vocabulary) -> list[str]:
+    """Words of ``prompt`` (lower-case letters/digits) that are not in ``vocabulary``."""
+    words = re.findall(r"[a-z0-9]+", prompt.lower())
+    return [w for w in dict.fromkeys(words) if w not in vocabulary]
+
+
+def run_job(params, ctx: JobContext) -> ResultEvent:
+    """Run the whole pipeline for ``params`` (``protocol.params.GenerationParams``)."""
+    from backend.guidance import load_guidance
+    from backend.mesh.extract import extract_mesh, fit_to_size
+    from backend.pipeline.coarse import run_coarse_stage, sds_loss_fn
+
+    t_start = time.perf_counter()
+    preset = get_preset(params.preset, dict(params.overrides or {}))
+    seed = params.seed if params.seed is not None else (preset.seed if preset.seed is not None
+                                                        else random.SystemRandom().randrange(2**31))
+    generator = seed_everything(int(seed))
+    device = pick_device()
+    ctx.emit(ProgressEvent("load", 0, 1, f"preset {preset.name}, seed {seed}: loading the guidance model"))
+    ctx.check_cancel()
+    guidance = load_guidance(preset.guidance, device)
+    log.info("%s", guidance.description)
+    ctx.emit(ProgressEvent("load", 1, 1, guidance.description))
+    vocab = getattr(guidance, "vocabulary", None)
+    if vocab:
+        unknown = unknown_words(params.prompt, vocab)
+        if unknown:
+            msg = (f"warning: the prior does not know the word(s) {', '.join(unknown)}; it only knows: "
+                   f"{', '.join(sorted(vocab))}")
+            log.warning("%s", msg)
+            ctx.emit(ProgressEvent("load", 1, 1, msg))
+    guidance.set_prompt(params.prompt, params.negative_prompt or preset.guidance.negative_prompt)
+    ctx.check_cancel()
+
+    coarse = run_coarse_stage(sds_loss_fn(guidance), preset.coarse, ctx, device=device, generator=generator,
+                              object_size=preset.object_size)
+    ctx.check_cancel()
+    if preset.fine is not None:
+        from backend.pipeline.fine import run_fine_stage
+
+        mesh = run_fine_stage(coarse.gaussians, preset, guidance, ctx, params)
+    else:
+        mesh = extract_mesh(coarse.gaussians, preset.coarse.mesh_grid, preset.coarse.mesh_faces,
+                            preset.coarse.density_threshold)
+    mesh = fit_to_size(mesh, preset.object_size)
+    ctx.check_cancel()
+
+    from backend.mesh.export import export_mesh
+
+    ctx.emit(ProgressEvent("export", 0, 1, "writing GLB/OBJ"))
+    files = export_mesh(mesh, ctx.out_dir, "asset")
+    ctx.emit(ProgressEvent("export", 1, 1, "done"))
+    info = {
+        "seed": int(seed), "preset": preset_to_dict(preset), "model": guidance.model_id,
+        "guidance": guidance.description, "renderer": coarse.renderer, "gaussians": len(coarse.gaussians),
+        "coarse_step_seconds": coarse.step_seconds, "preview_seconds": coarse.preview_seconds,
+        "first_preview_seconds": coarse.first_preview_seconds, "seconds": time.perf_counter() - t_start,
+        "vertices": int(mesh.positions.shape[0]), "faces": int(mesh.faces.shape[0]),
+    }
+    return ResultEvent(files=files, mesh=mesh, info=info)
