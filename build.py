@@ -919,6 +919,8 @@ except Exception as e:
     res["zmq_error"] = repr(e)
 res["zmq_under_user"] = bool(res.get("zmq_file")) and os.path.realpath(res["zmq_file"]).startswith(
     os.path.realpath(user) + os.sep)
+if res["zmq_under_user"]:
+    res["zmq_rel"] = os.path.relpath(os.path.dirname(os.path.realpath(res["zmq_file"])), os.path.realpath(user))
 bpy.ops.preferences.addon_disable(module=mod_name)
 res["panels_after_disable"] = sorted(n for n in dir(bpy.types) if n.startswith(("CONJURE_PT", "VIEW3D_PT_conjure")))
 print("RESULT:" + json.dumps(res))
@@ -964,6 +966,8 @@ except Exception as e:
     res["zmq_error"] = repr(e)
 res["zmq_under_user"] = bool(res.get("zmq_file")) and os.path.realpath(res["zmq_file"]).startswith(
     os.path.realpath(user) + os.sep)
+if res["zmq_under_user"]:
+    res["zmq_rel"] = os.path.relpath(os.path.dirname(os.path.realpath(res["zmq_file"])), os.path.realpath(user))
 bpy.ops.preferences.addon_disable(module=module)
 res["panels_after_disable"] = sorted(n for n in dir(bpy.types) if n.startswith(("CONJURE_PT", "VIEW3D_PT_conjure")))
 print("RESULT:" + json.dumps(res))
@@ -991,7 +995,8 @@ def _install_checks(t: str, res: dict | None, proc, seconds: float, want_version
         Check(t, "_build_info.VERSION", res.get("build_version") == want_version, str(res.get("build_version"))),
         Check(t, "zmq from the bundled wheel", bool(res.get("zmq_under_user"))
               and res.get("zmq_version") == PYZMQ_VERSION and bool(res.get("zmq_socket")),
-              f"pyzmq {res.get('zmq_version')} {res.get('zmq_source', '')} "
+              f"pyzmq {res.get('zmq_version')} from <user>/{res.get('zmq_rel')}" if res.get("zmq_rel") else
+              f"pyzmq {res.get('zmq_version')} from {res.get('zmq_file')} (NOT under the user folder) "
               f"{res.get('zmq_error', '')}".strip()),
         Check(t, "disable unregisters the panel", not res.get("panels_after_disable"),
               ", ".join(res.get("panels_after_disable") or [])),
@@ -1015,8 +1020,6 @@ def check_install_bpy(art: Artifact, want_version: str) -> list[Check]:
                               text=True, timeout=300, env=env, cwd=user)
         res = _parse_result(proc)
         checks = _install_checks(t, res, proc, time.perf_counter() - t0, want_version)
-        if res is not None:
-            checks[4].detail += f" ({'under' if res.get('zmq_under_user') else 'NOT under'} the user folder)"
     return checks
 
 
