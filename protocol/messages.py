@@ -130,7 +130,7 @@ def _finite(v) -> bool:
         return False
 
 
-def S(max_chars: int = MAX_STR_CHARS, *, nonempty: bool = False, pattern: re.Pattern | None = None):
+def _str(max_chars: int = MAX_STR_CHARS, *, nonempty: bool = False, pattern: re.Pattern | None = None):
     def check(v, path):
         if not isinstance(v, str):
             raise _bad(path, f"must be a string, got {_tname(v)}")
@@ -143,7 +143,7 @@ def S(max_chars: int = MAX_STR_CHARS, *, nonempty: bool = False, pattern: re.Pat
     return check
 
 
-def I(lo: int | None = 0, hi: int | None = 2**53):  # noqa: E743
+def _int(lo: int | None = 0, hi: int | None = 2**53):
     def check(v, path):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise _bad(path, f"must be an integer, got {_tname(v)}")
@@ -152,7 +152,7 @@ def I(lo: int | None = 0, hi: int | None = 2**53):  # noqa: E743
     return check
 
 
-def N(lo: float | None = None, hi: float | None = None):
+def _num(lo: float | None = None, hi: float | None = None):
     def check(v, path):
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise _bad(path, f"must be a number, got {_tname(v)}")
@@ -163,26 +163,26 @@ def N(lo: float | None = None, hi: float | None = None):
     return check
 
 
-def B(v, path):
+def _bool(v, path):
     if not isinstance(v, (bool, np.bool_)):
         raise _bad(path, f"must be true or false, got {_tname(v)}")
 
 
-def OPT(check):
+def _opt(check):
     def opt(v, path):
         if v is not None:
             check(v, path)
     return opt
 
 
-def ENUM(*values):
+def _enum(*values):
     def check(v, path):
         if v not in values:
             raise _bad(path, f"must be one of {', '.join(values)}, got {str(v)[:40]!r}")
     return check
 
 
-def L(item, max_len: int = 1024):
+def _list(item, max_len: int = 1024):
     def check(v, path):
         if not isinstance(v, list):
             raise _bad(path, f"must be a list, got {_tname(v)}")
@@ -193,7 +193,7 @@ def L(item, max_len: int = 1024):
     return check
 
 
-def D(fields: dict | None = None, max_keys: int = 256):
+def _obj(fields: dict | None = None, max_keys: int = 256):
     """An object; ``fields`` maps name -> (check, required)."""
     def check(v, path):
         if not isinstance(v, dict):
@@ -223,97 +223,97 @@ def _params(v, path):
         raise ProtocolError("invalid_params", e.message, field=field_name) from None
 
 
-_VERSION = S(16, pattern=_VERSION_RE)
-_STATE = ENUM(*JOB_STATES)
-_FILE = D({"name": (S(255, nonempty=True), True), "size": (I(0), True), "sha256": (S(64, pattern=_HEX64_RE), False)})
-_JOB_SUMMARY = D({"job_id": (S(64, pattern=_JOB_ID_RE), True), "state": (_STATE, True)})
-_LIMITS = D(max_keys=64)
+_VERSION = _str(16, pattern=_VERSION_RE)
+_STATE = _enum(*JOB_STATES)
+_FILE = _obj({"name": (_str(255, nonempty=True), True), "size": (_int(0), True), "sha256": (_str(64, pattern=_HEX64_RE), False)})
+_JOB_SUMMARY = _obj({"job_id": (_str(64, pattern=_JOB_ID_RE), True), "state": (_STATE, True)})
+_LIMITS = _obj(max_keys=64)
 
 #: msg_type -> (content fields {name: (check, required)}, job_id required, buffers rule).
 #: buffers rule: 0 = no buffers, None = any number, "chunk" = exactly one "bytes" buffer.
 _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
     "hello": ({
         "protocol_version": (_VERSION, True),
-        "client_name": (S(128), False),
-        "client_version": (S(64), False),
-        "capabilities": (L(S(64), 64), False),
+        "client_name": (_str(128), False),
+        "client_version": (_str(64), False),
+        "capabilities": (_list(_str(64), 64), False),
     }, False, 0),
     "hello_reply": ({
         "protocol_version": (_VERSION, True),
-        "server_version": (S(64), False),
+        "server_version": (_str(64), False),
         "limits": (_LIMITS, True),
-        "presets": (L(S(64), 256), False),
-        "device": (S(256), False),
-        "capabilities": (L(S(64), 64), False),
+        "presets": (_list(_str(64), 256), False),
+        "device": (_str(256), False),
+        "capabilities": (_list(_str(64), 64), False),
     }, False, 0),
     "submit": ({"params": (_params, True)}, True, 0),
     "accepted": ({
-        "queue_position": (I(0), True),
+        "queue_position": (_int(0), True),
         "state": (_STATE, False),
-        "duplicate": (B, False),
+        "duplicate": (_bool, False),
     }, True, 0),
     "progress": ({
-        "stage": (S(64, nonempty=True), True),
-        "step": (I(0), True),
-        "total": (I(0), True),
-        "fraction": (N(0.0, 1.0), True),
-        "elapsed": (N(0.0), True),
-        "eta": (OPT(N(0.0)), False),
-        "message": (S(), False),
+        "stage": (_str(64, nonempty=True), True),
+        "step": (_int(0), True),
+        "total": (_int(0), True),
+        "fraction": (_num(0.0, 1.0), True),
+        "elapsed": (_num(0.0), True),
+        "eta": (_opt(_num(0.0)), False),
+        "message": (_str(), False),
     }, True, 0),
     "preview_mesh": ({
-        "stage": (S(64, nonempty=True), True),
-        "step": (I(0), True),
-        "mesh": (D(max_keys=16), True),
+        "stage": (_str(64, nonempty=True), True),
+        "step": (_int(0), True),
+        "mesh": (_obj(max_keys=16), True),
     }, True, None),
     "result_ready": ({
-        "name": (S(255, nonempty=True), True),
-        "size": (I(0), True),
-        "sha256": (S(64, pattern=_HEX64_RE), True),
-        "files": (L(_FILE, 256), True),
-        "mesh": (D(max_keys=16), False),
+        "name": (_str(255, nonempty=True), True),
+        "size": (_int(0), True),
+        "sha256": (_str(64, pattern=_HEX64_RE), True),
+        "files": (_list(_FILE, 256), True),
+        "mesh": (_obj(max_keys=16), False),
     }, True, None),
     "fetch_result": ({
-        "name": (S(255, nonempty=True), False),
-        "offset": (I(0), True),
-        "length": (I(1, MAX_CHUNK_BYTES), True),
+        "name": (_str(255, nonempty=True), False),
+        "offset": (_int(0), True),
+        "length": (_int(1, MAX_CHUNK_BYTES), True),
     }, True, 0),
     "result_chunk": ({
-        "name": (S(255, nonempty=True), True),
-        "offset": (I(0), True),
-        "size": (I(0), True),
-        "eof": (B, True),
+        "name": (_str(255, nonempty=True), True),
+        "offset": (_int(0), True),
+        "size": (_int(0), True),
+        "eof": (_bool, True),
     }, True, "chunk"),
-    "cancel": ({"reason": (S(), False)}, True, 0),
-    "cancelled": ({"message": (S(), False)}, True, 0),
+    "cancel": ({"reason": (_str(), False)}, True, 0),
+    "cancelled": ({"message": (_str(), False)}, True, 0),
     "error": ({
-        "code": (S(64, pattern=_CODE_RE), True),
-        "message": (S(), True),
-        "retriable": (B, True),
-        "field": (OPT(S(256)), False),
-        "in_reply_to": (OPT(S(64, pattern=_ID_RE)), False),
+        "code": (_str(64, pattern=_CODE_RE), True),
+        "message": (_str(), True),
+        "retriable": (_bool, True),
+        "field": (_opt(_str(256)), False),
+        "in_reply_to": (_opt(_str(64, pattern=_ID_RE)), False),
     }, False, 0),
     "status": ({}, True, 0),
     "status_reply": ({
         "state": (_STATE, True),
-        "queue_position": (OPT(I(0)), False),
-        "stage": (OPT(S(64)), False),
-        "fraction": (OPT(N(0.0, 1.0)), False),
-        "last_seq": (OPT(I(0)), False),
-        "params": (OPT(D()), False),
-        "result": (OPT(D()), False),
-        "error": (OPT(D()), False),
-        "created": (OPT(N()), False),
-        "updated": (OPT(N()), False),
+        "queue_position": (_opt(_int(0)), False),
+        "stage": (_opt(_str(64)), False),
+        "fraction": (_opt(_num(0.0, 1.0)), False),
+        "last_seq": (_opt(_int(0)), False),
+        "params": (_opt(_obj()), False),
+        "result": (_opt(_obj()), False),
+        "error": (_opt(_obj()), False),
+        "created": (_opt(_num()), False),
+        "updated": (_opt(_num()), False),
     }, True, 0),
     "list_jobs": ({
-        "limit": (I(1, 1000), False),
-        "states": (L(_STATE, 8), False),
+        "limit": (_int(1, 1000), False),
+        "states": (_list(_STATE, 8), False),
     }, False, 0),
-    "jobs": ({"jobs": (L(_JOB_SUMMARY, 1000), True)}, False, 0),
-    "attach": ({"from_seq": (I(0), True)}, True, 0),
-    "ping": ({"token": (S(128), False)}, False, 0),
-    "pong": ({"token": (S(128), False), "server_time": (N(), False)}, False, 0),
+    "jobs": ({"jobs": (_list(_JOB_SUMMARY, 1000), True)}, False, 0),
+    "attach": ({"from_seq": (_int(0), True)}, True, 0),
+    "ping": ({"token": (_str(128), False)}, False, 0),
+    "pong": ({"token": (_str(128), False), "server_time": (_num(), False)}, False, 0),
 }
 
 #: Every message type, with a one-line description.
