@@ -262,9 +262,17 @@ def cmd_generate(args) -> int:
         try:
             result = run_job(params, ctx)
         except ValueError as exc:
-            if bar is not None:
-                bar.close()
             return _fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a clear one-line error instead of a traceback
+            from backend.server.worker import classify_error
+
+            code, _ = classify_error(exc)
+            hint = ("; try a smaller preset such as 'draft' or 'cpu', or lower the resolutions"
+                    if code == "out_of_memory" else "")
+            if os.environ.get("CONJURE_DEBUG"):
+                raise
+            return _fail(f"the pipeline failed ({code}): {type(exc).__name__}: {exc}{hint}"
+                         " (set CONJURE_DEBUG=1 for the traceback)", 1)
         finally:
             if bar is not None:
                 bar.close()

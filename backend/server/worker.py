@@ -167,6 +167,25 @@ def read_mesh_npz(path: Path):
     return MeshPayload(texture_png=None if png is None else png.tobytes(), **arrays)
 
 
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+def classify_error(exc: BaseException) -> tuple[str, bool]:
+    """(error code, retriable) for a failed job. ``ModelNotFoundError`` -> ``model_not_found``;
+    ``ValueError`` -> ``invalid_params``; out of memory -> ``out_of_memory``; else ``pipeline_error``."""
+    if _is_oom(exc):
+        return "out_of_memory", True
+    name = type(exc).__name__
+    if name == "ModelNotFoundError":
+        return "model_not_found", False
+    if isinstance(exc, ValueError):
+        return "invalid_params", False
+    if name.endswith("Error") and type(exc).__module__.startswith("backend."):
+        return _snake(name[:-5]) + "_error", False
+    return "pipeline_error", True
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -286,10 +305,10 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
             conn.send(("error", job_no, "out_of_memory",
                        f"out of memory while running the job ({type(exc).__name__}: {exc}); try a smaller "
                        "preset such as 'draft', or lower the resolution overrides", True, tb))
-        elif isinstance(exc, ValueError):
-            conn.send(("error", job_no, "invalid_params", f"{exc}", False, tb))
         else:
-            conn.send(("error", job_no, "pipeline_error", f"{type(exc).__name__}: {exc}", True, tb))
+            code, retriable = classify_error(exc)
+            text = f"{exc}" if code == "invalid_params" else f"{type(exc).__name__}: {exc}"
+            conn.send(("error", job_no, code, text, retriable, tb))
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
 
