@@ -116,14 +116,16 @@ def build_geometry_bank(
 
 
 def sample_backgrounds(n: int, g: torch.Generator) -> torch.Tensor:
-    """(n, 3) plain neutral backgrounds: white, light grey, or (rarely) dark grey."""
+    """(n, 3) plain backgrounds: white (35 %), light grey (25 %), dark grey (10 %) or a uniformly
+    random colour (30 %, like the coarse stage's ``random_backgrounds``)."""
     r = torch.rand(n, generator=g)
     level = torch.where(
-        r < 0.45, 0.96 + 0.04 * torch.rand(n, generator=g),
-        torch.where(r < 0.87, 0.6 + 0.35 * torch.rand(n, generator=g), 0.1 + 0.3 * torch.rand(n, generator=g)),
+        r < 0.35, 0.96 + 0.04 * torch.rand(n, generator=g),
+        torch.where(r < 0.6, 0.6 + 0.35 * torch.rand(n, generator=g), 0.1 + 0.3 * torch.rand(n, generator=g)),
     )
-    tint = 0.02 * torch.randn(n, 3, generator=g)
-    return (level[:, None] + tint).clamp(0, 1)
+    grey = (level[:, None] + 0.02 * torch.randn(n, 3, generator=g)).clamp(0, 1)
+    colour = torch.rand(n, 3, generator=g)
+    return torch.where((r >= 0.7)[:, None], colour, grey)
 
 
 @dataclass

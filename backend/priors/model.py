@@ -8,6 +8,7 @@ Layout written by ``save_model(folder, ...)`` (what ``backend.guidance`` loads w
     text_encoder/  CLIPTextModel (tiny: hidden 64, 2 layers)
     tokenizer/     CLIPTokenizer (word-level vocabulary of the closed world, see ``tokenizer``)
     scheduler/     DDPMScheduler (1000 steps, squaredcos_cap_v2, epsilon prediction)
+    vocabulary.json  {"shapes": [...], "colours": [...], "views": [...], "filler": [...]}
 
 There is deliberately no ``vae/``: the guidance treats that as a pixel-space model.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from backend.priors import FILLER_WORDS, VOCABULARY
 from backend.priors.tokenizer import BOS, EOS, build_vocab, write_tokenizer
 
 RESOLUTION = 32
@@ -115,6 +117,8 @@ def save_model(folder: str | Path, model: SolidsModel) -> Path:
         "unet": ["diffusers", "UNet2DConditionModel"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    vocab = {**{k: list(v) for k, v in VOCABULARY.items()}, "filler": list(FILLER_WORDS)}
+    (folder / "vocabulary.json").write_text(json.dumps(vocab, indent=1) + "\n")
     return folder
 
 

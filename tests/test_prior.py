@@ -1,0 +1,240 @@
+"""The bundled conjure-solids prior: renderer, tokenizer, judges, weights through the guidance, samples.
+
+Fast tests (< 90 s together on 2 cores) plus one ``slow`` test that runs two prompts through the full
+text-to-3D pipeline with the cpu preset.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from backend.gaussians.cameras import orbit_cameras, view_word
+from backend.priors import BUNDLED_PRIOR_DIR, COLOURS, SHAPES, VIEWS, prompt_in_vocabulary
+from backend.priors.solids import (
+    CONE_BOTTOM,
+    CONE_RADIUS,
+    CONE_TOP,
+    CUBE_HALF,
+    CYL_HALF_HEIGHT,
+    CYL_RADIUS,
+    PYR_BOTTOM,
+    PYR_HALF,
+    PYR_TOP,
+    SPHERE_RADIUS,
+    TORUS_MAJOR,
+    TORUS_MINOR,
+    render_solid,
+    solid_occupancy,
+)
+
+torch.set_num_threads(2)
+
+HAVE_WEIGHTS = (BUNDLED_PRIOR_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="bundled prior weights not trained yet")
+
+# ----------------------------------------------------------------------------- geometry / renderer
+
+EXACT_VOLUMES = {
+    "cube": (2 * CUBE_HALF) ** 3,
+    "sphere": 4 / 3 * math.pi * SPHERE_RADIUS**3,
+    "cylinder": math.pi * CYL_RADIUS**2 * 2 * CYL_HALF_HEIGHT,
+    "cone": math.pi * CONE_RADIUS**2 * (CONE_TOP - CONE_BOTTOM) / 3,
+    "torus": 2 * math.pi**2 * TORUS_MAJOR * TORUS_MINOR**2,
+    "pyramid": (2 * PYR_HALF) ** 2 * (PYR_TOP - PYR_BOTTOM) / 3,
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_occupancy_volume_matches_the_exact_solid(shape):
+    g = torch.Generator().manual_seed(0)
+    pts = torch.rand(200_000, 3, generator=g) * 2.4 - 1.2
+    vol = solid_occupancy(shape, pts).float().mean().item() * 2.4**3
+    assert vol == pytest.approx(EXACT_VOLUMES[shape], rel=0.03)
+
+
+def test_unknown_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown solid 'dragon'"):
+        solid_occupancy("dragon", torch.zeros(1, 3))
+
+
+def test_sphere_silhouette_matches_its_projection():
+    """Coverage of a sphere seen from distance d with focal f is a disc of radius f·r/sqrt(d²-r²)."""
+    cams = orbit_cameras([0.0, 90.0], [0.0, 30.0], 3.0, 49.0, 64)
+    img = render_solid("sphere", (1.0, 0.0, 0.0), cams, (1.0, 1.0, 1.0))
+    f = cams.Ks[0, 0, 0].item()
+    r_px = f * SPHERE_RADIUS / math.sqrt(3.0**2 - SPHERE_RADIUS**2)
+    for k in range(2):
+        assert img[k, ..., 3].sum().item() == pytest.approx(math.pi * r_px**2, rel=0.03)
+    assert img.shape == (2, 64, 64, 4) and img.dtype == torch.float32
+
+
+def test_cameras_follow_the_sds_convention():
+    """A cone seen from the front at elevation 0: apex at the top of the image (row 0 = top), centred."""
+    cams = orbit_cameras([0.0], [0.0], 3.0, 49.0, 64)
+    a = render_solid("cone", (0.0, 0.0, 1.0), cams, (1.0, 1.0, 1.0))[0, ..., 3]
+    rows = torch.nonzero(a.sum(1) > 0.5).flatten()
+    widths = a.sum(1)
+    assert widths[rows[0] + 2] < widths[rows[-1] - 2]  # narrow at the top, wide at the bottom
+    cols = torch.nonzero(a.sum(0) > 0.5).flatten()
+    assert abs((cols[0] + cols[-1]).item() / 2 - 31.5) <= 1.0
+    # a pyramid's square base is wider seen at 45° azimuth (its diagonal) than from the front
+    cams = orbit_cameras([0.0, 45.0], [0.0, 0.0], 3.0, 49.0, 64)
+    p = render_solid("pyramid", (1.0, 1.0, 0.0), cams, (1.0, 1.0, 1.0))[..., 3]
+    assert (p[1].sum(0) > 0.5).sum() >= (p[0].sum(0) > 0.5).sum() + 3  # perspective: ~1.1x, not sqrt(2)
+    # the light comes from above: the top of a cube is brighter than its front
+    cams = orbit_cameras([0.0], [40.0], 3.0, 49.0, 64)
+    c = render_solid("cube", (1.0, 1.0, 1.0), cams, (0.0, 0.0, 0.0))[0]
+    cols = torch.nonzero(c[..., 3].sum(0) > 0.5).flatten()
+    mid = c[:, int(cols.float().mean()), 0]
+    rows = torch.nonzero(c[:, int(cols.float().mean()), 3] > 0.99).flatten()
+    assert mid[rows[1]] > mid[rows[-2]] + 0.1
+
+
+def test_view_words_and_vocabulary():
+    assert view_word(0, 10) == "front" and view_word(90, 10) == "side" and view_word(180, 0) == "back"
+    assert set(VIEWS) == {"front", "side", "back", "overhead"}
+    assert prompt_in_vocabulary("a red cube") == (True, [])
+    assert prompt_in_vocabulary("An orange torus, side view") == (True, [])
+    ok, unknown = prompt_in_vocabulary("a fluffy dragon")
+    assert not ok and unknown == ["fluffy", "dragon"]
+
+
+def test_tokenizer_knows_every_word_as_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from backend.priors.tokenizer import vocabulary_words, write_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp_path / "tok")))
+    for w in vocabulary_words():
+        if w.isalpha() or w == ",":
+            assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    ids = tok("a red cube, side view", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert tok.convert_ids_to_tokens(ids[:8]) == [
+        "<|startoftext|>", "a</w>", "red</w>", "cube</w>", ",</w>", "side</w>", "view</w>", "<|endoftext|>"]
+    # an out-of-world word still tokenizes (letters), no error
+    assert len(tok("a dragon").input_ids) > 3
+
+
+# ----------------------------------------------------------------------------- judges
+
+def test_colour_judge_on_renders():
+    from backend.priors.data import COLOUR_NAMES, build_geometry_bank, sample_batch
+    from backend.priors.evaluate import judge_colour
+
+    bank = build_geometry_bank(8, 32, seed=4321, supersample=2)
+    b = sample_batch(bank, 160, torch.Generator().manual_seed(0))
+    right = sum(judge_colour(img) == COLOUR_NAMES[int(c)] for img, c in zip(b.images, b.colour_idx))
+    assert right / 160 >= 0.95
+
+
+def test_shape_classifier_on_fresh_renders():
+    from backend.priors.data import build_geometry_bank, sample_batch
+    from backend.priors.evaluate import CLASSIFIER_PATH, judge_shapes
+
+    if not CLASSIFIER_PATH.is_file():
+        pytest.skip("shape classifier not trained yet")
+    bank = build_geometry_bank(8, 32, seed=98765, supersample=2)
+    b = sample_batch(bank, 96, torch.Generator().manual_seed(1))
+    judged = judge_shapes(b.images)
+    acc = np.mean([j == SHAPES[int(s)] for j, s in zip(judged, b.shape_idx)])
+    assert acc >= 0.9
+
+
+# ----------------------------------------------------------------------------- the bundled model
+
+@needs_weights
+def test_bundled_prior_loads_through_the_guidance():
+    from backend.guidance import load_guidance
+    from backend.pipeline.presets import get_preset
+
+    cfg = get_preset("cpu").guidance
+    g = load_guidance(cfg, "cpu")
+    assert not g.is_latent and g.resolution == 32
+    assert "conjure-solids" in g.description
+    assert {"cube", "red", "side"} <= set(g.vocabulary)
+    g.set_prompt("a red cube")
+    imgs = torch.rand(2, 3, 64, 64, requires_grad=True)
+    loss = g.sds_loss(imgs, torch.tensor([0.0, 90.0]), torch.tensor([10.0, 20.0]), 0.3)
+    loss.backward()
+    assert torch.isfinite(imgs.grad).all() and imgs.grad.abs().sum() > 0
+
+
+@needs_weights
+def test_prior_samples_pass_the_independent_judges():
+    """One sample for six (shape, colour) pairs, each shape once, judged by colour hue and classifier."""
+    from backend.priors.evaluate import CLASSIFIER_PATH, evaluate_prior
+
+    if not CLASSIFIER_PATH.is_file():
+        pytest.skip("shape classifier not trained yet")
+    colours = list(COLOURS)
+    pairs = [(s, colours[(3 * i + 1) % len(colours)]) for i, s in enumerate(SHAPES)]
+    res = evaluate_prior(BUNDLED_PRIOR_DIR, pairs=pairs, samples_per_pair=2, steps=20, cfg=5.0, seed=0)
+    assert res["images"].shape == (12, 3, 32, 32)
+    assert res["colour_acc"] >= 10 / 12, res["rows"]
+    assert res["shape_acc"] >= 9 / 12, res["rows"]
+
+
+def test_sample_images_rejects_bad_arguments():
+    from backend.priors.sample import sample_images
+
+    with pytest.raises(ValueError):
+        sample_images(BUNDLED_PRIOR_DIR, [], steps=5)
+    with pytest.raises(ValueError):
+        sample_images(BUNDLED_PRIOR_DIR, ["a red cube"], steps=0)
+
+
+def test_mesh_scoring_recognises_canonical_meshes():
+    """score3d on marching-cubes meshes of the solids: the right shape wins, IoU high; colour named."""
+    from skimage.measure import marching_cubes
+
+    from backend.priors.score3d import judge_mesh
+    from protocol.mesh import MeshPayload
+
+    n = 40
+    ax = np.linspace(-1.1, 1.1, n)
+    P = torch.as_tensor(np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3), dtype=torch.float32)
+    for shape, scale, colour in (("cone", 0.8, "red"), ("cube", 0.6, "blue")):
+        from backend.priors.solids import solid_sdf
+
+        # a rotated, rescaled, shifted copy must still be recognised
+        t = math.radians(20)
+        R = torch.tensor([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1.0]])
+        q = ((P - torch.tensor([0.1, 0.0, 0.05])) / scale) @ R
+        sdf = solid_sdf(shape, q).numpy().reshape(n, n, n)
+        verts, faces, _, _ = marching_cubes(sdf, 0.0, spacing=(ax[1] - ax[0],) * 3)
+        verts = verts - 1.1
+        rgb = (np.array(COLOURS[colour]) * 200).astype(np.uint8)
+        mesh = MeshPayload(positions=verts.astype(np.float32), faces=faces[:, ::-1].astype(np.uint32),
+                           colors=np.tile(np.r_[rgb, 255], (len(verts), 1)).astype(np.uint8))
+        j = judge_mesh(mesh)
+        assert j["shape"] == shape, j["ious"]
+        assert j["ious"][shape] > 0.8
+        assert j["colour"] == colour
+
+
+# ----------------------------------------------------------------------------- full pipeline (slow)
+
+@needs_weights
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("prompt,shape,colour", [("a red cube", "cube", "red"), ("a blue sphere", "sphere", "blue")])
+def test_text_to_3d_with_the_bundled_prior(tmp_path, prompt, shape, colour):
+    run_job = pytest.importorskip("backend.pipeline.run").run_job
+    from backend.pipeline.events import JobContext
+    from backend.priors.score3d import judge_mesh
+    from protocol.params import GenerationParams
+
+    t0 = time.time()
+    result = run_job(GenerationParams(prompt=prompt, preset="cpu", seed=0), JobContext(out_dir=tmp_path))
+    seconds = time.time() - t0
+    assert result.files["glb"].is_file()
+    j = judge_mesh(result.mesh)
+    print(f"{prompt}: {seconds:.0f}s shape {j['shape']} ious {j['ious']} colour {j['colour']} rgb {j['rgb']}")
+    assert seconds < 300
+    assert j["colour"] == colour, j
+    assert j["shape"] == shape, j
