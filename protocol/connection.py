@@ -154,6 +154,16 @@ def write_connection_file(path: str | os.PathLike, info: ConnectionInfo) -> Path
     except BaseException:
         os.unlink(tmp)
         raise
+    try:  # make the rename itself durable (best effort: not every platform opens folders)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
     return path
 
 
