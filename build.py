@@ -219,7 +219,7 @@ def _pip_download(python: str, platform: str, dest: Path) -> Path | None:
         return target
 
 
-def fetch_wheels(pythons, platforms, *, offline: bool = False, jobs: int = 4) -> WheelSet:
+def fetch_wheels(pythons, platforms, *, offline: bool = False, jobs: int = 6) -> WheelSet:
     """Find or download pyzmq wheels for every (python, platform).
 
     The cache keeps the wheels and ``index.json`` ({"3.11|linux-x64": [file, sha256] or null});
