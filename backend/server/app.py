@@ -97,6 +97,8 @@ LEGACY_ALIVE_S = 5.0
 OUTBOX_LIMIT = 256
 #: most bytes one result_chunk carries (a client asking for more gets this much; it pulls the rest)
 MAX_FETCH_BYTES = 4 << 20
+#: longest progress / error text forwarded (the protocol allows 4096 characters)
+MAX_TEXT = 2000
 
 
 class ServerStartError(Exception):
@@ -167,7 +169,7 @@ class Server:
         self._worker_fd = None
         self.stats = {"received": 0, "sent": 0, "dropped": {}, "send_again": 0, "clients_gone": 0,
                       "worker_restarts": 0, "jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
-                      "outbox_overflow": 0, "previews_sent": 0, "previews_replaced": 0}
+                      "outbox_overflow": 0, "unsendable": 0, "previews_sent": 0, "previews_replaced": 0}
         self._stop = False
         self.ctx: zmq.Context | None = None
         self.sock: zmq.Socket | None = None
@@ -340,6 +342,10 @@ class Server:
         try:
             self.session.send(self.sock, msg_type, content, buffers, job_id=job_id, seq=seq,
                               routing_id=client.routing_id, session=client_id, flags=zmq.NOBLOCK)
+        except ProtocolError as exc:  # our own message does not fit the schema: a bug, not a client's fault
+            log.error("cannot send %s to %s: %s", msg_type, client_id, exc)
+            self.stats["unsendable"] += 1
+            return "skip"
         except zmq.Again:
             self.stats["send_again"] += 1
             if direct:
@@ -367,6 +373,9 @@ class Server:
             try:
                 self.session.send(self.sock, msg_type, content, buffers, job_id=job_id, seq=seq,
                                   routing_id=client.routing_id, session=client_id, flags=zmq.NOBLOCK)
+            except ProtocolError as exc:
+                log.error("cannot send %s to %s: %s", msg_type, client_id, exc)
+                self.stats["unsendable"] += 1
             except zmq.Again:
                 return False
             except zmq.ZMQError as exc:
@@ -777,16 +786,16 @@ class Server:
                     content = {**content, "missed": sub.missed}
                 r = self._send(sub.client, ev.msg_type, content, ev.buffers, job_id=stream.job_id, seq=ev.seq,
                                direct=False)
-                if r != "ok":
+                if r in ("again", "gone"):
                     return r == "again"
                 sub.missed = 0
-                sub.cursor = nxt
+                sub.cursor = nxt  # sent (or unsendable: skipped so the stream goes on)
                 continue
             p = stream.preview
             if p is not None and not stream.closed and sub.credits > 0 and p.number > sub.preview_sent:
                 content = {**p.content, "preview_no": p.number, "after_seq": p.after_seq}
                 r = self._send(sub.client, "preview_mesh", content, p.buffers, job_id=stream.job_id, direct=False)
-                if r != "ok":
+                if r in ("again", "gone"):
                     return r == "again"
                 if sub.preview_sent and p.number > sub.preview_sent + 1:
                     self.stats["previews_replaced"] += p.number - sub.preview_sent - 1
@@ -848,7 +857,8 @@ class Server:
                     except ProtocolError as exc:
                         log.warning("preview of %s dropped: %s", run.job_id, exc)
                         continue
-                    stream.set_preview({"stage": ev.stage, "step": int(ev.step), "mesh": meta}, tuple(bufs))
+                    stream.set_preview({"stage": _stage_name(ev.stage), "step": max(0, int(ev.step)), "mesh": meta},
+                                       tuple(bufs))
                     self._dirty.add(run.job_id)
             elif kind == "result":
                 self._finish_done(rec, stream, m[2])
@@ -868,16 +878,17 @@ class Server:
         if run.cancel_requested is not None:
             return
         now = time.monotonic()
-        if ev.stage != run.stage:
-            run.stage, run.stage_started = ev.stage, now
+        stage = _stage_name(ev.stage)
+        if stage != run.stage:
+            run.stage, run.stage_started = stage, now
         total = max(int(ev.total), 0)
         step = max(int(ev.step), 0)
         fraction = min(1.0, step / total) if total else 0.0
         run.fraction = fraction
         stage_elapsed = now - run.stage_started
         eta = (stage_elapsed / step * (total - step)) if step and total >= step else None
-        content = {"stage": ev.stage, "step": step, "total": total, "fraction": fraction,
-                   "elapsed": round(now - run.started, 4), "message": ev.message}
+        content = {"stage": stage, "step": step, "total": total, "fraction": fraction,
+                   "elapsed": round(now - run.started, 4), "message": str(ev.message)[:MAX_TEXT]}
         if eta is not None:
             content["eta"] = round(eta, 3)
         self._append(rec, stream, "progress", content)
@@ -906,6 +917,7 @@ class Server:
         self._end_running(rec, J.CANCELLED)
 
     def _finish_failed(self, rec, stream, code, message, retriable) -> None:
+        message = str(message)[:MAX_TEXT]
         rec.error = {"code": code, "message": message, "retriable": bool(retriable)}
         self.stats["jobs_failed"] += 1
         self._append(rec, stream, "error", {"code": code, "message": message, "retriable": bool(retriable),
@@ -985,6 +997,12 @@ class Server:
                 stream.drop_preview()
         for job_id in [j for j, s in self.subs.items() if not s]:
             del self.subs[job_id]
+
+
+def _stage_name(stage) -> str:
+    """A stage name that fits the protocol (non-empty, at most 64 characters)."""
+    text = str(stage or "run")
+    return text[:64]
 
 
 def _rss_bytes() -> int:
