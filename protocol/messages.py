@@ -619,7 +619,9 @@ class Session:
             frames.append(frame)
         validate_content(msg.msg_type, msg.content, msg.job_id,
                          [b if isinstance(b, np.ndarray) else None for b in msg.buffers])
-        header = dumps(msg.header(descriptors))
+        header_obj = msg.header(descriptors)
+        _validate_header(header_obj)  # a sender bug (bad id, negative seq) fails here, not at the peer
+        header = dumps(header_obj)
         content = dumps(msg.content)
         if len(header) > MAX_HEADER_BYTES or len(content) > MAX_CONTENT_BYTES:
             raise ProtocolError("too_large", "header or content JSON exceeds its size limit")

@@ -63,3 +63,17 @@ def test_submit_content_is_validated_on_both_ends():
     with pytest.raises(ProtocolError) as e:
         s.serialize(s.msg("submit", {"params": {"prompt": "ok"}}))
     assert e.value.code == "bad_header" and e.value.field == "job_id"
+
+
+def test_sender_side_header_checks():
+    s = Session(b"key")
+    for kw in ({"seq": -1}, {"job_id": "not-a-uuid"}, {"session": "bad id with spaces"}):
+        msg = s.msg("ping", {})
+        for k, v in kw.items():
+            setattr(msg, k, v)
+        with pytest.raises(ProtocolError) as e:
+            s.serialize(msg)
+        assert e.value.code == "bad_header"
+    with pytest.raises(ProtocolError) as e:
+        s.serialize(s.msg("teleport", {}))
+    assert e.value.code == "unknown_msg_type"
