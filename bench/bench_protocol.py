@@ -158,6 +158,8 @@ def main() -> None:
           f"(sign+verify+validate, replay-checked)")
     print(f"  ratio protocol/raw throughput: {raw_med / proto_med:.2f}")
     print(f"  components here: sign {gb / sign_s:.2f} GB/s, decode_mesh validation {gb / validate_s:.2f} GB/s")
+    bound = gb / (2 * sign_s + raw_med + validate_s)
+    print(f"  bound from components (sign + raw transfer + verify + validate, serial): {bound:.2f} GB/s")
     print(f"small messages, {args.pings} round trips:")
     print(f"  raw pyzmq         : p50 {rp50 * 1e6:7.1f} us  p99 {rp99 * 1e6:7.1f} us")
     print(f"  protocol ping/pong: p50 {pp50 * 1e6:7.1f} us  p99 {pp99 * 1e6:7.1f} us")
