@@ -103,7 +103,7 @@ def bake_texture(positions: torch.Tensor, faces: torch.Tensor, corner_uvs: torch
 
 
 def gaussian_color_fn(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
-                      colors: torch.Tensor, k: int = 16, max_pairs: int = 1 << 24) -> ColorFn:
+                      colors: torch.Tensor, k: int = 16, block_points: int = 2048, cutoff: float = 3.0) -> ColorFn:
     """Colour field of a set of 3D Gaussians, for :func:`bake_texture`.
 
     The colour at x is the average of the colours of its k nearest Gaussians (by centre
@@ -111,10 +111,13 @@ def gaussian_color_fn(means: torch.Tensor, quats: torch.Tensor, scales: torch.Te
     opacity-scaled density at x, normalised, so a point far from every Gaussian still takes the
     colour of the most plausible one.
 
+    Points are sorted into spatially coherent blocks of ``block_points``; each block only looks at
+    the Gaussians whose ``cutoff``-sigma box overlaps the block's bounding box (all Gaussians when
+    fewer than k overlap), so the cost is ~ points × local Gaussians, not points × all Gaussians.
+
     Args:
         means (N, 3), quats (N, 4) (w, x, y, z), scales (N, 3) activated std devs (world units),
         opacities (N,) in (0, 1], colors (N, 3) in [0, 1]; all on one device.
-        k: neighbours per point. max_pairs: bound on point×Gaussian distances held at once.
     """
     from backend.gaussians.render import quat_to_rotmat
 
@@ -123,23 +126,43 @@ def gaussian_color_fn(means: torch.Tensor, quats: torch.Tensor, scales: torch.Te
     if N == 0:
         raise ValueError("cannot bake from an empty set of Gaussians")
     R = quat_to_rotmat(torch.nn.functional.normalize(quats.detach().float(), dim=-1))  # (N, 3, 3)
-    inv_s = 1.0 / scales.detach().float().clamp(min=1e-6)
+    sc = scales.detach().float().clamp(min=1e-6)
+    inv_s = 1.0 / sc
     log_o = torch.log(opacities.detach().float().reshape(-1).clamp(min=1e-6))
     cols = colors.detach().float()
+    reach = cutoff * sc.max(dim=-1).values
+    lo_g, hi_g = means - reach[:, None], means + reach[:, None]
     kk = min(k, N)
 
+    def weighted(p: torch.Tensor, cand: torch.Tensor | None) -> torch.Tensor:
+        mu = means if cand is None else means[cand]
+        kn = min(kk, mu.shape[0])
+        idx = torch.cdist(p, mu).topk(kn, dim=1, largest=False).indices  # (P, k) into mu
+        if cand is not None:
+            idx = cand[idx]
+        delta = p[:, None, :] - means[idx]  # (P, k, 3)
+        local = torch.einsum("pki,pkij->pkj", delta, R[idx])  # coordinates along the Gaussian's axes
+        m = ((local * inv_s[idx]) ** 2).sum(-1)
+        w = torch.softmax(log_o[idx] - 0.5 * m, dim=1)
+        return (w.unsqueeze(-1) * cols[idx]).sum(1)
+
     def fn(points: torch.Tensor) -> torch.Tensor:
-        out = []
-        step = max(1, max_pairs // N)
-        for i in range(0, points.shape[0], step):
-            p = points[i:i + step].float()
-            d2 = torch.cdist(p, means)
-            idx = d2.topk(kk, dim=1, largest=False).indices  # (P, k)
-            delta = p[:, None, :] - means[idx]  # (P, k, 3)
-            local = torch.einsum("pki,pkij->pkj", delta, R[idx])  # coordinates along the Gaussian's axes
-            m = ((local * inv_s[idx]) ** 2).sum(-1)
-            w = torch.softmax(log_o[idx] - 0.5 * m, dim=1)
-            out.append((w.unsqueeze(-1) * cols[idx]).sum(1))
-        return torch.cat(out) if out else points.new_zeros(0, 3)
+        points = points.float()
+        P = points.shape[0]
+        if P == 0:
+            return points.new_zeros(0, 3)
+        # spatial sort: voxel keys at ~cube-root(P / block) cells per axis
+        lo, hi = points.min(0).values, points.max(0).values
+        cells = max(1, int(round((P / block_points) ** (1 / 3))) * 2)
+        q = ((points - lo) / (hi - lo).clamp(min=1e-9) * (cells - 1e-3)).long()
+        order = torch.argsort((q[:, 0] * cells + q[:, 1]) * cells + q[:, 2])
+        out = torch.empty(P, 3, device=points.device)
+        for s in range(0, P, block_points):
+            sel = order[s:s + block_points]
+            p = points[sel]
+            blo, bhi = p.min(0).values, p.max(0).values
+            cand = ((hi_g >= blo) & (lo_g <= bhi)).all(-1).nonzero().squeeze(-1)
+            out[sel] = weighted(p, cand if cand.numel() >= kk else None)
+        return out
 
     return fn
