@@ -38,6 +38,12 @@ def test_kill9_mid_job_then_restart(tmp_path):
             c.submit(p(QUICK, "one too many"))
         assert e.value.code == "queue_full" and e.value.retriable
 
+        time.sleep(1.5)  # let a few hundred progress events go out (and a seq checkpoint happen)
+        last_seen = max(m.seq for m in c.inbox if m.job_id == running_id and m.seq is not None)
+        while c.sock.poll(0):
+            m = c._read(0)
+            if m is not None and m.job_id == running_id and m.seq is not None:
+                last_seen = max(last_seen, m.seq)
         killed_at = time.monotonic()
         srv.kill9()
         # the client pings every 0.25 s with a 0.5 s deadline: it notices the dead server quickly
@@ -73,10 +79,12 @@ def test_kill9_mid_job_then_restart(tmp_path):
         final = c2.next(lambda m: m.job_id == done_id and m.seq is not None, 10)
         assert final.msg_type == "result_ready" and final.seq == result.seq
         assert final.mesh() is not None
-        # attaching to the interrupted job tells the client so
-        c2.attach(running_id, from_seq=1)
+        # attaching to the interrupted job tells the client so, even one that resumes from the
+        # last seq it saw (its final event is numbered past anything the dead server sent)
+        c2.attach(running_id, from_seq=last_seen + 1)
         err = c2.next(lambda m: m.job_id == running_id and m.seq is not None, 10)
         assert err.msg_type == "error" and err.content["code"] == "interrupted"
+        assert err.seq > last_seen
         # the journal on disk agrees
         record = json.loads((data / running_id / "job.json").read_text())
         assert record["state"] == "interrupted"

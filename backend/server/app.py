@@ -142,6 +142,7 @@ class Running:
     stage_started: float = 0.0
     fraction: float = 0.0
     cancel_requested: float | None = None
+    checkpointed_seq: int = 0
 
 
 def wire_state(state: str) -> str:
@@ -972,6 +973,12 @@ class Server:
         if now - self._last_trim > 1.0:
             self._last_trim = now
             self._trim_streams()
+            run = self.running
+            if run is not None:  # checkpoint the running job's seq (no fsync: for crash recovery)
+                rec = self.store.get(run.job_id)
+                if rec is not None and rec.last_seq != run.checkpointed_seq:
+                    run.checkpointed_seq = rec.last_seq
+                    self.store.write_record(rec, durable=False)
         run = self.running
         if run is not None and run.cancel_requested is not None:
             if time.monotonic() - run.cancel_requested > self.config.cancel_timeout:

@@ -37,6 +37,9 @@ ACTIVE_STATES = frozenset({QUEUED, RUNNING})
 FINAL_STATES = frozenset({DONE, FAILED, CANCELLED, INTERRUPTED})
 STATES = ACTIVE_STATES | FINAL_STATES
 
+#: seq jump for the final event of a job interrupted by a server crash (see JobStore.open)
+INTERRUPTED_SEQ_GAP = 100_000
+
 RESULT_DIR = "result"
 WORK_DIR = "work"
 JOB_FILE = "job.json"
@@ -82,20 +85,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` -> fsync -> rename -> fsync(dir)."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` via ``path.tmp`` -> fsync -> rename -> fsync(dir).
+
+    ``durable=False`` skips the fsyncs (still atomic; survives a process kill, not a power loss).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: Path, obj: dict, durable: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), durable)
 
 
 @dataclass
@@ -268,6 +276,9 @@ class JobStore:
                 rec.state = entry["state"]
             if rec.state in ACTIVE_STATES:
                 rec.state = INTERRUPTED
+                # events after the last checkpoint were lost with the server: number the final
+                # event past anything it can have sent, so re-attached clients do not skip it
+                rec.last_seq += INTERRUPTED_SEQ_GAP
                 rec.finished = rec.finished or time.time()
                 rec.error = {"code": "interrupted", "message": "the server stopped while this job was "
                              "queued or running; submit it again with a new job id"}
@@ -330,8 +341,8 @@ class JobStore:
         self.journal.append(rec.job_id, state, **journal_extra)
         self.write_record(rec)
 
-    def write_record(self, rec: JobRecord) -> None:
-        atomic_write_json(self.job_dir(rec.job_id) / JOB_FILE, rec.to_json())
+    def write_record(self, rec: JobRecord, durable: bool = True) -> None:
+        atomic_write_json(self.job_dir(rec.job_id) / JOB_FILE, rec.to_json(), durable)
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.jobs.get(job_id)
