@@ -181,6 +181,7 @@ class Server:
         self._check_params = None
         self._dirty: set[str] = set()  # job ids whose subscribers may have something to send
         self._restart_at: float | None = None  # delayed worker restart after failed starts
+        self._backlog: deque = deque()  # worker messages read but not handled yet
         self._failed_starts = 0
         self._last_trim = 0.0
 
@@ -313,7 +314,7 @@ class Server:
         poller.register(self._worker_fd, zmq.POLLIN)
         try:
             while not self._stop:
-                timeout = 5 if self._dirty else 100
+                timeout = 0 if self._backlog else 5 if self._dirty else 100
                 try:
                     ready = dict(poller.poll(timeout))
                 except zmq.ZMQError as exc:
@@ -829,12 +830,15 @@ class Server:
     def _pump_worker(self, poller, budget: int = 256) -> None:
         if self._restart_at is not None:
             return  # no worker until the delayed restart
-        try:
-            msgs = self.worker.read(budget)
-        except WorkerDied as exc:
-            self._worker_died(poller, exc)
-            return
-        for m in msgs:
+        backlog = self._backlog
+        if not backlog:
+            try:
+                backlog.extend(self.worker.read(budget))
+            except WorkerDied as exc:
+                self._worker_died(poller, exc)
+                return
+        while backlog:
+            m = backlog.popleft()
             kind = m[0]
             if kind == "ready":
                 self.worker.ready = True
@@ -861,6 +865,7 @@ class Server:
                     stream.set_preview({"stage": _stage_name(ev.stage), "step": max(0, int(ev.step)), "mesh": meta},
                                        tuple(bufs))
                     self._dirty.add(run.job_id)
+                    break  # flush this preview before a newer one can replace it
             elif kind == "result":
                 self._finish_done(rec, stream, m[2])
             elif kind == "cancelled":
@@ -950,6 +955,7 @@ class Server:
         self._restart_worker(poller)
 
     def _unregister_worker(self, poller) -> None:
+        self._backlog.clear()  # messages of the old worker
         if self._worker_fd is not None:
             try:
                 poller.unregister(self._worker_fd)
