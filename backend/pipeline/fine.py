@@ -355,6 +355,26 @@ def extract_surface(gaussians, grid_resolution: int, threshold: float | None = N
     return np.asarray(mesh.positions), np.asarray(mesh.faces).astype(np.int64)
 
 
+def save_coarse_mesh(gaussians, preset, ctx: JobContext, name: str = "coarse") -> dict | None:
+    """Keep the coarse stage's result in the job folder: ``<name>.glb`` with vertex colours.
+
+    Meshed like a coarse-only preset (``coarse.mesh_grid`` / ``coarse.mesh_faces``) and scaled to
+    ``preset.object_size``. A failure here is logged, never fatal (the fine result matters more).
+    """
+    if getattr(ctx, "out_dir", None) is None:
+        return None
+    try:
+        from backend.mesh.export import export_mesh
+        from backend.mesh.extract import extract_mesh, fit_to_size
+
+        c = preset.coarse
+        mesh = extract_mesh(gaussians, c.mesh_grid, c.mesh_faces, c.density_threshold)
+        return export_mesh(fit_to_size(mesh, preset.object_size), ctx.out_dir, name)
+    except Exception as exc:  # noqa: BLE001 - best effort, reported in the log
+        log.warning("could not save the coarse mesh: %s", exc)
+        return None
+
+
 def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
                    loss_fn: LossFn | None = None, camera_fn: CameraFn | None = None) -> MeshPayload:
     """Coarse Gaussians → textured, refined mesh (Blender frame, [−1, 1]³ volume).
@@ -368,7 +388,8 @@ def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
         loss_fn, camera_fn: overrides for tests and tools.
 
     Returns:
-        MeshPayload with per-corner UVs, vertex normals and ``texture_rgba``.
+        MeshPayload with per-corner UVs, vertex normals and ``texture_rgba``. The coarse mesh is
+        also written to ``ctx.out_dir/coarse.glb`` (see :func:`save_coarse_mesh`).
     """
     cfg = preset.fine
     if cfg is None:
@@ -377,6 +398,7 @@ def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
     device = fields["means"].device
     backend = str(fine_setting(cfg, "rasterizer"))
     ctx.emit(ProgressEvent("fine", 0, cfg.steps, "extracting mesh"))
+    save_coarse_mesh(gaussians, preset, ctx)
     positions, faces = extract_surface(gaussians, cfg.grid_resolution,
                                        getattr(preset.coarse, "density_threshold", None))
     ctx.check_cancel()
