@@ -134,6 +134,13 @@ class FineConfig:
         texture_resolution: texture side (pixels); grid_resolution: density grid used to
         extract the starting mesh; face_budget: faces after decimation; lr: texture learning
         rate; vertex_offsets: also optimise per-vertex offsets.
+        batch_size: views rendered per step; preview_every: emit a textured preview every N steps
+        (0 = only at the end); uv_padding: empty texels around each xatlas chart;
+        bake_dilation: texel rings filled beyond the charts when baking;
+        min_component_fraction: clean-up keeps components with at least this fraction of faces;
+        lr_offsets: vertex-offset learning rate; offset_limit: largest offset per axis (world
+        units); laplacian_weight, normal_weight: offset regularisers; rasterizer: "auto",
+        "nvdiffrast" or "torch".
     """
 
     steps: int = 300
@@ -143,6 +150,16 @@ class FineConfig:
     face_budget: int = 50000
     lr: float = 1e-2
     vertex_offsets: bool = False
+    batch_size: int = 4
+    preview_every: int = 50
+    uv_padding: int = 2
+    bake_dilation: int = 16
+    min_component_fraction: float = 0.02
+    lr_offsets: float = 1e-4
+    offset_limit: float = 0.05
+    laplacian_weight: float = 1e4
+    normal_weight: float = 1e2
+    rasterizer: str = "auto"
 
 
 @dataclass
