@@ -133,3 +133,17 @@ def test_keys_command(tmp_path, capsys):
     assert (os.stat(tmp_path / "k" / "server.key_secret").st_mode & 0o777) == 0o600
     r = cli("keys", "--dir", tmp_path / "k", "--client", "bad name!")
     assert r.returncode == 2 and "client name" in r.stderr
+
+
+def test_generate_refuses_a_gpu_only_setting_without_the_gpu_packages(tmp_path, capsys):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("gsplat") is not None:
+        pytest.skip("gsplat is installed here; the refusal path needs a machine without it")
+    r = cli_here(capsys, "generate", "a red cube", "--out", tmp_path / "a.glb", "--preset", "draft",
+                 "--set", "coarse.renderer=gsplat")
+    assert r.returncode == 2
+    assert "coarse.renderer='gsplat'" in r.stderr and "conjure[gpu]" in r.stderr
+    assert not (tmp_path / "a.glb").exists()
