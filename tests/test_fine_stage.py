@@ -147,6 +147,10 @@ def test_refine_with_vertex_offsets_and_regularisers():
     assert normal_consistency(noisy, mesh.faces, adj) > normal_consistency(v, mesh.faces, adj)
     payload = mesh.to_payload()
     np.testing.assert_allclose(payload.positions, (mesh.positions + mesh.offsets).numpy(), atol=1e-6)
+    small = mesh.to_payload(max_texture_side=16).texture_rgba  # previews: area-downsampled texture
+    assert small.shape == (16, 16, 4)
+    big = payload.texture_rgba[..., :3].astype(np.float64)
+    np.testing.assert_allclose(small[..., :3], big.reshape(16, 2, 16, 2, 3).mean((1, 3)), atol=1.01)
 
 
 def test_refine_cancels_between_steps():

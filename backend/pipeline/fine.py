@@ -96,11 +96,19 @@ class TexturedMesh:
                               texture_map=self.texture if texture is None else texture, uv=self.uv,
                               uv_faces=self.uv_faces, background=background, backend=backend)
 
-    def to_payload(self) -> MeshPayload:
-        """MeshPayload (Blender frame) with per-corner UVs, normals and the RGBA8 texture."""
+    def to_payload(self, max_texture_side: int | None = None) -> MeshPayload:
+        """MeshPayload (Blender frame) with per-corner UVs, normals and the RGBA8 texture.
+
+        ``max_texture_side`` area-downsamples the texture (previews stay light on the wire).
+        """
         pos = self.deformed.detach().cpu().numpy().astype(np.float32)
         faces = self.faces.detach().cpu().numpy().astype(np.int64)
-        tex = (self.texture.detach().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+        t = self.texture.detach()
+        if max_texture_side is not None and max(t.shape[:2]) > max_texture_side:
+            f = max(t.shape[:2]) / max_texture_side
+            size = (max(1, round(t.shape[0] / f)), max(1, round(t.shape[1] / f)))
+            t = F.interpolate(t.permute(2, 0, 1)[None], size=size, mode="area")[0].permute(1, 2, 0)
+        tex = (t.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
         rgba = np.concatenate([tex, np.full(tex.shape[:2] + (1,), 255, np.uint8)], axis=2)
         return MeshPayload(
             positions=pos, faces=faces.astype(np.uint32),
@@ -219,6 +227,7 @@ class RefineSettings:
     laplacian_weight: float = 1e4
     normal_weight: float = 1e2
     preview_every: int = 50
+    preview_texture_side: int = 512
     background: float = 1.0
     backend: str = "auto"
 
@@ -284,7 +293,7 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, settings: R
             ctx.emit(ProgressEvent(stage, step + 1, total, f"loss {losses[-1]:.4g}"))
             last = step == total - 1
             if last or (settings.preview_every > 0 and (step + 1) % settings.preview_every == 0):
-                ctx.emit(PreviewEvent(stage, step + 1, mesh.to_payload()))
+                ctx.emit(PreviewEvent(stage, step + 1, mesh.to_payload(settings.preview_texture_side)))
     mesh.texture = texture.detach()
     mesh.offsets = None if offsets is None else offsets.detach()
     mesh.info["loss"] = losses
@@ -397,6 +406,7 @@ def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
     fields = gaussian_fields(gaussians)
     device = fields["means"].device
     backend = str(fine_setting(cfg, "rasterizer"))
+    rz.resolve_backend(backend, device)  # a bad name or nvdiffrast without CUDA fails before any work
     ctx.emit(ProgressEvent("fine", 0, cfg.steps, "extracting mesh"))
     save_coarse_mesh(gaussians, preset, ctx)
     positions, faces = extract_surface(gaussians, cfg.grid_resolution,
@@ -410,7 +420,7 @@ def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
         bake_dilation=int(fine_setting(cfg, "bake_dilation")),
         min_component_fraction=float(fine_setting(cfg, "min_component_fraction")))
     log.info("fine stage mesh: %s", {k: v for k, v in mesh.info.items() if k != "loss"})
-    ctx.emit(PreviewEvent("fine", 0, mesh.to_payload()))
+    ctx.emit(PreviewEvent("fine", 0, mesh.to_payload(RefineSettings.preview_texture_side)))
     ctx.check_cancel()
     if loss_fn is None:
         loss_fn = sds_loss_fn(guidance)
