@@ -102,6 +102,7 @@ def test_full_life_cycle_result_is_byte_identical(server, client):
     assert record["prompt"] == "a test ball"
     assert "torch" in record["versions"] and "diffusers" in record["versions"] and "gsplat" in record["versions"]
     assert record["timings"]["run_s"] > 0
+    assert set(record["timings"]["stages"]) == {"load", "coarse", "export"}
     assert (job_dir / "preview.npz").exists()
     journal = [json.loads(line) for line in (server.data_dir / "journal.jsonl").read_text().splitlines()]
     assert [e["state"] for e in journal if e["job_id"] == job_id][-3:] == ["queued", "running", "done"]

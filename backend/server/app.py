@@ -886,6 +886,7 @@ class Server:
         now = time.monotonic()
         stage = _stage_name(ev.stage)
         if stage != run.stage:
+            self._close_stage(rec, run, now)
             run.stage, run.stage_started = stage, now
         total = max(int(ev.total), 0)
         step = max(int(ev.step), 0)
@@ -899,9 +900,18 @@ class Server:
             content["eta"] = round(eta, 3)
         self._append(rec, stream, "progress", content)
 
+    @staticmethod
+    def _close_stage(rec, run: Running, now: float) -> None:
+        """Add the time spent in the current stage to ``rec.timings["stages"]`` (seconds)."""
+        if run.stage:
+            stages = rec.timings.setdefault("stages", {})
+            stages[run.stage] = round(stages.get(run.stage, 0.0) + now - run.stage_started, 4)
+
     def _end_running(self, rec, state) -> None:
         """Journal + job.json (fsynced) of the final state. Called after the final event was put in
         the job's log and before the loop flushes it, so nothing reaches a client before the disk."""
+        if self.running is not None:
+            self._close_stage(rec, self.running, time.monotonic())
         self.running = None
         stream = self.streams.get(rec.job_id)
         if stream is not None:
