@@ -91,10 +91,13 @@ def test_curve_allow_list(tmp_path):
     keys = tmp_path / "keys"
     make_keys(keys, ["alice", "mallory"])
     (keys / "clients" / "mallory.key").unlink()  # mallory has a key pair but is not allowed
+    # a non-loopback bind (all interfaces) is accepted once CURVE is configured
     srv = ServerProcess(tmp_path / "data", tmp_path / "conn.json", pipeline=FAKE,
-                        args=["--curve-keys", str(keys)]).start()
+                        args=["--bind", "0.0.0.0", "--advertise-ip", "127.0.0.1",
+                              "--curve-keys", str(keys)]).start()
     try:
-        assert srv.info.server_public_key
+        assert srv.info.server_public_key and srv.info.ip == "127.0.0.1"
+        assert "CURVE on, 1 allowed client key(s)" in srv.log()
         with BackendClient(srv.info, client_cert=keys / "alice.key_secret") as alice:
             assert alice.ping(timeout=10).server_session
         with BackendClient(srv.info, client_cert=keys / "mallory.key_secret") as mallory:
