@@ -19,7 +19,7 @@ GPU (``--gpu``, CUDA):
 Usage:
   python3 bench/bench_fine.py                 # CPU figures
   python3 bench/bench_fine.py --skip-large    # only the 50k mesh
-  python3 bench/bench_fine.py --gpu [--model stabilityai/stable-diffusion-2-1-base | --random-weights]
+  python3 bench/bench_fine.py --gpu [--model stabilityai/stable-diffusion-2-1-base | --random-weights] [--whole]
 """
 
 from __future__ import annotations
@@ -175,6 +175,35 @@ def bench_steps(preset_name: str, device: torch.device, guidance, steps: int, fa
     return res
 
 
+def bench_whole(prompt: str, model: str, device: torch.device) -> dict:
+    """The whole ``standard`` preset (coarse + fine + export) through ``run_job``: seconds, peak memory."""
+    from backend.pipeline.events import JobContext, ProgressEvent
+    from backend.pipeline.run import run_job
+    from protocol.params import GenerationParams
+
+    out = Path(tempfile.mkdtemp()) / "job"
+    out.mkdir()
+    stage_time: dict[str, float] = {}
+    last = {"stage": None, "t": time.perf_counter()}
+
+    def emit(event) -> None:
+        if isinstance(event, ProgressEvent):
+            now = time.perf_counter()
+            if last["stage"] is not None:
+                stage_time[last["stage"]] = stage_time.get(last["stage"], 0.0) + now - last["t"]
+            last.update(stage=event.stage, t=now)
+
+    torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    overrides = {} if model == "auto" else {"guidance.model": model}
+    result = run_job(GenerationParams(prompt=prompt, seed=0, preset="standard", overrides=overrides),
+                     JobContext(out_dir=out, emit=emit))
+    total = time.perf_counter() - t0
+    return {"whole_standard_s": round(total, 1), "stage_s": {k: round(v, 1) for k, v in stage_time.items()},
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+            "faces": result.info.get("faces"), "files": sorted(result.files)}
+
+
 def write_sd21_random(folder: Path) -> Path:
     """A random-weight model folder with Stable Diffusion 2.1-base's real architecture.
 
@@ -241,6 +270,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--whole", action="store_true", help="with --gpu: also time run_job with the standard preset")
+    ap.add_argument("--prompt", default="a ceramic teapot")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# bench_fine  {time.strftime('%Y-%m-%d %H:%M:%S')}  torch {torch.__version__}")
@@ -261,6 +292,8 @@ def main() -> None:
             if args.skip_large and faces > 50_000:
                 continue
             print(json.dumps(bench_prepare(faces, grid, tex, device, n_gauss=n, bumps=24)))
+        if args.whole:
+            print(json.dumps(bench_whole(args.prompt, model, device)))
         return
 
     device = torch.device("cpu")

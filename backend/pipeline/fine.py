@@ -263,7 +263,7 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, settings: R
         offsets = torch.zeros_like(mesh.positions, requires_grad=True)
         groups.append({"params": [offsets], "lr": settings.lr_offsets})
         adjacency = face_adjacency(mesh.faces)
-    opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8)
     losses: list[float] = []
     total = settings.steps
     for step in range(total):
