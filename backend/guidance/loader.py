@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,11 +115,16 @@ def _load_vocabulary(folder: Path | None) -> frozenset[str] | None:
     return None
 
 
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set: hub ids are then only looked up in the local cache."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _has_vae(model_id: str, folder: Path | None) -> bool:
     if folder is not None:
         return (folder / "vae").is_dir()
     from diffusers import DiffusionPipeline
-    index = DiffusionPipeline.load_config(model_id)
+    index = DiffusionPipeline.load_config(model_id, local_files_only=hub_offline())
     return "vae" in index and index["vae"] not in (None, [None, None])
 
 
@@ -171,17 +177,19 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, cpu_off
         missing = [sub for sub in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / sub).is_dir()]
         if missing:
             raise GuidanceError(
-                f"model folder {folder} is not in the diffusers layout: missing {', '.join(missing)}/ "
+                f"model folder {folder} is not in the diffusers layout: missing {', '.join(m + '/' for m in missing)} "
                 f"(expected model_index.json, unet/, text_encoder/, tokenizer/, scheduler/ and vae/ for latent "
                 f"models)")
     source = str(folder) if folder is not None else model
+    local = {"local_files_only": True} if (folder is None and hub_offline()) else {}
     try:
         latent = _has_vae(model, folder)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch.float32)
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype) if latent else None
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **local)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **local)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch.float32,
+                                                     **local)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **local)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **local) if latent else None
     except (OSError, ValueError) as exc:
         if folder is not None:
             raise GuidanceError(f"could not load the model in {folder}: {exc}") from exc

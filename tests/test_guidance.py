@@ -1,0 +1,141 @@
+"""SDS guidance with tiny random diffusers models loaded through from_pretrained (latent and pixel-space)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.guidance import GuidanceError, ModelNotFoundError, load_guidance, resolve_model
+from backend.guidance.loader import bundled_prior_dir, cached_models, load_model
+from backend.pipeline.presets import GuidanceConfig
+from tests.tiny_models import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {"latent": build_tiny_model(root / "latent", latent=True),
+            "pixel": build_tiny_model(root / "pixel", latent=False)}
+
+
+def config(folder, **kw) -> GuidanceConfig:
+    return GuidanceConfig(model=str(folder), cfg_scale=kw.pop("cfg_scale", 7.5), **kw)
+
+
+@pytest.mark.parametrize("kind", ["latent", "pixel"])
+def test_load_and_sds_gradient(tiny_models, kind):
+    torch.set_num_threads(1)
+    g = load_guidance(config(tiny_models[kind]), "cpu")
+    assert g.resolution == 32
+    assert g.is_latent == (kind == "latent")
+    assert ("latent" if kind == "latent" else "pixel-space") in g.description
+    g.set_prompt("a red cube", "blurry")
+    images = torch.rand(2, 3, 40, 40, requires_grad=True)
+    torch.manual_seed(0)
+    loss = g.sds_loss(images, torch.tensor([0.0, 180.0]), torch.tensor([10.0, 20.0]), 0.5)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_sds_gradient_is_weighted_noise_residual(tiny_models):
+    """Pixel-space: d loss / d z = w(t) (eps_hat - eps) / B, checked against an independent UNet call."""
+    g = load_guidance(config(tiny_models["pixel"], cfg_scale=5.0), "cpu")
+    g.set_prompt("a blue sphere")
+    images = torch.rand(3, 3, 32, 32, dtype=torch.float32, requires_grad=True)
+    az, el = torch.tensor([0.0, 90.0, 180.0]), torch.tensor([0.0, 0.0, 70.0])
+    torch.manual_seed(7)
+    loss = g.sds_loss(images, az, el, 0.0)
+    loss.backward()
+    t = g.last["t"]
+    # replay the same draws
+    torch.manual_seed(7)
+    t2 = torch.randint(*(lambda r: (r[0], r[1] + 1))(g.timestep_range(0.0)), (3,))
+    assert torch.equal(t, t2)
+    z = images.detach() * 2 - 1
+    noise = torch.randn_like(z)
+    a = g.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    with torch.no_grad():
+        unet = g.bundle.unet
+        cond = g.view_embeddings(az, el)
+        e_c = unet(z_t, t, encoder_hidden_states=cond).sample
+        e_u = unet(z_t, t, encoder_hidden_states=g._uncond.expand(3, -1, -1)).sample
+    eps_hat = e_u + 5.0 * (e_c - e_u)
+    expected = (1 - a) * (eps_hat - noise) / 3 * 2  # dz/dimage = 2
+    assert torch.allclose(images.grad, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_view_words_reach_the_unet(tiny_models):
+    """A spy on the UNet forward sees a different embedding per view word, equal to the encoder's output
+    for "<prompt>, <word> view", and the unconditional half equals the negative prompt's embedding."""
+    g = load_guidance(config(tiny_models["pixel"]), "cpu")
+    g.set_prompt("a green cone", "ugly")
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append(kwargs["encoder_hidden_states"].detach().clone())
+
+    handle = g.bundle.unet.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        images = torch.rand(4, 3, 32, 32)
+        g.sds_loss(images, torch.tensor([0.0, 90.0, 180.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 80.0]), 0.2)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    hs = seen[0]
+    assert hs.shape[0] == 8  # cond (4 views) + uncond (4)
+    tok, enc = g.bundle.tokenizer, g.bundle.text_encoder
+    for i, word in enumerate(["front", "side", "back", "overhead"]):
+        ids = tok([f"a green cone, {word} view"], padding="max_length", max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = enc(ids)[0][0]
+        assert torch.allclose(hs[i], ref, atol=1e-5), word
+    assert not torch.allclose(hs[0], hs[2])  # front vs back differ
+    ids = tok(["ugly"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(hs[4], enc(ids)[0][0], atol=1e-5)
+
+
+def test_embeddings_cached_and_models_resident(tiny_models):
+    cfg = config(tiny_models["latent"])
+    g1 = load_guidance(cfg, "cpu")
+    g1.set_prompt("a yellow torus")
+    calls = g1.bundle.encode_calls
+    g2 = load_guidance(cfg, "cpu")
+    assert g2.bundle is g1.bundle  # resident between jobs
+    assert (str(tiny_models["latent"].resolve()), "cpu", str(torch.float32)) in cached_models()
+    g2.set_prompt("a yellow torus")
+    assert g2.bundle.encode_calls == calls  # same prompt: no text-encoder pass
+    g2.set_prompt("a purple pyramid")
+    assert g2.bundle.encode_calls == calls + 1  # new prompt: one batched pass for all views
+    assert g2.text_encoder is None  # released from the guidance object
+    assert next(g2.bundle.text_encoder.parameters()).device.type == "cpu"
+
+
+def test_missing_models_give_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here; look in the local hub cache only
+    with pytest.raises(ModelNotFoundError, match="huggingface-cli download"):
+        load_model(str(tmp_path / "nope" / "model"), "cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GuidanceError, match="diffusers layout: missing unet/"):
+        load_model(str(tmp_path / "empty"), "cpu")
+    with pytest.raises(ModelNotFoundError, match="local folder"):
+        load_model("conjure-test/definitely-not-cached-model", "cpu")
+
+
+def test_auto_resolution_is_announced():
+    model, reason = resolve_model("auto", "cpu")
+    assert model == str(bundled_prior_dir())
+    assert reason == f"using bundled CPU prior {bundled_prior_dir().name} (no CUDA)"
+    model, reason = resolve_model("auto", "cuda")
+    assert model == "stabilityai/stable-diffusion-2-1-base" and "CUDA" in reason
+
+
+def test_timestep_annealing_uses_schedule(tiny_models):
+    g = load_guidance(config(tiny_models["pixel"], t_min=0.02, t_max=0.98, t_min_end=0.02, t_max_end=0.5,
+                             t_anneal="linear"), "cpu")
+    assert g.timestep_range(0.0) == (20, 980)
+    assert g.timestep_range(1.0) == (20, 500)
+    assert g.timestep_range(0.5) == (20, 740)
