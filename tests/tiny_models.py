@@ -20,7 +20,8 @@ TEXT_DIM = 32
 MAX_TOKENS = 77
 
 
-def _write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path) -> None:
+    """Write a character-level CLIP BPE tokenizer (vocab.json, merges.txt + saved config) to ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = string.ascii_lowercase + string.digits + ".,!?'-"
     vocab: dict[str, int] = {}
@@ -40,6 +41,9 @@ def _write_tokenizer(folder: Path) -> None:
     tok.save_pretrained(str(folder))
 
 
+_write_tokenizer = write_tokenizer  # older name, used by bench scripts
+
+
 def build_tiny_model(folder: str | Path, latent: bool = True, seed: int = 0) -> Path:
     """Build, save and return a tiny random model folder (see module docstring)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -48,7 +52,7 @@ def build_tiny_model(folder: str | Path, latent: bool = True, seed: int = 0) -> 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    _write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer")
     from transformers import CLIPTokenizer
 
     vocab_size = len(CLIPTokenizer.from_pretrained(str(folder / "tokenizer")))
