@@ -55,6 +55,7 @@ from pathlib import Path
 
 import zmq
 
+from backend import __version__
 from protocol import (
     JOB_STATES,
     PROTOCOL_VERSION,
@@ -89,7 +90,7 @@ from .worker import (
 
 log = logging.getLogger("conjure.server")
 
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = __version__  # one version source: pyproject.toml
 KEEP_FINISHED_STREAMS = 16
 CLIENT_FORGET_S = 3600.0
 LEGACY_REFILL_S = 1.0
