@@ -54,7 +54,8 @@ def test_sds_stage_end_to_end(tiny, kind):
     result, events, grads_finite = run_stage(tiny[kind])
     progress = [e for e in events if isinstance(e, ProgressEvent)]
     previews = [e for e in events if isinstance(e, PreviewEvent)]
-    assert [e.step for e in progress] == list(range(1, 13)) and all(e.total == 12 for e in progress)
+    assert [e.step for e in progress] == list(range(0, 13)) and all(e.total == 12 for e in progress)
+    assert progress[0].message == "Gaussian renderer: pure PyTorch (no CUDA)"
     assert all(e.stage == "coarse" for e in progress)
     assert [p.step for p in previews] == [5, 10, 12]  # every 5 steps and at the end
     assert len(result.losses) == 12 and all(np.isfinite(result.losses))
@@ -108,11 +109,11 @@ def test_run_job_cancel_and_bad_preset(tiny, tmp_path):
     seen = []
 
     def cancelled():
-        return sum(isinstance(e, ProgressEvent) and e.stage == "coarse" for e in seen) >= 2
+        return sum(isinstance(e, ProgressEvent) and e.stage == "coarse" and e.step > 0 for e in seen) >= 2
 
     with pytest.raises(Cancelled):
         run_job(draft_params(tiny["pixel"]), JobContext(out_dir=tmp_path, emit=seen.append, cancelled=cancelled))
-    assert sum(isinstance(e, ProgressEvent) and e.stage == "coarse" for e in seen) == 2
+    assert sum(isinstance(e, ProgressEvent) and e.stage == "coarse" and e.step > 0 for e in seen) == 2
     with pytest.raises(ValueError, match="coarse.stepz"):
         run_job(draft_params(tiny["pixel"], overrides={"coarse.stepz": 3}), JobContext(out_dir=tmp_path))
 

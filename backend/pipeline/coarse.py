@@ -105,8 +105,11 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
     t_stage = time.perf_counter()
     step_time = 0.0
     preview_time = 0.0
-    log.info("coarse stage: %d steps, batch %d, %d Gaussians, renderer %s", steps, config.batch_size,
-             len(model), backend)
+    renderer_line = ("Gaussian renderer: gsplat (CUDA)" if backend == "gsplat"
+                     else f"Gaussian renderer: pure PyTorch ({'no CUDA' if device.type != 'cuda' else 'gsplat unavailable'})")
+    log.info("coarse stage: %d steps, batch %d, %d Gaussians; %s", steps, config.batch_size, len(model),
+             renderer_line)
+    ctx.emit(ProgressEvent(stage, 0, steps, renderer_line))
     for step in range(steps):
         ctx.check_cancel()
         t0 = time.perf_counter()
