@@ -31,7 +31,7 @@ __all__ = ["Client", "JobState", "ConjureError", "FINAL_STATES"]
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted", "lost")
 
 PING_INTERVAL_S = 0.5
-LOST_AFTER_S = 2.0
+LOST_AFTER_S = 1.5
 RECONNECT_EVERY_S = 1.0
 #: Previews the client lets the server send ahead (each preview received grants one more).
 PREVIEW_CREDITS = 2

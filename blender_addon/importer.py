@@ -79,11 +79,22 @@ def mesh_build_stages(mesh, payload):
     n, f = len(pos), len(faces)
     _check_payload(payload, n, f, faces)
     mesh.vertices.add(n)
-    mesh.vertices.foreach_set("co", pos.ravel())
+    # Blender 3.5+ stores positions, corner vertices and UVs as generic attributes whose
+    # ``foreach_set`` is a plain copy (10-100x faster than the MeshVertex/MeshLoop wrappers).
+    attrs = mesh.attributes
+    position = attrs.get("position")
+    if position is not None and position.data_type == "FLOAT_VECTOR":
+        position.data.foreach_set("vector", pos.ravel())
+    else:
+        mesh.vertices.foreach_set("co", pos.ravel())
     yield "vertices"
     corners = faces.astype(np.int32, copy=False).ravel()
     mesh.loops.add(3 * f)
-    mesh.loops.foreach_set("vertex_index", corners)
+    corner_vert = attrs.get(".corner_vert")
+    if corner_vert is not None and corner_vert.data_type == "INT":
+        corner_vert.data.foreach_set("value", corners)
+    else:
+        mesh.loops.foreach_set("vertex_index", corners)
     yield "corners"
     mesh.polygons.add(f)
     mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * f, 3, dtype=np.int32))
@@ -92,7 +103,12 @@ def mesh_build_stages(mesh, payload):
     yield "faces"
     if payload.uvs is not None:
         uv = mesh.uv_layers.new(name=UV_NAME)
-        uv.data.foreach_set("uv", np.ascontiguousarray(payload.uvs, dtype=np.float32).ravel())
+        flat = np.ascontiguousarray(payload.uvs, dtype=np.float32).ravel()
+        uv_attr = attrs.get(uv.name)
+        if uv_attr is not None and uv_attr.data_type == "FLOAT2" and uv_attr.domain == "CORNER":
+            uv_attr.data.foreach_set("vector", flat)
+        else:
+            uv.data.foreach_set("uv", flat)
         yield "uvs"
     if payload.colors is not None:
         attr = mesh.color_attributes.new(COLOR_NAME, "BYTE_COLOR", "POINT")

@@ -76,10 +76,10 @@ class CONJURE_PT_main(bpy.types.Panel):
 
         col = layout.column(align=True)
         col.label(text="Prompt")
-        col.prop(settings, "prompt", text="", icon="OUTLINER_DATA_GP_LAYER")
+        col.prop(settings, "prompt", text="")
         col.separator()
         col.label(text="Avoid")
-        col.prop(settings, "negative_prompt", text="", icon="CANCEL")
+        col.prop(settings, "negative_prompt", text="")
 
         layout.separator(factor=0.5)
         split = layout.split(factor=0.3, align=True)
@@ -118,8 +118,10 @@ class CONJURE_PT_main(bpy.types.Panel):
                 box = layout.box()
                 _wrap(box, text, context, icon="ERROR", alert=True)
                 box.operator("conjure.start_backend", text="Start Backend", icon="PLAY")
-            elif icon != "LINKED":
-                layout.label(text=text, icon=icon)
+            else:
+                row = layout.row()
+                row.active = icon == "LINKED"
+                row.label(text=text, icon=icon)
             return
         box = layout.box()
         _wrap(box, err.message, context, icon="ERROR", alert=True)
@@ -149,8 +151,9 @@ class CONJURE_PT_main(bpy.types.Panel):
             if job.message:
                 box.label(text=job.message, icon="INFO")
         elif job.state == "done":
-            box.label(text=job.status_line() + (" → " + job.imported_object if job.imported_object else ""),
-                      icon="CHECKMARK")
+            box.label(text=job.status_line())
+            if job.imported_object:
+                box.label(text=job.imported_object, icon="OBJECT_DATA")
         else:
             err = job.error
             _wrap(box, err.message if err else job.state, context, icon="ERROR", alert=True)

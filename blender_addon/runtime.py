@@ -37,12 +37,16 @@ class Runtime:
         self.slots = {}  # job_id -> importer.PreviewSlot
         self.placement = {}  # job_id -> (location tuple, collection name)
         self.tasks = deque()  # (job_id, kind, generator)
-        self.tick_seconds = deque(maxlen=20000)
+        self.tick_seconds = deque(maxlen=20000)  # wall time of each pump tick
+        self.tick_cpu_seconds = deque(maxlen=20000)  # CPU time of this thread in each tick
         self.stats = {"previews_applied": 0, "previews_skipped": 0, "imports": 0, "ticks": 0}
         self.current_job_id = None  # the job the panel follows
         self.timer_registered = False
         self._last_redraw = 0.0
-        self._dirty = False
+        self._dirty = False  # the panel needs a redraw
+        self._scene_dirty = False  # the viewport too (a preview or result changed the scene)
+        self._stage_cost = {}  # (task kind, previous stage name) -> seconds the next stage took
+        self._next_stage = {}  # job_id -> name of the stage that ran last (None: a new task)
         self._waiting_backend_since = None
         self.on_import = []  # callbacks(job, obj) (tests, scripts)
         self.pending_request = None  # (request, location, collection name) until the backend answers
@@ -200,21 +204,35 @@ class Runtime:
                 client.changed = False
                 self._dirty = True
         ran = 0
-        while self.tasks and (ran == 0 or time.perf_counter() < deadline):
+        while self.tasks:
             job_id, kind, gen = self.tasks[0]
+            # run a stage only if its expected cost fits what is left of the budget (the first
+            # stage of a tick always runs, so work never stalls)
+            if ran and time.perf_counter() + self._stage_cost.get((kind, self._next_stage.get(job_id)), 0.0) \
+                    > deadline:
+                break
+            t_stage = time.perf_counter()
             try:
                 stage = next(gen)
             except StopIteration:
                 self.tasks.popleft()
+                self._next_stage.pop(job_id, None)
                 self._task_done(job_id, kind, gen)
                 continue
             except Exception as e:  # a bad mesh must not kill the pump
                 self.tasks.popleft()
+                self._next_stage.pop(job_id, None)
                 self._task_failed(job_id, kind, e)
                 continue
             ran += 1
+            cost = time.perf_counter() - t_stage
+            key = (kind, self._next_stage.get(job_id))
+            old = self._stage_cost.get(key)
+            self._stage_cost[key] = cost if old is None else max(cost, 0.8 * old + 0.2 * cost)
+            self._next_stage[job_id] = stage
             if stage in ("swap", "object"):
                 self._dirty = True
+                self._scene_dirty = True
         self._redraw()
         busy = bool(self.tasks) or (client is not None and bool(client.active_jobs()))
         return busy
@@ -240,6 +258,7 @@ class Runtime:
                 self._dirty = True
 
     def _drop_tasks(self, job_id, kind):
+        self._next_stage.pop(job_id, None)
         for item in [t for t in self.tasks if t[0] == job_id and t[1] == kind]:
             self.tasks.remove(item)
             item[2].close()
@@ -299,28 +318,40 @@ class Runtime:
         self._dirty = True
 
     def _redraw(self):
+        """Redraw the sidebar (cheap) when the panel changed; the whole 3D view only when the
+        scene did. At most every ``REDRAW_EVERY_S``."""
         now = time.monotonic()
         if not self._dirty or now - self._last_redraw < REDRAW_EVERY_S:
             return
-        self._dirty = False
+        scene = self._scene_dirty
+        self._dirty = self._scene_dirty = False
         self._last_redraw = now
         wm = getattr(bpy.context, "window_manager", None)
         if wm is None:
             return
         for window in wm.windows:
             for area in window.screen.areas:
-                if area.type in ("VIEW_3D", "PREFERENCES"):
+                if area.type == "VIEW_3D":
+                    if scene:
+                        area.tag_redraw()
+                    else:
+                        for region in area.regions:
+                            if region.type == "UI":
+                                region.tag_redraw()
+                elif area.type == "PREFERENCES":
                     area.tag_redraw()
 
     def tick(self):
         """The timer callback body: one budgeted round; returns seconds until the next tick."""
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         try:
             busy = self.process(TICK_BUDGET_S)
         except Exception as e:  # never let the timer die
             self.error = ConjureError("internal", "Conjure pump error: %s" % e)
             busy = False
         self.tick_seconds.append(time.perf_counter() - t0)
+        self.tick_cpu_seconds.append(time.thread_time() - c0)
         self.stats["ticks"] += 1
         if busy or self._waiting_backend_since is not None:
             return BUSY_INTERVAL_S

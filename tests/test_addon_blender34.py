@@ -1,0 +1,129 @@
+"""The add-on in a real Blender window: Debian's Blender 3.4 under xvfb-run, a real backend.
+
+The session script (``tests/blender34/ui_session.py``) runs inside Blender on timers; this
+test starts the backend, kills and restarts it when the script asks, and checks the results:
+panel drawn on its tab, previews streamed while the UI redrew, timer-pump tick p99 < 5 ms, the
+final object in the scene, the loss shown within 3 s and recovery. Screenshots land in
+``artifacts/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_addon_support import REPO, BackendProcess
+
+pytestmark = [pytest.mark.blender34, pytest.mark.slow]
+
+STREAM = {"test.steps": 60, "test.step_seconds": 0.05, "test.preview_every": 2, "test.subdivisions": 4}
+SLOW = {"test.steps": 2000, "test.step_seconds": 0.05, "test.preview_every": 10, "test.subdivisions": 3}
+FAST = {"test.steps": 6, "test.step_seconds": 0.02, "test.preview_every": 2, "test.subdivisions": 3}
+
+
+def _overrides(d: dict) -> str:
+    return "; ".join(f"{k}={v}" for k, v in d.items())
+
+
+def install_addon(scripts_dir: Path) -> str:
+    """Put the add-on where Blender 3.4 finds legacy add-ons; returns its module name.
+
+    ``CONJURE_ADDON_ZIP`` (a zip made by build.py) is unpacked when set; otherwise the
+    source folder is copied (the vendored protocol symlink resolved)."""
+    addons = scripts_dir / "addons"
+    addons.mkdir(parents=True, exist_ok=True)
+    zip_path = os.environ.get("CONJURE_ADDON_ZIP")
+    if zip_path:
+        import zipfile
+
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(addons)
+            top = {n.split("/", 1)[0] for n in zf.namelist()}
+        if len(top) == 1:
+            return top.pop()
+        # an extension-style zip with files at its root: give it a folder
+        target = addons / "conjure"
+        target.mkdir()
+        for name in top:
+            shutil.move(str(addons / name), str(target / name))
+        return "conjure"
+    shutil.copytree(REPO / "blender_addon", addons / "conjure", symlinks=False,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return "conjure"
+
+
+def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    backend = BackendProcess(data)
+    backend.start()
+    scripts = tmp_path / "scripts"
+    module = install_addon(scripts)
+    out = tmp_path / "out"
+    hs = tmp_path / "hs"
+    out.mkdir()
+    hs.mkdir()
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"addon": module, "conn": str(backend.conn), "out": str(out), "handshake": str(hs),
+                               "stream": _overrides(STREAM), "slow": _overrides(SLOW), "fast": _overrides(FAST)}))
+    env = dict(os.environ)
+    env.update({"CONJURE_TEST_CONFIG": str(cfg), "BLENDER_USER_SCRIPTS": str(scripts),
+                "BLENDER_USER_CONFIG": str(tmp_path / "config")})
+    env.pop("PYTHONPATH", None)  # the add-on must not lean on the repo's packages
+    # Debian's Blender embeds the system Python, which finds its stdlib through the first
+    # ``python3`` on PATH: keep a pyenv/venv interpreter from being picked up instead.
+    env["PATH"] = os.pathsep.join(["/usr/bin", "/bin", env.get("PATH", "")])
+    log = open(tmp_path / "blender.log", "wb")
+    proc = subprocess.Popen(["xvfb-run", "-a", "-s", "-screen 0 1280x720x24", "blender", "--factory-startup",
+                             "--enable-event-simulate", "--python", str(REPO / "tests/blender34/ui_session.py")],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+    try:
+        deadline = time.monotonic() + 420
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (hs / "kill").exists() and not (hs / "killed").exists():
+                backend.kill()
+                (hs / "killed").touch()
+            if (hs / "restart").exists() and not (hs / "restarted").exists():
+                backend.start()
+                (hs / "restarted").touch()
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+    finally:
+        backend.stop()
+        log.close()
+    for png in out.glob("*.png"):
+        shutil.copy(png, artifacts_dir / png.name)
+    shutil.copy(tmp_path / "blender.log", artifacts_dir / "blender34_session.log")
+    result_file = out / "result.json"
+    assert result_file.exists(), (tmp_path / "blender.log").read_text()[-5000:]
+    r = json.loads(result_file.read_text())
+    (artifacts_dir / "blender34_result.json").write_text(json.dumps(r, indent=1))
+    assert not r["errors"], r["errors"]
+    assert r.get("done")
+    assert r["tab_found"], "the Conjure tab was not found in the sidebar"
+    j1 = r["job1"]
+    assert j1["state"] == "done" and j1["object"] == "a glowing crystal orb"
+    # Timing needs a UI loop that is not starved: on a machine shared with other CPU-heavy work
+    # (llvmpipe then takes seconds per redraw) the wall-clock figures measure the machine, so
+    # the tick's CPU time is checked instead and the loss deadline allows for the loop's period.
+    healthy = j1["loop_gap_median_s"] < 0.1
+    assert j1["previews_applied"] >= (3 if healthy else 1) and j1["draws"] >= 5, j1
+    assert (j1["tick_p99_ms"] if healthy else j1["tick_cpu_p99_ms"]) < 5.0, j1
+    assert j1["location"] == pytest.approx([1.0, -1.0, 0.5]) and j1["selected"] and j1["active"]
+    assert j1["prop_seed"] == 1234 and j1["faces"] == 5120
+    assert "a glowing crystal orb (preview)" not in j1["objects"] and j1["meshes"] == 2
+    loss_limit = 3.0 if healthy else 3.0 + 2 * j1["loop_gap_p90_s"]
+    assert r["loss_shown_s"] is not None and r["loss_shown_s"] < loss_limit, (r["loss_status"], j1)
+    assert r["recovered_s"] is not None and r["recovered_s"] < 10.0
+    assert r["job2"]["error"] == "interrupted"
+    assert r["job3"]["state"] == "done" and r["job3"]["object"] == "a small wooden stool"
+    assert ("a glowing crystal orb", "done") in [tuple(h) for h in r["history"]]
+    assert {"a glowing crystal orb", "a small wooden stool"} <= set(r["objects_end"])
+    assert len(r["screenshots"]) >= 4
