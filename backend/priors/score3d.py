@@ -81,7 +81,11 @@ def shape_ious(positions: np.ndarray, faces: np.ndarray, res: int = 40, extent: 
                angles_deg: tuple[float, ...] = tuple(range(0, 90, 5))) -> dict[str, float]:
     """Best-rotation-about-Z, scale-normalised volumetric IoU of the mesh with every canonical solid."""
     centres = (np.arange(res) + 0.5) / res * 2 * extent - extent
-    mesh_occ = mesh_occupancy_grid(positions, faces, res, extent)
+    v = np.asarray(positions, dtype=np.float64)
+    if len(v):  # any placement/size: fit the bounding box into [-1, 1]^3 first
+        lo, hi = v.min(axis=0), v.max(axis=0)
+        v = (v - (lo + hi) / 2) / max(float((hi - lo).max()) / 2, 1e-9)
+    mesh_occ = mesh_occupancy_grid(v, faces, res, extent)
     m_c, m_s = _normaliser(mesh_occ, centres)
     # query points in the normalised frame, [-1.1, 1.1]^3
     q1 = (np.arange(res) + 0.5) / res * 2.2 - 1.1
