@@ -249,7 +249,8 @@ def _place(obj, *, collection, location, select):
     if select:
         view_layer = bpy.context.view_layer
         for other in list(view_layer.objects.selected):
-            other.select_set(False)
+            if other is not None:
+                other.select_set(False)
         if obj.name in view_layer.objects:
             obj.select_set(True)
             view_layer.objects.active = obj
