@@ -94,8 +94,10 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
     ctx = ctx or JobContext(out_dir=None)  # type: ignore[arg-type]
     device = torch.device(device)
     backend = resolve_backend(config.renderer, device)
-    model = init or GaussianModel.init_random(config.num_points, config.init_radius, config.init_shape,
-                                              config.init_scale, config.init_opacity, generator, device)
+    if init is None:
+        init = GaussianModel.init_random(config.num_points, config.init_radius, config.init_shape,
+                                         config.init_scale, config.init_opacity, generator, device)
+    model = init
     optimizer = model.make_optimizer(_lrs(config, 0.0))
     densifier = Densifier(DensifyConfig(fraction=config.densify_fraction, max_points=config.max_points,
                                         prune_opacity=config.prune_opacity, split_scale=config.split_scale),
