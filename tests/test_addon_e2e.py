@@ -199,6 +199,25 @@ def test_backend_killed_mid_job_is_noticed_and_recovered(backend, tmp_path):
     assert r["after_obj"] == "after restart"
 
 
+def test_make_props_example_fills_a_scene(backend, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_addon_support import REPO
+
+    out = tmp_path / "props.blend"
+    cmd = [sys.executable, str(REPO / "examples/make_props.py"), "--out", str(out), "--connection",
+           str(backend.conn), "--preset", "draft", "--prompt", "a barrel", "--prompt", "a lantern",
+           "--prompt", "a mushroom", "--spacing", "3"]
+    for k, v in FAST.items():
+        cmd += ["--set", f"{k}={v}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    made = [ln for ln in proc.stdout.splitlines() if ln.startswith("made ")]
+    assert len(made) == 3 and "at (6.0, 0.0, 0.0)" in made[2], made
+    assert out.exists() and out.stat().st_size > 10_000
+
+
 def test_unreachable_backend_raises_clear_error(tmp_path):
     r = run_body(__file__, "unreachable", {"dir": str(tmp_path)})
     assert r["missing"][0] == "no_connection_file" and r["missing"][2] == "start_backend"
