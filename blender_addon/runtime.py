@@ -27,6 +27,8 @@ BUSY_INTERVAL_S = 0.01
 IDLE_INTERVAL_S = 0.1
 OFFLINE_INTERVAL_S = 0.5
 REDRAW_EVERY_S = 0.05
+MIN_SOCKET_S = 0.001
+MAX_SOCKET_GAP_S = 0.1
 
 
 class Runtime:
@@ -46,6 +48,7 @@ class Runtime:
         self._dirty = False  # the panel needs a redraw
         self._scene_dirty = False  # the viewport too (a preview or result changed the scene)
         self._stage_cost = {}  # (task kind, previous stage name) -> seconds the next stage took
+        self._last_socket = 0.0
         self._next_stage = {}  # job_id -> name of the stage that ran last (None: a new task)
         self._waiting_backend_since = None
         self.on_import = []  # callbacks(job, obj) (tests, scripts)
@@ -176,38 +179,19 @@ class Runtime:
 
     # -- the pump -----------------------------------------------------------------------------
     def process(self, budget_s=TICK_BUDGET_S, *, timeout_ms=0, previews=True):
-        """One round: socket, then staged scene edits, within ``budget_s``. Returns True if busy."""
+        """One round within ``budget_s``: staged scene edits first, then the socket. True if busy.
+
+        A stage runs only if its expected cost (the slowest recent run of that stage, decaying)
+        fits in what is left; the first stage of a round always runs, at the start of the round,
+        so work never stalls. The socket then gets the rest of the budget; when less than
+        ``MIN_SOCKET_S`` is left it is skipped, except that it is read at least every
+        ``MAX_SOCKET_GAP_S`` so heartbeats never look late.
+        """
         start = time.perf_counter()
         deadline = start + budget_s
-        client = self.client
-        if client is None and self._waiting_backend_since is not None:
-            try:
-                if self.backend is not None and self.backend.connection_ready():
-                    self.ensure_client()
-                    client = self.client
-            except ConjureError:
-                pass
-        if client is not None:
-            client.poll(budget_s * 0.5, timeout_ms=timeout_ms)
-            if client.state == "connected":
-                self._waiting_backend_since = None
-                if self.pending_request is not None:
-                    request, loc, coll_name = self.pending_request
-                    self.pending_request = None
-                    coll = bpy.data.collections.get(coll_name) or bpy.context.scene.collection
-                    try:
-                        self.submit(request, location=loc, collection=coll)
-                    except ConjureError as e:
-                        self.error = e
-            self._schedule(client, previews)
-            if client.changed:
-                client.changed = False
-                self._dirty = True
         ran = 0
         while self.tasks:
             job_id, kind, gen = self.tasks[0]
-            # run a stage only if its expected cost fits what is left of the budget (the first
-            # stage of a tick always runs, so work never stalls)
             if ran and time.perf_counter() + self._stage_cost.get((kind, self._next_stage.get(job_id)), 0.0) \
                     > deadline:
                 break
@@ -233,6 +217,35 @@ class Runtime:
             if stage in ("swap", "object"):
                 self._dirty = True
                 self._scene_dirty = True
+
+        client = self.client
+        if client is None and self._waiting_backend_since is not None:
+            try:
+                if self.backend is not None and self.backend.connection_ready():
+                    self.ensure_client()
+                    client = self.client
+            except ConjureError:
+                pass
+        if client is not None:
+            now = time.perf_counter()
+            left = deadline - now
+            if timeout_ms or left >= MIN_SOCKET_S or now - self._last_socket >= MAX_SOCKET_GAP_S:
+                self._last_socket = now
+                client.poll(max(left, MIN_SOCKET_S), timeout_ms=timeout_ms)
+            if client.state == "connected":
+                self._waiting_backend_since = None
+                if self.pending_request is not None:
+                    request, loc, coll_name = self.pending_request
+                    self.pending_request = None
+                    coll = bpy.data.collections.get(coll_name) or bpy.context.scene.collection
+                    try:
+                        self.submit(request, location=loc, collection=coll)
+                    except ConjureError as e:
+                        self.error = e
+            self._schedule(client, previews)
+            if client.changed:
+                client.changed = False
+                self._dirty = True
         self._redraw()
         busy = bool(self.tasks) or (client is not None and bool(client.active_jobs()))
         return busy
