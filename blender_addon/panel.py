@@ -27,7 +27,8 @@ _STATE_ICONS = {
 def _wrap(layout, text, context, icon="NONE", alert=False):
     """Draw ``text`` as wrapped label lines fitting the region width."""
     width = context.region.width if context.region else 300
-    chars = max(20, int(width / (7.0 * context.preferences.system.ui_scale)))
+    scale = context.preferences.system.ui_scale
+    chars = max(16, int((width - 60 * scale) / (6.5 * scale)))
     col = layout.column(align=True)
     col.alert = alert
     lines = textwrap.wrap(text, chars) or [""]
@@ -38,7 +39,7 @@ def _wrap(layout, text, context, icon="NONE", alert=False):
 
 def _progress_value(self):
     job = RUNTIME.current_job()
-    return float(job.fraction) if job is not None else 0.0
+    return 100.0 * float(job.fraction) if job is not None else 0.0
 
 
 def draw_backend_row(layout, context):
@@ -100,7 +101,7 @@ class CONJURE_PT_main(bpy.types.Panel):
         row = layout.row(align=True)
         row.scale_y = 1.6
         if running or pending:
-            row.operator("conjure.generate", text="Generate Another", icon="ADD")
+            row.operator("conjure.generate", text="Generate", icon="ADD")
             row.operator("conjure.cancel", text="Cancel", icon="CANCEL")
         else:
             row.operator("conjure.generate", text="Generate", icon="PLAY")
@@ -146,9 +147,10 @@ class CONJURE_PT_main(bpy.types.Panel):
             line = job.status_line()
             if HAS_PROGRESS:
                 box.progress(factor=job.fraction, type="BAR", text=line)
-            else:
-                box.prop(context.window_manager, "conjure_progress", text=line, slider=True)
-            if job.message:
+            else:  # Blender < 4.0: a read-only percentage slider under the status line
+                box.label(text=line)
+                box.prop(context.window_manager, "conjure_progress", text="", slider=True)
+            if job.message and not job.message.startswith("step "):
                 box.label(text=job.message, icon="INFO")
         elif job.state == "done":
             box.label(text=job.status_line())
@@ -235,7 +237,7 @@ classes = (CONJURE_PT_main, CONJURE_PT_advanced, CONJURE_PT_history)
 
 def register():
     bpy.types.WindowManager.conjure_progress = FloatProperty(
-        name="Progress", subtype="FACTOR", min=0.0, max=1.0, get=_progress_value)
+        name="Progress", subtype="PERCENTAGE", min=0.0, max=100.0, precision=0, get=_progress_value)
     for cls in classes:
         bpy.utils.register_class(cls)
 
