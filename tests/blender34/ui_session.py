@@ -184,7 +184,7 @@ def scenario():
         if time.monotonic() - t > 90:
             R["errors"].append(f"job 1 did not finish: {job.status_line()}")
             break
-        if not took_progress_shot and RUNTIME.stats["previews_applied"] >= 4 and not job.finished:
+        if not took_progress_shot and RUNTIME.stats["previews_applied"] >= 1 and job.state == "running":
             shot("blender34_progress.png")
             took_progress_shot = True
         yield 0.05
