@@ -131,5 +131,32 @@ def test_settings_become_request_with_override_table():
     assert len(r["names"][0].encode()) <= 56 and r["names"][1] == "Conjure"
 
 
+def _body_nonblocking(args):
+    import time
+
+    from blender_addon.client import Client
+    from protocol import ConnectionInfo
+
+    # a DEALER towards a port nobody listens on: the pipe fills to its high-water mark, then
+    # sends report EAGAIN and stay queued; nothing blocks, and closing is immediate (linger 0)
+    client = Client(ConnectionInfo("tcp", "127.0.0.1", 9, b"k" * 32, "1.0"))
+    t0 = time.perf_counter()
+    for _ in range(3000):
+        client._send("ping", {"token": "x"})
+    send_s = time.perf_counter() - t0
+    queued = client.flush()
+    t0 = time.perf_counter()
+    client.close()
+    close_s = time.perf_counter() - t0
+    return {"send_s": send_s, "eagain": client.stats["eagain"], "queued": queued, "close_s": close_s,
+            "sent": client.stats["sent"], "state": client.state}
+
+
+def test_sends_never_block_and_close_is_immediate():
+    r = run_body(__file__, "nonblocking")
+    assert r["eagain"] > 0 and r["queued"] > 0 and r["sent"] >= 1000
+    assert r["send_s"] < 5.0 and r["close_s"] < 0.5 and r["state"] == "closed"
+
+
 if __name__ == "__main__":
     body_main(globals())
