@@ -3,13 +3,35 @@
 UVs follow the project's texture convention: per corner, origin at the bottom-left, in [0, 1];
 texel (row r, column c) of an H×W texture (row 0 at the top) is centred at
 uv = ((c + 0.5)/W, 1 − (r + 0.5)/H).
+
+xatlas (0.0.x) can crash the whole process with a segmentation fault on some inputs (very
+regular meshes such as a perfect icosphere trigger it). ``unwrap`` therefore runs it in a child
+process (``python -m backend.mesh.uv IN OUT``, arrays through a temporary ``.npz``): on a crash it
+retries with the positions jittered by 1e-5 and then 1e-4 of the bounding-box diagonal, and as a
+last resort falls back to :func:`grid_atlas` (every pair of faces in its own cell; never fails).
+If the charts do not fit one atlas at the requested resolution, xatlas is rerun with an
+automatically sized atlas so every UV lies in one [0, 1]² square.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Tests set this to "always" (every xatlas child crashes) or to a file path (the first child that
+#: finds no such file creates it and crashes) to exercise the retry and fallback paths.
+CRASH_ENV = "CONJURE_TEST_XATLAS_CRASH"
 
 
 @dataclass
@@ -21,6 +43,7 @@ class UVAtlas:
         per-corner index buffer the rasteriser's ``interpolate`` takes).
     vmapping: (M,) int64 original vertex of each UV vertex.
     resolution: the atlas size in texels the padding was computed for.
+    method: 'xatlas', 'xatlas-jitter' or 'grid' (the fallback).
     """
 
     corner_uvs: np.ndarray
@@ -28,45 +51,152 @@ class UVAtlas:
     uv_faces: np.ndarray
     vmapping: np.ndarray
     resolution: int
+    method: str = "xatlas"
 
 
-def unwrap(positions: np.ndarray, faces: np.ndarray, resolution: int = 1024, padding: int = 2) -> UVAtlas:
-    """Parametrise a triangle mesh with xatlas.
+def _xatlas(positions: np.ndarray, faces: np.ndarray, resolution: int, padding: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run xatlas in this process → (vmapping (M,), indices (F, 3), uvs (M, 2)) in one atlas."""
+    import xatlas
+
+    def run(res: int, texels_per_unit: float):
+        atlas = xatlas.Atlas()
+        atlas.add_mesh(positions, faces)
+        chart_options = xatlas.ChartOptions()
+        pack_options = xatlas.PackOptions()
+        pack_options.padding = int(padding)
+        pack_options.resolution = int(res)
+        pack_options.texels_per_unit = float(texels_per_unit)
+        pack_options.bilinear = True
+        pack_options.blockAlign = False
+        atlas.generate(chart_options, pack_options)
+        return atlas
+
+    atlas = run(resolution, 0.0)
+    if atlas.atlas_count > 1:
+        # charts did not fit one atlas: let xatlas size the atlas for a texel density that fills
+        # about half of resolution² with the mesh's surface
+        tri = positions[faces.astype(np.int64)].astype(np.float64)
+        area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum()
+        atlas = run(0, math.sqrt(0.5 * resolution * resolution / max(area, 1e-12)))
+    vmapping, indices, uvs = atlas[0]
+    return vmapping.astype(np.int64), indices.astype(np.int64).reshape(-1, 3), uvs.astype(np.float32)
+
+
+def _xatlas_subprocess(positions: np.ndarray, faces: np.ndarray, resolution: int, padding: int,
+                       timeout: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``_xatlas`` in a child process; None when it crashed or timed out."""
+    repo_root = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory(prefix="conjure-uv-") as tmp:
+        src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(src, positions=positions, faces=faces, resolution=resolution, padding=padding)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "backend.mesh.uv", str(src), str(dst)],
+                                  cwd=str(repo_root), capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("xatlas timed out after %.0f s", timeout)
+            return None
+        if proc.returncode != 0 or not dst.exists():
+            log.warning("xatlas failed (exit status %s): %s", proc.returncode,
+                        proc.stderr.decode(errors="replace")[-500:])
+            return None
+        with np.load(dst) as out:
+            return out["vmapping"], out["indices"], out["uvs"]
+
+
+def grid_atlas(faces: np.ndarray, resolution: int, padding: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fallback parametrisation: faces in pairs, each pair in its own square cell of a grid.
+
+    Face 2k takes the lower-left half of cell k, face 2k+1 the upper-right half, each inset by
+    ``padding`` texels (at least half a texel). Distorted but valid and overlap-free.
+    """
+    F = len(faces)
+    cells = math.ceil(F / 2)
+    n = max(1, math.ceil(math.sqrt(cells)))
+    size = 1.0 / n
+    inset = min(max(padding, 0.5) / resolution, 0.2 * size)
+    k = np.arange(F) // 2
+    cx, cy = (k % n) * size, (k // n) * size
+    lo, hi = inset, size - inset
+    upper = (np.arange(F) % 2) == 1
+    # lower-left and upper-right triangles of the cell, kept apart across the diagonal by 2·gap
+    gap = min(inset, 0.1 * size)
+    uv = np.empty((F, 3, 2), np.float32)
+    lower_tri = np.array([[lo, lo], [hi - gap, lo], [lo, hi - gap]])
+    upper_tri = np.array([[hi, hi], [lo + gap, hi], [hi, lo + gap]])
+    uv[:] = np.where(upper[:, None, None], upper_tri[None], lower_tri[None])
+    uv[..., 0] += cx[:, None]
+    uv[..., 1] += cy[:, None]
+    vmapping = faces.reshape(-1).astype(np.int64)
+    indices = np.arange(F * 3, dtype=np.int64).reshape(F, 3)
+    return vmapping, indices, np.clip(uv.reshape(-1, 2), 0.0, 1.0)
+
+
+def unwrap(positions: np.ndarray, faces: np.ndarray, resolution: int = 1024, padding: int = 2,
+           isolate: bool = True, timeout: float = 600.0) -> UVAtlas:
+    """Parametrise a triangle mesh with xatlas (see the module docstring for crash handling).
 
     Args:
         positions: (N, 3) float vertex positions (any frame).
         faces: (F, 3) int vertex indices.
         resolution: texture side in texels the charts are packed for.
-        padding: empty texels kept around each chart (bleeding margin for mipmaps/bilinear).
+        padding: empty texels kept around each chart (bleeding margin for bilinear filtering).
+        isolate: run xatlas in a child process (True) or in this one.
 
     Returns:
         UVAtlas whose faces are in the input order (corner k of face f ↔ faces[f, k]).
     """
-    import xatlas
-
     positions = np.ascontiguousarray(positions, dtype=np.float32)
     faces = np.ascontiguousarray(faces, dtype=np.uint32)
-    if len(faces) == 0:
-        raise ValueError("cannot unwrap a mesh without faces")
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(positions, faces)
-    chart_options = xatlas.ChartOptions()
-    pack_options = xatlas.PackOptions()
-    pack_options.padding = int(padding)
-    pack_options.resolution = int(resolution)
-    pack_options.bilinear = True
-    pack_options.blockAlign = False
-    atlas.generate(chart_options, pack_options)
-    vmapping, indices, uvs = atlas[0]
-    vmapping = vmapping.astype(np.int64)
-    indices = indices.astype(np.int64).reshape(-1, 3)
+    if faces.ndim != 2 or faces.shape[1] != 3 or len(faces) == 0:
+        raise ValueError(f"cannot unwrap a mesh without faces (faces shape {faces.shape})")
+    if positions.ndim != 2 or positions.shape[1] != 3 or int(faces.max()) >= len(positions):
+        raise ValueError("positions must be (N, 3) and every face index < N")
+    result, method = None, "xatlas"
+    if not isolate:
+        result = _xatlas(positions, faces, resolution, padding)
+    else:
+        diag = float(np.linalg.norm(positions.max(0) - positions.min(0))) or 1.0
+        rng = np.random.default_rng(0)
+        for jitter in (0.0, 1e-5, 1e-4):
+            pos = positions if jitter == 0 else (positions + rng.normal(0, jitter * diag, positions.shape)).astype(np.float32)
+            result = _xatlas_subprocess(pos, faces, resolution, padding, timeout)
+            if result is not None:
+                method = "xatlas" if jitter == 0 else "xatlas-jitter"
+                break
+    if result is None:
+        log.warning("xatlas failed on every try; using the grid atlas fallback")
+        result, method = grid_atlas(faces.astype(np.int64), resolution, padding), "grid"
+    vmapping, indices, uvs = result
     if indices.shape[0] != faces.shape[0] or not np.array_equal(vmapping[indices], faces.astype(np.int64)):
         raise RuntimeError("xatlas changed the face order or count; cannot map UVs back to the input faces")
     uvs = np.clip(uvs.astype(np.float32), 0.0, 1.0)
-    return UVAtlas(uvs[indices].reshape(-1, 2), uvs, indices, vmapping, int(resolution))
+    return UVAtlas(uvs[indices].reshape(-1, 2), uvs, indices, vmapping, int(resolution), method)
 
 
 def uv_from_corners(corner_uvs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-corner UVs (F*3, 2) → unique UVs (M, 2) and uv_faces (F, 3) int64."""
     uniq, inv = np.unique(np.asarray(corner_uvs, np.float32), axis=0, return_inverse=True)
     return uniq, inv.reshape(-1, 3).astype(np.int64)
+
+
+def _main(argv: list[str]) -> int:
+    """Child-process entry: ``python -m backend.mesh.uv IN.npz OUT.npz``."""
+    if len(argv) != 2:
+        print("usage: python -m backend.mesh.uv IN.npz OUT.npz", file=sys.stderr)
+        return 2
+    crash = os.environ.get(CRASH_ENV)  # test hook: make this child die like xatlas does
+    if crash == "always" or (crash and not Path(crash).exists() and Path(crash).touch() is None):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    with np.load(argv[0]) as data:
+        positions, faces = data["positions"], data["faces"]
+        resolution, padding = int(data["resolution"]), int(data["padding"])
+    vmapping, indices, uvs = _xatlas(positions, faces, resolution, padding)
+    tmp = Path(argv[1]).with_suffix(".part.npz")
+    np.savez(tmp, vmapping=vmapping, indices=indices, uvs=uvs)
+    tmp.replace(argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
