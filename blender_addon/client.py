@@ -150,6 +150,7 @@ class Client:
         self._sock = None
         self._outbox = deque()
         self._last_rx = None
+        self._unanswered_since = None
         self._last_ping = 0.0
         self._connected_at = time.monotonic()
         self._last_reconnect = 0.0
@@ -188,6 +189,7 @@ class Client:
         self._outbox.clear()
         self._connected_at = time.monotonic()
         self._last_rx = None
+        self._unanswered_since = None
         self._hello()
 
     def _hello(self):
@@ -266,6 +268,8 @@ class Client:
             self._last_ping = now
             if not any(_is_ping(f) for f in self._outbox):  # one outstanding ping at most
                 self._send("ping", {"token": "%.3f" % now})
+                if self._unanswered_since is None:
+                    self._unanswered_since = now
 
     # -- public requests ---------------------------------------------------------------------
     def submit(self, prompt, *, negative_prompt="", seed=None, preset=None, overrides=None, job_id=None):
@@ -327,13 +331,15 @@ class Client:
         start = time.perf_counter()
         self.flush()
         if timeout_ms and not self._sock.poll(timeout_ms, zmq.POLLIN):
-            self._heartbeat()
+            self._heartbeat(drained=True)
             return 0
         handled = 0
+        drained = False
         while True:
             try:
                 frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
+                drained = True
                 break
             try:
                 msg = self.session.deserialize(frames)
@@ -347,18 +353,22 @@ class Client:
             self._handle(msg)
             if time.perf_counter() - start >= budget_s:
                 break
-        self._heartbeat()
+        self._heartbeat(drained)
         if handled:
             self.flush()
         return handled
 
-    def _heartbeat(self):
+    def _heartbeat(self, drained=False):
+        """Ping every ``PING_INTERVAL_S``; the backend is lost when a ping stayed unanswered for
+        ``LOST_AFTER_S`` *and* the socket was just read empty - so a Blender that itself stalled
+        for seconds (a long render, a starved UI loop) reads the waiting pong before judging."""
         now = time.monotonic()
         if self.state == "incompatible":
             return
         self._send_ping()
         since = now - (self._last_rx if self._last_rx is not None else self._connected_at)
-        if since > LOST_AFTER_S and self.state != "lost":
+        waited = now - self._unanswered_since if self._unanswered_since is not None else 0.0
+        if drained and waited > LOST_AFTER_S and self.state != "lost":
             self.state = "lost"
             self.error = ConjureError(
                 "backend_unreachable",
@@ -397,6 +407,7 @@ class Client:
     def _handle(self, msg):
         now = time.monotonic()
         self._last_rx = now
+        self._unanswered_since = None
         if msg.server_session and msg.server_session != self.server_session:
             restarted = self.server_session is not None
             self.server_session = msg.server_session
