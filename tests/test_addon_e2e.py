@@ -54,6 +54,25 @@ def _body_api(args):
         "previews_applied": RUNTIME.stats["previews_applied"], "seconds": seconds,
         "color_attrs": [a.name for a in obj.data.color_attributes],
     }
+    # history: list_jobs, then re-import the finished job (re-attach from seq 1)
+    client = RUNTIME.client
+    client.list_jobs()
+    t0 = time.monotonic()
+    while client.history is None and time.monotonic() - t0 < 10:
+        RUNTIME.process(0.05, timeout_ms=20)
+    out["history"] = [(h.get("prompt"), h.get("state")) for h in client.history or []]
+    bpy.context.scene.cursor.location = (0.0, 4.0, 0.0)
+    again = RUNTIME.reimport(obj["conjure_job_id"], params={"prompt": "a blue ball"})
+    t0 = time.monotonic()
+    while again.imported_object is None and not (again.finished and again.state != "done") \
+            and time.monotonic() - t0 < 20:
+        RUNTIME.process(0.05, timeout_ms=20)
+    re_obj = bpy.data.objects.get(again.imported_object or "")
+    out["reimport"] = {"state": again.state, "name": re_obj.name if re_obj else None,
+                       "faces": len(re_obj.data.polygons) if re_obj else None,
+                       "loc": list(re_obj.location) if re_obj else None,
+                       "job": re_obj.get("conjure_job_id") if re_obj else None}
+    bpy.data.objects.remove(re_obj)
     # the operator blocks in background mode too; settings come from the scene
     s = bpy.context.scene.conjure
     s.prompt = "a green cube"
@@ -103,6 +122,10 @@ def test_headless_api_and_operator_end_to_end(backend):
     assert r["color_attrs"] == ["Col"]
     assert r["objects"] == 1 and r["meshes"] == 1, "previews must not leave objects or meshes behind"
     assert r["previews_applied"] >= 1
+    assert ("a blue ball", "done") in [tuple(h) for h in r["history"]]
+    ri = r["reimport"]
+    assert ri["state"] == "done" and ri["name"].startswith("a blue ball") and ri["faces"] == 1280
+    assert ri["loc"] == pytest.approx([0.0, 4.0, 0.0]) and ri["job"] == r["props"]["conjure_job_id"]
     assert r["op"]["result"] == ["FINISHED"] and r["op"]["exists"]
     assert r["op"]["loc"] == pytest.approx([-2.0, 1.0, 0.0])
     assert r["op"]["seed"] == 11 and r["op"]["preset"] == "cpu"
