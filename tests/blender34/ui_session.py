@@ -30,9 +30,6 @@ R = {"events": [], "errors": []}
 T0 = time.monotonic()
 
 bpy.context.preferences.view.show_splash = False  # read before the splash would open
-# With software OpenGL a sidebar drawn over the viewport (region overlap) re-renders the
-# viewport on every panel redraw; a GPU does not care, llvmpipe on a busy CI core does.
-bpy.context.preferences.system.use_region_overlap = False
 
 
 def log(*a):
