@@ -2,10 +2,14 @@
 
     python -m backend.priors.train --out backend/priors/weights/conjure-solids
 
-Defaults (documented in ``TrainConfig``) are sized for 2 shared CPU cores: about an hour of wall
-time with ``torch.set_num_threads(1)``. The UNet and the text encoder train jointly on epsilon-MSE
-with 10 % empty captions (classifier-free guidance dropout); an exponential moving average (EMA) of
-the weights is what gets saved. A checkpoint of the EMA weights is written into ``--out`` every
+Defaults (documented in ``TrainConfig``) are sized for 2 shared CPU cores: about 1.5 h of wall
+time with ``torch.set_num_threads(1)`` while other work shares the machine. The UNet and the text
+encoder train jointly on epsilon-MSE with 10 % empty captions (classifier-free guidance dropout); an
+exponential moving average (EMA) of the weights is what gets saved. Two phases: ``steps`` at a
+constant ``lr`` (after warm-up), then ``phase2_steps`` restarted from the EMA weights with a fresh
+AdamW at ``phase2_lr`` and a new data seed. No part of phase 1 depends on the total length, so the
+checkpoint at step N of any run equals the end of a run with ``--steps N --phase2-steps 0``, and
+``--resume-phase2 DIR`` continues bit-identically from a folder saved at the end of phase 1. A checkpoint of the EMA weights is written into ``--out`` every
 ``--save-every`` steps (with ``train_state.json``), so a run stopped early still leaves a complete,
 loadable model folder. Uses CUDA when available (same seeds; results differ only numerically).
 """
@@ -33,7 +37,7 @@ from backend.priors.model import RESOLUTION, SolidsModel, new_model, save_model
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000  # optimiser steps
+    steps: int = 1800  # phase-1 optimiser steps
     batch: int = 16  # images per step
     lr: float = 1e-3  # AdamW peak learning rate (constant after warm-up)
     warmup: int = 100  # linear warm-up steps
@@ -46,6 +50,10 @@ class TrainConfig:
     threads: int = 1
     save_every: int = 100
     log_every: int = 20
+    # phase 2: restart the raw weights from the EMA, fresh AdamW at a lower learning rate, new data seed
+    phase2_steps: int = 500
+    phase2_lr: float = 4e-4
+    phase2_warmup: int = 20
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -54,7 +62,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
 
 
-def train(cfg: TrainConfig, out: Path, log=print) -> dict:
+def train(cfg: TrainConfig, out: Path, log=print, resume_phase2: Path | None = None) -> dict:
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -85,51 +93,83 @@ def train(cfg: TrainConfig, out: Path, log=print) -> dict:
                                   truncation=True, return_tensors="pt").input_ids[0]
         return torch.stack([id_cache[c] for c in captions]).to(device)
 
-    g = torch.Generator().manual_seed(cfg.seed + 1)
     ema_loss, history = None, []
     out.mkdir(parents=True, exist_ok=True)
     t_train = time.time()
+    total = cfg.steps + cfg.phase2_steps
+    phase = 1
 
     def checkpoint(step: int) -> None:
         save_model(out, SolidsModel(ema_unet, ema_te, tok, sched))
-        state = {"step": step, "config": asdict(cfg), "ema_loss": ema_loss,
-                 "train_seconds": round(time.time() - t_train, 1),
-                 "total_seconds": round(time.time() - t0, 1), "loss_history": history,
+        state = {"step": step, "phase": phase, "config": asdict(cfg), "ema_loss": ema_loss,
+                 "train_seconds": round(seconds_before + time.time() - t_train, 1),
+                 "total_seconds": round(time.time() - t0 + resumed_seconds, 1), "loss_history": history,
+                 "resumed_phase2_from": str(resume_phase2) if resume_phase2 else None,
                  "torch": torch.__version__, "device": str(device)}
         (out / "train_state.json").write_text(json.dumps(state, indent=1) + "\n")
 
-    for step in range(1, cfg.steps + 1):
-        lr = cfg.lr * min(1.0, step / cfg.warmup)
-        for pg in opt.param_groups:
-            pg["lr"] = lr
-        b = sample_batch(bank, cfg.batch, g, p_empty=cfg.p_empty)
-        x0 = (b.images * 2 - 1).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        emb = te(ids_for(b.captions))[0]
-        pred = unet(xt, t, emb).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_te, te, decay)
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise RuntimeError(f"loss became {lv} at step {step}")
-        ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
-        if step % cfg.log_every == 0 or step == 1:
-            el = time.time() - t_train
-            history.append([step, round(ema_loss, 5)])
-            log(f"step {step}/{cfg.steps} loss {lv:.4f} ema_loss {ema_loss:.4f} lr {lr:.2e} "
-                f"{el / step:.2f}s/step elapsed {el / 60:.1f} min")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            checkpoint(step)
-    log(f"done: {cfg.steps} steps in {(time.time() - t_train) / 60:.1f} min, final ema_loss {ema_loss:.4f}")
+    def run(first: int, last: int, peak_lr: float, warmup: int, g: torch.Generator) -> None:
+        nonlocal ema_loss
+        for step in range(first, last + 1):
+            lr = peak_lr * min(1.0, (step - first + 1) / warmup)
+            for pg in opt.param_groups:
+                pg["lr"] = lr
+            b = sample_batch(bank, cfg.batch, g, p_empty=cfg.p_empty)
+            x0 = (b.images * 2 - 1).to(device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g).to(device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            emb = te(ids_for(b.captions))[0]
+            pred = unet(xt, t, emb).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            _ema_update(ema_unet, unet, decay)
+            _ema_update(ema_te, te, decay)
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise RuntimeError(f"loss became {lv} at step {step}")
+            ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
+            if step % cfg.log_every == 0 or step == first:
+                el = time.time() - t_train
+                history.append([step, round(ema_loss, 5)])
+                log(f"phase {phase} step {step}/{total} loss {lv:.4f} ema_loss {ema_loss:.4f} lr {lr:.2e} "
+                    f"{el / (step - start_step + 1):.2f}s/step elapsed {el / 60:.1f} min")
+            if step % cfg.save_every == 0 or step == last:
+                checkpoint(step)
+
+    resumed_seconds = seconds_before = 0.0
+    if resume_phase2 is None:
+        start_step = 1
+        run(1, cfg.steps, cfg.lr, cfg.warmup, torch.Generator().manual_seed(cfg.seed + 1))
+    else:
+        # the folder holds the EMA weights written at the end of phase 1 (what phase 2 starts from)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        state = json.loads((Path(resume_phase2) / "train_state.json").read_text())
+        if state.get("step") != cfg.steps or state.get("config", {}).get("seed") != cfg.seed:
+            raise ValueError(f"{resume_phase2} is not the end of phase 1 of this configuration "
+                             f"(step {state.get('step')} != {cfg.steps} or another seed)")
+        ema_unet.load_state_dict(UNet2DConditionModel.from_pretrained(resume_phase2, subfolder="unet").state_dict())
+        ema_te.load_state_dict(CLIPTextModel.from_pretrained(resume_phase2, subfolder="text_encoder").state_dict())
+        ema_loss, history = state.get("ema_loss"), list(state.get("loss_history", []))
+        resumed_seconds = float(state.get("train_seconds", 0.0))
+        log(f"resuming at the start of phase 2 from {resume_phase2} (phase 1 took {resumed_seconds / 60:.1f} min)")
+    if cfg.phase2_steps > 0:
+        phase = 2
+        start_step = cfg.steps + 1
+        seconds_before = resumed_seconds if resume_phase2 is not None else time.time() - t_train
+        t_train = time.time()
+        unet.load_state_dict(ema_unet.state_dict())
+        te.load_state_dict(ema_te.state_dict())
+        opt = torch.optim.AdamW(params, lr=cfg.phase2_lr, weight_decay=cfg.weight_decay)
+        run(cfg.steps + 1, total, cfg.phase2_lr, cfg.phase2_warmup, torch.Generator().manual_seed(cfg.seed + 2))
+    log(f"done: {total} steps, final ema_loss {ema_loss:.4f}")
     return {"ema_loss": ema_loss, "seconds": time.time() - t0}
 
 
@@ -139,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     d = TrainConfig()
     for name, val in asdict(d).items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
+    ap.add_argument("--resume-phase2", type=Path, default=None,
+                    help="a model folder saved at the end of phase 1 (step == --steps): skip phase 1 and "
+                         "run phase 2 from it (bit-identical to the uninterrupted run)")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
 
@@ -146,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     log(f"config {asdict(cfg)} -> {args.out}")
-    train(cfg, args.out, log)
+    train(cfg, args.out, log, resume_phase2=args.resume_phase2)
     return 0
 
 
