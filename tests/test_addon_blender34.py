@@ -124,7 +124,7 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
     assert j1["location"] == pytest.approx([1.0, -1.0, 0.5]) and j1["selected"] and j1["active"]
     assert j1["prop_seed"] == 1234 and j1["faces"] == 5120
     assert "a glowing crystal orb (preview)" not in j1["objects"] and j1["meshes"] == 2
-    loss_limit = 3.0 if healthy else 3.0 + 2 * j1["loop_gap_p90_s"]
+    loss_limit = 3.0 if healthy else 3.0 + 4 * j1["loop_gap_p90_s"]  # detection needs ~2 ticks + a redraw
     assert r["loss_shown_s"] is not None and r["loss_shown_s"] < loss_limit, (r["loss_status"], j1)
     assert r["recovered_s"] is not None and r["recovered_s"] < 10.0
     assert r["job2"]["error"] == "interrupted"
