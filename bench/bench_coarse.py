@@ -17,7 +17,7 @@ and loaded through ``load_guidance`` (the production path), then the ``draft`` p
 ``run_job``: seconds per coarse step, peak CUDA memory, time to first preview, whole draft time.
 
 Usage:
-  python3 bench/bench_coarse.py [--steps N] [--whole]
+  python3 bench/bench_coarse.py [--steps N] [--whole] [--threads T]
   python3 bench/bench_coarse.py --gpu [--model <hub id or folder>] [--steps N]
 """
 
@@ -122,8 +122,8 @@ def timed(fn, repeat=3):
     return best_w, best_c, out
 
 
-def bench_cpu(steps: int | None, whole: bool) -> dict:
-    torch.set_num_threads(2)
+def bench_cpu(steps: int | None, whole: bool, threads: int) -> dict:
+    torch.set_num_threads(threads)
     preset = get_preset("cpu")
     if steps:
         preset.coarse.steps = steps
@@ -162,7 +162,7 @@ def bench_cpu(steps: int | None, whole: bool) -> dict:
                                             preset.coarse.density_threshold), repeat=1)
     step_s = result.step_seconds
     figures = {
-        "guidance": guidance.description, "steps": preset.coarse.steps, "gaussians": len(model),
+        "threads": torch.get_num_threads(), "guidance": guidance.description, "steps": preset.coarse.steps, "gaussians": len(model),
         "coarse_wall_s": round(wall, 2), "coarse_cpu_s": round(cpu, 2),
         "steps_per_s": round(preset.coarse.steps / wall, 3), "step_s": round(step_s, 4),
         "render_fwd_bwd_s": round(rw, 4), "render_fwd_bwd_cpu_s": round(rc, 4),
@@ -241,8 +241,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="--gpu: a hub id or folder instead of random weights")
     ap.add_argument("--steps", type=int, default=None, help="coarse steps (default: the preset's)")
     ap.add_argument("--whole", action="store_true", help="CPU: also time the whole cpu preset via run_job")
+    ap.add_argument("--threads", type=int, default=2, help="CPU: torch threads (default 2)")
     args = ap.parse_args()
-    figures = bench_gpu(args.model, args.steps) if args.gpu else bench_cpu(args.steps, args.whole)
+    figures = bench_gpu(args.model, args.steps) if args.gpu else bench_cpu(args.steps, args.whole, args.threads)
     print(json.dumps(figures, indent=2))
 
 
