@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from backend.mesh import rasterize as rz
 
@@ -50,31 +49,25 @@ def texel_surface_points(positions: torch.Tensor, faces: torch.Tensor, corner_uv
 
 
 def dilate(texture: torch.Tensor, mask: torch.Tensor, iterations: int = 8) -> torch.Tensor:
-    """Fill uncovered texels from covered neighbours (3×3 mean), ``iterations`` rings deep; the
-    rest gets the mean covered colour.
+    """Seam dilation: every uncovered texel within ``iterations`` texels of a chart takes the
+    colour of its nearest covered texel (Euclidean distance transform); texels farther away get
+    the mean covered colour.
 
     Args:
         texture: (H, W, C) float. mask: (H, W) bool, True where the texture is valid.
     """
-    if not bool(mask.any()):
+    from scipy.ndimage import distance_transform_edt
+
+    if not bool(mask.any()) or bool(mask.all()):
         return texture
-    tex = texture.permute(2, 0, 1).unsqueeze(0) * mask.to(texture.dtype)
-    m = mask.to(texture.dtype)[None, None]
-    kernel = torch.ones(1, 1, 3, 3, dtype=texture.dtype, device=texture.device)
-    C = tex.shape[1]
-    for _ in range(iterations):
-        if bool(m.min() > 0):
-            break
-        s = F.conv2d(tex, kernel.expand(C, 1, 3, 3), padding=1, groups=C)
-        n = F.conv2d(m, kernel, padding=1)
-        grow = (n > 0) & (m == 0)
-        tex = torch.where(grow, s / n.clamp(min=1e-8), tex)
-        m = torch.where(grow, torch.ones_like(m), m)
-    out = tex[0].permute(1, 2, 0)
-    rest = m[0, 0] == 0
-    if bool(rest.any()):
-        mean = texture[mask].mean(dim=0)
-        out = torch.where(rest.unsqueeze(-1), mean, out)
+    m = mask.detach().cpu().numpy()
+    dist, (ri, ci) = distance_transform_edt(~m, return_indices=True)
+    ri = torch.as_tensor(ri, device=texture.device)
+    ci = torch.as_tensor(ci, device=texture.device)
+    out = texture[ri, ci]
+    far = torch.as_tensor(dist > iterations, device=texture.device)
+    if bool(far.any()):
+        out = torch.where(far.unsqueeze(-1), texture[mask].mean(dim=0), out)
     return out
 
 
@@ -102,14 +95,31 @@ def bake_texture(positions: torch.Tensor, faces: torch.Tensor, corner_uvs: torch
     return dilate(tex, mask, dilate_iterations), mask
 
 
+def _part1by2(x: torch.Tensor) -> torch.Tensor:
+    """Spread the low 10 bits of x so that bit i lands on bit 3i."""
+    x = x & 0x3FF
+    x = (x | (x << 16)) & 0xFF0000FF
+    x = (x | (x << 8)) & 0x0300F00F
+    x = (x | (x << 4)) & 0x030C30C3
+    x = (x | (x << 2)) & 0x09249249
+    return x
+
+
+def _morton3(q: torch.Tensor) -> torch.Tensor:
+    """(P, 3) integer cell coordinates in [0, 1023] → (P,) Morton codes."""
+    return _part1by2(q[:, 0]) | (_part1by2(q[:, 1]) << 1) | (_part1by2(q[:, 2]) << 2)
+
+
 def gaussian_color_fn(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
-                      colors: torch.Tensor, k: int = 16, block_points: int = 2048, cutoff: float = 3.0) -> ColorFn:
+                      colors: torch.Tensor, k: int = 16, block_points: int = 512, cutoff: float = 3.0,
+                      max_dense: int = 512) -> ColorFn:
     """Colour field of a set of 3D Gaussians, for :func:`bake_texture`.
 
-    The colour at x is the average of the colours of its k nearest Gaussians (by centre
-    distance) weighted by softmax(log o_i − ½·(x − μ_i)ᵀ Σ_i⁻¹ (x − μ_i)): each Gaussian's
-    opacity-scaled density at x, normalised, so a point far from every Gaussian still takes the
-    colour of the most plausible one.
+    The colour at x is the average of the colours of nearby Gaussians weighted by
+    softmax(log o_i − ½·(x − μ_i)ᵀ Σ_i⁻¹ (x − μ_i)): each Gaussian's opacity-scaled density at x,
+    normalised, so a point far from every Gaussian still takes the colour of the most plausible
+    one. "Nearby" is every Gaussian whose box overlaps the point's block when there are at most
+    ``max_dense`` of them, else the k nearest centres.
 
     Points are sorted into spatially coherent blocks of ``block_points``; each block only looks at
     the Gaussians whose ``cutoff``-sigma box overlaps the block's bounding box (all Gaussians when
@@ -135,11 +145,19 @@ def gaussian_color_fn(means: torch.Tensor, quats: torch.Tensor, scales: torch.Te
     kk = min(k, N)
 
     def weighted(p: torch.Tensor, cand: torch.Tensor | None) -> torch.Tensor:
-        mu = means if cand is None else means[cand]
-        kn = min(kk, mu.shape[0])
-        idx = torch.cdist(p, mu).topk(kn, dim=1, largest=False).indices  # (P, k) into mu
-        if cand is not None:
-            idx = cand[idx]
+        if cand is not None and cand.numel() <= max_dense:
+            # every overlapping Gaussian, shared by the whole block (no per-pair gathers)
+            delta = p[:, None, :] - means[cand][None]  # (P, n, 3)
+            local = torch.einsum("pni,nij->pnj", delta, R[cand])
+            m = ((local * inv_s[cand][None]) ** 2).sum(-1)
+            w = torch.softmax(log_o[cand][None] - 0.5 * m, dim=1)
+            return w @ cols[cand]
+        else:
+            mu = means if cand is None else means[cand]
+            kn = min(kk, mu.shape[0])
+            idx = torch.cdist(p, mu).topk(kn, dim=1, largest=False).indices  # (P, k) into mu
+            if cand is not None:
+                idx = cand[idx]
         delta = p[:, None, :] - means[idx]  # (P, k, 3)
         local = torch.einsum("pki,pkij->pkj", delta, R[idx])  # coordinates along the Gaussian's axes
         m = ((local * inv_s[idx]) ** 2).sum(-1)
@@ -151,11 +169,10 @@ def gaussian_color_fn(means: torch.Tensor, quats: torch.Tensor, scales: torch.Te
         P = points.shape[0]
         if P == 0:
             return points.new_zeros(0, 3)
-        # spatial sort: voxel keys at ~cube-root(P / block) cells per axis
+        # spatial sort along a Morton (Z-order) curve: consecutive blocks are compact patches
         lo, hi = points.min(0).values, points.max(0).values
-        cells = max(1, int(round((P / block_points) ** (1 / 3))) * 2)
-        q = ((points - lo) / (hi - lo).clamp(min=1e-9) * (cells - 1e-3)).long()
-        order = torch.argsort((q[:, 0] * cells + q[:, 1]) * cells + q[:, 2])
+        q = ((points - lo) / (hi - lo).clamp(min=1e-9) * 1023.0).long().clamp(0, 1023)
+        order = torch.argsort(_morton3(q))
         out = torch.empty(P, 3, device=points.device)
         for s in range(0, P, block_points):
             sel = order[s:s + block_points]
