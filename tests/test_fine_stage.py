@@ -165,3 +165,12 @@ def test_refine_cancels_between_steps():
         refine(mesh, lambda im, c, r: im.mean(), lambda s: cams, RefineSettings(steps=10, preview_every=1), ctx)
     assert sum(isinstance(e, ProgressEvent) for e in events) == 2
     assert sum(isinstance(e, PreviewEvent) for e in events) == 2
+
+
+def test_cleanup_fills_small_holes():
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    faces = np.delete(sphere.faces, [10, 200], axis=0)  # two one-triangle holes
+    assert not trimesh.Trimesh(sphere.vertices, faces, process=False).is_watertight
+    clean = clean_mesh(sphere.vertices, faces)
+    assert clean.stats["watertight"] and len(clean.faces) == len(sphere.faces)
+    assert _signed_volume(clean.positions, clean.faces) > 0
