@@ -148,7 +148,7 @@ def main() -> None:
     a, b, c = min(ours), min(ours_rgba), min(gltf)
     print(f"import (best of {args.repeats}):")
     print(f"  add-on importer, PNG texture packed:         {a * 1e3:8.1f} ms")
-    print(f"  add-on importer, RGBA8 texture -> pixels+pack: {b * 1e3:8.1f} ms")
+    print(f"  add-on importer, RGBA8 -> PNG (thread) + pack:  {b * 1e3:8.1f} ms")
     print(f"  bpy.ops.import_scene.gltf (GLB):             {c * 1e3:8.1f} ms")
     print(f"  ratio glTF / add-on (PNG): {c / a:.1f}x   (RGBA8 path: {c / b:.1f}x)")
 

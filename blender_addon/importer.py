@@ -144,21 +144,46 @@ def _texture_rgba_float(payload):
     return (tex[::-1].astype(np.float32) * (1.0 / 255.0)).ravel(), tex.shape[1], tex.shape[0]
 
 
+def encode_png(rgba, level=1):
+    """(H, W, 4) uint8 RGBA, row 0 at the top -> PNG bytes (stdlib zlib; fast, lossless)."""
+    import struct
+    import zlib
+
+    rgba = np.ascontiguousarray(rgba, dtype=np.uint8)
+    h, w = rgba.shape[:2]
+    raw = np.empty((h, 1 + 4 * w), np.uint8)
+    raw[:, 0] = 0  # filter "none" on every row
+    raw[:, 1:] = rgba.reshape(h, 4 * w)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw.tobytes(), level)) + chunk(b"IEND", b""))
+
+
+def _packed_png_image(name, data):
+    img = bpy.data.images.new(name, 8, 8)
+    img.pack(data=data, data_len=len(data))
+    img.source = "FILE"
+    return img
+
+
 def make_image(name, payload, *, pack=True, image=None):
     """The payload's texture as a ``bpy.types.Image`` (or None when it has none).
 
     PNG bytes are packed into the .blend as they are (Blender decodes them lazily). A raw
-    RGBA8 texture is written with ``pixels.foreach_set``; ``image`` (same size) is reused in
-    place when given, and ``pack=True`` packs it (as PNG) so the .blend owns it.
+    RGBA8 texture to keep (``pack=True``) is encoded to PNG here (zlib level 1, far faster than
+    ``pixels`` + ``Image.pack()``) and packed the same way; a preview texture (``pack=False``)
+    is written with ``pixels.foreach_set``, reusing ``image`` in place when it has the same size.
     """
     if payload.texture_png is not None:
-        data = bytes(payload.texture_png)
-        img = bpy.data.images.new(name, 8, 8)
-        img.pack(data=data, data_len=len(data))
-        img.source = "FILE"
-        return img
+        return _packed_png_image(name, bytes(payload.texture_png))
     if payload.texture_rgba is None:
         return None
+    tex = np.asarray(payload.texture_rgba)
+    if pack and tex.ndim == 3 and tex.shape[2] == 4:
+        return _packed_png_image(name, encode_png(tex))
     pixels, w, h = _texture_rgba_float(payload)
     if image is not None and tuple(image.size) == (w, h) and image.source == "GENERATED":
         img = image
@@ -313,13 +338,33 @@ class import_result_stages:  # noqa: N801 - used like a generator function
             collection = default_collection()
         if location is None:
             location = default_location()
+        png_future = None
+        tex = payload.texture_rgba
+        if pack and payload.texture_png is None and tex is not None and np.ndim(tex) == 3 and np.shape(tex)[2] == 4:
+            # encode the PNG on a worker thread (zlib releases the GIL) while the mesh is built
+            import concurrent.futures
+
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conjure-png")
+            png_future = pool.submit(encode_png, np.array(tex, dtype=np.uint8))
+            pool.shutdown(wait=False)
         mesh = bpy.data.meshes.new(name)
         try:
             yield from mesh_build_stages(mesh, payload)
         except BaseException:
             bpy.data.meshes.remove(mesh)
             raise
-        image = make_image(name, payload, pack=pack)
+        if png_future is not None:
+            import concurrent.futures
+
+            while True:  # short waits, so a timer pump's tick stays short
+                try:
+                    data = png_future.result(timeout=0.002)
+                    break
+                except concurrent.futures.TimeoutError:
+                    yield "texture_wait"
+            image = _packed_png_image(name, data)
+        else:
+            image = make_image(name, payload, pack=pack)
         yield "texture"
         mat = make_material(name, image=image, vertex_colors=image is None and payload.colors is not None)
         mesh.materials.append(mat)
