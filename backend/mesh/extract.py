@@ -145,7 +145,7 @@ def sample_grid(grid: np.ndarray, points: np.ndarray, bound: float = 1.0) -> np.
     if vol.dim() == 3:
         vol = vol[..., None]
     vol = vol.permute(3, 0, 1, 2)[None]  # (1, C, X, Y, Z): D=x, H=y, W=z
-    p = torch.from_numpy(np.asarray(points, dtype=np.float32)) / bound
+    p = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)) / bound
     coords = p[:, [2, 1, 0]].reshape(1, -1, 1, 1, 3)
     out = torch.nn.functional.grid_sample(vol, coords, mode="bilinear", padding_mode="border", align_corners=False)
     return out.reshape(vol.shape[1], -1).T.numpy()
