@@ -51,7 +51,7 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 20
     # phase 2: restart the raw weights from the EMA, fresh AdamW at a lower learning rate, new data seed
-    phase2_steps: int = 500
+    phase2_steps: int = 800
     phase2_lr: float = 4e-4
     phase2_warmup: int = 20
 
