@@ -241,6 +241,48 @@ def test_make_props_example_fills_a_scene(backend, tmp_path):
     assert out.exists() and out.stat().st_size > 10_000
 
 
+def _body_local(args):
+    import sys
+
+    bpy = _enable()
+    from blender_addon import api
+    from blender_addon.preferences import get_prefs
+    from blender_addon.runtime import RUNTIME
+
+    prefs = get_prefs()
+    prefs.mode = "LOCAL"
+    prefs.python_path = sys.executable
+    prefs.data_dir = args["dir"]
+    prefs.device = "cpu"
+    prefs.backend_args = "--pipeline tests.fake_pipeline:run_job"
+    backend = RUNTIME.start_backend(prefs)
+    t0 = time.monotonic()
+    statuses = set()
+    while (RUNTIME.client is None or RUNTIME.client.state != "connected") and time.monotonic() - t0 < 60:
+        RUNTIME.process(0.05, timeout_ms=20)
+        statuses.add(RUNTIME.backend_status()[1].split("…")[0])
+        time.sleep(0.02)
+    out = {"connected": RUNTIME.client is not None and RUNTIME.client.state == "connected",
+           "statuses": sorted(statuses), "conn_file": RUNTIME.client.connection_file if RUNTIME.client else None,
+           "cmd": backend.command()}
+    obj = api.generate("a local ball", overrides=args["fast"], timeout=60)
+    out["obj"] = obj.name
+    proc = backend.proc
+    bpy.ops.conjure.stop_backend()
+    out["stopped"] = proc.poll() is not None
+    out["client_after_stop"] = RUNTIME.client is not None
+    return out
+
+
+def test_local_backend_started_and_stopped_from_preferences(tmp_path):
+    r = run_body(__file__, "local", {"dir": str(tmp_path / "data"), "fast": FAST}, timeout=180)
+    assert r["connected"] and "Starting backend" in r["statuses"]
+    assert r["conn_file"] == str(tmp_path / "data" / "connection.json")
+    assert "--data-dir" in r["cmd"] and "tests.fake_pipeline:run_job" in r["cmd"]
+    assert r["obj"] == "a local ball"
+    assert r["stopped"] and not r["client_after_stop"]
+
+
 def test_unreachable_backend_raises_clear_error(tmp_path):
     r = run_body(__file__, "unreachable", {"dir": str(tmp_path)})
     assert r["missing"][0] == "no_connection_file" and r["missing"][2] == "start_backend"
