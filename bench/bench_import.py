@@ -209,6 +209,8 @@ def pump_under_previews(bpy) -> None:
               f"({RUNTIME.stats['previews_applied']} shown) and the result imported: {n} ticks, "
               f"p50 {ticks[n // 2] * 1e3:.2f} ms, p99 {ticks[int(0.99 * (n - 1))] * 1e3:.2f} ms, "
               f"max {ticks[-1] * 1e3:.2f} ms (budget 4 ms)")
+        costs = sorted(((v, k) for k, v in RUNTIME._stage_cost.items()), reverse=True)[:4]
+        print("  slowest stages (kind, after stage): " + ", ".join(f"{k[0]}/{k[1]} {v * 1e3:.1f} ms" for v, k in costs))
         api.disconnect()
     finally:
         proc.terminate()
