@@ -112,14 +112,15 @@ def _morton3(q: torch.Tensor) -> torch.Tensor:
 
 def gaussian_color_fn(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
                       colors: torch.Tensor, k: int = 16, block_points: int = 512, cutoff: float = 3.0,
-                      max_dense: int = 512) -> ColorFn:
+                      max_dense: int = 0) -> ColorFn:
     """Colour field of a set of 3D Gaussians, for :func:`bake_texture`.
 
     The colour at x is the average of the colours of nearby Gaussians weighted by
     softmax(log o_i − ½·(x − μ_i)ᵀ Σ_i⁻¹ (x − μ_i)): each Gaussian's opacity-scaled density at x,
     normalised, so a point far from every Gaussian still takes the colour of the most plausible
-    one. "Nearby" is every Gaussian whose box overlaps the point's block when there are at most
-    ``max_dense`` of them, else the k nearest centres.
+    one. "Nearby" is the k nearest centres among the Gaussians whose box overlaps the point's
+    block, or every such Gaussian when there are at most ``max_dense`` of them (off by default:
+    on the CPU the k-nearest path measured faster).
 
     Points are sorted into spatially coherent blocks of ``block_points``; each block only looks at
     the Gaussians whose ``cutoff``-sigma box overlaps the block's bounding box (all Gaussians when
