@@ -132,3 +132,31 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
     assert ("a glowing crystal orb", "done") in [tuple(h) for h in r["history"]]
     assert {"a glowing crystal orb", "a small wooden stool"} <= set(r["objects_end"])
     assert len(r["screenshots"]) >= 4
+
+
+def test_blender34_background_script_fills_a_scene(tmp_path):
+    """``blender -b --python examples/make_props.py``: no timers, the API blocks and pumps itself."""
+    data = tmp_path / "data"
+    data.mkdir()
+    backend = BackendProcess(data)
+    backend.start()
+    scripts = tmp_path / "scripts"
+    install_addon(scripts)
+    out = tmp_path / "props.blend"
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.update({"BLENDER_USER_SCRIPTS": str(scripts), "BLENDER_USER_CONFIG": str(tmp_path / "config"),
+                "PATH": os.pathsep.join(["/usr/bin", "/bin", env.get("PATH", "")])})
+    cmd = ["blender", "-b", "--factory-startup", "--python", str(REPO / "examples/make_props.py"), "--",
+           "--out", str(out), "--connection", str(backend.conn), "--prompt", "a barrel", "--prompt", "a crate",
+           "--spacing", "2.5"]
+    for k, v in FAST.items():
+        cmd += ["--set", f"{k}={v}"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    finally:
+        backend.stop()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    made = [ln for ln in proc.stdout.splitlines() if ln.startswith("made ")]
+    assert len(made) == 2 and "at (2.5, 0.0, 0.0)" in made[1], proc.stdout[-2000:]
+    assert out.exists() and out.stat().st_size > 10_000
