@@ -81,6 +81,19 @@ class ConjurePreferences(bpy.types.AddonPreferences):
         col.prop(self, "timeout")
         layout.separator()
         panel.draw_backend_row(layout, context)
+        layout.label(text="Conjure " + addon_version_text(), icon="INFO")
+
+
+def addon_version_text():
+    """'0.1.0 (protocol 1.0)' from the build's stamp, or 'development (protocol 1.0)' in the repo."""
+    try:
+        from . import _build_info
+
+        return "%s (protocol %s)" % (_build_info.VERSION, _build_info.PROTOCOL_VERSION)
+    except ImportError:  # running from the repository, not from a built zip
+        from .protocol import PROTOCOL_VERSION
+
+        return "development (protocol %s)" % PROTOCOL_VERSION
 
 
 class _Defaults:
