@@ -3,8 +3,8 @@
 * ``mesh_occupancy_grid(positions, faces, res, extent)`` — inside/outside on a regular grid by the
   parity of crossings of vertical rays (robust to small holes in SDS meshes).
 * ``shape_ious(positions, faces)`` — for each canonical solid, the volumetric IoU with the mesh
-  after scale normalisation (both centred on their occupied bounding box and scaled so the largest
-  half-extent is 1) and the best rotation about the vertical (+Z) axis.
+  after scale normalisation (both centred on their vertical axis and scaled so the larger of the
+  radial and vertical half-extents is 1) and the best rotation about the vertical (+Z) axis.
 * ``mesh_mean_colour(mesh)`` / ``judge_mesh(mesh)`` — area-weighted mean surface colour (texture
   sampled at face UV centroids, or vertex colours) named by ``evaluate.name_colour``.
 
@@ -67,14 +67,20 @@ def mesh_occupancy_grid(positions: np.ndarray, faces: np.ndarray, res: int = 48,
 
 
 def _normaliser(occ: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, float]:
-    """(centre (3,), scale) of an occupancy grid from its occupied cells' 1-99 % bounds."""
+    """(centre (3,), scale) of an occupancy grid, invariant to rotations about +Z.
+
+    Centre: the occupied cells' XY centroid and the middle of their 1-99 % Z range. Scale: the larger
+    of the 99th-percentile radial distance from the vertical axis and the Z half-range.
+    """
     idx = np.argwhere(occ)
     if len(idx) == 0:
         return np.zeros(3), 1.0
     pts = centres[idx]
-    lo = np.percentile(pts, 1, axis=0)
-    hi = np.percentile(pts, 99, axis=0)
-    return (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-3)
+    cxy = pts[:, :2].mean(axis=0)
+    zlo, zhi = np.percentile(pts[:, 2], [1, 99])
+    r = np.linalg.norm(pts[:, :2] - cxy, axis=1)
+    scale = max(float(np.percentile(r, 99)), float(zhi - zlo) / 2, 1e-3)
+    return np.array([cxy[0], cxy[1], (zlo + zhi) / 2]), scale
 
 
 def shape_ious(positions: np.ndarray, faces: np.ndarray, res: int = 40, extent: float = 1.2,
