@@ -7,9 +7,10 @@ time with ``torch.set_num_threads(1)`` while other work shares the machine. The 
 encoder train jointly on epsilon-MSE with 10 % empty captions (classifier-free guidance dropout); an
 exponential moving average (EMA) of the weights is what gets saved. Two phases: ``steps`` at a
 constant ``lr`` (after warm-up), then ``phase2_steps`` restarted from the EMA weights with a fresh
-AdamW at ``phase2_lr`` and a new data seed. No part of phase 1 depends on the total length, so the
-checkpoint at step N of any run equals the end of a run with ``--steps N --phase2-steps 0``, and
-``--resume-phase2 DIR`` continues bit-identically from a folder saved at the end of phase 1. A checkpoint of the EMA weights is written into ``--out`` every
+AdamW at ``phase2_lr`` and a new data seed, then ``phase3_steps`` the same way at ``phase3_lr``. No
+phase depends on its own length, so the checkpoint at step k of a phase equals the end of a run whose
+phase has k steps, and ``--resume DIR --resume-phase K`` continues bit-identically from a folder
+saved at the end of phase K-1. A checkpoint of the EMA weights is written into ``--out`` every
 ``--save-every`` steps (with ``train_state.json``), so a run stopped early still leaves a complete,
 loadable model folder. Uses CUDA when available (same seeds; results differ only numerically).
 """
@@ -54,6 +55,10 @@ class TrainConfig:
     phase2_steps: int = 800
     phase2_lr: float = 4e-4
     phase2_warmup: int = 20
+    # phase 3: the same restart again at a still lower learning rate
+    phase3_steps: int = 700
+    phase3_lr: float = 2.5e-4
+    phase3_warmup: int = 20
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -62,7 +67,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
 
 
-def train(cfg: TrainConfig, out: Path, log=print, resume_phase2: Path | None = None) -> dict:
+def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, resume_phase: int = 2) -> dict:
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -96,7 +101,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume_phase2: Path | None = N
     ema_loss, history = None, []
     out.mkdir(parents=True, exist_ok=True)
     t_train = time.time()
-    total = cfg.steps + cfg.phase2_steps
+    total = cfg.steps + cfg.phase2_steps + cfg.phase3_steps
     phase = 1
 
     def checkpoint(step: int) -> None:
@@ -104,7 +109,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume_phase2: Path | None = N
         state = {"step": step, "phase": phase, "config": asdict(cfg), "ema_loss": ema_loss,
                  "train_seconds": round(seconds_before + time.time() - t_train, 1),
                  "total_seconds": round(time.time() - t0 + resumed_seconds, 1), "loss_history": history,
-                 "resumed_phase2_from": str(resume_phase2) if resume_phase2 else None,
+                 "resumed_from": str(resume) if resume else None, "resumed_at_phase": resume_phase,
                  "torch": torch.__version__, "device": str(device)}
         (out / "train_state.json").write_text(json.dumps(state, indent=1) + "\n")
 
@@ -142,33 +147,45 @@ def train(cfg: TrainConfig, out: Path, log=print, resume_phase2: Path | None = N
             if step % cfg.save_every == 0 or step == last:
                 checkpoint(step)
 
+    # phases: (first step, last step, peak lr, warm-up, data seed)
+    ends = [cfg.steps, cfg.steps + cfg.phase2_steps, total]
+    phases = [(1, ends[0], cfg.lr, cfg.warmup, cfg.seed + 1),
+              (ends[0] + 1, ends[1], cfg.phase2_lr, cfg.phase2_warmup, cfg.seed + 2),
+              (ends[1] + 1, ends[2], cfg.phase3_lr, cfg.phase3_warmup, cfg.seed + 3)]
     resumed_seconds = seconds_before = 0.0
-    if resume_phase2 is None:
-        start_step = 1
-        run(1, cfg.steps, cfg.lr, cfg.warmup, torch.Generator().manual_seed(cfg.seed + 1))
-    else:
-        # the folder holds the EMA weights written at the end of phase 1 (what phase 2 starts from)
+    first_phase = 1
+    if resume is not None:
+        # the folder holds the EMA weights written at the end of phase resume_phase - 1
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        state = json.loads((Path(resume_phase2) / "train_state.json").read_text())
-        if state.get("step") != cfg.steps or state.get("config", {}).get("seed") != cfg.seed:
-            raise ValueError(f"{resume_phase2} is not the end of phase 1 of this configuration "
-                             f"(step {state.get('step')} != {cfg.steps} or another seed)")
-        ema_unet.load_state_dict(UNet2DConditionModel.from_pretrained(resume_phase2, subfolder="unet").state_dict())
-        ema_te.load_state_dict(CLIPTextModel.from_pretrained(resume_phase2, subfolder="text_encoder").state_dict())
+        if resume_phase not in (2, 3):
+            raise ValueError(f"--resume-phase must be 2 or 3, got {resume_phase}")
+        state = json.loads((Path(resume) / "train_state.json").read_text())
+        want = ends[resume_phase - 2]
+        if state.get("step") != want or state.get("config", {}).get("seed") != cfg.seed:
+            raise ValueError(f"{resume} is not the end of phase {resume_phase - 1} of this configuration "
+                             f"(step {state.get('step')} != {want} or another seed)")
+        ema_unet.load_state_dict(UNet2DConditionModel.from_pretrained(resume, subfolder="unet").state_dict())
+        ema_te.load_state_dict(CLIPTextModel.from_pretrained(resume, subfolder="text_encoder").state_dict())
         ema_loss, history = state.get("ema_loss"), list(state.get("loss_history", []))
         resumed_seconds = float(state.get("train_seconds", 0.0))
-        log(f"resuming at the start of phase 2 from {resume_phase2} (phase 1 took {resumed_seconds / 60:.1f} min)")
-    if cfg.phase2_steps > 0:
-        phase = 2
-        start_step = cfg.steps + 1
-        seconds_before = resumed_seconds if resume_phase2 is not None else time.time() - t_train
+        first_phase = resume_phase
+        log(f"resuming at the start of phase {resume_phase} from {resume} "
+            f"(earlier phases took {resumed_seconds / 60:.1f} min)")
+    seconds_before = resumed_seconds
+    for phase, (first, last, peak, warm, data_seed) in enumerate(phases, start=1):
+        if phase < first_phase or last < first:
+            continue
+        start_step = first
+        if phase > 1:  # restart the raw weights from the EMA, fresh optimiser
+            unet.load_state_dict(ema_unet.state_dict())
+            te.load_state_dict(ema_te.state_dict())
+            opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
         t_train = time.time()
-        unet.load_state_dict(ema_unet.state_dict())
-        te.load_state_dict(ema_te.state_dict())
-        opt = torch.optim.AdamW(params, lr=cfg.phase2_lr, weight_decay=cfg.weight_decay)
-        run(cfg.steps + 1, total, cfg.phase2_lr, cfg.phase2_warmup, torch.Generator().manual_seed(cfg.seed + 2))
+        run(first, last, peak, warm, torch.Generator().manual_seed(data_seed))
+        seconds_before += time.time() - t_train
+        t_train = time.time()
     log(f"done: {total} steps, final ema_loss {ema_loss:.4f}")
     return {"ema_loss": ema_loss, "seconds": time.time() - t0}
 
@@ -179,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     d = TrainConfig()
     for name, val in asdict(d).items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
-    ap.add_argument("--resume-phase2", type=Path, default=None,
-                    help="a model folder saved at the end of phase 1 (step == --steps): skip phase 1 and "
-                         "run phase 2 from it (bit-identical to the uninterrupted run)")
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="a model folder saved at the end of phase (--resume-phase - 1): skip the earlier "
+                         "phases and continue from it (bit-identical to the uninterrupted run)")
+    ap.add_argument("--resume-phase", type=int, default=2, help="the phase that --resume starts (2 or 3)")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
 
@@ -189,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     log(f"config {asdict(cfg)} -> {args.out}")
-    train(cfg, args.out, log, resume_phase2=args.resume_phase2)
+    train(cfg, args.out, log, resume=args.resume, resume_phase=args.resume_phase)
     return 0
 
 
