@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="run the pipeline in this process and write a GLB")
     g.add_argument("prompt")
     g.add_argument("--out", type=Path, required=True, help="output GLB path (OBJ/MTL/PNG go next to it)")
-    g.add_argument("--preset", default="standard")
+    g.add_argument("--preset", default="auto",
+                   help="draft | standard | high | cpu | auto (standard with CUDA, cpu without; default)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

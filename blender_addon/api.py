@@ -52,7 +52,7 @@ def generate(prompt, *, negative_prompt="", seed=None, preset=None, overrides=No
         prompt: what to make.
         negative_prompt: what to avoid.
         seed: int in [0, 2**32), or None for a random one chosen by the backend.
-        preset: "draft", "standard", "high", "cpu" (default: the add-on preference).
+        preset: "auto", "draft", "standard", "high", "cpu" (default: the add-on preference).
         overrides: dotted preset overrides, e.g. ``{"coarse.steps": 300}``.
         timeout: seconds before the job is cancelled and ``ConjureError('timeout')`` is raised
             (default: the add-on preference, 1 hour).

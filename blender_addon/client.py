@@ -278,7 +278,7 @@ class Client:
         Raises ``ConjureError("invalid_params")`` naming the bad field.
         """
         params = {"prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed,
-                  "preset": preset or "standard", "overrides": dict(overrides or {})}
+                  "preset": preset or "auto", "overrides": dict(overrides or {})}
         try:
             validate_params(params)
         except ProtocolError as e:

@@ -42,7 +42,7 @@ class ConjurePreferences(bpy.types.AddonPreferences):
                             description="tcp://host:port of the backend")
     key: StringProperty(name="Key", subtype="PASSWORD", default="",
                         description="The backend's signing key (hex), from its connection file")
-    default_preset: EnumProperty(name="Default Preset", items=PRESETS, default="standard")
+    default_preset: EnumProperty(name="Default Preset", items=PRESETS, default="auto")
     auto_start: BoolProperty(name="Start Automatically", default=True,
                              description="Start the local backend when Generate finds none answering")
     show_previews: BoolProperty(name="Live Previews", default=True,
@@ -108,7 +108,7 @@ class _Defaults:
     connection_file = ""
     address = "tcp://127.0.0.1:5555"
     key = ""
-    default_preset = "standard"
+    default_preset = "auto"
     auto_start = True
     show_previews = True
     timeout = 3600.0

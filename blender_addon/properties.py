@@ -13,6 +13,7 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, Po
 from .client import ConjureError
 
 PRESETS = (
+    ("auto", "Auto", "Standard where the backend has a CUDA GPU, CPU otherwise"),
     ("draft", "Draft", "Fast, coarse shape and a small texture (about a minute on a GPU)"),
     ("standard", "Standard", "The usual quality/speed balance"),
     ("high", "High", "More steps and a larger texture"),
@@ -90,7 +91,7 @@ class ConjureSettings(bpy.types.PropertyGroup):
         description="More preset overrides as key=value pairs separated by ';', e.g. 'fine.steps=200'")
 
 
-def settings_to_request(settings, default_preset="standard"):
+def settings_to_request(settings, default_preset="auto"):
     """Scene settings -> keyword arguments of ``Client.submit`` (prompt, seed, preset, overrides).
 
     Picks a fresh seed (and writes it back) when ``random_seed`` is on, so the seed shown in

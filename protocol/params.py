@@ -29,7 +29,7 @@ class GenerationParams:
         prompt: text prompt, stripped, 1..1000 characters, no control characters.
         negative_prompt: what to avoid, 0..1000 characters, no control characters.
         seed: RNG seed in 0..2**32-1, or None for a random seed chosen by the backend.
-        preset: preset name (``draft``, ``standard``, ``high``, ``cpu``, ...); the backend
+        preset: preset name (``auto`` (default), ``draft``, ``standard``, ``high``, ``cpu``); the backend
             checks that it exists.
         overrides: dotted preset path -> int | float | bool | str, e.g. ``{"coarse.steps": 300}``;
             the backend checks that the paths exist.
@@ -38,7 +38,7 @@ class GenerationParams:
     prompt: str
     negative_prompt: str = ""
     seed: int | None = None
-    preset: str = "standard"
+    preset: str = "auto"
     overrides: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -116,7 +116,7 @@ def validate_params(data) -> GenerationParams:
             raise _err("seed", f"must be an integer or null, got {type(seed).__name__}")
         if not 0 <= seed <= SEED_MAX:
             raise _err("seed", f"must be in 0..{SEED_MAX}, got {seed}")
-    preset = data.get("preset", "standard")
+    preset = data.get("preset", "auto")
     if not isinstance(preset, str) or not PRESET_RE.match(preset):
         shown = preset[:40] if isinstance(preset, str) else type(preset).__name__
         raise _err("preset", f"must be a preset name like 'standard' (a-z, 0-9, _ or -), got {shown!r}")

@@ -52,7 +52,7 @@ DEFAULTS = {
     "test.hang": False,
     "test.no_obj": False,
 }
-PRESETS = ("draft", "standard", "high", "cpu")
+PRESETS = ("auto", "draft", "standard", "high", "cpu")
 
 
 class FakeOutOfMemoryError(RuntimeError):

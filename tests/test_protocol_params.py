@@ -7,7 +7,7 @@ from protocol import GenerationParams, ProtocolError, Session, validate_params
 
 def test_defaults_and_stripping():
     p = validate_params({"prompt": "  a wooden chair  "})
-    assert p == GenerationParams(prompt="a wooden chair", negative_prompt="", seed=None, preset="standard",
+    assert p == GenerationParams(prompt="a wooden chair", negative_prompt="", seed=None, preset="auto",
                                  overrides={})
     full = validate_params({"prompt": "x", "negative_prompt": "blurry", "seed": 2**32 - 1, "preset": "draft",
                             "overrides": {"coarse.steps": 300, "fine.lr": 0.01, "mesh.uv": True, "a.b": "c"}})

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from protocol.mesh import MeshPayload
@@ -47,7 +47,7 @@ class ResultEvent:
     info: dict = field(default_factory=dict)
 
 
-Event = Union[ProgressEvent, PreviewEvent, ResultEvent]
+Event = ProgressEvent | PreviewEvent | ResultEvent
 
 
 @dataclass

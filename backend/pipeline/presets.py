@@ -223,20 +223,36 @@ def _cpu() -> Preset:
 PRESETS = {"draft": _draft, "standard": _standard, "high": _high, "cpu": _cpu}
 
 
+#: Not a preset of its own: ``standard`` where CUDA is present, ``cpu`` elsewhere.
+AUTO_PRESET = "auto"
+
+
 def preset_names() -> list[str]:
-    """The names accepted by :func:`get_preset`."""
-    return list(PRESETS)
+    """The names accepted by :func:`get_preset` (``auto`` included)."""
+    return [AUTO_PRESET, *PRESETS]
+
+
+def resolve_preset_name(name: str) -> str:
+    """``auto`` → ``standard`` with CUDA, ``cpu`` without; any other name is returned unchanged."""
+    if name != AUTO_PRESET:
+        return name
+    import torch
+
+    return "standard" if torch.cuda.is_available() else "cpu"
 
 
 def get_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
     """A fresh copy of preset ``name`` with dotted ``overrides`` applied (see the module docstring).
 
+    ``auto`` resolves to ``standard`` with CUDA and ``cpu`` without; the returned preset's
+    ``name`` is the resolved one.
+
     Raises:
         ValueError: unknown preset, unknown override key, or a value that does not fit the field.
     """
-    if not isinstance(name, str) or name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    preset = PRESETS[name]()
+    if not isinstance(name, str) or name not in preset_names():
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    preset = PRESETS[resolve_preset_name(name)]()
     for key, value in (overrides or {}).items():
         apply_override(preset, key, value)
     validate_preset(preset)

@@ -118,7 +118,7 @@ class JobRecord:
     prompt: str
     negative_prompt: str = ""
     seed: int | None = None
-    preset: str = "standard"
+    preset: str = "auto"
     overrides: dict = field(default_factory=dict)
     state: str = QUEUED
     created: float = field(default_factory=time.time)
