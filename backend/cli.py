@@ -285,7 +285,9 @@ def cmd_generate(args) -> int:
         if kind in written:
             print(f"  also {written[kind]}")
     used = ", ".join(f"{k}: {info[k]}" for k in ("model", "renderer", "rasterizer", "device") if k in info)
-    print(f"preset {params.preset}, seed {params.seed}" + (f"; {used}" if used else ""))
+    preset = (info.get("preset") or {}).get("name", params.preset)  # 'auto' resolved by the pipeline
+    seed = info.get("seed", params.seed)
+    print(f"preset {preset}, seed {seed}" + (f"; {used}" if used else ""))
     return 0
 
 
