@@ -63,7 +63,7 @@ def mean_foreground_rgb(image: torch.Tensor) -> torch.Tensor | None:
 def name_colour(rgb: torch.Tensor) -> str:
     """Named colour of a mean RGB (3,) in [0, 1]: white/black when unsaturated, else the nearest hue."""
     h, s, v = colorsys.rgb_to_hsv(*[float(c) for c in torch.as_tensor(rgb).clamp(0, 1)])
-    if s < 0.3 or v < 0.12:
+    if s < 0.3 or v < 0.2:
         return "white" if v > 0.35 else "black"
     hue = h * 360.0
 

@@ -56,7 +56,7 @@ class TrainConfig:
     phase2_lr: float = 4e-4
     phase2_warmup: int = 20
     # phase 3: the same restart again at a still lower learning rate
-    phase3_steps: int = 700
+    phase3_steps: int = 1400
     phase3_lr: float = 2.5e-4
     phase3_warmup: int = 20
 
