@@ -22,6 +22,7 @@ import logging
 import numpy as np
 import torch
 
+from backend.mesh.export import compute_vertex_normals
 from protocol.mesh import MeshPayload
 
 log = logging.getLogger(__name__)
@@ -173,18 +174,6 @@ def _largest_components(verts: np.ndarray, faces: np.ndarray, min_fraction: floa
     return verts[used], remap[keep_faces]
 
 
-def vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(N, 3) float32 area-weighted unit vertex normals (faces CCW from outside)."""
-    v = verts.astype(np.float64)
-    fn = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])
-    n = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(n, faces[:, k], fn)
-    norm = np.linalg.norm(n, axis=1, keepdims=True)
-    n = np.where(norm > 1e-20, n / np.maximum(norm, 1e-20), np.array([0.0, 0.0, 1.0]))
-    return n.astype(np.float32)
-
-
 def signed_volume(verts: np.ndarray, faces: np.ndarray) -> float:
     """Signed volume (positive when faces are CCW seen from outside)."""
     v = verts.astype(np.float64)
@@ -252,7 +241,7 @@ def extract_mesh(gaussians, grid_resolution: int = 64, face_budget: int = 20000,
     if with_colors:
         rgb = np.clip(sample_grid(color_grid, verts, bound), 0.0, 1.0)
         colors = np.concatenate([np.round(rgb * 255.0), np.full((verts.shape[0], 1), 255.0)], 1).astype(np.uint8)
-    return MeshPayload(positions=verts, faces=faces, normals=vertex_normals(verts, faces), colors=colors)
+    return MeshPayload(positions=verts, faces=faces, normals=compute_vertex_normals(verts, faces), colors=colors)
 
 
 def fit_to_size(mesh: MeshPayload, size: float = 1.0) -> MeshPayload:
