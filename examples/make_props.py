@@ -39,7 +39,7 @@ def main(argv):
     ap = argparse.ArgumentParser(description="Generate a row of props into a .blend")
     ap.add_argument("--out", required=True, help="the .blend to write")
     ap.add_argument("--connection", default=None, help="backend connection file (default: the usual place)")
-    ap.add_argument("--preset", default="draft")
+    ap.add_argument("--preset", default="auto", help="auto (default: standard on a CUDA backend, cpu otherwise), draft, standard, high, cpu")
     ap.add_argument("--spacing", type=float, default=2.0, help="metres between props")
     ap.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: 4 props)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
