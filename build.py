@@ -870,6 +870,40 @@ def check_backend_wheel_installs(art: Artifact) -> Check:
                      first[0][:80] if first else f"exit {run.returncode}: {run.stderr[-200:]}")
 
 
+# The tail both install scripts share: with the add-on enabled as `mod_name` (and the user folder in
+# `user`), record its panels, operators, build stamp and where zmq came from; disable it; print
+# one JSON line after RESULT:.
+_PROBE_SCRIPT = r'''
+import importlib
+mod = sys.modules.get(mod_name)
+res["module_file"] = getattr(mod, "__file__", None)
+res["panels"] = sorted(n for n in dir(bpy.types) if n.startswith(("CONJURE_PT", "VIEW3D_PT_conjure")))
+res["operators"] = sorted(dir(bpy.ops.conjure))
+try:
+    res["build_version"] = importlib.import_module(mod_name + "._build_info").VERSION
+except Exception as e:
+    res["build_version"] = repr(e)
+try:
+    deps = importlib.import_module(mod_name + "._deps")
+    zmq = deps.ensure_zmq()
+    res["zmq_file"] = zmq.__file__
+    res["zmq_version"] = zmq.__version__
+    res["zmq_source"] = deps.ZMQ_SOURCE
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.PAIR); port = s.bind_to_random_port("tcp://127.0.0.1"); s.close(0)
+    res["zmq_socket"] = port > 0
+except Exception as e:
+    res["zmq_error"] = repr(e)
+res["zmq_under_user"] = bool(res.get("zmq_file")) and os.path.realpath(res["zmq_file"]).startswith(
+    os.path.realpath(user) + os.sep)
+if res["zmq_under_user"]:
+    res["zmq_rel"] = os.path.relpath(os.path.dirname(os.path.realpath(res["zmq_file"])), os.path.realpath(user))
+bpy.ops.preferences.addon_disable(module=mod_name)
+res["panels_after_disable"] = sorted(n for n in dir(bpy.types) if n.startswith(("CONJURE_PT", "VIEW3D_PT_conjure")))
+print("RESULT:" + json.dumps(res))
+sys.stdout.flush()
+'''
+
 # Runs in a fresh interpreter with bpy 5.0.1; prints one JSON line after RESULT:.
 _BPY_SCRIPT = r'''
 import json, os, sys
@@ -897,35 +931,7 @@ r = bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_defau
 res["install"] = sorted(r)
 mod_name = "bl_ext.user_default." + ext_id
 res["enabled"] = mod_name in bpy.context.preferences.addons
-mod = sys.modules.get(mod_name)
-res["module_file"] = getattr(mod, "__file__", None)
-panels = sorted(n for n in dir(bpy.types) if n.startswith(("CONJURE_PT", "VIEW3D_PT_conjure")))
-res["panels"] = panels
-res["operators"] = sorted(dir(bpy.ops.conjure))
-try:
-    res["build_version"] = importlib.import_module(mod_name + "._build_info").VERSION
-except Exception as e:
-    res["build_version"] = repr(e)
-try:
-    deps = importlib.import_module(mod_name + "._deps")
-    zmq = deps.ensure_zmq()
-    res["zmq_file"] = zmq.__file__
-    res["zmq_version"] = zmq.__version__
-    res["zmq_source"] = deps.ZMQ_SOURCE
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.PAIR); port = s.bind_to_random_port("tcp://127.0.0.1"); s.close(0)
-    res["zmq_socket"] = port > 0
-except Exception as e:
-    res["zmq_error"] = repr(e)
-res["zmq_under_user"] = bool(res.get("zmq_file")) and os.path.realpath(res["zmq_file"]).startswith(
-    os.path.realpath(user) + os.sep)
-if res["zmq_under_user"]:
-    res["zmq_rel"] = os.path.relpath(os.path.dirname(os.path.realpath(res["zmq_file"])), os.path.realpath(user))
-bpy.ops.preferences.addon_disable(module=mod_name)
-res["panels_after_disable"] = sorted(n for n in dir(bpy.types) if n.startswith(("CONJURE_PT", "VIEW3D_PT_conjure")))
-print("RESULT:" + json.dumps(res))
-sys.stdout.flush()
-os._exit(0)  # skip bpy's atexit (quicker, and no stray output)
+''' + _PROBE_SCRIPT + r'''os._exit(0)  # skip bpy's atexit (quicker, and no stray output)
 '''
 
 # Runs inside `blender -b`; argv after "--": zip path, module name.
@@ -944,35 +950,8 @@ try:
 except Exception as e:
     res["error"] = repr(e)
 res["enabled"] = module in bpy.context.preferences.addons
-mod = sys.modules.get(module)
-res["module_file"] = getattr(mod, "__file__", None)
-res["panels"] = sorted(n for n in dir(bpy.types) if n.startswith(("CONJURE_PT", "VIEW3D_PT_conjure")))
-res["operators"] = sorted(dir(bpy.ops.conjure))
-import importlib
-try:
-    res["build_version"] = importlib.import_module(module + "._build_info").VERSION
-except Exception as e:
-    res["build_version"] = repr(e)
-try:
-    deps = importlib.import_module(module + "._deps")
-    zmq = deps.ensure_zmq()
-    res["zmq_file"] = zmq.__file__
-    res["zmq_version"] = zmq.__version__
-    res["zmq_source"] = deps.ZMQ_SOURCE
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.PAIR); port = s.bind_to_random_port("tcp://127.0.0.1"); s.close(0)
-    res["zmq_socket"] = port > 0
-except Exception as e:
-    res["zmq_error"] = repr(e)
-res["zmq_under_user"] = bool(res.get("zmq_file")) and os.path.realpath(res["zmq_file"]).startswith(
-    os.path.realpath(user) + os.sep)
-if res["zmq_under_user"]:
-    res["zmq_rel"] = os.path.relpath(os.path.dirname(os.path.realpath(res["zmq_file"])), os.path.realpath(user))
-bpy.ops.preferences.addon_disable(module=module)
-res["panels_after_disable"] = sorted(n for n in dir(bpy.types) if n.startswith(("CONJURE_PT", "VIEW3D_PT_conjure")))
-print("RESULT:" + json.dumps(res))
-sys.stdout.flush()
-'''
+mod_name = module
+''' + _PROBE_SCRIPT
 
 
 def _parse_result(proc: subprocess.CompletedProcess) -> dict | None:
