@@ -41,7 +41,6 @@ from backend.mesh.bake import gaussian_color_fn  # noqa: E402
 from backend.pipeline.fine import (  # noqa: E402
     RefineSettings,
     TexturedMesh,
-    fine_setting,
     prepare_textured_mesh,
     random_camera_fn,
     refine,
@@ -116,7 +115,7 @@ def bench_steps(preset_name: str, device: torch.device, guidance, steps: int, fa
     sphere = trimesh.creation.icosphere(subdivisions=sub, radius=0.6)
     mesh: TexturedMesh = prepare_textured_mesh(sphere.vertices, sphere.faces, None, face_budget=faces,
                                                texture_resolution=cfg.texture_resolution, device=device)
-    batch = int(fine_setting(cfg, "batch_size"))
+    batch = int(cfg.batch_size)
     cam_fn = random_camera_fn(batch, cfg.render_resolution, preset.coarse, seed=0, device=device)
     loss_fn = sds_loss_fn(guidance)
     settings = RefineSettings(steps=1, lr=cfg.lr, vertex_offsets=cfg.vertex_offsets, preview_every=0,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,26 +44,6 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, Cameras, float], torch.Tensor]
 #: camera_fn(step) -> Cameras (image size = the render resolution)
 CameraFn = Callable[[int], Cameras]
-
-# Defaults for settings FineConfig may not carry (read with getattr so older presets keep working).
-FINE_DEFAULTS = {
-    "batch_size": 4,
-    "preview_every": 50,
-    "uv_padding": 2,
-    "lr_offsets": 1e-4,
-    "offset_limit": 0.05,
-    "laplacian_weight": 1e4,
-    "normal_weight": 1e2,
-    "rasterizer": "auto",
-    "bake_dilation": 16,
-    "min_component_fraction": 0.02,
-}
-
-
-def fine_setting(cfg, name: str):
-    """``cfg.name`` when the FineConfig has the field, else the documented default."""
-    return getattr(cfg, name, FINE_DEFAULTS[name])
-
 
 @dataclass
 class TexturedMesh:
@@ -235,10 +215,10 @@ class RefineSettings:
 def refine_settings_from_config(cfg) -> RefineSettings:
     return RefineSettings(
         steps=int(cfg.steps), lr=float(cfg.lr), vertex_offsets=bool(cfg.vertex_offsets),
-        lr_offsets=float(fine_setting(cfg, "lr_offsets")), offset_limit=float(fine_setting(cfg, "offset_limit")),
-        laplacian_weight=float(fine_setting(cfg, "laplacian_weight")),
-        normal_weight=float(fine_setting(cfg, "normal_weight")),
-        preview_every=int(fine_setting(cfg, "preview_every")), backend=str(fine_setting(cfg, "rasterizer")),
+        lr_offsets=float(cfg.lr_offsets), offset_limit=float(cfg.offset_limit),
+        laplacian_weight=float(cfg.laplacian_weight),
+        normal_weight=float(cfg.normal_weight),
+        preview_every=int(cfg.preview_every), backend=str(cfg.rasterizer),
     )
 
 
@@ -405,20 +385,19 @@ def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
         raise ValueError(f"preset {preset.name!r} has no fine stage")
     fields = gaussian_fields(gaussians)
     device = fields["means"].device
-    backend = str(fine_setting(cfg, "rasterizer"))
+    backend = str(cfg.rasterizer)
     rz.resolve_backend(backend, device)  # a bad name or nvdiffrast without CUDA fails before any work
     ctx.emit(ProgressEvent("fine", 0, cfg.steps, "extracting mesh"))
     save_coarse_mesh(gaussians, preset, ctx)
-    positions, faces = extract_surface(gaussians, cfg.grid_resolution,
-                                       getattr(preset.coarse, "density_threshold", None))
+    positions, faces = extract_surface(gaussians, cfg.grid_resolution, preset.coarse.density_threshold)
     ctx.check_cancel()
     color_fn = gaussian_color_fn(fields["means"], fields["quats"], fields["scales"], fields["opacities"],
                                  fields["colors"])
     mesh = prepare_textured_mesh(
         positions, faces, color_fn, face_budget=cfg.face_budget, texture_resolution=cfg.texture_resolution,
-        uv_padding=int(fine_setting(cfg, "uv_padding")), device=device, backend=backend,
-        bake_dilation=int(fine_setting(cfg, "bake_dilation")),
-        min_component_fraction=float(fine_setting(cfg, "min_component_fraction")))
+        uv_padding=int(cfg.uv_padding), device=device, backend=backend,
+        bake_dilation=int(cfg.bake_dilation),
+        min_component_fraction=float(cfg.min_component_fraction))
     log.info("fine stage mesh: %s", {k: v for k, v in mesh.info.items() if k != "loss"})
     ctx.emit(PreviewEvent("fine", 0, mesh.to_payload(RefineSettings.preview_texture_side)))
     ctx.check_cancel()
@@ -426,8 +405,8 @@ def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
         loss_fn = sds_loss_fn(guidance)
     if camera_fn is None:
         seed = getattr(params, "seed", None) if params is not None else None
-        camera_fn = random_camera_fn(int(fine_setting(cfg, "batch_size")), cfg.render_resolution,
+        camera_fn = random_camera_fn(int(cfg.batch_size), cfg.render_resolution,
                                      preset.coarse, seed=seed, device=device)
-    settings = replace(refine_settings_from_config(cfg), backend=backend)
+    settings = refine_settings_from_config(cfg)
     refine(mesh, loss_fn, camera_fn, settings, ctx)
     return mesh.to_payload()
