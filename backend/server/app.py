@@ -564,11 +564,18 @@ class Server:
             return None
         return pos - 1 + (1 if self.running else 0)
 
+    def _job_or_error(self, msg) -> JobRecord | None:
+        """The record of ``msg.job_id``, or None after answering the sender with ``unknown_job``."""
+        rec = self.store.get(msg.job_id)
+        if rec is None:
+            self._error(msg.session, "unknown_job", f"no job {msg.job_id}", job_id=msg.job_id,
+                        in_reply_to=msg.msg_id)
+        return rec
+
     def _on_cancel(self, msg):
         job_id = msg.job_id
-        rec = self.store.get(job_id)
+        rec = self._job_or_error(msg)
         if rec is None:
-            self._error(msg.session, "unknown_job", f"no job {job_id}", job_id=job_id, in_reply_to=msg.msg_id)
             return
         if rec.state == J.QUEUED:
             self.queue.remove(job_id)
@@ -595,10 +602,8 @@ class Server:
                         job_id=job_id, in_reply_to=msg.msg_id)
 
     def _on_status(self, msg):
-        rec = self.store.get(msg.job_id)
+        rec = self._job_or_error(msg)
         if rec is None:
-            self._error(msg.session, "unknown_job", f"no job {msg.job_id}", job_id=msg.job_id,
-                        in_reply_to=msg.msg_id)
             return
         sub = self.subs.get(msg.job_id, {}).get(msg.session)
         self._grant(msg, sub)
@@ -643,10 +648,8 @@ class Server:
         self._send(msg.session, "jobs", {"jobs": out})
 
     def _on_attach(self, msg):
-        rec = self.store.get(msg.job_id)
+        rec = self._job_or_error(msg)
         if rec is None:
-            self._error(msg.session, "unknown_job", f"no job {msg.job_id}", job_id=msg.job_id,
-                        in_reply_to=msg.msg_id)
             return
         stream = self._ensure_stream(rec)
         from_seq = msg.content["from_seq"]
@@ -658,10 +661,8 @@ class Server:
         self._grant(msg, sub)
 
     def _on_fetch_result(self, msg):
-        rec = self.store.get(msg.job_id)
+        rec = self._job_or_error(msg)
         if rec is None:
-            self._error(msg.session, "unknown_job", f"no job {msg.job_id}", job_id=msg.job_id,
-                        in_reply_to=msg.msg_id)
             return
         if rec.state != J.DONE:
             self._error(msg.session, "not_ready", f"job {msg.job_id} has no result (state {rec.state})",
