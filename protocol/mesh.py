@@ -26,6 +26,10 @@ class MeshPayload:
         colors: (N, 4) uint8 sRGB RGBA per-vertex colours; or None.
         texture_png: PNG-encoded base-colour texture; or None.
         texture_rgba: (H, W, 4) uint8 RGBA base-colour texture, row 0 at the top; or None.
+        edges: (E, 2) uint32 vertex pairs, each undirected edge of the faces once; or None.
+        corner_edges: (F*3,) uint32 index into ``edges`` of the edge from corner k of face f to
+            corner (k+1) % 3, at row 3*f + k (Blender's ``.corner_edge``); given with ``edges``.
+            The sender computes these so a receiver such as Blender need not rebuild them.
     """
 
     positions: np.ndarray
@@ -35,6 +39,8 @@ class MeshPayload:
     colors: np.ndarray | None = None
     texture_png: bytes | None = None
     texture_rgba: np.ndarray | None = None
+    edges: np.ndarray | None = None
+    corner_edges: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -56,6 +62,8 @@ _FIELDS: dict[str, tuple[str, tuple]] = {
     "colors": ("uint8", ("N", 4)),
     "texture_rgba": ("uint8", ("H", "W", 4)),
     "texture_png": ("bytes", ("B",)),
+    "edges": ("uint32", ("E", 2)),
+    "corner_edges": ("uint32", ("F3",)),
 }
 MESH_FIELDS = tuple(_FIELDS)
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -238,6 +246,8 @@ def decode_mesh(meta: dict, buffers) -> MeshPayload:
             raise _mesh_err(key, "is required")
     if "texture_png" in meta and "texture_rgba" in meta:
         raise ProtocolError("bad_mesh", "mesh: give texture_png or texture_rgba, not both", field="mesh")
+    if ("edges" in meta) != ("corner_edges" in meta):
+        raise ProtocolError("bad_mesh", "mesh: give edges and corner_edges together, or neither", field="mesh")
     dims: dict = {}
     shapes = {}
     for name in _FIELDS:
@@ -260,6 +270,14 @@ def decode_mesh(meta: dict, buffers) -> MeshPayload:
         hi = int(faces.max())
         if hi >= n_vertices:
             raise _mesh_err("faces", f"index {hi} out of range for {n_vertices} vertices")
+    if "edges" in loaded:
+        edges, corner_edges = loaded["edges"], loaded["corner_edges"]
+        if len(edges) > 3 * len(faces):
+            raise _mesh_err("edges", f"{len(edges)} edges for {len(faces)} triangles (at most 3 per face)")
+        if edges.size and int(edges.max()) >= n_vertices:
+            raise _mesh_err("edges", f"index {int(edges.max())} out of range for {n_vertices} vertices")
+        if corner_edges.size and int(corner_edges.max()) >= len(edges):
+            raise _mesh_err("corner_edges", f"index {int(corner_edges.max())} out of range for {len(edges)} edges")
     for name in ("positions", "uvs", "normals"):
         if name in loaded:
             _check_finite(name, loaded[name])
@@ -275,4 +293,6 @@ def decode_mesh(meta: dict, buffers) -> MeshPayload:
         colors=loaded.get("colors"),
         texture_png=png,
         texture_rgba=loaded.get("texture_rgba"),
+        edges=loaded.get("edges"),
+        corner_edges=loaded.get("corner_edges"),
     )

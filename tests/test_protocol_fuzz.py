@@ -333,6 +333,8 @@ def _mesh_meta():
         uvs=np.zeros((3, 2), np.float32),
         normals=np.tile(np.array([[0, 0, 1]], np.float32), (3, 1)),
         colors=np.full((3, 4), 255, np.uint8),
+        edges=np.array([[0, 1], [0, 2], [1, 2]], np.uint32),
+        corner_edges=np.array([0, 2, 1], np.uint32),
     )
     return encode_mesh(mesh)
 
@@ -353,6 +355,11 @@ def _mesh_meta():
     ("huge_png", "too_large"),
     ("both_textures", "bad_mesh"),
     ("array_mismatch", "bad_buffer"),
+    ("edges_out_of_range", "bad_mesh"),
+    ("corner_edges_out_of_range", "bad_mesh"),
+    ("edges_without_corner_edges", "bad_mesh"),
+    ("corner_edges_count", "bad_buffer"),
+    ("too_many_edges", "bad_mesh"),
 ])
 def test_mesh_validation(case, code):
     meta, bufs = _mesh_meta()
@@ -390,6 +397,18 @@ def test_mesh_validation(case, code):
         meta["texture_rgba"] = {"buffer": 6, "dtype": "uint8", "shape": [1, 1, 4]}
     elif case == "array_mismatch":
         bufs[0] = bufs[0].astype(np.float64)
+    elif case == "edges_out_of_range":
+        bufs[5][2, 1] = 3
+    elif case == "corner_edges_out_of_range":
+        bufs[6][1] = 3
+    elif case == "edges_without_corner_edges":
+        del meta["corner_edges"]
+    elif case == "corner_edges_count":
+        meta["corner_edges"]["shape"] = [4]
+        bufs[6] = np.zeros(4, np.uint32)
+    elif case == "too_many_edges":
+        meta["edges"]["shape"] = [4, 2]
+        bufs[5] = np.array([[0, 1], [0, 2], [1, 2], [0, 1]], np.uint32)
     with pytest.raises(ProtocolError) as e:
         decode_mesh(meta, bufs)
     assert e.value.code == code, e.value

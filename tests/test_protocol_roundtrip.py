@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from backend.mesh.topology import edge_topology
 from protocol import (
     JOB_STATES,
     MSG_TYPES,
@@ -70,6 +71,8 @@ def mesh_strategy():
             kw["normals"] = rng.normal(size=(n, 3)).astype(np.float32)
         if draw(st.booleans()):
             kw["colors"] = rng.integers(0, 256, (n, 4)).astype(np.uint8)
+        if draw(st.booleans()):
+            kw["edges"], kw["corner_edges"] = edge_topology(faces, n)
         tex = draw(st.sampled_from(["none", "png", "rgba"]))
         if tex == "png":
             w, h = draw(st.integers(1, 64)), draw(st.integers(1, 64))
@@ -199,7 +202,7 @@ def _roundtrip_one(m, server_to_client, client_sid, server_sid):
         _equal_buffers(a, b)
     if mesh is not None:
         back = got.mesh()
-        for name in ("positions", "faces", "uvs", "normals", "colors", "texture_rgba"):
+        for name in ("positions", "faces", "uvs", "normals", "colors", "texture_rgba", "edges", "corner_edges"):
             want = getattr(mesh, name)
             if want is None:
                 assert getattr(back, name) is None

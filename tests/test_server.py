@@ -77,6 +77,8 @@ def test_full_life_cycle_result_is_byte_identical(server, client):
     assert len(previews) == 6  # enough credits: every preview arrives
     mesh = previews[-1].mesh()
     assert mesh.positions.shape[1] == 3 and mesh.faces.max() < len(mesh.positions)
+    # the worker adds the edge topology, so Blender's importer skips calc_edges
+    assert mesh.edges is not None and mesh.corner_edges.shape == (3 * len(mesh.faces),)
     # the preview grows (the fake pipeline's sphere gets bigger every step)
     radii = [float(abs(p.mesh().positions).max()) for p in previews]
     assert radii[-1] > radii[0]
@@ -89,7 +91,7 @@ def test_full_life_cycle_result_is_byte_identical(server, client):
     on_disk = glb_path.read_bytes()
     assert result.content["size"] == len(on_disk)
     assert result.content["sha256"] == hashlib.sha256(on_disk).hexdigest()
-    assert result.mesh() is not None
+    assert result.mesh() is not None and result.mesh().edges is not None
     fetched = client.fetch(job_id, chunk=1000)  # many chunks
     assert fetched == on_disk
     kinds_on_disk = {f["kind"] for f in result.content["files"]}

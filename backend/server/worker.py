@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
@@ -137,7 +138,7 @@ def write_preview_npz(path: Path, mesh) -> None:
     import numpy as np
 
     arrays = {}
-    for name in ("positions", "faces", "uvs", "normals", "colors", "texture_rgba"):
+    for name in ("positions", "faces", "uvs", "normals", "colors", "texture_rgba", "edges", "corner_edges"):
         value = getattr(mesh, name, None)
         if value is not None:
             arrays[name] = np.asarray(value)
@@ -253,6 +254,7 @@ def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
 
 
 def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, result_dir, preview_path):
+    from backend.mesh.topology import with_edges
     from backend.pipeline.events import Cancelled, PreviewEvent, ProgressEvent, ResultEvent
 
     work_dir, result_dir, preview_path = Path(work_dir), Path(result_dir), Path(preview_path)
@@ -264,6 +266,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
         if isinstance(event, ProgressEvent):
             conn.send(("progress", job_no, event))
         elif isinstance(event, PreviewEvent):
+            event = dataclasses.replace(event, mesh=with_edges(event.mesh))  # Blender skips calc_edges
             now = time.monotonic()
             if now - last_preview_write[0] >= PREVIEW_WRITE_INTERVAL_S:
                 write_preview_npz(preview_path, event.mesh)
@@ -289,6 +292,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
         files = publish_results(result.files, work_dir, result_dir)
         mesh = getattr(result, "mesh", None)
         if mesh is not None:
+            mesh = with_edges(mesh)
             write_preview_npz(preview_path.with_name(RESULT_MESH_FILE), mesh)
         conn.send(("result", job_no, {"files": files, "info": _plain(result.info), "mesh": mesh}))
     except Cancelled:
