@@ -10,6 +10,10 @@ Run from the repository root (needs bpy 5.0.1, trimesh, pillow)::
    ``bpy.ops.import_scene.gltf`` (the asset written as GLB by trimesh; glTF needs per-vertex
    UVs, so vertices are split where UVs differ - the same split any GLB exporter makes).
    Both keep the PNG packed and let Blender decode it lazily. Prints seconds and the ratio.
+   The payload carries the edges and corner edges the backend computes
+   (``backend.mesh.topology.with_edges``, done in the worker before a mesh is sent), so the
+   importer skips Blender's edge hashing; the same import without them (Blender's
+   ``calc_edges``) is printed too.
 2. In-place preview update (``PreviewSlot.update``: new mesh data swapped into the one preview
    object, old mesh freed) of a 50k-triangle mesh with vertex colours: median and p90 ms.
 3. The add-on's timer pump (``runtime.RUNTIME.tick``, called every 10 ms as bpy.app.timers
@@ -112,6 +116,7 @@ def main() -> None:
 
     import bpy
 
+    from backend.mesh.topology import with_edges
     from blender_addon import importer
     from protocol.mesh import MeshPayload
 
@@ -126,16 +131,25 @@ def main() -> None:
           f"texture {args.texture}x{args.texture} ({len(png) / 1e6:.1f} MB PNG, GLB {glb.stat().st_size / 1e6:.1f} MB)")
     print(f"bpy {bpy.app.version_string}, {os.cpu_count()} CPUs")
 
-    ours, ours_rgba, gltf = [], [], []
+    ours, ours_calc, ours_rgba, gltf = [], [], [], []
+    t = time.perf_counter()
+    sent = with_edges(MeshPayload(positions=pos, faces=faces, uvs=uvs, texture_png=png))
+    topo_s = time.perf_counter() - t
     for _ in range(args.repeats):
+        clear_scene(bpy)
+        t = time.perf_counter()
+        obj = importer.import_result(sent, name="ours")
+        ours.append(time.perf_counter() - t)
+        assert len(obj.data.polygons) == len(faces) and len(obj.data.edges) == len(sent.edges)
         clear_scene(bpy)
         payload = MeshPayload(positions=pos, faces=faces, uvs=uvs, texture_png=png)
         t = time.perf_counter()
-        obj = importer.import_result(payload, name="ours")
-        ours.append(time.perf_counter() - t)
-        assert len(obj.data.polygons) == len(faces)
+        obj = importer.import_result(payload, name="ours_calc")
+        ours_calc.append(time.perf_counter() - t)
+        assert len(obj.data.edges) == len(sent.edges)
         clear_scene(bpy)
-        payload = MeshPayload(positions=pos, faces=faces, uvs=uvs, texture_rgba=tex)
+        payload = MeshPayload(positions=pos, faces=faces, uvs=uvs, texture_rgba=tex, edges=sent.edges,
+                              corner_edges=sent.corner_edges)
         t = time.perf_counter()
         importer.import_result(payload, name="ours_rgba", pack=True)
         ours_rgba.append(time.perf_counter() - t)
@@ -145,9 +159,12 @@ def main() -> None:
         gltf.append(time.perf_counter() - t)
         got = sum(len(o.data.polygons) for o in bpy.data.objects if o.type == "MESH")
         assert got == len(faces), got
-    a, b, c = min(ours), min(ours_rgba), min(gltf)
+    a, b, c, d = min(ours), min(ours_rgba), min(gltf), min(ours_calc)
     print(f"import (best of {args.repeats}):")
     print(f"  add-on importer, PNG texture packed:         {a * 1e3:8.1f} ms")
+    print(f"  the same without the backend's edges:        {d * 1e3:8.1f} ms  (Blender's calc_edges; "
+          f"ratio {c / d:.1f}x)")
+    print(f"  (the backend's edge computation, off Blender's thread: {topo_s * 1e3:.1f} ms)")
     print(f"  add-on importer, RGBA8 -> PNG (thread) + pack:  {b * 1e3:8.1f} ms")
     print(f"  bpy.ops.import_scene.gltf (GLB):             {c * 1e3:8.1f} ms")
     print(f"  ratio glTF / add-on (PNG): {c / a:.1f}x   (RGBA8 path: {c / b:.1f}x)")
@@ -161,7 +178,7 @@ def main() -> None:
     times = []
     for i in range(12):
         jitter = (1 + 0.01 * np.sin(i + ppos[:, :1] * 7)).astype(np.float32)
-        payload = MeshPayload(positions=ppos * jitter, faces=pfaces, colors=cols)
+        payload = with_edges(MeshPayload(positions=ppos * jitter, faces=pfaces, colors=cols))
         t = time.perf_counter()
         slot.update(payload)
         times.append(time.perf_counter() - t)

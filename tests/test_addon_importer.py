@@ -188,5 +188,62 @@ def test_bad_preview_leaves_nothing_behind():
     assert r["meshes"] == 0 and r["objects"] == 0
 
 
+
+
+def _body_edges(args):
+    import dataclasses
+
+    import numpy as np
+
+    _fresh()
+    from backend.mesh.topology import with_edges
+    from blender_addon import importer
+
+    plain = sphere_payload(12, 24)
+    sent = with_edges(plain)
+    bad_corner = sent.corner_edges.copy()
+    bad_corner[7] = (bad_corner[7] + 1) % len(sent.edges)  # disagrees with the faces
+    wrong = dataclasses.replace(sent, corner_edges=bad_corner)
+    out = {}
+    for label, payload in (("calc", plain), ("sent", sent), ("wrong", wrong)):
+        me = importer.build_mesh(label, payload)
+        ev = np.empty(len(me.edges) * 2, np.int32)
+        me.edges.foreach_get("vertices", ev)
+        ev = ev.reshape(-1, 2)
+        ce = np.empty(len(me.loops), np.int32)
+        me.loops.foreach_get("edge_index", ce)
+        cv = np.empty(len(me.loops), np.int32)
+        me.loops.foreach_get("vertex_index", cv)
+        nxt = cv.reshape(-1, 3)[:, [1, 2, 0]].ravel()
+        got = np.sort(ev[ce], axis=1)
+        consistent = bool((got == np.sort(np.stack([cv, nxt], 1), axis=1)).all())
+        out[label] = {"edges": sorted(map(tuple, np.sort(ev, axis=1).tolist())), "consistent": consistent,
+                      "validate_changed": bool(me.validate(verbose=False))}
+    out["sent_edges"] = len(sent.edges)
+    import bpy
+
+    me = bpy.data.meshes.new("offsets")
+    me.vertices.add(3)
+    me.loops.add(3000)
+    me.polygons.add(1000)
+    out["bulk_offsets"] = importer._write_triangle_offsets(me, 1000)
+    starts = np.empty(1000, np.int32)
+    me.polygons.foreach_get("loop_start", starts)
+    totals = np.empty(1000, np.int32)
+    me.polygons.foreach_get("loop_total", totals)
+    out["offsets_ok"] = bool((starts == np.arange(0, 3000, 3)).all() and (totals == 3).all())
+    return out
+
+
+def test_edges_sent_by_the_backend_equal_blenders_own():
+    r = run_body(__file__, "edges", {})
+    for label in ("calc", "sent", "wrong"):
+        assert r[label]["consistent"] and not r[label]["validate_changed"], label
+    assert r["sent"]["edges"] == r["calc"]["edges"] and len(r["calc"]["edges"]) == r["sent_edges"]
+    assert r["wrong"]["edges"] == r["calc"]["edges"]  # a payload that disagrees falls back to calc_edges
+    # bpy 5.0: the face offsets are written in bulk through MeshPolygon.as_pointer() and read back right
+    assert r["bulk_offsets"] and r["offsets_ok"]
+
+
 if __name__ == "__main__":
     body_main(globals())
