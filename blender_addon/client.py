@@ -6,8 +6,14 @@ within a time budget, keeps a ``JobState`` per job, sends heartbeats, notices a 
 restarted server and re-attaches to its unfinished jobs from the last sequence number.
 Blender's timer pump (``runtime.py``) and the headless API (``api.py``) both drive it by
 calling ``poll(budget_s)``.
+
+Received messages are checked (HMAC, JSON, schema, mesh validation: pure Python and numpy, no
+``bpy``) on one helper thread, in arrival order, so a megabyte-sized preview does not spend the
+main thread's tick on hashing; the main thread only reads the socket and applies checked
+messages, in order.
 """
 
+import concurrent.futures
 import os
 import time
 from collections import deque
@@ -36,6 +42,26 @@ RECONNECT_EVERY_S = 1.0
 #: Previews the client lets the server send ahead (each preview received grants one more).
 PREVIEW_CREDITS = 2
 MAX_OUTBOX = 1000
+#: Received messages waiting to be checked or applied; beyond this the socket is left unread.
+MAX_INBOX = 64
+#: A small message's check is waited for at most this long inside a poll (it takes ~0.1 ms).
+SMALL_CHECK_WAIT_S = 0.002
+SMALL_MESSAGE_BYTES = 64 * 1024
+
+
+def _check_message(session, frames):
+    """Helper thread: verify and parse ``frames``; decode a mesh it carries. No bpy here.
+
+    Returns ``(msg, mesh, mesh_error)``; raises ``ProtocolError`` for a bad message.
+    """
+    msg = session.deserialize(frames)
+    mesh = error = None
+    if "mesh" in msg.content:
+        try:
+            mesh = msg.mesh()
+        except ProtocolError as e:
+            error = e
+    return msg, mesh, error
 
 
 class ConjureError(RuntimeError):
@@ -149,6 +175,9 @@ class Client:
         self._ctx = None
         self._sock = None
         self._outbox = deque()
+        self._inbox = deque()  # (future of _check_message, size in bytes), arrival order
+        self._checker = None  # one-thread executor, made on first use
+        self._meshes = {}  # id(msg) -> (mesh, error) decoded on the helper thread
         self._last_rx = None
         self._unanswered_since = None
         self._last_ping = 0.0
@@ -187,6 +216,7 @@ class Client:
         sock.connect(self.info.url)
         self._sock = sock
         self._outbox.clear()
+        self._inbox.clear()
         self._connected_at = time.monotonic()
         self._last_rx = None
         self._unanswered_since = None
@@ -212,6 +242,10 @@ class Client:
                 pass
             self._ctx = None
         self._outbox.clear()
+        self._inbox.clear()
+        if self._checker is not None:
+            self._checker.shutdown(wait=False, cancel_futures=True)
+            self._checker = None
         self.state = "closed"
 
     @property
@@ -319,44 +353,89 @@ class Client:
 
     # -- receiving -----------------------------------------------------------------------------
     def poll(self, budget_s=0.004, *, timeout_ms=0):
-        """Flush, then handle incoming messages until none is waiting or ``budget_s`` is spent.
+        """Flush, read what arrived, and apply checked messages until ``budget_s`` is spent.
 
         ``timeout_ms`` > 0 waits that long for the first message (headless loops); the timer
-        pump passes 0. Returns the number of messages handled. Heartbeats and loss detection
-        run here too.
+        pump passes 0. Messages are checked on the helper thread and applied here in arrival
+        order; one whose check is still running stays queued for the next poll. Returns the
+        number of messages applied. Heartbeats and loss detection run here too.
         """
         if self._sock is None:
             return 0
         zmq = self.zmq
         start = time.perf_counter()
         self.flush()
-        if timeout_ms and not self._sock.poll(timeout_ms, zmq.POLLIN):
+        if timeout_ms and not self._inbox and not self._sock.poll(timeout_ms, zmq.POLLIN):
             self._heartbeat(drained=True)
             return 0
+        socket_empty = self._receive()
         handled = 0
-        drained = False
-        while True:
+        while self._inbox:
+            future, size = self._inbox[0]
+            if not future.done():
+                if timeout_ms and not handled:
+                    wait = max(timeout_ms / 1000.0, SMALL_CHECK_WAIT_S)  # headless: blocking is fine
+                elif size < SMALL_MESSAGE_BYTES:
+                    wait = SMALL_CHECK_WAIT_S  # nothing is ahead of it on the helper: ~0.1 ms
+                else:
+                    break  # a big check still running: apply it next poll
+                try:
+                    future.result(timeout=wait)
+                except concurrent.futures.TimeoutError:
+                    break
+                except Exception:
+                    pass
+            self._inbox.popleft()
             try:
-                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                drained = True
-                break
-            try:
-                msg = self.session.deserialize(frames)
+                msg, mesh, error = future.result()
             except ProtocolError as e:
                 self.stats["dropped"] += 1
                 if e.code == "version_mismatch":
                     self._incompatible(e.message)
                 continue
+            except Exception:  # a bug in checking one message must not stop the pump
+                self.stats["dropped"] += 1
+                continue
             handled += 1
             self.stats["received"] += 1
-            self._handle(msg)
+            if mesh is not None or error is not None:
+                self._meshes[id(msg)] = (mesh, error)
+            try:
+                self._handle(msg)
+            finally:
+                self._meshes.pop(id(msg), None)
             if time.perf_counter() - start >= budget_s:
                 break
-        self._heartbeat(drained)
+            if not self._inbox and not socket_empty:
+                socket_empty = self._receive()
+        self._heartbeat(socket_empty and not self._inbox)
         if handled:
             self.flush()
         return handled
+
+    def _receive(self):
+        """Move waiting messages from the socket to the check queue (no copies). True if drained."""
+        zmq = self.zmq
+        while len(self._inbox) < MAX_INBOX:
+            try:
+                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            if self._checker is None:
+                self._checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conjure-check")
+            size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+            self._inbox.append((self._checker.submit(_check_message, self.session, frames), size))
+        return False
+
+    def _mesh_of(self, msg):
+        """The message's mesh (decoded on the helper thread when it came through ``poll``)."""
+        decoded = self._meshes.get(id(msg))
+        if decoded is None:
+            return msg.mesh()
+        mesh, error = decoded
+        if error is not None:
+            raise error
+        return mesh
 
     def _heartbeat(self, drained=False):
         """Ping every ``PING_INTERVAL_S``; the backend is lost when a ping stayed unanswered for
@@ -490,7 +569,7 @@ class Client:
         if job is None or job.finished:
             return
         try:
-            job.preview_mesh = msg.mesh()
+            job.preview_mesh = self._mesh_of(msg)
         except ProtocolError as e:
             job.message = "bad preview: " + e.message
             return
@@ -511,7 +590,7 @@ class Client:
         job.preview_mesh = None
         job.fraction = 1.0
         try:
-            mesh = msg.mesh()
+            mesh = self._mesh_of(msg)
         except ProtocolError as e:
             self._fail(job, ConjureError(e.code, "the result mesh is malformed: " + e.message, job_id=job.job_id))
             return

@@ -158,5 +158,74 @@ def test_sends_never_block_and_close_is_immediate():
     assert r["send_s"] < 5.0 and r["close_s"] < 0.5 and r["state"] == "closed"
 
 
+def _body_checked_off_thread(args):
+    import threading
+    import time
+
+    import numpy as np
+    import zmq
+
+    from backend.mesh.topology import with_edges
+    from blender_addon import client as client_mod
+    from protocol import ConnectionInfo, Session, new_job_id
+    from protocol.mesh import MeshPayload, encode_mesh
+
+    key = b"k" * 32
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    server = Session(key, routing=True)
+    client = client_mod.Client(ConnectionInfo("tcp", "127.0.0.1", port, key, "1.0"))
+    routing_id = None
+    deadline = time.monotonic() + 10
+    while routing_id is None and time.monotonic() < deadline:
+        client.poll(0.01)
+        if router.poll(10):
+            routing_id, hello = server.recv(router)
+    job = client_mod.JobState(new_job_id(), {"prompt": "x"})
+    job.state = "running"
+    client.jobs[job.job_id] = job
+    threads = []
+    real_check = client_mod._check_message
+
+    def spy(session, frames):
+        threads.append(threading.current_thread().name)
+        return real_check(session, frames)
+
+    client_mod._check_message = spy
+    n = 40_000  # a ~2 MB preview with edges
+    rng = np.random.default_rng(0)
+    mesh = with_edges(MeshPayload(positions=rng.random((n, 3), np.float32),
+                                  faces=rng.integers(0, n, (2 * n, 3)).astype(np.uint32)))
+    meta, bufs = encode_mesh(mesh)
+    server.send(router, "preview_mesh", {"stage": "coarse", "step": 3, "mesh": meta}, bufs, job_id=job.job_id,
+                seq=1, routing_id=routing_id)
+    server.send(router, "progress", {"stage": "coarse", "step": 4, "total": 10, "fraction": 0.4,
+                                     "elapsed": 1.0}, job_id=job.job_id, seq=2, routing_id=routing_id)
+    order, longest = [], 0.0
+    deadline = time.monotonic() + 10
+    while (job.preview_mesh is None or job.step != 4) and time.monotonic() < deadline:
+        t = time.perf_counter()
+        client.poll(0.004)
+        longest = max(longest, time.perf_counter() - t)
+        if job.preview_mesh is not None and "preview" not in order:
+            order.append("preview")
+        if job.step == 4 and "progress" not in order:
+            order.append("progress")
+    got = job.preview_mesh
+    client.close()
+    router.close(0)
+    return {"order": order, "threads": sorted(set(threads)), "faces": 0 if got is None else len(got.faces),
+            "edges_equal": got is not None and bool(np.array_equal(got.edges, mesh.edges)),
+            "state": client.state}
+
+
+def test_received_messages_are_checked_on_the_helper_thread_and_applied_in_order():
+    r = run_body(__file__, "checked_off_thread")
+    assert r["threads"] and all(t.startswith("conjure-check") for t in r["threads"]), r["threads"]
+    assert r["order"] == ["preview", "progress"] and r["faces"] == 80_000 and r["edges_equal"]
+
+
 if __name__ == "__main__":
     body_main(globals())
