@@ -75,9 +75,9 @@ def _write_triangle_offsets(mesh, f):
     stores in bulk through ``as_pointer()``, but only after checking that the memory is laid out
     as that array (the items' pointers 4 bytes apart, the entry after the last face holding the
     corner count 3f; the new faces' entries are uninitialised until set), and reads the result
-    back through RNA. Returns False, having written nothing, when any check fails
-    (older Blender, where polygons are structs, or a layout it does not recognise); the caller
-    then uses ``foreach_set``.
+    back through RNA. Returns False when a check fails: before writing (older Blender, where
+    polygons are structs, or a layout it does not recognise) or on the read-back; the caller then
+    sets every offset with ``foreach_set``.
     """
     import ctypes
 
@@ -109,6 +109,8 @@ def _sent_edges(payload, n, faces):
     corner_edges = np.ascontiguousarray(corner_edges).reshape(-1)
     if len(corner_edges) != faces.size or (edges.size and int(edges.max()) >= n):
         return None
+    if any(a.dtype.kind == "i" and a.size and int(a.min()) < 0 for a in (edges, corner_edges)):
+        return None
     if corner_edges.size and int(corner_edges.max()) >= len(edges):
         return None
     if faces.size:
@@ -127,7 +129,7 @@ def _int32(a):
 
 
 def _set_edges(mesh, edges, corner_edges):
-    """Write the sent edges; True when the mesh has them (Blender 4.0+ attributes or 3.x wrappers)."""
+    """Add the sent edges and each corner's edge (Blender 4.0+ attributes, else the 3.x wrappers)."""
     mesh.edges.add(len(edges))
     attrs = mesh.attributes
     edge_verts, corner_edge = attrs.get(".edge_verts"), attrs.get(".corner_edge")
