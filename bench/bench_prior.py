@@ -38,7 +38,7 @@ PROMPTS = [
 ]
 
 
-def run_prompts(prompts, preset: str, seed: int) -> list[dict]:
+def run_prompts(prompts, preset: str, seed: int, overrides: dict | None = None) -> list[dict]:
     import importlib
 
     from backend.pipeline.events import JobContext
@@ -51,7 +51,8 @@ def run_prompts(prompts, preset: str, seed: int) -> list[dict]:
     for prompt, shape, colour in prompts:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
-            result = run_job(GenerationParams(prompt=prompt, preset=preset, seed=seed), JobContext(out_dir=Path(tmp)))
+            params = GenerationParams(prompt=prompt, preset=preset, seed=seed, overrides=dict(overrides or {}))
+            result = run_job(params, JobContext(out_dir=Path(tmp)))
             seconds = time.time() - t0
             j = judge_mesh(result.mesh)
         rows.append({"prompt": prompt, "shape": shape, "colour": colour, "judged_shape": j["shape"],
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prior-only", action="store_true", help="only the 2D prior evaluation (every pair)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a preset override such as guidance.cfg_scale=40 (repeatable)")
     args = ap.parse_args(argv)
     import torch
 
@@ -95,8 +98,19 @@ def main(argv=None) -> int:
         from backend.priors.evaluate import main as eval_main
 
         return eval_main(["--threads", str(args.threads)])
-    print(f"text to 3D, preset {args.preset}, seed {args.seed}, torch threads {args.threads}")
-    rows = run_prompts(PROMPTS[: args.prompts], args.preset, args.seed)
+    import json
+
+    overrides = {}
+    for item in args.override:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--override wants KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
+    print(f"text to 3D, preset {args.preset}, seed {args.seed}, torch threads {args.threads}, overrides {overrides}")
+    rows = run_prompts(PROMPTS[: args.prompts], args.preset, args.seed, overrides)
     print_table(rows)
     return 0
 
