@@ -173,7 +173,7 @@ def test_prior_samples_pass_the_independent_judges():
         pytest.skip("shape classifier not trained yet")
     colours = list(COLOURS)
     pairs = [(s, colours[(3 * i + 1) % len(colours)]) for i, s in enumerate(SHAPES)]
-    res = evaluate_prior(BUNDLED_PRIOR_DIR, pairs=pairs, samples_per_pair=2, steps=20, cfg=5.0, seed=0)
+    res = evaluate_prior(BUNDLED_PRIOR_DIR, pairs=pairs, samples_per_pair=2, steps=20, cfg=3.0, eta=1.0, seed=0)
     assert res["images"].shape == (12, 3, 32, 32)
     assert res["colour_acc"] >= 10 / 12, res["rows"]
     assert res["shape_acc"] >= 9 / 12, res["rows"]

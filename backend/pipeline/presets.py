@@ -209,7 +209,7 @@ def _cpu() -> Preset:
     """Finishes on 2 CPU cores in a few minutes with the bundled pixel-space prior."""
     return Preset(
         name="cpu",
-        coarse=CoarseConfig(steps=200, batch_size=2, num_points=1000, init_scale=0.05, init_opacity=0.2,
+        coarse=CoarseConfig(steps=350, batch_size=2, num_points=1000, init_scale=0.05, init_opacity=0.2,
                             render_resolution=32, render_resolution_end=48, resolution_ramp_until=0.5,
                             lr_means=2e-3, lr_means_end=1e-4, densify_interval=40, densify_fraction=0.1,
                             max_points=3000, split_scale=0.06, preview_every=50, preview_grid=48,

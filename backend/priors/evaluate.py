@@ -189,9 +189,12 @@ def judge_shapes(images: torch.Tensor) -> list[str]:
 
 # ----------------------------------------------------------------------------- prior evaluation
 def evaluate_prior(model_dir: str | Path = BUNDLED_PRIOR_DIR, pairs: list[tuple[str, str]] | None = None,
-                   samples_per_pair: int = 2, steps: int = 30, cfg: float = 5.0, seed: int = 0,
-                   view: str | None = None, chunk: int = 48) -> dict:
+                   samples_per_pair: int = 2, steps: int = 30, cfg: float = 3.0, seed: int = 0,
+                   view: str | None = None, chunk: int = 48, eta: float = 1.0) -> dict:
     """Sample each (shape, colour) pair ``samples_per_pair`` times and judge every image.
+
+    ``steps``/``cfg``/``eta``: the sampler; the default ``eta`` 1 is ancestral sampling (DDIM with
+    eta 1 = the model's own DDPM sampler on a 30-step schedule); ``eta`` 0 is deterministic DDIM.
 
     Returns ``{"rows": [(shape, colour, judged_shape, judged_colour)], "colour_acc", "shape_acc",
     "both_acc", "seconds"}``.
@@ -206,7 +209,7 @@ def evaluate_prior(model_dir: str | Path = BUNDLED_PRIOR_DIR, pairs: list[tuple[
     for i in range(0, len(jobs), chunk):
         part = jobs[i:i + chunk]
         images.append(sample_images(model_dir, [caption(s, c, view) for s, c in part], steps=steps, cfg=cfg,
-                                    seed=seed + i))
+                                    seed=seed + i, eta=eta))
     imgs = torch.cat(images)
     shapes = judge_shapes(imgs)
     rows = [(s, c, js, judge_colour(img)) for (s, c), js, img in zip(jobs, shapes, imgs)]
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-classifier", action="store_true", help="(re)train the shape classifier first")
     ap.add_argument("--samples-per-pair", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 ancestral (DDPM-like), 0 deterministic")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--view", default=None, help="append ', <view> view' to every prompt")
     ap.add_argument("--threads", type=int, default=1)
@@ -251,13 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_classifier or not CLASSIFIER_PATH.is_file():
         train_classifier()
     res = evaluate_prior(args.model, samples_per_pair=args.samples_per_pair, steps=args.steps, cfg=args.cfg,
-                         seed=args.seed, view=args.view)
+                         seed=args.seed, view=args.view, eta=args.eta)
     print(f"{'prompt':28s} {'shape':9s} {'colour':7s}")
     for s, c, js, jc in res["rows"]:
         mark = ("ok" if js == s else "XX") + " " + ("ok" if jc == c else "XX")
         print(f"{caption(s, c, args.view):28s} {js:9s} {str(jc):7s} {mark}")
     print(f"colour accuracy {res['colour_acc']:.3f}  shape accuracy {res['shape_acc']:.3f}  "
-          f"both {res['both_acc']:.3f}  ({len(res['rows'])} samples, {args.steps} DDIM steps, cfg {args.cfg}, "
+          f"both {res['both_acc']:.3f}  ({len(res['rows'])} samples, {args.steps} DDIM steps, eta {args.eta}, cfg {args.cfg}, "
           f"{res['seconds']:.0f}s)")
     if args.grid:
         save_grid(res["images"], args.grid)

@@ -53,6 +53,10 @@ def make_unet(resolution: int = RESOLUTION):
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=16,
         norm_num_groups=8,
+        # the pooled caption also joins the timestep embedding (diffusers' TextTimeEmbedding), so
+        # every ResNet block sees the global colour/shape words, not only the 8x8 cross-attention
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
     )
 
 
