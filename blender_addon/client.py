@@ -50,18 +50,16 @@ SMALL_MESSAGE_BYTES = 64 * 1024
 
 
 def _check_message(session, frames):
-    """Helper thread: verify and parse ``frames``; decode a mesh it carries. No bpy here.
-
-    Returns ``(msg, mesh, mesh_error)``; raises ``ProtocolError`` for a bad message.
-    """
+    """Helper thread: verify and parse ``frames`` and decode a mesh it carries (``Message.mesh``
+    keeps it, so the handler's call is free). No bpy here. Raises ``ProtocolError`` for a bad
+    message; a bad mesh raises again when the handler asks for it."""
     msg = session.deserialize(frames)
-    mesh = error = None
     if "mesh" in msg.content:
         try:
-            mesh = msg.mesh()
-        except ProtocolError as e:
-            error = e
-    return msg, mesh, error
+            msg.mesh()
+        except ProtocolError:
+            pass
+    return msg
 
 
 class ConjureError(RuntimeError):
@@ -177,7 +175,6 @@ class Client:
         self._outbox = deque()
         self._inbox = deque()  # (future of _check_message, size in bytes), arrival order
         self._checker = None  # one-thread executor, made on first use
-        self._meshes = {}  # id(msg) -> (mesh, error) decoded on the helper thread
         self._last_rx = None
         self._unanswered_since = None
         self._last_ping = 0.0
@@ -387,7 +384,7 @@ class Client:
                     pass
             self._inbox.popleft()
             try:
-                msg, mesh, error = future.result()
+                msg = future.result()
             except ProtocolError as e:
                 self.stats["dropped"] += 1
                 if e.code == "version_mismatch":
@@ -398,12 +395,7 @@ class Client:
                 continue
             handled += 1
             self.stats["received"] += 1
-            if mesh is not None or error is not None:
-                self._meshes[id(msg)] = (mesh, error)
-            try:
-                self._handle(msg)
-            finally:
-                self._meshes.pop(id(msg), None)
+            self._handle(msg)
             if time.perf_counter() - start >= budget_s:
                 break
             if not self._inbox and not socket_empty:
@@ -423,19 +415,9 @@ class Client:
                 return True
             if self._checker is None:
                 self._checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="conjure-check")
-            size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+            size = sum(len(f) for f in frames)
             self._inbox.append((self._checker.submit(_check_message, self.session, frames), size))
         return False
-
-    def _mesh_of(self, msg):
-        """The message's mesh (decoded on the helper thread when it came through ``poll``)."""
-        decoded = self._meshes.get(id(msg))
-        if decoded is None:
-            return msg.mesh()
-        mesh, error = decoded
-        if error is not None:
-            raise error
-        return mesh
 
     def _heartbeat(self, drained=False):
         """Ping every ``PING_INTERVAL_S``; the backend is lost when a ping stayed unanswered for
@@ -569,7 +551,7 @@ class Client:
         if job is None or job.finished:
             return
         try:
-            job.preview_mesh = self._mesh_of(msg)
+            job.preview_mesh = msg.mesh()
         except ProtocolError as e:
             job.message = "bad preview: " + e.message
             return
@@ -590,7 +572,7 @@ class Client:
         job.preview_mesh = None
         job.fraction = 1.0
         try:
-            mesh = self._mesh_of(msg)
+            mesh = msg.mesh()
         except ProtocolError as e:
             self._fail(job, ConjureError(e.code, "the result mesh is malformed: " + e.message, job_id=job.job_id))
             return

@@ -442,6 +442,8 @@ class Message:
     time: float = field(default_factory=_time.time)
     version: str = PROTOCOL_VERSION
     routing_id: bytes | None = None
+    #: meshes already decoded by ``mesh()``, by content key (validation runs once per message)
+    _decoded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def header(self, descriptors: list) -> dict:
         return {
@@ -457,9 +459,17 @@ class Message:
         }
 
     def mesh(self, key: str = "mesh") -> MeshPayload | None:
-        """Decode and validate ``content[key]`` against this message's buffers, or None."""
+        """Decode and validate ``content[key]`` against this message's buffers, or None.
+
+        A successful decode is kept, so a second call (e.g. after a helper thread decoded it)
+        costs nothing; a failed one raises ``ProtocolError`` again on every call.
+        """
         meta = self.content.get(key)
-        return None if meta is None else decode_mesh(meta, self.buffers)
+        if meta is None:
+            return None
+        if key not in self._decoded:
+            self._decoded[key] = decode_mesh(meta, self.buffers)
+        return self._decoded[key]
 
 
 def _frame_of(buf) -> tuple[dict, Any]:
