@@ -17,6 +17,7 @@ from protocol import (
     encode_mesh,
     validate_params,
 )
+from protocol.mesh import MESH_FIELDS
 from protocol.messages import _SCHEMAS
 
 KEY = b"k" * 32
@@ -202,7 +203,7 @@ def _roundtrip_one(m, server_to_client, client_sid, server_sid):
         _equal_buffers(a, b)
     if mesh is not None:
         back = got.mesh()
-        for name in ("positions", "faces", "uvs", "normals", "colors", "texture_rgba", "edges", "corner_edges"):
+        for name in (f for f in MESH_FIELDS if f != "texture_png"):
             want = getattr(mesh, name)
             if want is None:
                 assert getattr(back, name) is None

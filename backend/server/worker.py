@@ -137,14 +137,13 @@ def write_preview_npz(path: Path, mesh) -> None:
     """Save a ``MeshPayload`` as ``.npz`` (arrays named after its fields), tmp -> rename."""
     import numpy as np
 
+    from protocol.mesh import MESH_FIELDS
+
     arrays = {}
-    for name in ("positions", "faces", "uvs", "normals", "colors", "texture_rgba", "edges", "corner_edges"):
+    for name in MESH_FIELDS:  # every field of the wire format, so a new one is never dropped here
         value = getattr(mesh, name, None)
         if value is not None:
-            arrays[name] = np.asarray(value)
-    png = getattr(mesh, "texture_png", None)
-    if png is not None:
-        arrays["texture_png"] = np.frombuffer(png, np.uint8)
+            arrays[name] = np.frombuffer(value, np.uint8) if name == "texture_png" else np.asarray(value)
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
