@@ -98,17 +98,12 @@ def main(argv=None) -> int:
         from backend.priors.evaluate import main as eval_main
 
         return eval_main(["--threads", str(args.threads)])
-    import json
+    from backend.cli import parse_sets
 
-    overrides = {}
-    for item in args.override:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--override wants KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except ValueError:
-            overrides[key] = value
+    try:
+        overrides = parse_sets(args.override)  # the same KEY=VALUE syntax as `conjure-backend generate --set`
+    except ValueError as e:
+        ap.error(str(e))
     print(f"text to 3D, preset {args.preset}, seed {args.seed}, torch threads {args.threads}, overrides {overrides}")
     rows = run_prompts(PROMPTS[: args.prompts], args.preset, args.seed, overrides)
     print_table(rows)
