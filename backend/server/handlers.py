@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from protocol import PROTOCOL_VERSION, ProtocolError, validate_params
 from protocol.messages import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from protocol.params import coerce_overrides
 
 from . import jobs as J
 from .jobs import JobRecord
@@ -141,6 +142,12 @@ class RequestHandlers:
         if queue.full():
             d.error(msg.session, "queue_full", f"the queue holds {len(queue)} jobs (limit {queue.limit}); "
                     "try again later", job_id=job_id, retriable=True, in_reply_to=msg.msg_id)
+            return
+        try:  # every pipeline: known keys typed and in their documented range, no file paths
+            coerce_overrides(params.overrides, unknown="keep")
+        except ProtocolError as exc:
+            d.error(msg.session, "invalid_params", exc.message, job_id=job_id, in_reply_to=msg.msg_id,
+                    field=exc.field)
             return
         try:
             self.server.check_params(params.preset, params.overrides)
