@@ -13,21 +13,20 @@ Texture coordinates
 origin is top-left, so TEXCOORD_0 stores (u, 1 - v); OBJ keeps (u, v). Vertices are split where
 one position carries several UVs (seams), so every GLB vertex has exactly one UV.
 
-Files are written atomically: a temporary file in the same folder, flushed and fsynced, then
-renamed over the target.
+Files are written atomically and durably with :mod:`backend.fsutil` (temporary file in the same
+folder, fsync, rename, fsync the folder).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from backend.fsutil import atomic_write_bytes
 from protocol.mesh import MeshPayload
 
 GLB_MAGIC = 0x46546C67  # b"glTF" little-endian
@@ -109,14 +108,14 @@ def export_mesh(mesh: MeshPayload, out_dir: Path, name: str) -> dict[str, Path]:
     glb = build_glb(positions, faces, normals, uvs if textured else None, png if textured else None,
                     colors, name)
     files["glb"] = out_dir / f"{name}.glb"
-    atomic_write(files["glb"], glb)
+    atomic_write_bytes(files["glb"], glb)
     if textured:
         files["png"] = out_dir / f"{name}.png"
         files["mtl"] = out_dir / f"{name}.mtl"
         files["obj"] = out_dir / f"{name}.obj"
-        atomic_write(files["png"], png)
-        atomic_write(files["mtl"], _mtl_text(name, files["png"].name).encode())
-        atomic_write(files["obj"], _obj_text(positions, faces, normals, uvs, files["mtl"].name, name).encode())
+        atomic_write_bytes(files["png"], png)
+        atomic_write_bytes(files["mtl"], _mtl_text(name, files["png"].name).encode())
+        atomic_write_bytes(files["obj"], _obj_text(positions, faces, normals, uvs, files["mtl"].name, name).encode())
     return files
 
 
@@ -332,34 +331,6 @@ def check_glb_structure(path: Path | str) -> dict:
             raise GLBStructureError(f"accessor {i} needs {need} bytes, bufferView {v} has "
                                     f"{views[v].get('byteLength')}")
     return gltf
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync dir."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def srgb_to_linear(colors: np.ndarray) -> np.ndarray:
