@@ -15,7 +15,7 @@ never an unbounded queue.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DEFAULT_LOG_LIMIT = 4096
 DEFAULT_PREVIEW_CREDITS = 2
@@ -92,28 +92,6 @@ class JobStream:
 
 
 @dataclass
-class Transfer:
-    """A chunked file transfer in progress (``fetch_result``): the next chunk to send."""
-
-    job_id: str
-    kind: str
-    path: str
-    name: str
-    size: int
-    sha256: str
-    chunk_size: int
-    next_index: int = 0
-
-    @property
-    def count(self) -> int:
-        return max(1, -(-self.size // self.chunk_size))
-
-    @property
-    def done(self) -> bool:
-        return self.next_index >= self.count
-
-
-@dataclass
 class Subscription:
     """A client following a job's stream. ``cursor`` is the last seq sent to it."""
 
@@ -123,14 +101,11 @@ class Subscription:
     credits: int = DEFAULT_PREVIEW_CREDITS
     preview_sent: int = 0  # number of the last preview sent
     missed: int = 0  # events evicted from the log before this client read them
-    transfers: deque = field(default_factory=deque)
 
     def grant(self, credits: int) -> None:
         self.credits = max(0, min(MAX_PREVIEW_CREDITS, self.credits + int(credits)))
 
     def pending(self, stream: JobStream | None) -> bool:
-        if self.transfers:
-            return True
         if stream is None:
             return False
         if self.cursor < stream.last_seq:
