@@ -34,9 +34,9 @@ Message flow (protocol message types, see ``protocol/messages.py``):
   sees it change knows the server restarted. Malformed, forged, unsigned and replayed messages
   are dropped and counted (``stats.dropped`` in ``pong``).
 
-Job states on the wire are the protocol's ``JOB_STATES``; a job interrupted by a server
-restart is reported as ``interrupted`` when the protocol knows that state, else as ``failed``
-with ``error.code == "interrupted"``.
+Job states on the wire are the job store's own states, which are the protocol's ``JOB_STATES``
+(a test holds the two sets equal); a job interrupted by a server restart is reported as
+``interrupted`` with ``error.code == "interrupted"``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ import zmq
 
 from backend import __version__
 from protocol import (
-    JOB_STATES,
     PROTOCOL_VERSION,
     ConnectionInfo,
     ProtocolError,
@@ -144,12 +143,6 @@ class Running:
     fraction: float = 0.0
     cancel_requested: float | None = None
     checkpointed_seq: int = 0
-
-
-def wire_state(state: str) -> str:
-    if state in JOB_STATES:
-        return state
-    return "failed"
 
 
 class Server:
@@ -524,7 +517,7 @@ class Server:
                             job_id=job_id, in_reply_to=msg.msg_id)
                 return
             self._send(msg.session, "accepted", {"queue_position": self._position(job_id) or 0,
-                                                 "state": wire_state(rec.state), "duplicate": True},
+                                                 "state": rec.state, "duplicate": True},
                        job_id=job_id)
             self._ensure_stream(rec)
             sub = self.subs.get(job_id, {}).get(msg.session)
@@ -612,7 +605,7 @@ class Server:
     def _status_content(self, rec: JobRecord) -> dict:
         stream = self.streams.get(rec.job_id)
         content = {
-            "state": wire_state(rec.state),
+            "state": rec.state,
             "job_state": rec.state,
             "queue_position": self._position(rec.job_id),
             "last_seq": stream.last_seq if stream else rec.last_seq,
@@ -637,10 +630,10 @@ class Server:
         recs = sorted(self.store.list(), key=lambda r: r.created, reverse=True)
         out = []
         for rec in recs:
-            if states and wire_state(rec.state) not in states:
+            if states and rec.state not in states:
                 continue
             s = rec.summary()
-            s["state"] = wire_state(rec.state)
+            s["state"] = rec.state
             s["job_state"] = rec.state
             out.append(s)
             if len(out) >= limit:
@@ -722,7 +715,7 @@ class Server:
         err = rec.error or {"code": "failed", "message": "the job failed"}
         return "error", {"code": err.get("code", "failed"), "message": err.get("message", ""),
                          "retriable": bool(err.get("retriable", rec.state == J.INTERRUPTED)),
-                         "state": wire_state(rec.state), "job_state": rec.state}, ()
+                         "state": rec.state, "job_state": rec.state}, ()
 
     def _result_content(self, rec: JobRecord, mesh) -> tuple[dict, tuple]:
         glb = rec.results["glb"]
