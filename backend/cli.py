@@ -16,10 +16,11 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
+
+from backend.fsutil import atomic_copy, atomic_write_text
 
 DEFAULT_PIPELINE = "backend.pipeline.run:run_job"
 
@@ -174,21 +175,14 @@ def cmd_jobs(args) -> int:
 
 # ---------------------------------------------------------------------------- generate
 def _copy_durable(src: Path, dst: Path, rewrite: dict[str, str] | None = None) -> None:
-    """Copy ``src`` to ``dst`` via tmp -> fsync -> rename; optionally replace names in text files."""
-    tmp = dst.with_name(dst.name + ".tmp")
+    """Copy ``src`` to ``dst`` atomically and durably; optionally replace names in text files."""
     if rewrite:
-        text = src.read_text()
+        text = src.read_text(encoding="utf-8")
         for old, new in rewrite.items():
             text = text.replace(old, new)
-        tmp.write_text(text)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        atomic_write_text(dst, text)
     else:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-    os.replace(tmp, dst)
+        atomic_copy(src, dst)
 
 
 def export_next_to(files: dict, out: Path) -> dict[str, Path]:

@@ -768,9 +768,3 @@ class Session:
         frames = socket.recv_multipart(flags=flags, copy=False)
         msg = self.deserialize(frames)
         return msg.routing_id, msg
-
-    def configure_socket(self, socket) -> None:
-        """Set ``zmq.MAXMSGSIZE`` so libzmq drops oversized frames before Python sees them."""
-        import zmq
-
-        socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)

@@ -107,6 +107,25 @@ def test_store_recovers_after_a_crash(tmp_path):
     third.close()
 
 
+def test_store_states_are_the_wire_states_and_unknown_ones_never_load(tmp_path):
+    """The server sends ``rec.state`` as is: the store's states must be the protocol's, and a
+    job.json carrying any other state is not loaded."""
+    from protocol import JOB_STATES
+
+    assert J.STATES == frozenset(JOB_STATES)
+    store = JobStore(tmp_path).open()
+    job_id = str(uuid.uuid4())
+    store.add(_record(job_id))
+    store.close()
+    path = tmp_path / job_id / J.JOB_FILE
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps({**obj, "state": "exploded"}))
+    (tmp_path / J.JOURNAL_FILE).unlink()
+    again = JobStore(tmp_path).open()
+    assert again.get(job_id) is None
+    again.close()
+
+
 def test_jobs_command_lists_the_data_dir(tmp_path, capsys):
     cli = functools.partial(cli_here, capsys)
     store = JobStore(tmp_path).open()

@@ -8,9 +8,10 @@ import pytest
 import torch
 import trimesh
 
-from backend.mesh.export import check_glb_structure, export_mesh, split_seams
+from backend.mesh.export import export_mesh, split_seams
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.presets import get_preset
+from tests.glb_check import check_glb_structure
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import trimesh
 
-from backend.mesh.export import check_glb_structure, split_seams
+from backend.mesh.export import split_seams
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from protocol.params import GenerationParams
+from tests.glb_check import check_glb_structure
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ Data directory (``--data-dir``; default :func:`default_data_dir`)::
         journal.jsonl          one JSON object per line: {"t", "job_id", "state", ...}; fsynced per line
         <job id>/
             job.json           the job record (prompt, params, seed, preset, timings, versions, state,
-                               result files with size + SHA-256, error), rewritten tmp -> fsync -> rename
+                               result files with size + SHA-256, error), rewritten atomically
+                               (backend.fsutil: tmp -> fsync -> rename -> fsync folder)
             preview.npz        the latest preview mesh (written by the worker, tmp -> rename)
             work/              the pipeline's scratch folder (``JobContext.out_dir``)
             result/            finished files (GLB, OBJ, MTL, PNG), moved here tmp -> fsync -> rename
@@ -26,6 +27,8 @@ import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from backend.fsutil import atomic_write_bytes, atomic_write_json
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -69,41 +72,6 @@ def valid_job_id(job_id: object) -> bool:
         return str(uuid.UUID(job_id)) == job_id.lower()
     except ValueError:
         return False
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp`` -> fsync -> rename -> fsync(dir).
-
-    ``durable=False`` skips the fsyncs (still atomic; survives a process kill, not a power loss).
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: dict, durable: bool = True) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), durable)
 
 
 @dataclass
@@ -342,7 +310,7 @@ class JobStore:
         self.write_record(rec)
 
     def write_record(self, rec: JobRecord, durable: bool = True) -> None:
-        atomic_write_json(self.job_dir(rec.job_id) / JOB_FILE, rec.to_json(), durable)
+        atomic_write_json(self.job_dir(rec.job_id) / JOB_FILE, rec.to_json(), durable=durable)
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.jobs.get(job_id)

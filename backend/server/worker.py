@@ -31,7 +31,6 @@ import importlib
 import importlib.metadata
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -42,7 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .jobs import fsync_dir
+from backend.fsutil import atomic_copy, atomic_open, durable_move
 
 DEFAULT_PIPELINE = "backend.pipeline.run:run_job"
 PREVIEW_WRITE_INTERVAL_S = 0.5
@@ -190,8 +189,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
 
 
 def publish_results(files: dict, work_dir: Path, result_dir: Path) -> dict:
-    """Make the pipeline's files durable in ``result_dir``: fsync, then rename (or copy to a
-    temporary name, fsync, rename when the file lives elsewhere), then fsync the folder.
+    """Make the pipeline's files durable in ``result_dir`` (:mod:`backend.fsutil`): fsync, rename
+    and fsync the folder, or an atomic durable copy when the file lives outside ``work_dir``.
 
     File names are kept (an OBJ names its MTL, the MTL its PNG). Returns
     ``{kind: {"name", "size", "sha256"}}``. Raises ``ValueError`` if 'glb' is missing.
@@ -204,24 +203,16 @@ def publish_results(files: dict, work_dir: Path, result_dir: Path) -> dict:
         src = Path(src)
         dst = result_dir / src.name
         if src.resolve().parent == Path(work_dir).resolve():
-            with open(src, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(src, dst)
+            durable_move(src, dst)
         else:
-            tmp = dst.with_name(dst.name + ".tmp")
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.replace(tmp, dst)
+            atomic_copy(src, dst)
         size, digest = sha256_file(dst)
         out[str(kind)] = {"name": dst.name, "size": size, "sha256": digest}
-    fsync_dir(result_dir)
     return out
 
 
 def write_preview_npz(path: Path, mesh) -> None:
-    """Save a ``MeshPayload`` as ``.npz`` (arrays named after its fields), tmp -> rename."""
+    """Save a ``MeshPayload`` as ``.npz`` (arrays named after its fields), atomically (not fsynced)."""
     import numpy as np
 
     from protocol.mesh import MESH_FIELDS
@@ -231,10 +222,8 @@ def write_preview_npz(path: Path, mesh) -> None:
         value = getattr(mesh, name, None)
         if value is not None:
             arrays[name] = np.frombuffer(value, np.uint8) if name == "texture_png" else np.asarray(value)
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, durable=False) as f:  # previews are rewritten often and cheap to lose
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def read_mesh_npz(path: Path):
