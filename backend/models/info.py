@@ -67,3 +67,15 @@ def hello_model_fields() -> dict:
     model = default_model_id()
     return {"device": describe_device(), "model": model, "models": model_list(),
             "vocabulary": bundled_vocabulary() if model == BUNDLED_MODEL else []}
+
+
+def safe_hello_model_fields() -> dict:
+    """:func:`hello_model_fields`, or just ``{"device": ...}`` if anything goes wrong (hello must always answer)."""
+    try:
+        return hello_model_fields()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("hello model fields unavailable: %s", exc)
+        try:
+            return {"device": describe_device()}
+        except Exception:  # noqa: BLE001
+            return {}
