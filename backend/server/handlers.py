@@ -85,8 +85,11 @@ class RequestHandlers:
             presets = preset_names()
         except Exception:  # noqa: BLE001
             presets = []
+        from backend.models.info import safe_hello_model_fields
+
         cfg = self.config
         return {
+            **safe_hello_model_fields(),
             "protocol_version": PROTOCOL_VERSION,
             "server_version": self.server.version,
             "limits": {"queue_limit": self.jobs.queue.limit, "max_chunk_bytes": MAX_CHUNK_BYTES,
