@@ -60,6 +60,7 @@ def test_sds_stage_end_to_end(tiny_models, kind):
     assert result.densify_log  # densify/prune ran on schedule
 
 
+@pytest.mark.slow  # 22 s on the loaded 2-core machine (2026-11-30): three stage runs
 def test_sds_stage_reproducible(tiny_models):
     a, _, _ = run_stage(tiny_models["pixel"], seed=3)
     b, _, _ = run_stage(tiny_models["pixel"], seed=3)
