@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.mesh import rasterize as rz  # noqa: E402
-from backend.mesh.bake import gaussian_color_fn  # noqa: E402
-from backend.pipeline.fine import (  # noqa: E402
+from backend.mesh import rasterize as rz
+from backend.mesh.bake import gaussian_color_fn
+from backend.pipeline.fine import (
     RefineSettings,
     TexturedMesh,
     prepare_textured_mesh,
@@ -46,7 +46,7 @@ from backend.pipeline.fine import (  # noqa: E402
     refine,
     sds_loss_fn,
 )
-from backend.pipeline.presets import GuidanceConfig, get_preset  # noqa: E402
+from backend.pipeline.presets import GuidanceConfig, get_preset
 
 #: (face budget, extraction grid, texture side, Gaussians) per mesh size
 SIZES = ((50_000, 192, 1024, 20_000), (200_000, 384, 2048, 100_000))

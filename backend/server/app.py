@@ -195,7 +195,7 @@ class Server:
             raise ServerStartError(str(exc)) from exc
         try:
             self._check_params = params_checker(cfg.pipeline)
-        except Exception as exc:  # noqa: BLE001 - import errors of a user-given module
+        except Exception as exc:  # import errors of a user-given module
             raise ServerStartError(f"cannot load the pipeline {cfg.pipeline!r}: {type(exc).__name__}: {exc}") from exc
         if cfg.preset is not None:
             try:
@@ -429,7 +429,7 @@ class Server:
             except ProtocolError as exc:
                 self._error(msg.session, exc.code, exc.message, job_id=msg.job_id, in_reply_to=msg.msg_id,
                             field=exc.field)
-            except Exception as exc:  # noqa: BLE001 - a bug in one handler must not stop the server
+            except Exception as exc:  # a bug in one handler must not stop the server
                 log.exception("handler for %s failed", msg.msg_type)
                 self._error(msg.session, "internal_error", f"{type(exc).__name__}: {exc}", job_id=msg.job_id,
                             in_reply_to=msg.msg_id, retriable=True)
@@ -467,7 +467,7 @@ class Server:
             from backend.pipeline.presets import preset_names
 
             presets = preset_names()
-        except Exception:  # noqa: BLE001
+        except Exception:
             presets = []
         self._send(msg.session, "hello_reply", {
             "protocol_version": PROTOCOL_VERSION,

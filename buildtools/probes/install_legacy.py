@@ -12,7 +12,7 @@ import sys
 import bpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # Blender does not add it for --python
-from addon_probe import probe  # noqa: E402
+from addon_probe import probe
 
 argv = sys.argv[sys.argv.index("--") + 1:]
 zip_path, module = argv[0], argv[1]
