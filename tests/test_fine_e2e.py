@@ -15,12 +15,10 @@ from tests.glb_check import check_glb_structure
 
 
 @pytest.fixture(scope="module")
-def tiny_guidance(tmp_path_factory):
+def tiny_guidance(tiny_models):
     from backend.guidance import load_guidance
     from backend.pipeline.presets import GuidanceConfig
-    from tests.tiny_models import build_tiny_model
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("tiny") / "latent", latent=True)
+    folder = tiny_models["latent"]
     guidance = load_guidance(GuidanceConfig(model=str(folder), fp16=False, cfg_scale=10.0), "cpu")
     guidance.set_prompt("a red ball")
     return guidance

@@ -13,11 +13,9 @@ from tests.glb_check import check_glb_structure
 
 
 @pytest.mark.slow
-def test_run_job_coarse_then_fine_writes_textured_glb(tmp_path):
+def test_run_job_coarse_then_fine_writes_textured_glb(tmp_path, tiny_models):
     from backend.pipeline.run import run_job
-    from tests.tiny_models import build_tiny_model
-
-    model = build_tiny_model(tmp_path / "tiny", latent=True)
+    model = tiny_models["latent"]
     out = tmp_path / "job"
     out.mkdir()
     overrides = {

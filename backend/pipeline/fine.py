@@ -366,7 +366,7 @@ def save_coarse_mesh(gaussians, preset, ctx: JobContext, name: str = "coarse") -
         c = preset.coarse
         mesh = extract_mesh(gaussians, c.mesh_grid, c.mesh_faces, c.density_threshold)
         return export_mesh(fit_to_size(mesh, preset.object_size), ctx.out_dir, name)
-    except Exception as exc:  # noqa: BLE001 - best effort, reported in the log
+    except Exception as exc:  # best effort, reported in the log
         log.warning("could not save the coarse mesh: %s", exc)
         return None
 

@@ -156,7 +156,7 @@ class Server:
             raise ServerStartError(str(exc)) from exc
         try:
             self.check_params = params_checker(cfg.pipeline)
-        except Exception as exc:  # noqa: BLE001 - import errors of a user-given module
+        except Exception as exc:
             raise ServerStartError(f"cannot load the pipeline {cfg.pipeline!r}: {type(exc).__name__}: {exc}") from exc
         if cfg.preset is not None:
             try:

@@ -52,7 +52,7 @@ class RequestHandlers:
             handler(msg)
         except ProtocolError as exc:
             d.error(msg.session, exc.code, exc.message, job_id=msg.job_id, in_reply_to=msg.msg_id, field=exc.field)
-        except Exception as exc:  # noqa: BLE001 - a bug in one handler must not stop the server
+        except Exception as exc:
             import logging
 
             logging.getLogger("conjure.server").exception("handler for %s failed", msg.msg_type)
@@ -83,7 +83,7 @@ class RequestHandlers:
             from backend.pipeline.presets import preset_names
 
             presets = preset_names()
-        except Exception:  # noqa: BLE001
+        except Exception:
             presets = []
         from backend.models.info import safe_hello_model_fields
 

@@ -310,7 +310,7 @@ def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
     if callable(warm_up):
         try:
             warm_up()
-        except Exception as exc:  # noqa: BLE001 - reported to the server, which refuses to start
+        except Exception as exc:
             conn.send(WorkerFatal(f"the pipeline's warm_up() failed: {type(exc).__name__}: {exc}"))
             return
     conn.send(WorkerReady(os.getpid()))
@@ -375,7 +375,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
         conn.send(JobCancelled(job_no))
     except (BrokenPipeError, EOFError):
         raise
-    except BaseException as exc:  # noqa: BLE001 - every failure of a job becomes an error message
+    except BaseException as exc:
         tb = traceback.format_exc(limit=20)
         if _is_oom(exc):
             with contextlib.suppress(Exception):
