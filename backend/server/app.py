@@ -23,7 +23,9 @@ Message flow (protocol message types, see ``protocol/messages.py``):
 - ``cancel`` [job_id] -> ``cancelled`` at once (in the job's stream). A queued job is dropped;
   a running one stops at the pipeline's next ``check_cancel``; if the worker has not stopped
   within ``cancel_timeout`` seconds it is killed and restarted.
-- ``status`` [job_id] -> ``status_reply``; ``list_jobs`` -> ``jobs``.
+- ``status`` [job_id] -> ``status_reply``; ``list_jobs`` -> ``jobs`` (each with created/finished
+  times, ``duration_s`` and ``thumbnail``: fetch ``thumbnail.png`` with ``fetch_result``).
+- ``delete_job`` [job_id] -> ``job_deleted`` (a finished job's record and folder are removed).
 - ``attach`` [job_id] {from_seq} -> the job's events with seq >= from_seq (events older than the
   bounded log are reported in ``missed`` of an ``error``-free ``status_reply`` first), then live.
   After a server restart, finished jobs still answer with their final event.
@@ -647,6 +649,20 @@ class Server:
                 break
         self._send(msg.session, "jobs", {"jobs": out})
 
+    def _on_delete_job(self, msg):
+        """Remove a finished job (record, folder, stream); answers ``job_deleted``."""
+        rec = self._job_or_error(msg)
+        if rec is None:
+            return
+        if rec.state in J.ACTIVE_STATES:
+            self._error(msg.session, "not_deletable", f"job {rec.job_id} is {wire_state(rec.state)}; cancel it "
+                        "first", job_id=rec.job_id, in_reply_to=msg.msg_id)
+            return
+        self.store.delete(rec.job_id)
+        self.streams.pop(rec.job_id, None)
+        self.subs.pop(rec.job_id, None)
+        self._send(msg.session, "job_deleted", {}, job_id=rec.job_id)
+
     def _on_attach(self, msg):
         rec = self._job_or_error(msg)
         if rec is None:
@@ -727,7 +743,8 @@ class Server:
     def _result_content(self, rec: JobRecord, mesh) -> tuple[dict, tuple]:
         glb = rec.results["glb"]
         content = {"name": glb["name"], "size": glb["size"], "sha256": glb["sha256"],
-                   "files": [{"kind": k, **v} for k, v in rec.results.items()], "info": rec.info}
+                   "files": [{"kind": k, **v} for k, v in rec.results.items()], "info": rec.info,
+                   **rec.result_facts()}
         buffers: tuple = ()
         if mesh is not None:
             try:
