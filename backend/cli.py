@@ -4,6 +4,8 @@
     conjure-backend generate "a prompt" --out chair.glb [--preset P] [--seed N] [--set key=value ...]
     conjure-backend jobs [--data-dir DIR] [--json]
     conjure-backend keys --dir DIR --client NAME     (CurveZMQ keys for --bind on a network address)
+    conjure-backend models list | pull ID | remove ID   (the Hugging Face cache + known-good models)
+    conjure-backend doctor                            (GPU, CUDA toolkit, extensions, models, what will run)
 
 Defaults: data directory ``$CONJURE_DATA_DIR`` or ``~/.local/share/conjure/jobs``; connection
 file ``$CONJURE_RUNTIME_DIR/connection.json``, ``$XDG_RUNTIME_DIR/conjure/connection.json`` or
@@ -95,13 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="create CurveZMQ keys for a network bind")
     k.add_argument("--dir", type=Path, required=True)
     k.add_argument("--client", action="append", default=[], help="client name to create and allow (repeatable)")
+    add_model_commands(sub)
     return p
+
+
+def add_model_commands(sub) -> None:
+    """The ``models`` and ``doctor`` subcommands (see ``cmd_models`` / ``cmd_doctor``)."""
+    m = sub.add_parser("models", help="list, download or remove guidance models (Hugging Face cache)")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="cached models (size, licence) and the known-good catalogue")
+    ml.add_argument("--json", action="store_true", help="print JSON")
+    mp = msub.add_parser("pull", help="download a model into the cache (resumes an interrupted download)")
+    mp.add_argument("model_id")
+    mp.add_argument("--quiet", action="store_true", help="no progress bar")
+    mr = msub.add_parser("remove", help="delete a model from the cache")
+    mr.add_argument("model_id")
+    d = sub.add_parser("doctor", help="what this machine can run: GPU, CUDA toolkit, extensions, models")
+    d.add_argument("--build", action="store_true",
+                   help="also build/load the gsplat and nvdiffrast extensions now (can take minutes)")
+    d.add_argument("--json", action="store_true", help="print JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"serve": cmd_serve, "generate": cmd_generate, "jobs": cmd_jobs, "keys": cmd_keys}[args.command](args)
+        return {"serve": cmd_serve, "generate": cmd_generate, "jobs": cmd_jobs, "keys": cmd_keys,
+                "models": cmd_models, "doctor": cmd_doctor}[args.command](args)
     except KeyboardInterrupt:
         print("conjure-backend: interrupted", file=sys.stderr)
         return 130
@@ -164,6 +185,65 @@ def cmd_jobs(args) -> int:
         glb = r.results.get("glb")
         where = str(Path(data_dir) / r.job_id / RESULT_DIR / glb["name"]) if glb else (r.error or {}).get("code", "")
         print(f"{r.job_id}  {r.state:<11} {when}  {r.preset:<8} {prompt!r}  {where}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- models / doctor
+def cmd_models(args) -> int:
+    from backend.models import CATALOGUE, ModelStoreError, cached_models, hub_cache_dir, pull, remove
+    from backend.models.cache import human_size
+
+    if args.models_command == "pull":
+        try:
+            path = pull(args.model_id, progress=not args.quiet)
+        except ModelStoreError as exc:
+            return _fail(str(exc), 1)
+        print(f"{args.model_id}: ready in {path}")
+        print(f"use it with: --set guidance.model={args.model_id}")
+        return 0
+    if args.models_command == "remove":
+        try:
+            freed = remove(args.model_id)
+        except ModelStoreError as exc:
+            return _fail(str(exc), 1)
+        print(f"removed {args.model_id} ({human_size(freed)} freed)")
+        return 0
+    cached = cached_models()
+    by_id = {m.id: m for m in cached}
+    if args.json:
+        print(json.dumps({
+            "cache_dir": str(hub_cache_dir()),
+            "cached": [{"id": m.id, "size_bytes": m.size_bytes, "licence": m.licence, "revisions": m.revisions,
+                        "diffusers": m.diffusers, "path": str(m.snapshot) if m.snapshot else None} for m in cached],
+            "catalogue": [{"id": e.id, "name": e.name, "kind": e.kind, "licence": e.licence, "role": e.role,
+                           "present": e.kind == "bundled" or e.id in by_id} for e in CATALOGUE],
+        }, indent=2))
+        return 0
+    print(f"model cache: {hub_cache_dir()}")
+    if cached:
+        print(f"{'cached model':<48} {'size':>10}  licence")
+        for m in cached:
+            note = "" if m.diffusers else "  (not a diffusers model)"
+            print(f"{m.id:<48} {human_size(m.size_bytes):>10}  {m.licence or 'unknown'}{note}")
+    else:
+        print("no models in the cache")
+    print()
+    print("known-good models:")
+    for e in CATALOGUE:
+        present = e.kind == "bundled" or e.id in by_id
+        mark = "present" if present else f"missing: conjure-backend models pull {e.id}"
+        print(f"  {e.id:<46} {e.licence:<22} {e.role}  [{mark}]")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from backend.doctor import collect_report, format_report
+
+    report = collect_report(build=args.build)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_report(report))
     return 0
 
 

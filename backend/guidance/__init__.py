@@ -35,7 +35,11 @@ def load_guidance(config, device: torch.device | str) -> Guidance:
     model, reason = resolve_model(config.model, device)
     log.info("guidance: %s", reason)
     bundle = load_model(model, device, fp16=config.fp16, cpu_offload=config.cpu_offload,
-                        attention_slicing=config.attention_slicing)
+                        attention_slicing=config.attention_slicing, vae=getattr(config, "vae", "model"))
     kind = "latent" if bundle.is_latent else "pixel-space"
     description = f"{reason}; {kind} prior at {bundle.resolution}px on {device}"
+    if bundle.vae_kind == "taesd":
+        description += " (TAESD encoder)"
+    for warning in bundle.warnings:
+        description += f"; warning: {warning}"
     return DiffusionGuidance(bundle, config, description)

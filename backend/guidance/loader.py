@@ -5,28 +5,41 @@ the diffusers pipeline layout (``model_index.json``, ``unet/``, ``text_encoder/`
 ``scheduler/`` and, for latent models only, ``vae/``). No ``vae/`` means a pixel-space model whose
 UNet works on RGB in [-1, 1] at ``unet.config.sample_size``.
 
-Loaded components stay resident in a module-level cache keyed by (model, device, dtype) so the
-next job on the same server skips loading.
+Loaded components stay resident in a module-level cache keyed by (model, device, dtype, options) so
+the next job on the same server skips loading; ``options`` names every setting that changes the
+cached modules (CPU offload, attention slicing, the encoder), so a job never inherits another job's
+settings through the cache.
+
+``cpu_offload`` follows diffusers' model offload (``enable_model_cpu_offload``): every model rests in
+CPU memory and moves to the compute device for its own forward pass (the VAE encoder also for its
+backward), so nothing is computed on the CPU. ``attention_slicing`` is ignored when PyTorch has
+``scaled_dot_product_attention`` (torch >= 2.0): slicing would replace the fused SDPA kernel with a
+slower sliced one without lowering the real peak (the VAE's activations).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from backend.guidance.base import GuidanceError, ModelNotFoundError
+from backend.models.cache import hub_cache_dir, hub_offline, snapshot_path
+from backend.models.catalogue import BUNDLED_MODEL, DEFAULT_GPU_MODEL, TAESD_MODEL, pull_command
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_MODEL = DEFAULT_GPU_MODEL
+#: ``GuidanceConfig.vae`` values: the model's own AutoencoderKL, or TAESD (diffusers ``AutoencoderTiny``)
+VAE_CHOICES = ("model", "taesd")
 
-_CACHE: dict[tuple[str, str, str], ModelBundle] = {}
+_CACHE: dict[tuple[str, str, str, str], ModelBundle] = {}
 _LOCK = threading.Lock()
 
 
@@ -48,6 +61,9 @@ def resolve_model(model: str, device: torch.device | str) -> tuple[str, str]:
     if not isinstance(model, str) or not model.strip():
         raise GuidanceError(f"guidance.model must be 'auto', a hub id or a folder, got {model!r}")
     model = model.strip()
+    if model == BUNDLED_MODEL:
+        prior = bundled_prior_dir()
+        return str(prior), f"using bundled prior {prior.name}"
     if model == "auto":
         if device.type == "cuda":
             return DEFAULT_MODEL, f"using {DEFAULT_MODEL} (model 'auto' on CUDA)"
@@ -60,12 +76,12 @@ def resolve_model(model: str, device: torch.device | str) -> tuple[str, str]:
 
 
 def _how_to_get(model: str) -> str:
-    return (
-        f"To get it: on a machine with network access run `huggingface-cli download {model}` "
-        f"(or run Conjure once there so from_pretrained caches it), or set guidance.model to a local "
-        f"folder in the diffusers layout (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/ "
-        f"and vae/ for latent models)."
-    )
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return (f"Download it with `{pull_command(model)}` (needs network access; `conjure-backend models list` "
+                f"shows what is present), or set guidance.model to a local folder in the diffusers layout.")
+    return ("Set guidance.model to a local folder in the diffusers layout (model_index.json, unet/, text_encoder/, "
+            "tokenizer/, scheduler/ and vae/ for latent models) or to a hub id, e.g. "
+            f"`{pull_command(DEFAULT_GPU_MODEL)}` then guidance.model={DEFAULT_GPU_MODEL}.")
 
 
 @dataclass
@@ -88,7 +104,11 @@ class ModelBundle:
     prediction_type: str
     resolution: int                       # image side in pixels the model expects
     vocabulary: frozenset[str] | None
-    vae_device: torch.device | None = None
+    vae_device: torch.device | None = None   # where the VAE runs (the compute device)
+    offload: bool = False                     # models rest on the CPU and visit ``device`` per forward
+    vae_kind: str = "model"                   # "model" (AutoencoderKL) or "taesd" (AutoencoderTiny)
+    attention: str = "sdpa"                   # "sdpa" or "sliced"
+    warnings: list[str] = field(default_factory=list)   # plain lines for the job's warnings
     embed_cache: dict[str, torch.Tensor] = field(default_factory=dict)  # text -> (1, L, D) on CPU
     encode_calls: int = 0                 # text-encoder forward passes (for tests/logs)
 
@@ -115,39 +135,59 @@ def _load_vocabulary(folder: Path | None) -> frozenset[str] | None:
     return None
 
 
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set: hub ids are then only looked up in the local cache."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _has_vae(model_id: str, folder: Path | None) -> bool:
     if folder is not None:
         return (folder / "vae").is_dir()
     from diffusers import DiffusionPipeline
-    index = DiffusionPipeline.load_config(model_id, local_files_only=hub_offline())
+    index = DiffusionPipeline.load_config(model_id, **hub_kwargs())
     return "vae" in index and index["vae"] not in (None, [None, None])
 
 
+def hub_kwargs() -> dict:
+    """``from_pretrained`` keywords for a hub id: the cache directory read now, and offline mode."""
+    kw: dict = {"cache_dir": str(hub_cache_dir())}
+    if hub_offline():
+        kw["local_files_only"] = True
+    return kw
+
+
+def sdpa_available() -> bool:
+    """True when PyTorch has the fused ``scaled_dot_product_attention`` (torch >= 2.0)."""
+    return hasattr(F, "scaled_dot_product_attention")
+
+
+def cache_key(model: str, device: torch.device, dtype: torch.dtype, cpu_offload: bool, attention: str,
+              vae: str) -> tuple[str, str, str, str]:
+    """The resident-cache key: every option that changes the cached modules is part of it."""
+    return (model, str(device), str(dtype), f"offload={int(bool(cpu_offload))},attn={attention},vae={vae}")
+
+
 def load_model(model: str, device: torch.device | str, fp16: bool = True, cpu_offload: bool = False,
-               attention_slicing: bool = False) -> ModelBundle:
+               attention_slicing: bool = False, vae: str = "model") -> ModelBundle:
     """Load (or fetch from the resident cache) the components of ``model`` on ``device``.
 
+    Args:
+        vae: "model" (the model's own ``vae/``) or "taesd" (``madebyollin/taesd``, diffusers
+            ``AutoencoderTiny``; a TAESD-shaped hub id or folder also works). Ignored for pixel-space models.
     Raises:
-        ModelNotFoundError: the folder does not exist / the hub id is not available offline.
+        ModelNotFoundError: the folder does not exist / the hub id is not available offline (the message
+            names the ``conjure-backend models pull`` command).
         GuidanceError: the folder does not have the diffusers layout.
     """
     device = torch.device(device)
     dtype = torch.float16 if (fp16 and device.type == "cuda") else torch.float32
-    key = (model, str(device), str(dtype) + ("+offload" if cpu_offload else ""))
+    offload = bool(cpu_offload) and device.type == "cuda"
+    attention = "sliced" if (attention_slicing and not sdpa_available()) else "sdpa"
+    if attention_slicing and attention == "sdpa":
+        log.info("attention_slicing ignored: PyTorch SDPA is available (slicing would only be slower)")
+    key = cache_key(model, device, dtype, offload, attention, vae)
     with _LOCK:
         if key in _CACHE:
-            bundle = _CACHE[key]
-            if attention_slicing:
-                bundle.unet.set_attention_slice("auto")
-            return bundle
-        bundle = _load_uncached(model, device, dtype, cpu_offload)
-        if attention_slicing:
+            return _CACHE[key]
+        bundle = _load_uncached(model, device, dtype, offload, vae)
+        if attention == "sliced":
             bundle.unet.set_attention_slice("auto")
+        bundle.attention = attention
         _CACHE[key] = bundle
         return bundle
 
@@ -160,12 +200,40 @@ def clear_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def cached_models() -> list[tuple[str, str, str]]:
-    """Keys (model, device, dtype) of resident models."""
+def cached_models() -> list[tuple[str, str, str, str]]:
+    """Keys (model, device, dtype, options) of resident models (see :func:`cache_key`)."""
     return list(_CACHE)
 
 
-def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, cpu_offload: bool) -> ModelBundle:
+def _from_pretrained_errors(model: str, folder: Path | None, exc: Exception) -> Exception:
+    """Turn a loading failure into GuidanceError (bad folder) or ModelNotFoundError (with the pull command)."""
+    if folder is not None:
+        return GuidanceError(f"could not load the model in {folder}: {exc}")
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return ModelNotFoundError(f"model {model!r} is not available on this machine ({type(exc).__name__}: {first}). "
+                              f"{_how_to_get(model)}")
+
+
+def _load_taesd(choice: str, dtype: torch.dtype) -> torch.nn.Module:
+    """TAESD (Tiny AutoEncoder for Stable Diffusion, Bohan 2023) as diffusers ``AutoencoderTiny``.
+
+    ``choice`` is "taesd" (``madebyollin/taesd``) or a hub id / folder holding an AutoencoderTiny.
+    """
+    from diffusers import AutoencoderTiny
+
+    source = TAESD_MODEL if choice == "taesd" else choice
+    path = Path(source).expanduser()
+    folder = path if path.exists() else None
+    local = hub_kwargs() if folder is None else {}
+    try:
+        return AutoencoderTiny.from_pretrained(str(folder) if folder is not None else source, torch_dtype=dtype,
+                                               **local)
+    except Exception as exc:  # noqa: BLE001 - OSError/ValueError/hub errors: one clear message
+        raise _from_pretrained_errors(source, folder, exc) from exc
+
+
+def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, offload: bool,
+                   vae_choice: str = "model") -> ModelBundle:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -181,7 +249,11 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, cpu_off
                 f"(expected model_index.json, unet/, text_encoder/, tokenizer/, scheduler/ and vae/ for latent "
                 f"models)")
     source = str(folder) if folder is not None else model
-    local = {"local_files_only": True} if (folder is None and hub_offline()) else {}
+    local = hub_kwargs() if folder is None else {}
+    if folder is None and hub_offline() and snapshot_path(model) is None:
+        raise ModelNotFoundError(f"model {model!r} is not in the model cache and HF_HUB_OFFLINE is set. "
+                                 f"{_how_to_get(model)}")
+    warnings: list[str] = []
     try:
         latent = _has_vae(model, folder)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **local)
@@ -189,58 +261,86 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, cpu_off
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch.float32,
                                                      **local)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **local)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **local) if latent else None
+        vae = vae_kl = None
+        if latent:
+            vae_kl = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **local)
     except (OSError, ValueError) as exc:
-        if folder is not None:
-            raise GuidanceError(f"could not load the model in {folder}: {exc}") from exc
-        raise ModelNotFoundError(
-            f"model {model!r} is not available on this machine ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). {_how_to_get(model)}") from exc
+        raise _from_pretrained_errors(model, folder, exc) from exc
     except Exception as exc:  # huggingface_hub raises its own error classes when offline
         if folder is None and type(exc).__module__.startswith(("huggingface_hub", "requests", "urllib3")):
-            raise ModelNotFoundError(f"model {model!r} is not available on this machine "
-                                     f"({type(exc).__name__}). {_how_to_get(model)}") from exc
+            raise _from_pretrained_errors(model, folder, exc) from exc
         raise
 
+    vae_kind = "model"
+    if latent:
+        vae = vae_kl
+        factor = 2 ** (len(vae_kl.config.block_out_channels) - 1)
+        if vae_choice != "model":
+            try:
+                vae = _load_taesd(vae_choice, dtype)
+                vae_kind = "taesd"
+                vae_kl = None  # not kept: TAESD replaces the encoder
+            except GuidanceError as exc:
+                warnings.append(f"guidance.vae={vae_choice} unavailable, using the model's own VAE: {exc}")
+                log.warning("%s", warnings[-1])
+        if vae_kind == "model":
+            vae.decoder = None  # SDS only encodes; drop the decoder to save memory
+        else:
+            vae.decoder = None
     for module in (unet, text_encoder, vae):
         if module is not None:
             module.eval().requires_grad_(False)
-    unet.to(device)
-    vae_device = torch.device("cpu") if cpu_offload else device
+    rest = torch.device("cpu") if offload else device
+    unet.to(rest)
     if vae is not None:
-        vae.to(vae_device, dtype=torch.float32 if vae_device.type == "cpu" else dtype)
-        vae.decoder = None  # SDS only encodes; drop the decoder to save memory
+        vae.to(rest, dtype=dtype)
     text_encoder.to("cpu")
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     sample = int(unet.config.sample_size)
-    if vae is not None:
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        resolution = sample * factor
-    else:
-        resolution = sample
+    resolution = sample * factor if latent else sample
     bundle = ModelBundle(
         model_id=model, device=device, dtype=dtype, unet=unet, tokenizer=tokenizer, text_encoder=text_encoder,
         vae=vae, alphas_cumprod=alphas, num_train_timesteps=int(scheduler.config.num_train_timesteps),
         prediction_type=str(scheduler.config.get("prediction_type", "epsilon")), resolution=resolution,
-        vocabulary=_load_vocabulary(folder), vae_device=vae_device if vae is not None else None,
+        vocabulary=_load_vocabulary(folder), vae_device=device if vae is not None else None, offload=offload,
+        vae_kind=vae_kind, warnings=warnings,
     )
-    log.info("loaded %s model %s on %s (%s), resolution %d", "latent" if latent else "pixel-space", model,
-             device, dtype, resolution)
+    log.info("loaded %s model %s on %s (%s), resolution %d%s%s", "latent" if latent else "pixel-space", model,
+             device, dtype, resolution, ", TAESD encoder" if vae_kind == "taesd" else "",
+             ", model CPU offload" if offload else "")
     return bundle
+
+
+@contextlib.contextmanager
+def on_compute_device(bundle: ModelBundle, module: torch.nn.Module):
+    """Run ``module`` on ``bundle.device``: with offload it visits the device and returns to the CPU after.
+
+    The diffusers model-offload semantics (``enable_model_cpu_offload``): weights rest in CPU memory,
+    every forward (and the VAE's backward, which happens inside the block) runs on the compute device.
+    """
+    if not bundle.offload:
+        yield module
+        return
+    module.to(bundle.device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
 
 
 @torch.no_grad()
 def encode_texts(bundle: ModelBundle, texts: list[str], offload: bool = False) -> dict[str, torch.Tensor]:
     """Text embeddings (1, L, D) float32 on CPU for each text; each text encoded once per bundle.
 
-    The text encoder is moved to the compute device only for the call (unless ``offload``) and
-    returned to CPU memory afterwards, so it holds no GPU memory between prompts.
+    The text encoder is moved to the compute device only for the call and returned to CPU memory
+    afterwards, so it holds no GPU memory between prompts (``offload`` is accepted for older callers;
+    the encoder always computes on the device, as in diffusers' model offload).
     """
     todo = [t for t in dict.fromkeys(texts) if t not in bundle.embed_cache]
     if todo:
         if bundle.text_encoder is None:
             raise GuidanceError("the text encoder of this model was released")
-        run_device = torch.device("cpu") if offload else bundle.device
+        run_device = bundle.device
         encoder = bundle.text_encoder.to(run_device)
         try:
             tokens = bundle.tokenizer(todo, padding="max_length", max_length=bundle.tokenizer.model_max_length,

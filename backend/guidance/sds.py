@@ -10,21 +10,36 @@ eps, the UNet predicts eps_hat on z_t = sqrt(a_t) z + sqrt(1 - a_t) eps with cla
 
 so d loss / d z = grad / B, and the gradient reaches the images through the VAE encoder / the
 resize. ``eps_cond`` uses the view-dependent prompt of each camera ("<prompt>, front view", ...).
+
+For latent models the VAE encoder's backward runs inside ``sds_loss`` (a vector-Jacobian product on
+a detached copy of the images), so the encoder's activations are freed before the renderer's
+backward and, with ``cpu_offload``, the encoder is on the compute device for both passes. The step
+keeps every value on the device: no host synchronisation (``.item()``, ``.cpu()``) per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 import torch.nn.functional as F
 
-from backend.gaussians.cameras import view_word
 from backend.guidance.base import Guidance, GuidanceError
-from backend.guidance.loader import ModelBundle, encode_texts
+from backend.guidance.loader import ModelBundle, encode_texts, on_compute_device
 from backend.pipeline.schedule import anneal
 
 log = logging.getLogger(__name__)
+
+
+VIEW_ORDER = ("front", "side", "back", "overhead")
+
+
+def view_word_index(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torch.Tensor:
+    """(B,) long index into ``VIEW_ORDER`` per camera; the tensor twin of ``cameras.view_word`` (no host sync)."""
+    a = torch.remainder(azimuth_deg.float() + 180.0, 360.0) - 180.0
+    idx = torch.where(a.abs() <= 45.0, 0, torch.where(a.abs() <= 135.0, 1, 2))
+    return torch.where(elevation_deg.float() > 60.0, 3, idx).long()
 
 
 def view_prompt(prompt: str, word: str) -> str:
@@ -65,6 +80,7 @@ class DiffusionGuidance(Guidance):
         embeds = encode_texts(self.bundle, list(texts.values()) + [negative], offload=self.config.cpu_offload)
         dtype = self.bundle.dtype
         self._cond = {w: embeds[t].to(self.device, dtype) for w, t in texts.items()}
+        self._cond_stack = torch.cat([self._cond[w] for w in VIEW_ORDER], dim=0)  # (4, L, D)
         self._uncond = embeds[negative].to(self.device, dtype)
         self.prompt = prompt
 
@@ -72,9 +88,8 @@ class DiffusionGuidance(Guidance):
         """(B, L, D) conditional embeddings, one view word per camera."""
         if self._uncond is None:
             raise GuidanceError("call set_prompt() before sds_loss()")
-        az = azimuth_deg.detach().float().cpu().tolist()
-        el = elevation_deg.detach().float().cpu().tolist()
-        return torch.cat([self._cond[view_word(a, e)] for a, e in zip(az, el)], dim=0)
+        index = view_word_index(azimuth_deg.detach(), elevation_deg.detach()).to(self._cond_stack.device)
+        return self._cond_stack.index_select(0, index)
 
     # ------------------------------------------------------------------ SDS
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,11 +103,13 @@ class DiffusionGuidance(Guidance):
         if not self.is_latent:
             return x.float()
         vae = self.bundle.vae
-        vae_dev = self.bundle.vae_device
         vae_dtype = next(vae.parameters()).dtype
-        posterior = vae.encode(x.to(vae_dev, vae_dtype)).latent_dist
-        latents = posterior.sample() * float(vae.config.scaling_factor)
-        return latents.to(self.device).float()
+        encoded = vae.encode(x.to(self.device, vae_dtype))
+        if self.bundle.vae_kind == "taesd":  # AutoencoderTiny: deterministic latents, already SD-scaled
+            latents = encoded.latents * float(vae.config.scaling_factor)
+        else:
+            latents = encoded.latent_dist.sample() * float(vae.config.scaling_factor)
+        return latents.float()
 
     def timestep_range(self, step_ratio: float) -> tuple[int, int]:
         """Annealed [t_lo, t_hi] (integer timesteps) at ``step_ratio``."""
@@ -123,7 +140,8 @@ class DiffusionGuidance(Guidance):
         dtype = self.bundle.dtype
         uncond = self._uncond.expand(B, -1, -1)
         model_in = torch.cat([z_t, z_t], dim=0).to(dtype)
-        out = unet(model_in, torch.cat([t, t], dim=0), encoder_hidden_states=torch.cat([cond, uncond], 0)).sample
+        with on_compute_device(self.bundle, unet):
+            out = unet(model_in, torch.cat([t, t], dim=0), encoder_hidden_states=torch.cat([cond, uncond], 0)).sample
         out = out.float()
         a = self.bundle.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)
         zz = torch.cat([z_t, z_t], dim=0).float()
@@ -143,19 +161,36 @@ class DiffusionGuidance(Guidance):
             raise GuidanceError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         B = images.shape[0]
         cond = self.view_embeddings(azimuth_deg, elevation_deg)
-        z = self.encode_images(images.to(self.device))
+        x = images.to(self.device)
+        latent = self.is_latent
         lo, hi = self.timestep_range(step_ratio)
-        t = torch.randint(lo, hi + 1, (B,), device=self.device, dtype=torch.long)
-        with torch.no_grad():
-            noise = torch.randn_like(z)
-            a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
-            z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
-            eps_hat = self.predict_noise(z_t, t, cond)
-            grad = self.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            if self.config.grad_clip > 0:
-                grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
+        vae_ctx = on_compute_device(self.bundle, self.bundle.vae) if latent else contextlib.nullcontext()
+        with vae_ctx:
+            if latent:
+                x_in = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    z = self.encode_images(x_in)
+            else:
+                z = self.encode_images(x)
+            t = torch.randint(lo, hi + 1, (B,), device=self.device, dtype=torch.long)
+            with torch.no_grad():
+                noise = torch.randn_like(z)
+                a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
+                z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
+                eps_hat = self.predict_noise(z_t, t, cond)
+                grad = self.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
+                grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+                if self.config.grad_clip > 0:
+                    grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
+            if latent:
+                # d loss / d z = grad / B; push it through the encoder now (on the compute device)
+                (g_x,) = torch.autograd.grad(z, x_in, grad_outputs=grad / B)
+        if latent:
+            value = 0.5 * grad.square().sum() / B  # = 0.5 * |z - (z - grad)|^2 / B
+            surrogate = (x * g_x.detach()).sum()
+            loss = surrogate - surrogate.detach() + value
+        else:
             target = (z - grad).detach()
-        loss = 0.5 * F.mse_loss(z, target, reduction="sum") / B
-        self.last = {"t": t.detach().cpu(), "grad_norm": float(grad.norm()), "t_range": (lo, hi)}
+            loss = 0.5 * F.mse_loss(z, target, reduction="sum") / B
+        self.last = {"t": t.detach(), "grad_norm": grad.detach().norm(), "t_range": (lo, hi)}
         return loss

@@ -16,14 +16,13 @@ _lock = threading.Lock()
 
 
 def is_available() -> bool:
-    """True when CUDA is present and ``nvdiffrast.torch`` imports."""
+    """True when CUDA is present and nvdiffrast's extension is built and really runs
+    (``backend.cuda_ext``: ``RasterizeCudaContext()`` constructs and a one-triangle rasterise works)."""
     if not torch.cuda.is_available():
         return False
-    try:
-        import nvdiffrast.torch  # noqa: F401
-    except Exception:  # ImportError, or a build failure of the extension
-        return False
-    return True
+    from backend import cuda_ext
+
+    return cuda_ext.usable("nvdiffrast")
 
 
 def _dr():
@@ -72,7 +71,7 @@ def texture(tex: torch.Tensor, uv: torch.Tensor, filter_mode: str = "linear",
         tex = tex.unsqueeze(0)
     if filter_mode not in ("linear", "nearest"):
         raise ValueError(f"filter_mode must be 'linear' or 'nearest', got {filter_mode!r}")
-    if tex.shape[0] == 1 and uv.shape[0] > 1:
-        tex = tex.expand(uv.shape[0], -1, -1, -1)
+    # a minibatch of one is broadcast by nvdiffrast itself ("Broadcasting is supported along the minibatch
+    # axis"); expanding it here made .contiguous() copy the texture once per view
     return _dr().texture(tex.float().contiguous(), uv.float().contiguous(), filter_mode=filter_mode,
                          boundary_mode=boundary_mode)

@@ -42,8 +42,11 @@ class GuidanceConfig:
             "fantasia3d" (w = sqrt(alpha_bar_t) * (1 - alpha_bar_t)).
         grad_clip: clamp each element of the SDS gradient to ±grad_clip (0 disables).
         fp16: run the UNet/VAE in float16 on CUDA (always float32 on the CPU).
-        attention_slicing: trade speed for memory in attention (small GPUs).
-        cpu_offload: keep the VAE and text encoder on the CPU; only the UNet lives on the GPU.
+        attention_slicing: sliced attention; ignored where PyTorch SDPA exists (it would only be slower).
+        cpu_offload: diffusers-style model offload: the models rest in CPU memory and each moves to the
+            GPU for its own forward pass (the VAE encoder also for its backward).
+        vae: the image encoder: "model" (the model's own AutoencoderKL) or "taesd" (``madebyollin/taesd``,
+            diffusers AutoencoderTiny; falls back to the model's VAE with a warning when not downloaded).
         view_dependent: append ", front view" / side / back / overhead to the prompt per camera.
     """
 
@@ -60,6 +63,7 @@ class GuidanceConfig:
     fp16: bool = True
     attention_slicing: bool = False
     cpu_offload: bool = False
+    vae: str = "model"
     view_dependent: bool = True
 
 
@@ -183,6 +187,7 @@ def _draft() -> Preset:
         coarse=CoarseConfig(steps=500, batch_size=4, num_points=4000, render_resolution=128,
                             render_resolution_end=256, preview_every=50, mesh_grid=128, mesh_faces=30000),
         fine=None,
+        guidance=GuidanceConfig(vae="taesd"),
     )
 
 
@@ -284,6 +289,7 @@ def validate_preset(preset: Preset) -> None:
         ("guidance.t_anneal", g.t_anneal in ("constant", "linear", "cosine", "sqrt", "step"),
          "must be constant, linear, cosine, sqrt or step"),
         ("guidance.grad_clip", g.grad_clip >= 0, "must be >= 0"),
+        ("guidance.vae", g.vae in ("model", "taesd"), "must be model or taesd"),
         ("object_size", preset.object_size > 0, "must be > 0 (metres)"),
     ]
     if preset.fine is not None:

@@ -66,6 +66,27 @@ def unknown_words(prompt: str, vocabulary) -> list[str]:
     return [w for w in dict.fromkeys(words) if w not in vocabulary]
 
 
+def warm_up() -> None:
+    """Worker start-up hook (``backend/server/worker.py``): start building/loading the CUDA renderers
+    (gsplat, nvdiffrast) in the background; returns at once (see ``backend.cuda_ext``)."""
+    from backend import cuda_ext
+
+    for line in cuda_ext.start_warm_up():
+        log.info("%s", line)
+
+
+def renderer_notes(ctx: JobContext) -> list[str]:
+    """Start the CUDA renderer warm-up if nobody has (``generate``), tell the client where it stands on CUDA
+    ("renderer: building gsplat (40 s so far) ..."), and return the failures as warnings."""
+    from backend import cuda_ext
+
+    lines = cuda_ext.start_warm_up()
+    if torch.cuda.is_available():
+        for line in lines:
+            ctx.emit(ProgressEvent("load", 1, 1, line))
+    return cuda_ext.warnings()
+
+
 def run_job(params, ctx: JobContext) -> ResultEvent:
     """Run the whole pipeline for ``params`` (``protocol.params.GenerationParams``)."""
     from backend.guidance import load_guidance
@@ -81,6 +102,7 @@ def run_job(params, ctx: JobContext) -> ResultEvent:
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     ctx.emit(ProgressEvent("load", 0, 1, f"preset {preset.name}, seed {seed}: loading the guidance model"))
+    renderer_warnings = renderer_notes(ctx)
     ctx.check_cancel()
     guidance = load_guidance(preset.guidance, device)
     log.info("%s", guidance.description)
@@ -124,4 +146,10 @@ def run_job(params, ctx: JobContext) -> ResultEvent:
         "first_preview_seconds": coarse.first_preview_seconds, "seconds": time.perf_counter() - t_start,
         "vertices": int(mesh.positions.shape[0]), "faces": int(mesh.faces.shape[0]),
     }
+    from backend import cuda_ext
+
+    warnings = renderer_warnings + [w for w in cuda_ext.warnings() if w not in renderer_warnings]
+    warnings += list(getattr(getattr(guidance, "bundle", None), "warnings", []) or [])
+    if warnings:
+        info.setdefault("warnings", []).extend(warnings)
     return ResultEvent(files=files, mesh=mesh, info=info)

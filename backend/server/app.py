@@ -478,7 +478,10 @@ class Server:
             presets = preset_names()
         except Exception:  # noqa: BLE001
             presets = []
+        from backend.models.info import safe_hello_model_fields
+
         self._send(msg.session, "hello_reply", {
+            **safe_hello_model_fields(),
             "protocol_version": PROTOCOL_VERSION,
             "server_version": SERVER_VERSION,
             "limits": {"queue_limit": self.queue.limit, "max_chunk_bytes": MAX_CHUNK_BYTES,
