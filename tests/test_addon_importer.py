@@ -220,7 +220,6 @@ def _body_edges(args):
         out[label] = {"edges": sorted(map(tuple, np.sort(ev, axis=1).tolist())), "consistent": consistent,
                       "validate_changed": bool(me.validate(verbose=False))}
     out["sent_edges"] = len(sent.edges)
-    import bpy
 
     import inspect
 
