@@ -13,7 +13,7 @@ default Cube sits at the origin, so the props go beside it)::
     for i, prompt in enumerate(["a red cube", "a blue torus", "a yellow cone"]):
         bpy.context.scene.cursor.location = (3.0 + i * 2.0, 0, 0)
         obj = api.generate(prompt, seed=i, size=1.0)
-        print(obj.name, obj["conjure_model"], obj["conjure_warnings"] or "no warnings")
+        print(obj.name, obj["conjure_model"], list(obj["conjure_warnings"]) or "no warnings")
     bpy.ops.wm.save_as_mainfile(filepath="props.blend")
 """
 
@@ -79,7 +79,7 @@ def generate(prompt, *, negative_prompt="", seed=None, preset=None, overrides=No
         The new ``bpy.types.Object`` (selected and active), with custom properties
         ``conjure_job_id``, ``conjure_prompt``, ``conjure_negative_prompt``, ``conjure_seed`` (the
         seed that ran), ``conjure_preset`` (the preset that ran), ``conjure_model``,
-        ``conjure_device``, ``conjure_duration_s`` and ``conjure_warnings`` (newline-separated).
+        ``conjure_device``, ``conjure_duration_s`` and ``conjure_warnings`` (a list of strings).
         Each warning is also issued as a ``ConjureWarning``.
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):

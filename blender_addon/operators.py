@@ -37,7 +37,8 @@ class CONJURE_OT_generate(bpy.types.Operator):
         prefs = get_prefs(context)
         settings = context.scene.conjure
         try:
-            request = settings_to_request(settings, prefs.default_preset, RUNTIME.vocabulary())
+            request = settings_to_request(settings, prefs.default_preset, RUNTIME.vocabulary(),
+                                          strict=RUNTIME.strict_overrides())
         except ConjureError as e:
             return _report_error(self, e)
         if bpy.app.background:

@@ -268,7 +268,7 @@ class CONJURE_PT_advanced(bpy.types.Panel):
         layout.prop(settings, "extra_overrides", text="")
         if settings.extra_overrides.strip():
             try:
-                parse_extra_overrides(settings.extra_overrides)
+                parse_extra_overrides(settings.extra_overrides, strict=RUNTIME.strict_overrides())
             except Exception as e:  # ConjureError: the shared parser's message
                 _wrap(layout, getattr(e, "message", str(e)), context, icon="ERROR", alert=True)
 

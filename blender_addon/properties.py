@@ -43,45 +43,32 @@ def example_prompts(vocabulary=None):
     return tuple("a %s %s" % (colours[i % len(colours)], shapes[i % len(shapes)]) for i in range(4))
 
 
-def parse_extra_overrides(text):
-    """``"a.b=1; c.d=0.5"`` -> {"a.b": 1, "c.d": 0.5} through the shared parser
-    (``protocol.params``); a bad entry raises ``ConjureError('invalid_params')`` with its message."""
-    from .protocol import params as shared
+def parse_extra_overrides(text, *, strict=True):
+    """``"a.b=1; c.d=0.5"`` -> {"a.b": 1, "c.d": 0.5} through the shared parser (``protocol.params``:
+    ranges, types, and for an unknown key the nearest known ones). ``strict=False`` keeps keys the
+    table does not know (a backend running another pipeline checks its own). A bad entry raises
+    ``ConjureError('invalid_params')`` with the parser's message, e.g. "coarse.steps must be a
+    whole number, got 'abc'"."""
+    from .protocol.params import (
+        OVERRIDE_SPECS,
+        coerce_overrides,
+        parse_literal,
+        parse_override_text,
+        suggest_key,
+    )
 
     try:
-        if hasattr(shared, "parse_override_text"):
-            raw = shared.parse_override_text(text)
-            return shared.coerce_overrides(raw) if hasattr(shared, "coerce_overrides") else raw
+        raw = parse_override_text(text)
+        out = coerce_overrides(raw, unknown="error" if strict else "keep")
+        sections = {k.split(".", 1)[0] for k in OVERRIDE_SPECS}
+        for key in raw:
+            if key not in OVERRIDE_SPECS:
+                if key.split(".", 1)[0] in sections:  # a real section with a misspelt field
+                    raise ProtocolError("bad_params", suggest_key(key, OVERRIDE_SPECS))
+                out[key] = parse_literal(raw[key])  # another pipeline's key: true/false, number or text
+        return out
     except ProtocolError as e:
         raise ConjureError("invalid_params", e.message) from None
-    return _parse_legacy(text)
-
-
-def _parse_legacy(text):
-    """The add-on's own parser, until ``protocol.params.parse_override_text`` exists."""
-    out = {}
-    for item in text.replace(";", ",").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise ConjureError("invalid_params", "Extra override %r must look like key=value" % item)
-        low = value.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-            continue
-        try:
-            out[key] = int(value)
-            continue
-        except ValueError:
-            pass
-        try:
-            out[key] = float(value)
-        except ValueError:
-            out[key] = value
-    return out
 
 
 class ConjureSettings(bpy.types.PropertyGroup):
@@ -122,13 +109,14 @@ class ConjureSettings(bpy.types.PropertyGroup):
         description="More preset overrides as key=value pairs separated by ';', e.g. 'coarse.steps=200'")
 
 
-def settings_to_request(settings, default_preset="auto", vocabulary=None):
+def settings_to_request(settings, default_preset="auto", vocabulary=None, *, strict=True):
     """Scene settings -> keyword arguments of ``Client.submit`` (prompt, seed, preset, overrides).
 
     Picks a fresh seed (and writes it back) when ``random_seed`` is on, so the seed shown in
     the panel is the one used. The size goes as the ``object_size`` override (metres), a model
     other than the default as ``guidance.model``. Raises ``ConjureError('invalid_params')`` for
-    an empty prompt (suggesting a prompt the running model can make) or a bad Extra entry.
+    an empty prompt (suggesting a prompt the running model can make) or a bad Extra entry
+    (``strict``: unknown keys are errors too, see ``parse_extra_overrides``).
     """
     prompt = " ".join(settings.prompt.split())
     if not prompt:
@@ -142,7 +130,7 @@ def settings_to_request(settings, default_preset="auto", vocabulary=None):
     model = settings.model
     if model and model != choices.DEFAULT_ID:
         overrides["guidance.model"] = model
-    overrides.update(parse_extra_overrides(settings.extra_overrides))
+    overrides.update(parse_extra_overrides(settings.extra_overrides, strict=strict))
     if settings.random_seed:
         settings.seed = random.randint(0, SEED_MAX)
     preset = settings.preset

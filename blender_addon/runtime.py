@@ -22,6 +22,8 @@ from .backend_process import LocalBackend
 from .client import Client, ConjureError, load_connection, parse_address
 from .prefs_access import default_connection_file, get_prefs
 
+#: The backend's own pipeline, as ``hello_reply.pipeline`` names it (tests run other ones).
+STANDARD_PIPELINE = "backend.pipeline.run:run_job"
 TICK_BUDGET_S = 0.004
 BUSY_INTERVAL_S = 0.01
 IDLE_INTERVAL_S = 0.1
@@ -189,6 +191,12 @@ class Runtime:
             return " · ".join(parts)
         ver = info.get("server_version") or ""
         return "Connected" + (" (v%s)" % ver if ver else "")
+
+    def strict_overrides(self):
+        """True when the backend runs the standard pipeline, whose settings table
+        (``protocol.params.OVERRIDE_SPECS``) the add-on can check keys against before sending."""
+        info = self.client.server_info if self.client is not None else {}
+        return info.get("pipeline") == STANDARD_PIPELINE
 
     def vocabulary(self):
         """Words the running model knows (empty for an open-vocabulary model or when unknown)."""
@@ -491,7 +499,7 @@ def result_props(job):
     ``conjure_job_id``, ``conjure_prompt``, ``conjure_negative_prompt``, ``conjure_seed`` (the seed
     that ran; a string when it does not fit a Blender int), ``conjure_preset`` (the preset that
     ran, e.g. "cpu" for "auto"), ``conjure_model``, ``conjure_device``, ``conjure_duration_s`` and
-    ``conjure_warnings`` (one string, warnings separated by newlines; "" when none).
+    ``conjure_warnings`` (a list of strings, empty when none).
     """
     params = job.params or {}
     info = job.result_info or {}
@@ -504,7 +512,7 @@ def result_props(job):
         "conjure_preset": info.get("resolved_preset") or params.get("preset", ""),
         "conjure_model": info.get("model") or (info.get("info") or {}).get("model") or "",
         "conjure_device": info.get("device") or "",
-        "conjure_warnings": "\n".join(job.warnings),
+        "conjure_warnings": list(job.warnings),
     }
     duration = job.duration_s
     if duration is not None:

@@ -67,6 +67,12 @@ def icon_id(client, item):
     return 0
 
 
+def loaded(job_id):
+    """True once the job's thumbnail is in the preview collection."""
+    pcoll = _STATE["previews"]
+    return pcoll is not None and job_id in pcoll
+
+
 def forget(job_id):
     """Drop a deleted job's thumbnail (preview and cached file)."""
     pcoll = _STATE["previews"]

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from backend.models.device import describe_device
 from backend.pipeline.events import JobContext, ProgressEvent, ResultEvent
 from backend.pipeline.presets import get_preset, preset_to_dict
 
@@ -35,16 +36,6 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def device_label(device: torch.device) -> str:
-    """"CPU" or "CUDA · <GPU name>", as the add-on shows it."""
-    if device.type == "cuda":
-        try:
-            return "CUDA · " + torch.cuda.get_device_name(device)
-        except Exception:  # noqa: BLE001
-            return "CUDA"
-    return device.type.upper()
 
 
 def cpu_threads() -> int:
@@ -107,14 +98,14 @@ def run_job(params, ctx: JobContext) -> ResultEvent:
     guidance = load_guidance(preset.guidance, device)
     log.info("%s", guidance.description)
     ctx.emit(ProgressEvent("load", 1, 1, guidance.description))
-    warnings: list[str] = []
+    prompt_warnings: list[str] = []
     vocab = getattr(guidance, "vocabulary", None)
     if vocab:
         unknown = unknown_words(params.prompt, vocab)
         if unknown:
             msg = (f"the model does not know the word(s) {', '.join(unknown)}; it only knows: "
                    f"{', '.join(sorted(vocab))}")
-            warnings.append(msg)
+            prompt_warnings.append(msg)
             log.warning("%s", msg)
             ctx.emit(ProgressEvent("load", 1, 1, "warning: " + msg))
     guidance.set_prompt(params.prompt, params.negative_prompt or preset.guidance.negative_prompt)
@@ -140,7 +131,8 @@ def run_job(params, ctx: JobContext) -> ResultEvent:
     ctx.emit(ProgressEvent("export", 1, 1, "done"))
     info = {
         "seed": int(seed), "preset": preset_to_dict(preset), "model": guidance.model_id,
-        "resolved_preset": preset.name, "device": device_label(device), "warnings": warnings,
+        "resolved_preset": preset.name, "device": describe_device() if device.type == "cuda" else "CPU",
+        "warnings": prompt_warnings,
         "guidance": guidance.description, "renderer": coarse.renderer, "gaussians": len(coarse.gaussians),
         "coarse_step_seconds": coarse.step_seconds, "preview_seconds": coarse.preview_seconds,
         "first_preview_seconds": coarse.first_preview_seconds, "seconds": time.perf_counter() - t_start,
