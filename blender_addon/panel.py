@@ -8,7 +8,7 @@ from bpy.props import FloatProperty
 
 from . import thumbnails
 from .prefs_access import get_prefs
-from .properties import ADVANCED_OVERRIDES, example_prompts, parse_extra_overrides
+from .properties import ADVANCED_OVERRIDES, example_prompts, parse_extra_overrides, vocabulary_groups
 from .runtime import RUNTIME
 
 HAS_PROGRESS = "progress" in bpy.types.UILayout.bl_rna.functions.keys()  # Blender 4.0+
@@ -161,19 +161,25 @@ class CONJURE_PT_main(bpy.types.Panel):
             row.operator("conjure.generate", text="Generate", icon="PLAY")
         if pending:
             box = layout.box()
-            box.label(text="Waiting for the backend to start…", icon="SORTTIME")
-            box.label(text="The job is sent when it answers.", icon="BLANK1")
+            _wrap(box, "Waiting for the backend to start. The job is sent when it answers.", context,
+                  icon="SORTTIME")
         elif job is not None:
             self._draw_job(layout, context, job)
 
     def _draw_vocabulary(self, layout, context, vocabulary):
+        """A closed-vocabulary model (the bundled prior): what it can make, folded to one line."""
+        settings = context.scene.conjure
         box = layout.box()
         model = (RUNTIME.client.server_info.get("model") if RUNTIME.client else "") or "This model"
-        words = sorted(w for w in vocabulary if len(w) > 2)
-        _wrap(box, "%s knows only these words: %s." % (model, ", ".join(words)), context, icon="INFO",
-              active=False)
+        row = box.row()
+        row.prop(settings, "show_vocabulary", text="", emboss=False,
+                 icon="TRIA_DOWN" if settings.show_vocabulary else "TRIA_RIGHT")
+        row.label(text="%s knows only a few words" % model)
+        if settings.show_vocabulary:
+            for title, words in vocabulary_groups(vocabulary):
+                _wrap(box, "%s: %s" % (title, ", ".join(words)), context, active=False)
         _wrap(box, "Try: " + ", ".join("'%s'" % p for p in example_prompts(vocabulary)[:2]), context,
-              icon="BLANK1", active=False)
+              active=False)
 
     def _draw_connection(self, layout, context):
         prefs = get_prefs(context)
@@ -181,9 +187,7 @@ class CONJURE_PT_main(bpy.types.Panel):
         icon, alert = status_icon(status)
         if not status.problem:
             col = layout.column(align=True)
-            row = col.row()
-            row.active = status.kind in ("connected", "slow")
-            row.label(text=status.text, icon=icon)
+            _wrap(col, status.text, context, icon=icon, active=status.kind in ("connected", "slow"))
             if status.hint:
                 _wrap(col, status.hint, context, icon="BLANK1", active=False)
             return

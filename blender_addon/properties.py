@@ -43,6 +43,19 @@ def example_prompts(vocabulary=None):
     return tuple("a %s %s" % (colours[i % len(colours)], shapes[i % len(shapes)]) for i in range(4))
 
 
+#: Words that carry no meaning of their own in a prompt (hidden from the vocabulary shown).
+_FILLER_WORDS = ("a", "an", "the", "of", "one", "single", "solid", "3d", "object", "view")
+
+
+def vocabulary_groups(vocabulary):
+    """[(title, words)] for showing a closed vocabulary: shapes, colours, then other words."""
+    words = sorted({w.lower() for w in vocabulary or () if isinstance(w, str)} - set(_FILLER_WORDS))
+    shapes = [w for w in words if w in _SHAPE_WORDS]
+    colours = [w for w in words if w in _COLOUR_WORDS]
+    other = [w for w in words if w not in shapes and w not in colours]
+    return [(t, ws) for t, ws in (("Shapes", shapes), ("Colours", colours), ("Also", other)) if ws]
+
+
 def parse_extra_overrides(text, *, strict=True):
     """``"a.b=1; c.d=0.5"`` -> {"a.b": 1, "c.d": 0.5} through the shared parser (``protocol.params``:
     ranges, types, and for an unknown key the nearest known ones). ``strict=False`` keeps keys the
@@ -88,6 +101,8 @@ class ConjureSettings(bpy.types.PropertyGroup):
                                description="Largest dimension of the new object in metres; its base "
                                            "rests on the 3D cursor")
     show_advanced: BoolProperty(name="Advanced", default=False)
+    show_vocabulary: BoolProperty(name="Show Vocabulary", default=True,
+                                  description="List the words the running model knows")
 
     use_guidance_scale: BoolProperty(name="Guidance", default=False,
                                      description="Override the preset's classifier-free guidance scale")

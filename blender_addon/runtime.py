@@ -86,8 +86,11 @@ class Runtime:
         self._finished_seen = set()  # job ids whose end was handled (history refresh)
 
     def mark_dirty(self):
-        """Ask for a panel redraw at the next tick (operators call this after changing state)."""
+        """Ask for a panel redraw at the next tick (operators call this after changing state);
+        starts the timer if needed, so a message shown before any connection is drawn too."""
         self._dirty = True
+        if not bpy.app.background:
+            self.ensure_timer()
 
     # -- connection -------------------------------------------------------------------------
     def connection_source(self, prefs):
@@ -297,6 +300,8 @@ class Runtime:
                 self._scene_dirty = True
 
         client = self.client
+        if self._waiting_backend_since is not None or (client is not None and client.slow):
+            self._dirty = True  # the status counts seconds (and a backend may exit meanwhile)
         if client is None and self._waiting_backend_since is not None:
             try:
                 if self.backend is not None and self.backend.connection_ready():

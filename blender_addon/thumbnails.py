@@ -8,6 +8,8 @@ import tempfile
 
 import bpy.utils.previews
 
+from .fsutil import atomic_write_bytes
+
 THUMBNAIL_NAME = "thumbnail.png"
 _STATE = {"previews": None, "failed": set()}
 
@@ -57,10 +59,7 @@ def icon_id(client, item):
         if isinstance(data, Exception):
             _STATE["failed"].add(job_id)
             return
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data, durable=False)  # a cache: atomic is enough
         client.changed = True
 
     client.fetch_result(job_id, THUMBNAIL_NAME, meta["size"], meta.get("sha256", ""), done)

@@ -105,6 +105,18 @@ def shot(name):
     log("screenshot", path)
 
 
+def scroll_sidebar(down):
+    """Scroll the sidebar (to show the History sub-panel below the fold), or back to the top."""
+    win, area, region = window_area()
+    with bpy.context.temp_override(window=win, area=area, region=region):
+        for _ in range(40):
+            if down:
+                bpy.ops.view2d.scroll_down(deltay=40)
+            else:
+                bpy.ops.view2d.scroll_up(deltay=40)
+    region.tag_redraw()
+
+
 def click(win, x, y):
     win.event_simulate(type="MOUSEMOVE", value="NOTHING", x=x, y=y)
     win.event_simulate(type="LEFTMOUSE", value="PRESS", x=x, y=y)
@@ -153,7 +165,8 @@ def scenario():
             log("conjure tab at", x, top - dy)
             break
     R["tab_found"] = found
-    win.event_simulate(type="MOUSEMOVE", value="NOTHING", x=region.x + 20, y=region.y + 300)
+    # rest the mouse in the viewport, away from the sidebar (no tooltips over the panel)
+    win.event_simulate(type="MOUSEMOVE", value="NOTHING", x=max(5, region.x - 400), y=region.y + 300)
     # software OpenGL compiles shaders during the first redraws and the loop crawls meanwhile:
     # wait until the UI loop runs at >= 20 Hz before measuring anything
     t = time.monotonic()
@@ -227,6 +240,7 @@ def scenario():
     R["header"] = RUNTIME.status().text
     yield 0.5
     shot("blender34_ready.png")
+    s.show_vocabulary = False  # folded to one line from here on, so the job box stays in view
 
     # --- 1. a job whose previews stream while the UI redraws -----------------------------
     RUNTIME.tick_seconds.clear()
@@ -314,6 +328,8 @@ def scenario():
         yield 0.05
     R["loss_shown_s"] = (DRAWS["error_seen_at"] - t_kill) if DRAWS["error_seen_at"] else None
     R["loss_status"] = list(RUNTIME.status())
+    c = RUNTIME.client
+    R["loss_debug"] = {"tcp_connected": c.tcp_connected, "monitor": c._monitor is not None, "state": c.state}
     yield 0.3
     shot("blender34_lost.png")
     touch("restart")
@@ -391,6 +407,10 @@ def scenario():
     R["thumbs_loaded"] = sum(1 for h in hist if thumbs.loaded(h["job_id"]))
     yield 1.0
     shot("blender34_final.png")
+    scroll_sidebar(True)
+    yield 1.0
+    shot("blender34_history.png")
+    scroll_sidebar(False)
     # delete the cancelled job from the history
     victim = next((h["job_id"] for h in hist if h.get("state") == "cancelled"), None)
     if victim:
