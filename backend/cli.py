@@ -367,6 +367,8 @@ def cmd_generate(args) -> int:
     preset = (info.get("preset") or {}).get("name", params.preset)  # 'auto' resolved by the pipeline
     seed = info.get("seed", params.seed)
     print(f"preset {preset}, seed {seed}" + (f"; {used}" if used else ""))
+    for warning in info.get("warnings") or []:  # last, so they are what the user reads
+        print(f"warning: {warning}")
     return 0
 
 

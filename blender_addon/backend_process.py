@@ -120,6 +120,37 @@ class LocalBackend:
             return ""
         return "\n".join(text.strip().splitlines()[-lines:])
 
+    def failure_summary(self):
+        """(the log's last meaningful line, what to do about it) after the process exited early.
+
+        The last meaningful line is the last one that is not blank, a traceback frame or a
+        "Traceback"/"During handling" header, e.g. "ModuleNotFoundError: No module named 'torch'".
+        """
+        lines = [ln.rstrip() for ln in self.log_tail(40).splitlines()]
+        line = ""
+        for ln in reversed(lines):
+            text = ln.strip()
+            if not text or ln.startswith((" ", "\t")) or text.startswith(("Traceback", "During handling", "^")):
+                continue
+            line = text
+            break
+        if not line:
+            line = "it exited with code %s and wrote nothing to its log" % self.exit_code
+        low = line.lower()
+        where = " (log: %s)" % self.log_path
+        if "no module named" in low:
+            hint = ("Set Python in the Conjure preferences to an interpreter that has the backend installed "
+                    "(in the Conjure folder: pip install -e .)")
+        elif "address already in use" in low:
+            hint = "Another program uses the backend's port: stop it, or pass another port in Extra Arguments"
+        elif "data dir" in low or "not writable" in low or "permission denied" in low:
+            hint = "Choose a Data Folder you can write to in the Conjure preferences"
+        elif "usage:" in low or "unrecognized arguments" in low or "error: argument" in low:
+            hint = "Check Extra Arguments in the Conjure preferences"
+        else:
+            hint = "See the log"
+        return line[:300], hint + where
+
     def stop(self, timeout=3.0):
         """Terminate (then kill after ``timeout`` s); safe when not running."""
         proc, self.proc = self.proc, None

@@ -37,7 +37,14 @@ __all__ = ["Client", "JobState", "ConjureError", "FINAL_STATES"]
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted", "lost")
 
 PING_INTERVAL_S = 0.5
+#: Nothing listening (no TCP connection ever made): the backend is gone after this long.
 LOST_AFTER_S = 1.5
+#: A backend whose TCP connection stands but whose pings go unanswered this long is "slow"
+#: (its control loop is starved, e.g. by a busy CPU); it is not reported as gone ...
+SLOW_AFTER_S = 2.0
+#: ... until it stayed silent this long. A backend that exits closes its connection, which the
+#: socket monitor reports at once, so a dead backend is still noticed within a poll or two.
+GONE_AFTER_S = 30.0
 RECONNECT_EVERY_S = 1.0
 #: Previews the client lets the server send ahead (each preview received grants one more).
 PREVIEW_CREDITS = 2
@@ -104,6 +111,9 @@ class JobState:
         self.updated_at = self.submitted_at
         self.finished_at = None
         self.imported_object = None  # name of the object made from the result
+        self.warnings = []  # str, from progress messages ("warning: ...") and result_ready
+        self.cancel_requested = False  # Cancel pressed; the backend has not confirmed yet
+        self.overall = 0.0  # one 0..1 figure across every stage (never goes back)
 
     @property
     def finished(self):
@@ -113,26 +123,68 @@ class JobState:
     def prompt(self):
         return (self.params or {}).get("prompt", "")
 
+    @property
+    def duration_s(self):
+        """Seconds the job ran, as the backend measured it (else what we saw), or None."""
+        info = self.result_info or {}
+        d = info.get("duration_s")
+        if isinstance(d, (int, float)) and not isinstance(d, bool):
+            return float(d)
+        return self.elapsed or None
+
+    def stage_label(self):
+        """The stage in words a person understands: "Shaping", "Texturing", "Saving", ..."""
+        return STAGE_LABELS.get(self.stage, self.stage.replace("_", " ").capitalize() or "Working")
+
     def status_line(self):
-        """One short line for the panel: stage, step/total, elapsed, ETA."""
+        """One short line for the panel: "Shaping 225/350", "Queued (position 2)", "Done in 42 s"."""
+        if self.cancel_requested and not self.finished:
+            return "Cancelling…"
         if self.state == "submitting":
             return "Sending…"
         if self.state == "queued":
             pos = self.queue_position
             return "Queued" + (" (position %d)" % pos if pos else "")
         if self.state == "running":
-            parts = [self.stage.capitalize() or "Running"]
-            if self.total:
-                parts.append("%d/%d" % (self.step, self.total))
-            parts.append(_fmt_s(self.elapsed))
-            if self.eta is not None:
-                parts.append("ETA " + _fmt_s(self.eta))
-            return " · ".join(parts)
+            label = self.stage_label()
+            if self.total > 1:
+                label += " %d/%d" % (self.step, self.total)
+            return label
         if self.state == "done":
-            return "Done in " + _fmt_s(self.elapsed)
+            if self.origin == "reimport":
+                return "Re-imported"
+            d = self.duration_s
+            return "Done" + (" in " + _fmt_s(d) if d else "")
+        if self.state == "cancelled":
+            return "Cancelled"
         if self.error is not None:
             return self.error.message
         return self.state.capitalize()
+
+    def time_line(self):
+        """"0:42 elapsed · about 1:20 left in this stage" (running jobs), else ""."""
+        if self.state != "running":
+            return ""
+        line = _fmt_s(self.elapsed) + " elapsed"
+        if self.eta is not None and self.total > 1:
+            line += " · about %s left in %s" % (_fmt_s(self.eta), self.stage_label().lower())
+        return line
+
+    def add_warning(self, text):
+        text = " ".join(str(text).split())
+        if text.lower().startswith("warning:"):
+            text = text[len("warning:"):].strip()
+        if text and text not in self.warnings:
+            self.warnings.append(text)
+
+
+#: Error codes that answer a ``fetch_result`` (they end that fetch, not the job).
+FETCH_ERRORS = ("unknown_file", "not_ready", "result_missing", "bad_offset")
+
+#: Backend stage names -> what the panel calls them.
+STAGE_LABELS = {"load": "Loading model", "coarse": "Shaping", "fine": "Texturing", "export": "Saving"}
+#: Where each stage sits on the one progress bar (start, end), in the order the pipeline runs them.
+STAGE_SPANS = {"load": (0.0, 0.05), "coarse": (0.05, 0.6), "fine": (0.6, 0.95), "export": (0.95, 1.0)}
 
 
 def _fmt_s(seconds):
@@ -181,7 +233,12 @@ class Client:
         self._connected_at = time.monotonic()
         self._last_reconnect = 0.0
         self.trace = deque(maxlen=64)  # (msg_type, seq, short content) of recent messages, for debugging
-        self._fetches = {}  # job_id -> {"name", "size", "sha256", "chunks": bytearray, "on_done"}
+        self._fetches = {}  # (job_id, file name) -> {"name", "size", "sha256", "data", "on_done"}
+        self._monitor = None  # PAIR socket of the DEALER's monitor (connect/disconnect events)
+        self.tcp_connected = None  # None: unknown (no monitor); else the last monitor event
+        self.slow = False  # connected, but pings go unanswered (busy backend)
+        self.deleted = []  # job ids the backend confirmed deleted
+        self.notice = None  # ConjureError about a request on a job we do not follow (e.g. delete)
         self._open()
 
     # -- socket life cycle -------------------------------------------------------------------
@@ -210,6 +267,13 @@ class Client:
             sock.curve_publickey = public
             sock.curve_secretkey = secret
             sock.curve_serverkey = self.info.server_public_key.encode("ascii")
+        self._close_monitor()
+        try:  # connection events: a backend that exits is noticed at once, a busy one is not "gone"
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self.tcp_connected = False
+        except Exception:  # a pyzmq/libzmq without monitors: judge by pings alone
+            self._monitor = None
+            self.tcp_connected = None
         sock.connect(self.info.url)
         self._sock = sock
         self._outbox.clear()
@@ -224,8 +288,52 @@ class Client:
                              "capabilities": ["preview_mesh", "attach", "result_mesh"]})
         self._send_ping(force=True)
 
+    def _close_monitor(self):
+        if self._monitor is not None:
+            try:
+                if self._sock is not None:
+                    self._sock.disable_monitor()
+            except Exception:
+                pass
+            try:
+                self._monitor.close(linger=0)
+            except Exception:
+                pass
+            self._monitor = None
+
+    def _read_monitor(self):
+        """Apply waiting connect/disconnect events (never blocks)."""
+        mon = self._monitor
+        if mon is None:
+            return
+        zmq = self.zmq
+        while True:
+            try:
+                frames = mon.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except Exception:
+                return
+            if not frames or len(frames[0]) < 2:
+                continue
+            event = int.from_bytes(frames[0][:2], "little")
+            if event == zmq.EVENT_CONNECTED:
+                self.tcp_connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.tcp_connected = False
+                if self.state in ("connected", "connecting"):
+                    self._mark_lost("The backend at %s closed the connection (it stopped or crashed)."
+                                    % self.info.url)
+
+    def _mark_lost(self, message):
+        self.state = "lost"
+        self.slow = False
+        self.error = ConjureError("backend_unreachable", message, action="start_backend", retriable=True)
+        self.changed = True
+
     def close(self):
         """Close the socket (linger 0) and the context; safe to call more than once."""
+        self._close_monitor()
         if self._sock is not None:
             try:
                 self._sock.close(linger=0)
@@ -254,6 +362,7 @@ class Client:
         if info is not None:
             self.info = info
             self.session = Session(info.key)
+        self._close_monitor()
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -325,7 +434,14 @@ class Client:
         job = self.jobs.get(job_id)
         if job is not None and job.finished:
             return
+        if job is not None:
+            job.cancel_requested = True
+            self.changed = True
         self._send("cancel", {"reason": reason}, job_id=job_id)
+
+    def delete_job(self, job_id):
+        """Ask the backend to remove a finished job and its files (answer: ``job_deleted``)."""
+        self._send("delete_job", {}, job_id=job_id)
 
     def list_jobs(self, limit=50):
         self._send("list_jobs", {"limit": int(limit)})
@@ -343,7 +459,8 @@ class Client:
 
     def forget(self, job_id):
         self.jobs.pop(job_id, None)
-        self._fetches.pop(job_id, None)
+        for key in [k for k in self._fetches if k[0] == job_id]:
+            del self._fetches[key]
 
     def active_jobs(self):
         return [j for j in self.jobs.values() if not j.finished]
@@ -361,6 +478,7 @@ class Client:
             return 0
         zmq = self.zmq
         start = time.perf_counter()
+        self._read_monitor()
         self.flush()
         if timeout_ms and not self._inbox and not self._sock.poll(timeout_ms, zmq.POLLIN):
             self._heartbeat(drained=True)
@@ -419,23 +537,32 @@ class Client:
             self._inbox.append((self._checker.submit(_check_message, self.session, frames), size))
         return False
 
+    def silent_for(self):
+        """Seconds since the backend last said anything (since connecting, if it never did)."""
+        return time.monotonic() - (self._last_rx if self._last_rx is not None else self._connected_at)
+
     def _heartbeat(self, drained=False):
-        """Ping every ``PING_INTERVAL_S``; the backend is lost when a ping stayed unanswered for
-        ``LOST_AFTER_S`` *and* the socket was just read empty - so a Blender that itself stalled
-        for seconds (a long render, a starved UI loop) reads the waiting pong before judging."""
+        """Ping every ``PING_INTERVAL_S`` and judge the silence, only when the socket was just read
+        empty (so a Blender that itself stalled reads the waiting pong before judging):
+
+        - nothing listening (no TCP connection) and a ping unanswered for ``LOST_AFTER_S``: lost;
+        - connected but unanswered for ``SLOW_AFTER_S``: ``slow`` (busy, not gone);
+        - unanswered for ``GONE_AFTER_S`` even though connected: lost.
+        A closed connection (the socket monitor's disconnect event) is lost at once (``_read_monitor``).
+        """
         now = time.monotonic()
         if self.state == "incompatible":
             return
         self._send_ping()
-        since = now - (self._last_rx if self._last_rx is not None else self._connected_at)
+        since = self.silent_for()
         waited = now - self._unanswered_since if self._unanswered_since is not None else 0.0
-        if drained and waited > LOST_AFTER_S and self.state != "lost":
-            self.state = "lost"
-            self.error = ConjureError(
-                "backend_unreachable",
-                "No backend answers at %s (silent for %.0f s)." % (self.info.url, since),
-                action="start_backend", retriable=True)
-            self.changed = True
+        if drained and self.state != "lost":
+            gone_after = LOST_AFTER_S if self.tcp_connected is False else GONE_AFTER_S
+            if waited > gone_after:
+                self._mark_lost("No backend answers at %s (silent for %.0f s)." % (self.info.url, since))
+            elif waited > SLOW_AFTER_S and self.state == "connected" and not self.slow:
+                self.slow = True
+                self.changed = True
         if self.state == "lost" and now - self._last_reconnect > RECONNECT_EVERY_S:
             self._last_reconnect = now
             self._maybe_new_endpoint()
@@ -469,6 +596,9 @@ class Client:
         now = time.monotonic()
         self._last_rx = now
         self._unanswered_since = None
+        if self.slow:
+            self.slow = False
+            self.changed = True
         if msg.server_session and msg.server_session != self.server_session:
             restarted = self.server_session is not None
             self.server_session = msg.server_session
@@ -495,7 +625,7 @@ class Client:
                 self._send("attach", {"from_seq": job.last_seq + 1, "preview_credits": PREVIEW_CREDITS},
                            job_id=job.job_id)
                 self._send("status", {}, job_id=job.job_id)
-        for job_id, fetch in list(self._fetches.items()):
+        for (job_id, _name), fetch in list(self._fetches.items()):
             self._request_chunk(job_id, fetch)
 
     # -- message handlers ----------------------------------------------------------------------
@@ -545,6 +675,10 @@ class Client:
         job.elapsed = c["elapsed"]
         job.eta = c.get("eta")
         job.message = c.get("message", "")
+        if job.message.lower().startswith("warning:"):
+            job.add_warning(job.message)
+        lo, hi = STAGE_SPANS.get(job.stage, (job.overall, job.overall))
+        job.overall = min(1.0, max(job.overall, lo + (hi - lo) * float(job.fraction)))
 
     def _on_preview_mesh(self, msg):
         job = self._job_for(msg)
@@ -569,8 +703,10 @@ class Client:
         if job is None:
             return
         job.result_info = {k: v for k, v in msg.content.items() if k != "mesh"}
+        for text in msg.content.get("warnings") or ():
+            job.add_warning(text)
         job.preview_mesh = None
-        job.fraction = 1.0
+        job.fraction = job.overall = 1.0
         try:
             mesh = msg.mesh()
         except ProtocolError as e:
@@ -602,6 +738,17 @@ class Client:
     def _on_error(self, msg):
         c = msg.content
         code, text = c["code"], c["message"]
+        if msg.job_id and code in FETCH_ERRORS:
+            for key in [k for k in self._fetches if k[0] == msg.job_id]:
+                self._fetches.pop(key)["on_done"](ConjureError(code, text, job_id=msg.job_id))
+            if msg.job_id not in self.jobs or self.jobs[msg.job_id].finished:
+                return
+        if msg.job_id and msg.job_id not in self.jobs:
+            # about a job we do not follow (a history request such as delete_job): not a
+            # connection problem, so it goes to ``notice``, which the panel shows once
+            self.notice = ConjureError(code, text, job_id=msg.job_id)
+            self.changed = True
+            return
         job = self._job_for(msg) if msg.job_id else None
         if job is None:
             if msg.job_id and msg.job_id in self.jobs:
@@ -641,13 +788,23 @@ class Client:
         self.history_at = time.monotonic()
         self.changed = True
 
+    def _on_job_deleted(self, msg):
+        self.deleted.append(msg.job_id)
+        if self.history is not None:
+            self.history = [h for h in self.history if h.get("job_id") != msg.job_id]
+        self.forget(msg.job_id)
+        self.changed = True
+
     # -- result files (chunked, checked by SHA-256) ------------------------------------------
     def fetch_result(self, job_id, name, size, sha256, on_done, chunk=4 << 20):
         """Fetch a result file in chunks; ``on_done(bytes)`` or ``on_done(ConjureError)``."""
         fetch = {"name": name, "size": int(size), "sha256": sha256, "data": bytearray(),
                  "on_done": on_done, "chunk": int(chunk)}
-        self._fetches[job_id] = fetch
+        self._fetches[(job_id, name)] = fetch
         self._request_chunk(job_id, fetch)
+
+    def fetching(self, job_id, name):
+        return (job_id, name) in self._fetches
 
     def _request_chunk(self, job_id, fetch):
         self._send("fetch_result", {"name": fetch["name"], "offset": len(fetch["data"]),
@@ -656,14 +813,15 @@ class Client:
     def _on_result_chunk(self, msg):
         import hashlib
 
-        fetch = self._fetches.get(msg.job_id)
+        key = (msg.job_id, msg.content["name"])
+        fetch = self._fetches.get(key)
         if fetch is None or msg.content["offset"] != len(fetch["data"]):
             return
         fetch["data"] += bytes(msg.buffers[0])
         if not msg.content["eof"]:
             self._request_chunk(msg.job_id, fetch)
             return
-        del self._fetches[msg.job_id]
+        del self._fetches[key]
         data = bytes(fetch["data"])
         if fetch["sha256"] and hashlib.sha256(data).hexdigest() != fetch["sha256"]:
             fetch["on_done"](ConjureError("bad_checksum", "the fetched result does not match its SHA-256"))

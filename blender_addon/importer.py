@@ -1,4 +1,5 @@
-"""MeshPayload -> Blender data: mesh, image, material, object. Bulk ``foreach_set`` only.
+"""MeshPayload -> Blender data: mesh, image, material, object. Bulk ``foreach_set`` only: no
+``as_pointer()``, no writes into Blender's memory, public API only.
 
 Coordinates arrive in Blender's frame (metres, +Z up, front facing -Y), so positions are
 copied as they are. Faces are (F, 3) uint32 counter-clockwise triangles; UVs are per corner
@@ -43,17 +44,7 @@ def object_name_for_prompt(prompt):
     return name
 
 
-def _srgb_to_linear(c):
-    """float32 sRGB in [0,1] -> linear, elementwise."""
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4).astype(np.float32)
-
-
-def _has_rna_prop(rna_type, name):
-    return name in rna_type.bl_rna.properties.keys()
-
-
 _LOOP_TOTAL_WRITABLE = not bpy.types.MeshPolygon.bl_rna.properties["loop_total"].is_readonly
-_COLOR_SRGB = _has_rna_prop(bpy.types.ByteColorAttributeValue, "color_srgb")
 
 
 def _check_payload(payload, n, f, faces):
@@ -64,35 +55,6 @@ def _check_payload(payload, n, f, faces):
         raise ValueError("per-corner UVs must have shape (%d, 2), got %s" % (3 * f, np.shape(payload.uvs)))
     if payload.colors is not None and np.shape(payload.colors) != (n, 4):
         raise ValueError("vertex colours must have shape (%d, 4), got %s" % (n, np.shape(payload.colors)))
-
-
-def _write_triangle_offsets(mesh, f):
-    """Set the face offsets 0, 3, 6, ... of ``f`` just-added triangles in one numpy write.
-
-    Since Blender 4.0 a ``MeshPolygon`` is a pointer into the mesh's face-offset array (an
-    ``int`` per face plus the total at the end), and RNA's ``loop_start`` setter is a plain
-    store through that pointer, one call per face (~12 ms for 200k triangles). This does the same
-    stores in bulk through ``as_pointer()``, but only after checking that the memory is laid out
-    as that array (the items' pointers 4 bytes apart, the entry after the last face holding the
-    corner count 3f; the new faces' entries are uninitialised until set), and reads the result
-    back through RNA. Returns False when a check fails: before writing (older Blender, where
-    polygons are structs, or a layout it does not recognise) or on the read-back; the caller then
-    sets every offset with ``foreach_set``.
-    """
-    import ctypes
-
-    if f < 2 or _LOOP_TOTAL_WRITABLE:
-        return False
-    polys = mesh.polygons
-    start, step = polys[0].as_pointer(), ctypes.sizeof(ctypes.c_int32)
-    if start == 0 or polys[1].as_pointer() != start + step or polys[f - 1].as_pointer() != start + step * (f - 1):
-        return False
-    offsets = np.ctypeslib.as_array((ctypes.c_int32 * (f + 1)).from_address(start))
-    if int(offsets[f]) != 3 * f:  # the array's last entry is the corner count
-        return False
-    offsets[:] = np.arange(0, 3 * f + 1, 3, dtype=np.int32)
-    last = polys[f - 1]
-    return polys[1].loop_start == 3 and last.loop_start == 3 * (f - 1) and last.loop_total == 3
 
 
 def _sent_edges(payload, n, faces):
@@ -173,10 +135,9 @@ def mesh_build_stages(mesh, payload):
         mesh.loops.foreach_set("vertex_index", corners)
     yield "corners"
     mesh.polygons.add(f)
-    if not _write_triangle_offsets(mesh, f):
-        mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * f, 3, dtype=np.int32))
-        if _LOOP_TOTAL_WRITABLE:
-            mesh.polygons.foreach_set("loop_total", np.full(f, 3, dtype=np.int32))
+    mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * f, 3, dtype=np.int32))
+    if _LOOP_TOTAL_WRITABLE:  # Blender < 4.0; later versions derive it from the next face's start
+        mesh.polygons.foreach_set("loop_total", np.full(f, 3, dtype=np.int32))
     yield "faces"
     if payload.uvs is not None:
         uv = mesh.uv_layers.new(name=UV_NAME)
@@ -190,11 +151,7 @@ def mesh_build_stages(mesh, payload):
     if payload.colors is not None:
         attr = mesh.color_attributes.new(COLOR_NAME, "BYTE_COLOR", "POINT")
         rgba = np.ascontiguousarray(payload.colors).reshape(-1, 4).astype(np.float32) / 255.0
-        if _COLOR_SRGB:
-            attr.data.foreach_set("color_srgb", rgba.ravel())
-        else:  # pragma: no cover - very old Blender
-            rgba[:, :3] = _srgb_to_linear(rgba[:, :3])
-            attr.data.foreach_set("color", rgba.ravel())
+        attr.data.foreach_set("color_srgb", rgba.ravel())  # sRGB values as sent (Blender 3.4+)
         yield "colors"
     sent = _sent_edges(payload, n, faces)
     if sent is not None:
@@ -549,12 +506,3 @@ class PreviewSlot:
         if obj is not None:
             remove_object(obj)
         self._obj_name = None
-
-
-def payload_stats(payload):
-    """(vertices, triangles, has_uvs, texture (w, h) or None) for messages and tests."""
-    tex = None
-    if payload.texture_rgba is not None:
-        tex = (payload.texture_rgba.shape[1], payload.texture_rgba.shape[0])
-    return len(payload.positions), len(payload.faces), payload.uvs is not None, tex
-

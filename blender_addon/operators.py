@@ -10,15 +10,15 @@ from bpy.props import StringProperty
 
 from . import importer
 from .client import ConjureError
-from .preferences import get_prefs
-from .properties import settings_to_request
+from .prefs_access import get_prefs
+from .properties import SEED_MAX, settings_to_request
 from .runtime import RUNTIME
 
 
 def _report_error(op, err):
     op.report({"ERROR"}, err.message)
     RUNTIME.error = err
-    RUNTIME._dirty = True
+    RUNTIME.mark_dirty()
     return {"CANCELLED"}
 
 
@@ -37,7 +37,8 @@ class CONJURE_OT_generate(bpy.types.Operator):
         prefs = get_prefs(context)
         settings = context.scene.conjure
         try:
-            request = settings_to_request(settings, prefs.default_preset)
+            request = settings_to_request(settings, prefs.default_preset, RUNTIME.vocabulary(),
+                                          strict=RUNTIME.strict_overrides())
         except ConjureError as e:
             return _report_error(self, e)
         if bpy.app.background:
@@ -137,8 +138,7 @@ class CONJURE_OT_backend_status(bpy.types.Operator):
                 client.reconnect()
         except ConjureError as e:
             return _report_error(self, e)
-        icon, text = RUNTIME.backend_status()
-        self.report({"INFO"}, "Conjure: " + text)
+        self.report({"INFO"}, "Conjure: " + RUNTIME.status().text)
         return {"FINISHED"}
 
 
@@ -175,6 +175,44 @@ class CONJURE_OT_reimport(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class CONJURE_OT_resubmit(bpy.types.Operator):
+    """Submit the failed job again with the same settings and seed (as a new job)"""
+
+    bl_idname = "conjure.resubmit"
+    bl_label = "Resubmit"
+
+    def execute(self, context):
+        try:
+            job = RUNTIME.resubmit(collection=context.collection)
+        except ConjureError as e:
+            return _report_error(self, e)
+        RUNTIME.error = None
+        self.report({"INFO"}, "Conjure: generating '%s' again" % job.prompt)
+        return {"FINISHED"}
+
+
+class CONJURE_OT_delete_job(bpy.types.Operator):
+    """Delete this job and its files from the backend (objects already in the scene stay)"""
+
+    bl_idname = "conjure.delete_job"
+    bl_label = "Delete Job"
+
+    job_id: StringProperty(default="", options={"SKIP_SAVE"})
+
+    def invoke(self, context, event):
+        return context.window_manager.invoke_confirm(self, event)
+
+    def execute(self, context):
+        if not self.job_id:
+            return {"CANCELLED"}
+        try:
+            RUNTIME.ensure_client(get_prefs(context)).delete_job(self.job_id)
+        except ConjureError as e:
+            return _report_error(self, e)
+        RUNTIME.mark_dirty()
+        return {"FINISHED"}
+
+
 class CONJURE_OT_use_prompt(bpy.types.Operator):
     """Copy this job's prompt and seed into the panel"""
 
@@ -188,8 +226,13 @@ class CONJURE_OT_use_prompt(bpy.types.Operator):
         s = context.scene.conjure
         s.prompt = self.prompt
         if self.seed.isdigit():
-            s.seed = min(int(self.seed), 2**31 - 1)
-            s.random_seed = False
+            if int(self.seed) > SEED_MAX:
+                self.report({"WARNING"}, "Seed %s is above the panel's limit %d; a random seed is used"
+                            % (self.seed, SEED_MAX))
+                s.random_seed = True
+            else:
+                s.seed = int(self.seed)
+                s.random_seed = False
         return {"FINISHED"}
 
 
@@ -201,10 +244,12 @@ class CONJURE_OT_dismiss(bpy.types.Operator):
 
     def execute(self, context):
         RUNTIME.error = None
+        if RUNTIME.client is not None:
+            RUNTIME.client.notice = None
         job = RUNTIME.current_job()
         if job is not None and job.finished:
             RUNTIME.current_job_id = None
-        RUNTIME._dirty = True
+        RUNTIME.mark_dirty()
         return {"FINISHED"}
 
 
@@ -216,6 +261,8 @@ classes = (
     CONJURE_OT_backend_status,
     CONJURE_OT_refresh_history,
     CONJURE_OT_reimport,
+    CONJURE_OT_resubmit,
+    CONJURE_OT_delete_job,
     CONJURE_OT_use_prompt,
     CONJURE_OT_dismiss,
 )

@@ -1,59 +1,63 @@
-"""Add-on preferences: how to reach a backend, and the default preset."""
+"""The add-on's preferences UI: how to reach a backend, the default preset, debug details.
 
-import os
+Defaults and plain access (``get_prefs``, the connection-file path) live in ``prefs_access.py``;
+this module only declares the properties (from ``prefs_access.DEFAULTS``) and draws them.
+"""
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
 
-from .properties import PRESETS
+from . import choices, panel
+from .prefs_access import ADDON_ID, DEFAULTS, default_connection_file
 
-ADDON_ID = __package__
+D = DEFAULTS
 
 
 class ConjurePreferences(bpy.types.AddonPreferences):
     bl_idname = ADDON_ID
 
-    mode: EnumProperty(name="Backend", default="LOCAL", items=(
+    mode: EnumProperty(name="Backend", default=D["mode"], items=(
         ("LOCAL", "Start Local Backend", "Blender starts and stops a backend process on this machine"),
         ("CONNECT", "Connect to Backend", "Use a backend that is already running (here or on another machine)"),
     ))
     python_path: StringProperty(
-        name="Python", subtype="FILE_PATH", default="python3",
+        name="Python", subtype="FILE_PATH", default=D["python_path"],
         description="Interpreter that has the Conjure backend installed (torch, diffusers, ...)")
     data_dir: StringProperty(
-        name="Data Folder", subtype="DIR_PATH", default="",
+        name="Data Folder", subtype="DIR_PATH", default=D["data_dir"],
         description="Where the backend keeps job folders and results (empty: the backend's default)")
-    device: EnumProperty(name="Device", default="auto", items=(
+    device: EnumProperty(name="Device", default=D["device"], items=(
         ("auto", "Auto", "The GPU if there is one, else the CPU"),
         ("cuda", "GPU (CUDA)", "Use the NVIDIA GPU"),
         ("cpu", "CPU", "Hide GPUs from the backend (slow; use the CPU preset)"),
     ))
     backend_args: StringProperty(
-        name="Extra Arguments", default="",
+        name="Extra Arguments", default=D["backend_args"],
         description="More arguments for 'python -m backend serve' (for experts and tests)")
-    connect_with: EnumProperty(name="Connect With", default="FILE", items=(
+    connect_with: EnumProperty(name="Connect With", default=D["connect_with"], items=(
         ("FILE", "Connection File", "The JSON file the backend wrote when it started"),
         ("ADDRESS", "Address and Key", "Type the address and the signing key"),
     ))
     connection_file: StringProperty(
-        name="Connection File", subtype="FILE_PATH", default="",
+        name="Connection File", subtype="FILE_PATH", default=D["connection_file"],
         description="The backend's connection file (empty: the default location)")
-    address: StringProperty(name="Address", default="tcp://127.0.0.1:5555",
+    address: StringProperty(name="Address", default=D["address"],
                             description="tcp://host:port of the backend")
-    key: StringProperty(name="Key", subtype="PASSWORD", default="",
+    key: StringProperty(name="Key", subtype="PASSWORD", default=D["key"],
                         description="The backend's signing key (hex), from its connection file")
-    default_preset: EnumProperty(name="Default Preset", items=PRESETS, default="auto")
-    auto_start: BoolProperty(name="Start Automatically", default=True,
+    default_preset: EnumProperty(name="Default Preset", items=choices.preset_items, default=0,
+                                  description="The preset Generate uses when the panel says Default")
+    auto_start: BoolProperty(name="Start Automatically", default=D["auto_start"],
                              description="Start the local backend when Generate finds none answering")
-    show_previews: BoolProperty(name="Live Previews", default=True,
+    show_previews: BoolProperty(name="Live Previews", default=D["show_previews"],
                                 description="Show intermediate meshes while a job runs")
-    timeout: FloatProperty(name="Headless Timeout", default=3600.0, min=10.0, subtype="TIME_ABSOLUTE",
+    show_debug: BoolProperty(name="Debug Details", default=D["show_debug"],
+                             description="Show the pipeline's own progress messages (losses, Gaussian counts)")
+    timeout: FloatProperty(name="Headless Timeout", default=D["timeout"], min=10.0, subtype="TIME_ABSOLUTE",
                            unit="TIME_ABSOLUTE",
                            description="How long a blocking (background-mode) generation may take")
 
     def draw(self, context):
-        from . import panel
-
         layout = self.layout
         layout.use_property_split = True
         layout.use_property_decorate = False
@@ -78,6 +82,7 @@ class ConjurePreferences(bpy.types.AddonPreferences):
         col = layout.column()
         col.prop(self, "default_preset")
         col.prop(self, "show_previews")
+        col.prop(self, "show_debug")
         col.prop(self, "timeout")
         layout.separator()
         panel.draw_backend_row(layout, context)
@@ -94,47 +99,6 @@ def addon_version_text():
         from .protocol import PROTOCOL_VERSION
 
         return "development (protocol %s)" % PROTOCOL_VERSION
-
-
-class _Defaults:
-    """Preferences as plain values when the add-on was registered without addon_utils."""
-
-    mode = "LOCAL"
-    python_path = "python3"
-    data_dir = ""
-    device = "auto"
-    backend_args = ""
-    connect_with = "FILE"
-    connection_file = ""
-    address = "tcp://127.0.0.1:5555"
-    key = ""
-    default_preset = "auto"
-    auto_start = True
-    show_previews = True
-    timeout = 3600.0
-
-
-_DEFAULTS = _Defaults()
-
-
-def get_prefs(context=None):
-    """This add-on's preferences (or defaults when it is not enabled through addon_utils)."""
-    context = context or bpy.context
-    addon = context.preferences.addons.get(ADDON_ID)
-    if addon is not None and addon.preferences is not None:
-        return addon.preferences
-    return _DEFAULTS
-
-
-def default_connection_file(prefs):
-    """Where the connection file is read from (and written to, for a local backend)."""
-    if prefs.mode == "CONNECT" and prefs.connection_file:
-        return bpy.path.abspath(prefs.connection_file)
-    if prefs.mode == "LOCAL" and prefs.data_dir:
-        return os.path.join(bpy.path.abspath(prefs.data_dir), "connection.json")
-    from .protocol import default_connection_path
-
-    return str(default_connection_path())
 
 
 classes = (ConjurePreferences,)

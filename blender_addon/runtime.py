@@ -17,11 +17,13 @@ from collections import deque
 
 import bpy
 
-from . import importer
+from . import importer, thumbnails
 from .backend_process import LocalBackend
-from .client import FINAL_STATES, Client, ConjureError, load_connection, parse_address
-from .preferences import default_connection_file, get_prefs
+from .client import Client, ConjureError, load_connection, parse_address
+from .prefs_access import default_connection_file, get_prefs
 
+#: The backend's own pipeline, as ``hello_reply.pipeline`` names it (tests run other ones).
+STANDARD_PIPELINE = "backend.pipeline.run:run_job"
 TICK_BUDGET_S = 0.004
 BUSY_INTERVAL_S = 0.01
 IDLE_INTERVAL_S = 0.1
@@ -29,6 +31,33 @@ OFFLINE_INTERVAL_S = 0.5
 REDRAW_EVERY_S = 0.1
 MIN_SOCKET_S = 0.001
 MAX_SOCKET_GAP_S = 0.1
+
+
+class Status:
+    """The connection as the panel shows it: ``kind`` (one of ``STATUS_KINDS``; ``panel.py`` maps
+    kinds to icons and styles), a short ``text`` and an optional ``hint`` (what to do about it)."""
+
+    __slots__ = ("kind", "text", "hint")
+
+    def __init__(self, kind, text, hint=""):
+        self.kind, self.text, self.hint = kind, text, hint
+
+    def __iter__(self):  # (kind, text), for logs and tests
+        return iter((self.kind, self.text))
+
+    @property
+    def problem(self):
+        return self.kind in PROBLEM_KINDS
+
+    def __repr__(self):
+        return "Status(%r, %r, %r)" % (self.kind, self.text, self.hint)
+
+
+#: starting, start_failed: our local backend; error: a request failed before any connection;
+#: slow: connected but not answering (busy), lost: gone.
+STATUS_KINDS = ("not_connected", "starting", "start_failed", "error", "connecting", "connected", "slow",
+                "lost", "incompatible")
+PROBLEM_KINDS = ("start_failed", "error", "lost", "incompatible")
 
 
 class Runtime:
@@ -53,6 +82,15 @@ class Runtime:
         self._waiting_backend_since = None
         self.on_import = []  # callbacks(job, obj) (tests, scripts)
         self.pending_request = None  # (request, location, collection name) until the backend answers
+        self.requests = {}  # job_id -> the request dict sent (for Resubmit)
+        self._finished_seen = set()  # job ids whose end was handled (history refresh)
+
+    def mark_dirty(self):
+        """Ask for a panel redraw at the next tick (operators call this after changing state);
+        starts the timer if needed, so a message shown before any connection is drawn too."""
+        self._dirty = True
+        if not bpy.app.background:
+            self.ensure_timer()
 
     # -- connection -------------------------------------------------------------------------
     def connection_source(self, prefs):
@@ -76,6 +114,11 @@ class Runtime:
             info, path = self.connection_source(prefs)
             if info is None:
                 if not os.path.exists(path):
+                    if prefs.mode == "CONNECT":
+                        raise ConjureError(
+                            "no_backend", "No backend is running: there is no connection file at %s. Start "
+                            "one with `conjure-backend serve` (or choose Start Local Backend in the Conjure "
+                            "preferences)." % path, action="start_backend")
                     raise ConjureError("no_backend", "No backend is running (no connection file at %s)." % path,
                                        action="start_backend")
                 info, path = load_connection(path)
@@ -117,34 +160,58 @@ class Runtime:
             self.client.close()
         self.client = None
 
-    def backend_status(self):
-        """(icon, text) describing the connection, for the panel and preferences."""
+    def status(self):
+        """The connection's ``Status`` (kind, text, hint) for the panel and preferences."""
         c = self.client
         b = self.backend
         if self._waiting_backend_since is not None and (c is None or c.state != "connected"):
             if b is not None and not b.running:
-                return "ERROR", "Backend exited (code %s) — see %s" % (b.exit_code, b.log_path)
-            return "SORTTIME", "Starting backend… %.0f s" % (time.monotonic() - self._waiting_backend_since)
+                line, hint = b.failure_summary()
+                return Status("start_failed", "The backend did not start: " + line, hint)
+            return Status("starting", "Starting backend… %.0f s" % (time.monotonic() - self._waiting_backend_since))
         if c is None:
             if self.error is not None:
-                return "ERROR", self.error.message
-            return "UNLINKED", "Not connected"
+                return Status("error", self.error.message)
+            return Status("not_connected", "Not connected")
         if c.state == "connected":
-            dev = c.server_info.get("device") or ""
-            ver = c.server_info.get("server_version") or ""
-            extra = ", ".join(x for x in (dev, ver and "v" + ver) if x)
-            return "LINKED", "Connected" + (" (%s)" % extra if extra else "")
+            if c.slow:
+                return Status("slow", "Backend busy: no answer for %.0f s" % c.silent_for(),
+                              "Still connected; it answers when its CPU is free.")
+            return Status("connected", self.what_runs())
         if c.state == "connecting":
-            return "SORTTIME", "Connecting to %s…" % c.info.url
+            return Status("connecting", "Connecting to %s…" % c.info.url)
+        if c.state == "incompatible":
+            return Status("incompatible", c.error.message if c.error else "Incompatible backend")
         if c.error is not None:
-            return "ERROR", c.error.message
-        return "ERROR", c.state.capitalize()
+            return Status("lost", c.error.message)
+        return Status("lost", c.state.capitalize())
+
+    def what_runs(self):
+        """"CPU · conjure-solids" (device · model) from the backend's hello, else "Connected (v0.1.0)"."""
+        info = self.client.server_info if self.client is not None else {}
+        parts = [x for x in (info.get("device"), info.get("model")) if isinstance(x, str) and x]
+        if parts:
+            return " · ".join(parts)
+        ver = info.get("server_version") or ""
+        return "Connected" + (" (v%s)" % ver if ver else "")
+
+    def strict_overrides(self):
+        """True when the backend runs the standard pipeline, whose settings table
+        (``protocol.params.OVERRIDE_SPECS``) the add-on can check keys against before sending."""
+        info = self.client.server_info if self.client is not None else {}
+        return info.get("pipeline") == STANDARD_PIPELINE
+
+    def vocabulary(self):
+        """Words the running model knows (empty for an open-vocabulary model or when unknown)."""
+        info = self.client.server_info if self.client is not None else {}
+        return [w for w in info.get("vocabulary") or () if isinstance(w, str)]
 
     # -- jobs ---------------------------------------------------------------------------------
     def submit(self, request, *, location=None, collection=None, prefs=None, connection=None):
         """Send a generation request (kwargs of ``Client.submit``); returns the ``JobState``."""
         client = self.ensure_client(prefs, connection)
         job = client.submit(**request)
+        self.requests[job.job_id] = dict(request)
         if location is None:
             location = importer.default_location()
         if collection is None:
@@ -159,6 +226,20 @@ class Runtime:
         job_id = job_id or self.current_job_id
         if self.client is not None and job_id:
             self.client.cancel(job_id)
+            self._dirty = True
+
+    def resubmit(self, job_id=None, *, location=None, collection=None):
+        """Send a failed job's request again, same settings (the seed it ran with), new job id."""
+        job_id = job_id or self.current_job_id
+        job = self.client.jobs.get(job_id) if self.client is not None and job_id else None
+        request = self.requests.get(job_id)
+        if request is None and job is not None and job.params:
+            request = {k: job.params.get(k) for k in ("prompt", "negative_prompt", "seed", "preset", "overrides")}
+        if request is None:
+            raise ConjureError("nothing_to_resubmit", "There is no job to submit again.")
+        if location is None and job_id in self.placement:
+            location = self.placement[job_id][0]
+        return self.submit(dict(request), location=location, collection=collection)
 
     def current_job(self):
         if self.client is None or self.current_job_id is None:
@@ -219,6 +300,8 @@ class Runtime:
                 self._scene_dirty = True
 
         client = self.client
+        if self._waiting_backend_since is not None or (client is not None and client.slow):
+            self._dirty = True  # the status counts seconds (and a backend may exit meanwhile)
         if client is None and self._waiting_backend_since is not None:
             try:
                 if self.backend is not None and self.backend.connection_ready():
@@ -243,6 +326,7 @@ class Runtime:
                     except ConjureError as e:
                         self.error = e
             self._schedule(client, previews)
+            self._notice_job_ends(client)
             if client.changed:
                 client.changed = False
                 self._dirty = True
@@ -270,6 +354,20 @@ class Runtime:
                 self.slots.pop(jid).remove()
                 self._dirty = True
 
+    def _notice_job_ends(self, client):
+        """When a job ends, ask for the history again (so it shows the new job, its time and
+        thumbnail) once the history was loaded at least once."""
+        while client.deleted:
+            thumbnails.forget(client.deleted.pop())
+            if client.state == "connected":
+                client.list_jobs()
+        ended = [j.job_id for j in client.jobs.values() if j.finished and j.job_id not in self._finished_seen]
+        if not ended:
+            return
+        self._finished_seen.update(ended)
+        if client.history is not None and client.state == "connected":
+            client.list_jobs()
+
     def _drop_tasks(self, job_id, kind):
         self._next_stage.pop(job_id, None)
         for item in [t for t in self.tasks if t[0] == job_id and t[1] == kind]:
@@ -293,17 +391,8 @@ class Runtime:
             coll = bpy.data.collections.get(coll_name)
             if coll is None and coll_name == bpy.context.scene.collection.name:
                 coll = bpy.context.scene.collection
-        params = job.params or {}
-        info = job.result_info or {}
-        seed = params.get("seed", info.get("seed"))
-        props = {
-            importer.PROP_JOB_ID: job.job_id,
-            "conjure_prompt": params.get("prompt", ""),
-            "conjure_negative_prompt": params.get("negative_prompt", ""),
-            "conjure_seed": seed if isinstance(seed, int) and 0 <= seed < 2**31 else str(seed),
-            "conjure_preset": params.get("preset", ""),
-        }
-        name = importer.object_name_for_prompt(params.get("prompt") or "Conjure")
+        props = result_props(job)
+        name = importer.object_name_for_prompt((job.params or {}).get("prompt") or "Conjure")
         return importer.import_result_stages(payload, name=name, location=loc, collection=coll, props=props,
                                              replace=self.slots.get(job.job_id))
 
@@ -408,8 +497,32 @@ class Runtime:
                 gen.close()
         self.slots.clear()
 
-    def active(self):
-        return [j for j in (self.client.jobs.values() if self.client else ()) if j.state not in FINAL_STATES]
+
+def result_props(job):
+    """Custom properties recorded on a result object: what was asked and what ran.
+
+    ``conjure_job_id``, ``conjure_prompt``, ``conjure_negative_prompt``, ``conjure_seed`` (the seed
+    that ran; a string when it does not fit a Blender int), ``conjure_preset`` (the preset that
+    ran, e.g. "cpu" for "auto"), ``conjure_model``, ``conjure_device``, ``conjure_duration_s`` and
+    ``conjure_warnings`` (a list of strings, empty when none).
+    """
+    params = job.params or {}
+    info = job.result_info or {}
+    seed = info.get("seed", params.get("seed"))
+    props = {
+        importer.PROP_JOB_ID: job.job_id,
+        "conjure_prompt": params.get("prompt", ""),
+        "conjure_negative_prompt": params.get("negative_prompt", ""),
+        "conjure_seed": seed if isinstance(seed, int) and 0 <= seed < 2**31 else str(seed),
+        "conjure_preset": info.get("resolved_preset") or params.get("preset", ""),
+        "conjure_model": info.get("model") or (info.get("info") or {}).get("model") or "",
+        "conjure_device": info.get("device") or "",
+        "conjure_warnings": list(job.warnings),
+    }
+    duration = job.duration_s
+    if duration is not None:
+        props["conjure_duration_s"] = round(float(duration), 2)
+    return props
 
 
 def _undo_push(message):
@@ -433,18 +546,6 @@ RUNTIME = Runtime()
 def pump():
     """The persistent timer: ``bpy.app.timers`` calls this; it returns its next interval."""
     return RUNTIME.tick()
-
-
-def tick_percentiles():
-    """(count, p50, p99, max) of recorded tick durations in milliseconds."""
-    data = sorted(RUNTIME.tick_seconds)
-    if not data:
-        return 0, 0.0, 0.0, 0.0
-
-    def q(p):
-        return data[min(len(data) - 1, int(p * len(data)))] * 1e3
-
-    return len(data), q(0.5), q(0.99), data[-1] * 1e3
 
 
 def _at_exit():

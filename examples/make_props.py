@@ -5,27 +5,28 @@
 
 Needs a running backend (``conjure-backend serve`` writes the connection file this script
 reads; default location as in the add-on). Each prop is generated with the add-on's blocking
-API (timers do not run in background mode), placed on a row along +X, and the file is saved.
+API (timers do not run in background mode), standing on a row along +X (each object's base rests
+on its spot), and the file is saved. The default prompts are ones every model can make, the
+bundled CPU prior ``conjure-solids`` included (it knows six shapes in eight colours).
 """
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 import bpy
 
 PROPS = [
-    "a wooden barrel with iron hoops",
-    "a stone lantern",
-    "a red and white spotted mushroom",
-    "a small treasure chest",
+    "a red cube",
+    "a blue torus",
+    "a yellow cone",
+    "a green cylinder",
 ]
 
 
 def load_api():
     """The add-on's ``api`` module: the installed extension/add-on, else the repository's folder."""
-    import importlib
-
     for name in ("bl_ext.user_default.conjure.api", "conjure.api", "blender_addon.api"):
         try:
             return importlib.import_module(name)
@@ -41,6 +42,7 @@ def main(argv):
     ap.add_argument("--connection", default=None, help="backend connection file (default: the usual place)")
     ap.add_argument("--preset", default="auto", help="auto (default: standard on a CUDA backend, cpu otherwise), draft, standard, high, cpu")
     ap.add_argument("--spacing", type=float, default=2.0, help="metres between props")
+    ap.add_argument("--size", type=float, default=None, help="largest dimension of each prop in metres")
     ap.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: 4 props)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="preset override, e.g. --set coarse.steps=300")
@@ -48,16 +50,11 @@ def main(argv):
     args = ap.parse_args(argv)
 
     api = load_api()
-    overrides = {}
-    for item in args.sets:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = int(value)
-        except ValueError:
-            try:
-                overrides[key] = float(value)
-            except ValueError:
-                overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
+    parse = importlib.import_module(api.__name__.rsplit(".", 1)[0] + ".properties").parse_extra_overrides
+    try:  # the shared override parser (protocol.params), as in the panel's Extra field
+        overrides = parse("; ".join(args.sets), strict=False)
+    except api.ConjureError as e:
+        ap.error(e.message)
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     scene = bpy.context.scene
@@ -65,13 +62,15 @@ def main(argv):
     for i, prompt in enumerate(args.prompt or PROPS):
         scene.cursor.location = (i * args.spacing, 0.0, 0.0)
         try:
-            obj = api.generate(prompt, seed=i, preset=args.preset, overrides=overrides,
+            obj = api.generate(prompt, seed=i, preset=args.preset, overrides=overrides, size=args.size,
                                connection=args.connection, timeout=args.timeout)
         except api.ConjureError as e:
             print(f"failed: {prompt!r}: {e.message}", file=sys.stderr)
             continue
         made.append(obj.name)
         print(f"made {obj.name!r}: {len(obj.data.polygons)} faces at {tuple(obj.location)}", flush=True)
+        for text in obj.get("conjure_warnings") or ():
+            print(f"  warning: {text}", flush=True)
     api.disconnect()
     bpy.ops.wm.save_as_mainfile(filepath=str(Path(args.out).resolve()))
     print(f"saved {len(made)} props to {args.out}")

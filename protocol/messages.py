@@ -276,6 +276,12 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
         "sha256": (_str(64, pattern=_HEX64_RE), True),
         "files": (_list(_FILE, 256), True),
         "mesh": (_obj(max_keys=16), False),
+        "warnings": (_list(_str(), 64), False),
+        "resolved_preset": (_str(64), False),
+        "model": (_str(256), False),
+        "device": (_str(256), False),
+        "seed": (_int(0), False),
+        "duration_s": (_num(0.0), False),
     }, True, None),
     "fetch_result": ({
         "name": (_str(255, nonempty=True), False),
@@ -316,6 +322,8 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
     }, False, 0),
     "jobs": ({"jobs": (_list(_JOB_SUMMARY, 1000), True)}, False, 0),
     "attach": ({"from_seq": (_int(0), True)}, True, 0),
+    "delete_job": ({}, True, 0),
+    "job_deleted": ({}, True, 0),
     "ping": ({"token": (_str(128), False)}, False, 0),
     "pong": ({"token": (_str(128), False), "server_time": (_num(), False)}, False, 0),
 }
@@ -330,7 +338,8 @@ MSG_TYPES: dict[str, str] = {
     "accepted": "server -> client [job_id]: queue_position, state?, duplicate?",
     "progress": "server -> client [job_id, seq]: stage, step, total, fraction, elapsed, eta?, message?",
     "preview_mesh": "server -> client [job_id, seq]: stage, step, mesh meta (encode_mesh) + buffers",
-    "result_ready": "server -> client [job_id, seq]: name, size, sha256, files[], mesh? + buffers",
+    "result_ready": "server -> client [job_id, seq]: name, size, sha256, files[], mesh?, warnings?, "
+                    "resolved_preset?, model?, device?, seed?, duration_s? + buffers",
     "fetch_result": "client -> server [job_id]: name?, offset, length (<= MAX_CHUNK_BYTES)",
     "result_chunk": "server -> client [job_id]: name, offset, size (file total), eof; one 'bytes' buffer",
     "cancel": "client -> server [job_id]: reason?",
@@ -339,8 +348,10 @@ MSG_TYPES: dict[str, str] = {
     "status": "client -> server [job_id]",
     "status_reply": "server -> client [job_id]: state, queue_position?, stage?, fraction?, last_seq?, ...",
     "list_jobs": "client -> server: limit?, states?",
-    "jobs": "server -> client: jobs [{job_id, state, ...}]",
+    "jobs": "server -> client: jobs [{job_id, state, prompt?, created?, finished?, duration_s?, thumbnail?, ...}]",
     "attach": "client -> server [job_id]: from_seq; server resends the job's events with seq >= from_seq",
+    "delete_job": "client -> server [job_id]: remove a finished job and its files",
+    "job_deleted": "server -> client [job_id]: the job was removed (reply to delete_job)",
     "ping": "either way: token?",
     "pong": "reply to ping: token?, server_time?",
 }

@@ -15,6 +15,9 @@ Knobs (``params.overrides``):
     test.kill           int step at which the process SIGKILLs itself (-1 = never)
     test.hang           bool, ignore cancellation (never calls ``ctx.check_cancel``)
     test.no_obj         bool, write only the GLB
+    test.warning        str, a warning the result carries ("" = none)
+    object_size         float, largest dimension in metres (the real presets' key); base on z = 0
+    guidance.model      str, reported as the result's model (the real presets' key)
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ KNOBS: dict[str, type] = {
     "test.kill": int,
     "test.hang": bool,
     "test.no_obj": bool,
+    "test.warning": str,
+    "object_size": float,
+    "guidance.model": str,
 }
 DEFAULTS = {
     "test.steps": 10,
@@ -51,6 +57,9 @@ DEFAULTS = {
     "test.kill": -1,
     "test.hang": False,
     "test.no_obj": False,
+    "test.warning": "",
+    "object_size": 1.6,
+    "guidance.model": "fake-icosphere",
 }
 PRESETS = ("auto", "draft", "standard", "high", "cpu")
 
@@ -91,14 +100,16 @@ def _icosphere(subdivisions: int, radius: float):
     return np.asarray(sphere.vertices, np.float32), np.asarray(sphere.faces, np.uint32)
 
 
-def _mesh(step: int, total: int, subdivisions: int, seed: int):
+def _mesh(step: int, total: int, subdivisions: int, seed: int, size: float = 1.6):
+    """A sphere growing to ``size`` metres across at the last step, base on z = 0."""
     from protocol.mesh import MeshPayload
 
     frac = (step + 1) / max(total, 1)
-    pos, faces = _icosphere(subdivisions, 0.2 + 0.6 * frac)
+    pos, faces = _icosphere(subdivisions, (0.2 + 0.6 * frac) * size / 1.6)
     rng = np.random.default_rng(seed + step)
     pos = pos * (1.0 + 0.02 * rng.standard_normal((len(pos), 1)).astype(np.float32))
     normals = pos / np.linalg.norm(pos, axis=1, keepdims=True)
+    pos[:, 2] -= pos[:, 2].min()
     colors = np.empty((len(pos), 4), np.uint8)
     colors[:, 0] = np.uint8(255 * frac)
     colors[:, 1] = ((normals[:, 2] * 0.5 + 0.5) * 255).astype(np.uint8)
@@ -128,7 +139,7 @@ def _export(mesh, out_dir, write_obj: bool) -> dict:
 
     v = mesh.positions.astype(np.float64)
     yup = np.stack([v[:, 0], v[:, 2], -v[:, 1]], axis=1)
-    n = v / np.linalg.norm(v, axis=1, keepdims=True)
+    n = np.asarray(mesh.normals, np.float64)  # unit sphere directions (positions sit on z >= 0)
     uv = np.stack([0.5 + np.arctan2(n[:, 1], n[:, 0]) / (2 * np.pi), 0.5 + np.arcsin(n[:, 2]) / np.pi], axis=1)
     tex = np.zeros((64, 64, 4), np.uint8)
     tex[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None, :]
@@ -183,14 +194,16 @@ def run_job(params, ctx) -> ResultEvent:
         ctx.emit(ProgressEvent("coarse", step + 1, steps, f"step {step + 1}"))
         every = knobs["test.preview_every"]
         if every > 0 and (step + 1) % every == 0:
-            mesh = _mesh(step, steps, knobs["test.subdivisions"], seed)
+            mesh = _mesh(step, steps, knobs["test.subdivisions"], seed, knobs["object_size"])
             ctx.emit(PreviewEvent("coarse", step + 1, mesh))
     if not hang:
         ctx.check_cancel()
-    mesh = _mesh(steps - 1, steps, knobs["test.subdivisions"], seed)
+    mesh = _mesh(steps - 1, steps, knobs["test.subdivisions"], seed, knobs["object_size"])
     ctx.emit(ProgressEvent("export", 0, 1, "writing GLB"))
     files = _export(mesh, ctx.out_dir, write_obj=not knobs["test.no_obj"])
     ctx.emit(ProgressEvent("export", 1, 1, "done"))
-    info = {"model": "fake-icosphere", "renderer": "none", "steps": steps,
-            "seconds": round(time.perf_counter() - t0, 4), "prompt": params.prompt}
+    info = {"model": knobs["guidance.model"], "renderer": "none", "steps": steps,
+            "seconds": round(time.perf_counter() - t0, 4), "prompt": params.prompt, "seed": seed,
+            "resolved_preset": "cpu" if params.preset == "auto" else params.preset, "device": "CPU",
+            "warnings": [knobs["test.warning"]] if knobs["test.warning"] else []}
     return ResultEvent(files=files, mesh=mesh, info=info)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,7 +73,8 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
     hs.mkdir()
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"addon": module, "conn": str(backend.conn), "out": str(out), "handshake": str(hs),
-                               "stream": _overrides(STREAM), "slow": _overrides(SLOW), "fast": _overrides(FAST)}))
+                               "stream": _overrides(STREAM), "slow": _overrides(SLOW), "fast": _overrides(FAST),
+                               "python": sys.executable, "repo": str(REPO)}))
     env = dict(os.environ)
     env.update({"CONJURE_TEST_CONFIG": str(cfg), "BLENDER_USER_SCRIPTS": str(scripts),
                 "BLENDER_USER_CONFIG": str(tmp_path / "config")})
@@ -80,12 +83,18 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
     # ``python3`` on PATH: keep a pyenv/venv interpreter from being picked up instead.
     env["PATH"] = os.pathsep.join(["/usr/bin", "/bin", env.get("PATH", "")])
     log = open(tmp_path / "blender.log", "wb")
-    proc = subprocess.Popen(["xvfb-run", "-a", "-s", "-screen 0 1280x720x24", "blender", "--factory-startup",
+    proc = subprocess.Popen(["xvfb-run", "-a", "-s", "-screen 0 1600x900x24", "blender", "--factory-startup",
                              "--enable-event-simulate", "--python", str(REPO / "tests/blender34/ui_session.py")],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
     try:
-        deadline = time.monotonic() + 420
+        deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline:
+            if (hs / "stop").exists() and not (hs / "stopped").exists():
+                os.kill(backend.proc.pid, signal.SIGSTOP)  # busy: alive, connection open, silent
+                (hs / "stopped").touch()
+            if (hs / "cont").exists() and not (hs / "continued").exists():
+                os.kill(backend.proc.pid, signal.SIGCONT)
+                (hs / "continued").touch()
             if (hs / "kill").exists() and not (hs / "killed").exists():
                 backend.kill()
                 (hs / "killed").touch()
@@ -108,6 +117,15 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
     assert not r["errors"], r["errors"]
     assert r.get("done")
     assert r["tab_found"], "the Conjure tab was not found in the sidebar"
+    # before any backend: what to run, why a local one did not start, and a job that waits for one
+    assert r["no_file"][0] == "error" and "conjure-backend serve" in r["no_file"][1], r["no_file"]
+    # (the first start has no PYTHONPATH to the repository: the log's last line says so)
+    assert r["start_failed"][0] == "start_failed" and "No module named backend" in r["start_failed"][1], r
+    assert "pip install -e ." in r["start_failed"][2] and "backend.log" in r["start_failed"][2]
+    assert r["pending"] and r["job0"] == {"state": "done", "object": "a red cube"}, r["job0"]
+    assert r["header"] in ("CPU · conjure-solids", "CPU"), r["header"]  # device · model from hello_reply
+    line, times, overall = r["progress_line"]
+    assert line.startswith("Shaping ") and "/60" in line and "elapsed" in times and 0 < overall < 1
     j1 = r["job1"]
     assert j1["state"] == "done" and j1["object"] == "a glowing crystal orb"
     # Timing needs a UI loop that is not starved. On a machine shared with other CPU-heavy work
@@ -123,15 +141,24 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
         assert j1["tick_cpu_p99_ms"] < 10.0, j1
     assert j1["location"] == pytest.approx([1.0, -1.0, 0.5]) and j1["selected"] and j1["active"]
     assert j1["prop_seed"] == 1234 and j1["faces"] == 5120
+    assert abs(j1["min_z"]) < 1e-4  # the base rests on the cursor
+    assert j1["prop_warnings"] == j1["warnings_shown"] == ["the model does not know the words glowing, crystal, orb"]
+    assert j1["prop_preset"] == "draft" and j1["prop_model"] == "fake-icosphere" and j1["prop_device"] == "CPU"
+    assert "slow" in r["busy_kinds"] and not {"lost", "error"} & set(r["busy_kinds"]), r["busy_kinds"]
     assert "a glowing crystal orb (preview)" not in j1["objects"] and j1["meshes"] == 2
     loss_limit = 3.0 if healthy else 3.0 + 4 * j1["loop_gap_p90_s"]  # detection needs ~2 ticks + a redraw
     assert r["loss_shown_s"] is not None and r["loss_shown_s"] < loss_limit, (r["loss_status"], j1)
     assert r["recovered_s"] is not None and r["recovered_s"] < 10.0
     assert r["job2"]["error"] == "interrupted"
+    assert r["resubmit"] == {"new_id": True, "state": "done", "object": "a slow stone tower", "seed": 1234}
+    assert r["cancel_lines"] == ["Cancelling…", "Cancelled"] and r["cancel_state"] == "cancelled"
+    assert r["thumbs_loaded"] >= 3 and all(h["created"] and h["duration_s"] is not None
+                                           for h in r["history_items"] if h["thumbnail"])
+    assert r.get("deleted")
     assert r["job3"]["state"] == "done" and r["job3"]["object"] == "a small wooden stool"
     assert ("a glowing crystal orb", "done") in [tuple(h) for h in r["history"]]
     assert {"a glowing crystal orb", "a small wooden stool"} <= set(r["objects_end"])
-    assert len(r["screenshots"]) >= 4
+    assert len(r["screenshots"]) >= 12
 
 
 def test_blender34_background_script_fills_a_scene(tmp_path):

@@ -92,6 +92,12 @@ def _body_helpers(args):
         properties.settings_to_request(s)
     except ConjureError as e:
         out["empty"] = e.code
+        out["empty_msg"] = e.message
+    try:  # a closed-vocabulary model (the bundled prior): the hint is a prompt it can make
+        properties.settings_to_request(s, vocabulary=["a", "green", "cone", "front"])
+    except ConjureError as e:
+        out["empty_vocab_msg"] = e.message
+    out["examples"] = list(properties.example_prompts(["red", "blue", "torus", "pyramid", "a"]))
     s.prompt = "  a   wooden\tchair "
     s.random_seed = False
     s.seed = 5
@@ -100,8 +106,16 @@ def _body_helpers(args):
     s.use_texture_resolution = True
     s.texture_resolution = "2048"
     s.guidance_scale = 7.5  # not enabled: must not be sent
-    s.extra_overrides = "fine.steps=200; coarse.renderer=torch, guidance.fp16=false"
+    s.extra_overrides = "fine.steps=200; coarse.renderer=torch; guidance.fp16=false"
+    s.object_size = 2.5
     out["req"] = properties.settings_to_request(s, "draft")
+    for text in ("coarse.steps=abc", "coarse.step=5", "coarse.steps=1000000000"):
+        s.extra_overrides = text
+        try:
+            properties.settings_to_request(s)
+        except ConjureError as e:
+            out.setdefault("extra_errors", []).append(e.message)
+    s.extra_overrides = ""
     s.random_seed = True
     out["random_seed"] = properties.settings_to_request(s)["seed"]
     out["shown_seed"] = s.seed
@@ -123,9 +137,15 @@ def _body_helpers(args):
 def test_settings_become_request_with_override_table():
     r = run_body(__file__, "helpers")
     assert r["empty"] == "invalid_params"
+    assert "a red cube" in r["empty_msg"]  # an example every model can make
+    assert "'a green cone'" in r["empty_vocab_msg"] and r["examples"][:2] == ["a red torus", "a blue pyramid"]
     assert r["req"] == {"prompt": "a wooden chair", "negative_prompt": "", "seed": 5, "preset": "draft",
                         "overrides": {"coarse.steps": 300, "fine.texture_resolution": 2048, "fine.steps": 200,
-                                      "coarse.renderer": "torch", "guidance.fp16": False}}
+                                      "coarse.renderer": "torch", "guidance.fp16": False, "object_size": 2.5}}
+    # the shared parser's messages (protocol.params), not a raw int() error or a list of every key
+    assert r["extra_errors"][0] == "coarse.steps must be a whole number, got 'abc'", r["extra_errors"]
+    assert "did you mean coarse.steps" in r["extra_errors"][1] and len(r["extra_errors"][1]) < 200
+    assert "between" in r["extra_errors"][2]
     assert r["random_seed"] == r["shown_seed"]
     assert r["addr"] == "tcp://10.0.0.2:5600" and r["bad_addr"] == "bad_address" and r["bad_extra"] == "invalid_params"
     assert len(r["names"][0].encode()) <= 56 and r["names"][1] == "Conjure"

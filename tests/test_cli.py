@@ -38,15 +38,18 @@ def cli_here(capsys, *args):
 def test_generate_writes_glb_and_obj_next_to_it(tmp_path):
     out = tmp_path / "out" / "chair.glb"
     r = cli("generate", "a small chair", "--out", out, "--preset", "draft", "--seed", 3,
-            "--set", "test.steps=5", "--set", "test.subdivisions=3", "--pipeline", FAKE)
+            "--set", "test.steps=5", "--set", "test.subdivisions=3", "--set", "test.warning=it has no legs",
+            "--pipeline", FAKE)
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}" in r.stdout and "model: fake-icosphere" in r.stdout and "seed 3" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "warning: it has no legs"  # the last thing printed
     assert "coarse" in r.stderr and "5/5" in r.stderr  # the progress bar
     scene = trimesh.load(out)
     mesh = next(iter(scene.geometry.values()))
     assert len(mesh.faces) == 20 * 4**3
-    # Blender Z-up sphere written as glTF Y-up: still a sphere centred at the origin
-    assert np.allclose(mesh.vertices.mean(axis=0), 0, atol=0.05)
+    # Blender Z-up sphere, base on z = 0, written as glTF Y-up: centred in X and Z, base on y = 0
+    assert np.allclose(mesh.vertices.mean(axis=0)[[0, 2]], 0, atol=0.05)
+    assert abs(float(mesh.vertices[:, 1].min())) < 1e-5
     for suffix in (".obj", ".mtl", ".png"):
         assert out.with_suffix(suffix).exists()
     assert "mtllib chair.mtl" in out.with_suffix(".obj").read_text()

@@ -94,6 +94,7 @@ def test_fit_to_size():
     mesh = fit_to_size(extract_mesh(g, 32, 1000), 2.5)
     lo, hi = mesh.positions.min(0), mesh.positions.max(0)
     assert abs(float((hi - lo).max()) - 2.5) < 1e-5
-    assert np.allclose((lo + hi) / 2, 0, atol=1e-5)
+    assert np.allclose(((lo + hi) / 2)[:2], 0, atol=1e-5)  # centred in X and Y
+    assert abs(float(lo[2])) < 1e-6  # base on z = 0: the origin is the bottom centre
     with pytest.raises(ValueError, match="metres"):
         fit_to_size(mesh, 0.0)

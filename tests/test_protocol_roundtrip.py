@@ -107,7 +107,9 @@ CONTENT = {
     "result_ready": st.fixed_dictionaries(
         {"name": ident, "size": nonneg, "sha256": hex64,
          "files": st.lists(st.fixed_dictionaries({"name": ident, "size": nonneg}, optional={"sha256": hex64}),
-                           max_size=4)}),
+                           max_size=4)},
+        optional={"warnings": st.lists(text, max_size=3), "resolved_preset": ident, "model": text, "device": text,
+                  "seed": nonneg, "duration_s": pos_float}),
     "fetch_result": st.fixed_dictionaries({"offset": nonneg, "length": st.integers(1, 16 * 2**20)},
                                           optional={"name": ident}),
     "result_chunk": st.fixed_dictionaries({"name": ident, "offset": nonneg, "size": nonneg, "eof": st.booleans()}),
@@ -125,6 +127,8 @@ CONTENT = {
     "jobs": st.fixed_dictionaries({"jobs": st.lists(
         st.fixed_dictionaries({"job_id": job_ids, "state": state}, optional={"prompt": text}), max_size=5)}),
     "attach": st.fixed_dictionaries({"from_seq": nonneg}),
+    "delete_job": st.just({}),
+    "job_deleted": st.just({}),
     "ping": opt(token=ident),
     "pong": opt(token=ident, server_time=pos_float),
 }

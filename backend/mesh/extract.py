@@ -17,6 +17,7 @@ world units of the optimisation frame; ``fit_to_size`` scales to metres).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -245,7 +246,9 @@ def extract_mesh(gaussians, grid_resolution: int = 64, face_budget: int = 20000,
 
 
 def fit_to_size(mesh: MeshPayload, size: float = 1.0) -> MeshPayload:
-    """Centre the mesh's bounding box at the origin and scale its largest dimension to ``size`` metres."""
+    """Scale the mesh so its largest dimension is ``size`` metres and put the origin at its bottom
+    centre (bounding box centred in X and Y, lowest point at z = 0), so an object placed at the 3D
+    cursor stands on it (the protocol's convention, Blender frame +Z up)."""
     if size <= 0:
         raise ValueError(f"object size must be > 0 metres, got {size}")
     pos = np.asarray(mesh.positions, dtype=np.float64)
@@ -254,6 +257,7 @@ def fit_to_size(mesh: MeshPayload, size: float = 1.0) -> MeshPayload:
     lo, hi = pos.min(0), pos.max(0)
     extent = float((hi - lo).max())
     scale = size / extent if extent > 0 else 1.0
-    new = (pos - (lo + hi) / 2.0) * scale
-    return MeshPayload(positions=new.astype(np.float32), faces=mesh.faces, uvs=mesh.uvs, normals=mesh.normals,
-                       colors=mesh.colors, texture_png=mesh.texture_png, texture_rgba=mesh.texture_rgba)
+    anchor = (lo + hi) / 2.0
+    anchor[2] = lo[2]
+    new = (pos - anchor) * scale
+    return dataclasses.replace(mesh, positions=new.astype(np.float32))

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from backend.models.device import describe_device
 from backend.pipeline.events import JobContext, ProgressEvent, ResultEvent
 from backend.pipeline.presets import get_preset, preset_to_dict
 
@@ -97,14 +98,16 @@ def run_job(params, ctx: JobContext) -> ResultEvent:
     guidance = load_guidance(preset.guidance, device)
     log.info("%s", guidance.description)
     ctx.emit(ProgressEvent("load", 1, 1, guidance.description))
+    prompt_warnings: list[str] = []
     vocab = getattr(guidance, "vocabulary", None)
     if vocab:
         unknown = unknown_words(params.prompt, vocab)
         if unknown:
-            msg = (f"warning: the prior does not know the word(s) {', '.join(unknown)}; it only knows: "
+            msg = (f"the model does not know the word(s) {', '.join(unknown)}; it only knows: "
                    f"{', '.join(sorted(vocab))}")
+            prompt_warnings.append(msg)
             log.warning("%s", msg)
-            ctx.emit(ProgressEvent("load", 1, 1, msg))
+            ctx.emit(ProgressEvent("load", 1, 1, "warning: " + msg))
     guidance.set_prompt(params.prompt, params.negative_prompt or preset.guidance.negative_prompt)
     ctx.check_cancel()
 
@@ -128,6 +131,8 @@ def run_job(params, ctx: JobContext) -> ResultEvent:
     ctx.emit(ProgressEvent("export", 1, 1, "done"))
     info = {
         "seed": int(seed), "preset": preset_to_dict(preset), "model": guidance.model_id,
+        "resolved_preset": preset.name, "device": describe_device() if device.type == "cuda" else "CPU",
+        "warnings": prompt_warnings,
         "guidance": guidance.description, "renderer": coarse.renderer, "gaussians": len(coarse.gaussians),
         "coarse_step_seconds": coarse.step_seconds, "preview_seconds": coarse.preview_seconds,
         "first_preview_seconds": coarse.first_preview_seconds, "seconds": time.perf_counter() - t_start,

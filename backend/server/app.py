@@ -23,7 +23,9 @@ Message flow (protocol message types, see ``protocol/messages.py``):
 - ``cancel`` [job_id] -> ``cancelled`` at once (in the job's stream). A queued job is dropped;
   a running one stops at the pipeline's next ``check_cancel``; if the worker has not stopped
   within ``cancel_timeout`` seconds it is killed and restarted.
-- ``status`` [job_id] -> ``status_reply``; ``list_jobs`` -> ``jobs``.
+- ``status`` [job_id] -> ``status_reply``; ``list_jobs`` -> ``jobs`` (each with created/finished
+  times, ``duration_s`` and ``thumbnail``: fetch ``thumbnail.png`` with ``fetch_result``).
+- ``delete_job`` [job_id] -> ``job_deleted`` (a finished job's record and folder are removed).
 - ``attach`` [job_id] {from_seq} -> the job's events with seq >= from_seq (events older than the
   bounded log are reported in ``missed`` of an ``error``-free ``status_reply`` first), then live.
   After a server restart, finished jobs still answer with their final event.

@@ -88,6 +88,8 @@ class RequestHandlers:
         from backend.models.info import safe_hello_model_fields
 
         cfg = self.config
+        from backend.models.info import safe_hello_model_fields
+
         return {
             **safe_hello_model_fields(),
             "protocol_version": PROTOCOL_VERSION,
@@ -212,6 +214,20 @@ class RequestHandlers:
             if len(out) >= limit:
                 break
         self.delivery.send(msg.session, "jobs", {"jobs": out})
+
+    def on_delete_job(self, msg):
+        """Remove a finished job (record, folder, stream); answers ``job_deleted``."""
+        rec = self._job_or_error(msg)
+        if rec is None:
+            return
+        if rec.state in J.ACTIVE_STATES:
+            self.delivery.error(msg.session, "not_deletable", f"job {rec.job_id} is {rec.state}; cancel it first",
+                                job_id=rec.job_id, in_reply_to=msg.msg_id)
+            return
+        self.store.delete(rec.job_id)
+        self.delivery.streams.pop(rec.job_id, None)
+        self.delivery.subs.pop(rec.job_id, None)
+        self.delivery.send(msg.session, "job_deleted", {}, job_id=rec.job_id)
 
     def on_attach(self, msg):
         rec = self._job_or_error(msg)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
 from collections import OrderedDict
@@ -117,8 +118,33 @@ class JobRecord:
             "overrides": dict(self.overrides),
         }
 
+    def duration_s(self) -> float | None:
+        """Seconds from start to finish (None until the job ended after running)."""
+        if self.started is None or self.finished is None:
+            return None
+        return round(max(0.0, self.finished - self.started), 3)
+
+    def result_facts(self) -> dict:
+        """What ran and how it went, for ``result_ready`` and ``jobs``: ``warnings`` (list of str),
+        ``resolved_preset``, ``model``, ``device``, ``seed``, ``duration_s`` (those known)."""
+        info = self.info or {}
+        out = {"warnings": [str(w) for w in info.get("warnings") or []]}
+        for key in ("resolved_preset", "model", "device"):
+            if isinstance(info.get(key), str):
+                out[key] = info[key]
+        seed = info.get("seed", self.seed)
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            out["seed"] = seed
+        duration = self.duration_s()
+        if duration is None and isinstance(info.get("seconds"), (int, float)):
+            duration = round(float(info["seconds"]), 3)
+        if duration is not None:
+            out["duration_s"] = duration
+        return out
+
     def summary(self) -> dict:
-        """Short description for ``list_jobs`` / ``status`` replies and ``conjure-backend jobs``."""
+        """Short description for ``list_jobs`` / ``status`` replies and ``conjure-backend jobs``
+        (times are UNIX seconds; ``thumbnail``: the job has a ``thumbnail.png`` to fetch)."""
         return {
             "job_id": self.job_id,
             "state": self.state,
@@ -131,6 +157,8 @@ class JobRecord:
             "results": {k: {"size": v["size"], "sha256": v["sha256"]} for k, v in self.results.items()},
             "error": self.error,
             "last_seq": self.last_seq,
+            "thumbnail": "thumbnail" in self.results,
+            **self.result_facts(),  # the seed that ran (the requested one may be None)
         }
 
 
@@ -308,6 +336,19 @@ class JobStore:
                 rec.timings["run_s"] = round(now - rec.started, 4)
         self.journal.append(rec.job_id, state, **journal_extra)
         self.write_record(rec)
+
+    def delete(self, job_id: str) -> None:
+        """Forget a finished job and remove its folder (renamed aside first, so a crash midway
+        leaves no half job: folders whose name is not a job id are ignored at start-up)."""
+        rec = self.jobs.pop(job_id)
+        src = self.job_dir(rec.job_id)
+        trash = self.data_dir / f".deleted-{rec.job_id}"
+        try:
+            os.replace(src, trash)
+        except FileNotFoundError:
+            return
+        fsync_dir(self.data_dir)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def write_record(self, rec: JobRecord, durable: bool = True) -> None:
         atomic_write_json(self.job_dir(rec.job_id) / JOB_FILE, rec.to_json(), durable=durable)

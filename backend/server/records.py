@@ -15,10 +15,12 @@ log = logging.getLogger("conjure.server")
 
 
 def result_content(rec: JobRecord, mesh) -> tuple[dict, tuple]:
-    """``result_ready`` content + buffers: GLB name/size/SHA-256, all files, info, final mesh."""
+    """``result_ready`` content + buffers: GLB name/size/SHA-256, all files, info, what ran
+    (``JobRecord.result_facts``: warnings, resolved preset, model, device, seed, duration), final mesh."""
     glb = rec.results["glb"]
     content = {"name": glb["name"], "size": glb["size"], "sha256": glb["sha256"],
-               "files": [{"kind": k, **v} for k, v in rec.results.items()], "info": rec.info}
+               "files": [{"kind": k, **v} for k, v in rec.results.items()], "info": rec.info,
+               **rec.result_facts()}
     buffers: tuple = ()
     if mesh is not None:
         try:

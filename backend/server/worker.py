@@ -365,8 +365,8 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
             raise TypeError(f"the pipeline returned {type(result).__name__}, not a ResultEvent")
         if pending_preview[0] is not None:
             write_preview_npz(preview_path, pending_preview[0])
-        files = publish_results(result.files, work_dir, result_dir)
         mesh = getattr(result, "mesh", None)
+        files = publish_results({**result.files, **_thumbnail(mesh, work_dir)}, work_dir, result_dir)
         if mesh is not None:
             mesh = with_edges(mesh)
             write_preview_npz(preview_path.with_name(RESULT_MESH_FILE), mesh)
@@ -391,6 +391,22 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
             conn.send(JobFailed(job_no, code, text, retriable, tb))
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
+
+
+def _thumbnail(mesh, work_dir: Path) -> dict:
+    """``{"thumbnail": path}`` of a 128² PNG of the result mesh in ``work_dir``, or {} (no mesh, or
+    the render failed: a missing picture must never fail the job)."""
+    if mesh is None:
+        return {}
+    try:
+        from backend.mesh.thumbnail import THUMBNAIL_NAME, render_thumbnail
+
+        path = work_dir / THUMBNAIL_NAME
+        path.write_bytes(render_thumbnail(mesh, 128))
+        return {"thumbnail": path}
+    except Exception as exc:  # noqa: BLE001
+        print(f"conjure worker: no thumbnail ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+        return {}
 
 
 def _plain(obj):

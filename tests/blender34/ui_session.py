@@ -8,10 +8,13 @@ with ``CONJURE_TEST_CONFIG`` naming a JSON file::
      "handshake": "<folder>", "stream": {...overrides...}, "slow": {...}, "fast": {...}}
 
 Everything happens in ``bpy.app.timers`` callbacks (the UI keeps running): enable the add-on,
-open the sidebar on the Conjure tab (clicking it with simulated events), press Generate, watch
-previews stream while recording the pump's tick times and the panel's redraws, take
-screenshots, then ask the test (through files in ``handshake``) to kill and restart the backend
-and measure how fast the panel shows the loss and recovers. Results go to ``out/result.json``.
+open the sidebar on the Conjure tab (clicking it with simulated events), show the states a new
+user meets before any backend runs (Connect mode without a connection file, a local backend that
+fails to start, waiting for a local backend), then press Generate, watch previews stream while
+recording the pump's tick times and the panel's redraws, take screenshots, ask the test (through
+files in ``handshake``) to pause the backend (busy, not gone), kill and restart it, and measure how
+fast the panel shows the loss and recovers; then Resubmit, Cancel, and History with thumbnails.
+Every state gets a screenshot. Results go to ``out/result.json``.
 """
 
 import json
@@ -61,22 +64,29 @@ R["addon_file"] = mod.__file__
 R["has_progress_api"] = panel.HAS_PROGRESS
 
 # count panel redraws (and what they showed) without touching the add-on's code
-DRAWS = {"n": 0, "error_seen_at": None, "connected_seen_at": None}
+DRAWS = {"n": 0, "error_seen_at": None, "connected_seen_at": None, "kinds": set()}
 _orig_draw = panel.CONJURE_PT_main.draw
 
 
 def counting_draw(self, context):
     DRAWS["n"] += 1
-    icon, _text = RUNTIME.backend_status()
+    status = RUNTIME.status()
     now = time.monotonic()
-    if icon == "ERROR" and DRAWS["error_seen_at"] is None:
+    DRAWS["kinds"].add(status.kind)
+    if status.problem and DRAWS["error_seen_at"] is None:
         DRAWS["error_seen_at"] = now
-    if icon == "LINKED":
+    if status.kind == "connected":
         DRAWS["connected_seen_at"] = now
     _orig_draw(self, context)
 
 
 panel.CONJURE_PT_main.draw = counting_draw
+
+# show the Advanced and History sub-panels open (they start folded) so the screenshots hold them
+for cls in (panel.CONJURE_PT_advanced, panel.CONJURE_PT_history):
+    bpy.utils.unregister_class(cls)
+    cls.bl_options = set()
+    bpy.utils.register_class(cls)
 
 
 def window_area():
@@ -95,6 +105,18 @@ def shot(name):
     log("screenshot", path)
 
 
+def scroll_sidebar(down):
+    """Scroll the sidebar (to show the History sub-panel below the fold), or back to the top."""
+    win, area, region = window_area()
+    with bpy.context.temp_override(window=win, area=area, region=region):
+        for _ in range(40):
+            if down:
+                bpy.ops.view2d.scroll_down(deltay=40)
+            else:
+                bpy.ops.view2d.scroll_up(deltay=40)
+    region.tag_redraw()
+
+
 def click(win, x, y):
     win.event_simulate(type="MOUSEMOVE", value="NOTHING", x=x, y=y)
     win.event_simulate(type="LEFTMOUSE", value="PRESS", x=x, y=y)
@@ -111,9 +133,15 @@ def touch(name):
 
 
 def operator(idname, **kw):
+    """Run ``conjure.<idname>`` as the panel's button would; an operator that reports an error
+    (which Python sees as RuntimeError) is logged, as the user would see it in the status bar."""
     win, area, region = window_area()
     with bpy.context.temp_override(window=win, area=area, region=region):
-        return getattr(bpy.ops.conjure, idname)(**kw)
+        try:
+            return getattr(bpy.ops.conjure, idname)(**kw)
+        except RuntimeError as e:
+            log("operator", idname, "reported", e)
+            return {"CANCELLED"}
 
 
 def scenario():
@@ -137,7 +165,8 @@ def scenario():
             log("conjure tab at", x, top - dy)
             break
     R["tab_found"] = found
-    win.event_simulate(type="MOUSEMOVE", value="NOTHING", x=region.x + 20, y=region.y + 300)
+    # rest the mouse in the viewport, away from the sidebar (no tooltips over the panel)
+    win.event_simulate(type="MOUSEMOVE", value="NOTHING", x=max(5, region.x - 400), y=region.y + 300)
     # software OpenGL compiles shaders during the first redraws and the loop crawls meanwhile:
     # wait until the UI loop runs at >= 20 Hz before measuring anything
     t = time.monotonic()
@@ -151,21 +180,67 @@ def scenario():
     log("warm after", R["warmup_s"])
 
     s = bpy.context.scene.conjure
+    # --- 0. before any backend runs --------------------------------------------------------------
+    # Connect mode, no connection file: the panel says how to start one
+    prefs.connection_file = os.path.join(HS, "no-such-connection.json")
+    operator("backend_status")
+    yield 1.0
+    R["no_file"] = list(RUNTIME.status())
+    shot("blender34_no_connection_file.png")
+    operator("dismiss")
+    # a local backend that fails to start: its log's last meaningful line and what to do
+    prefs.mode = "LOCAL"
+    prefs.python_path = CFG["python"]
+    prefs.data_dir = os.path.join(HS, "local")
+    prefs.device = "cpu"
+    prefs.backend_args = "--no-such-flag"
+    operator("start_backend")
+    t = time.monotonic()
+    while RUNTIME.status().kind != "start_failed" and time.monotonic() - t < 60:
+        yield 0.2
+    st = RUNTIME.status()
+    R["start_failed"] = [st.kind, st.text, st.hint]
+    yield 0.5
+    shot("blender34_start_failed.png")
+    RUNTIME.stop_backend()
+    # Generate with no backend: the local one starts, the job waits for it
+    prefs.backend_args = "--pipeline tests.fake_pipeline:run_job"
+    os.environ["PYTHONPATH"] = CFG["repo"]  # for the child only: the fake pipeline lives in the repo
+    s.prompt = "a red cube"
+    s.extra_overrides = CFG["fast"]
+    operator("generate")
+    R["pending"] = RUNTIME.pending_request is not None
+    yield 1.0
+    shot("blender34_waiting.png")
+    t = time.monotonic()
+    while (RUNTIME.current_job() is None or RUNTIME.current_job().imported_object is None) \
+            and time.monotonic() - t < 120:
+        yield 0.2
+    job0 = RUNTIME.current_job()
+    R["job0"] = {"state": job0.state if job0 else None, "object": job0.imported_object if job0 else None}
+    RUNTIME.drop_client()
+    RUNTIME.stop_backend()
+    prefs.mode = "CONNECT"
+    prefs.connection_file = CFG["conn"]
+
     s.prompt = "a glowing crystal orb"
     s.random_seed = False
     s.seed = 1234
-    s.preset = "draft"
-    s.extra_overrides = CFG["stream"]
+    s.extra_overrides = CFG["stream"] + "; test.warning=the model does not know the words glowing, crystal, orb"
     bpy.context.scene.cursor.location = (1.0, -1.0, 0.5)
     # wait for the connection (the client connects on first use; Check Backend makes it now)
     operator("backend_status")
     t = time.monotonic()
     while RUNTIME.client is None or RUNTIME.client.state != "connected":
         if time.monotonic() - t > 20:
-            R["errors"].append(f"never connected: {RUNTIME.backend_status()}")
+            R["errors"].append(f"never connected: {RUNTIME.status()}")
             return
         yield 0.1
+    s.preset = "draft"  # the menu lists the backend's presets once connected
+    R["header"] = RUNTIME.status().text
+    yield 0.5
     shot("blender34_ready.png")
+    s.show_vocabulary = False  # folded to one line from here on, so the job box stays in view
 
     # --- 1. a job whose previews stream while the UI redraws -----------------------------
     RUNTIME.tick_seconds.clear()
@@ -181,7 +256,9 @@ def scenario():
         if time.monotonic() - t > 90:
             R["errors"].append(f"job 1 did not finish: {job.status_line()}")
             break
-        if not took_progress_shot and RUNTIME.stats["previews_applied"] >= 1 and job.state == "running":
+        if not took_progress_shot and RUNTIME.stats["previews_applied"] >= 1 and job.state == "running" \
+                and job.step >= 20:
+            R["progress_line"] = [job.status_line(), job.time_line(), job.overall]
             shot("blender34_progress.png")
             took_progress_shot = True
         yield 0.05
@@ -204,11 +281,35 @@ def scenario():
             "location": list(obj.location), "faces": len(obj.data.polygons),
             "selected": obj.select_get(), "active": bpy.context.view_layer.objects.active == obj,
             "prop_job": obj.get("conjure_job_id"), "prop_seed": obj.get("conjure_seed"),
+            "prop_warnings": list(obj.get("conjure_warnings") or []), "prop_preset": obj.get("conjure_preset"),
+            "prop_model": obj.get("conjure_model"), "prop_device": obj.get("conjure_device"),
+            "min_z": min(v.co.z for v in obj.data.vertices),
             "objects": sorted(o.name for o in bpy.data.objects),
             "meshes": len(bpy.data.meshes),
         })
+    R["job1"]["warnings_shown"] = list(job.warnings)
     yield 0.5
     shot("blender34_done.png")
+
+    # --- 1b. a busy backend (its process paused, connection open): "busy", never "lost" -----------
+    touch("stop")
+    while not wait_file("stopped"):
+        yield 0.02
+    DRAWS["kinds"] = set()
+    t = time.monotonic()
+    while time.monotonic() - t < 5.0:
+        yield 0.1
+        if RUNTIME.status().kind == "slow" and "busy_shot" not in R:
+            R["busy_shot"] = True
+            yield 0.3
+            shot("blender34_busy.png")
+    R["busy_kinds"] = sorted(DRAWS["kinds"])
+    touch("cont")
+    while not wait_file("continued"):
+        yield 0.02
+    t = time.monotonic()
+    while RUNTIME.status().kind != "connected" and time.monotonic() - t < 10:
+        yield 0.1
 
     # --- 2. backend killed mid-job: the panel shows it within 3 s, then recovers -------------
     s.prompt = "a slow stone tower"
@@ -226,7 +327,9 @@ def scenario():
     while DRAWS["error_seen_at"] is None and time.monotonic() - t_kill < 30:
         yield 0.05
     R["loss_shown_s"] = (DRAWS["error_seen_at"] - t_kill) if DRAWS["error_seen_at"] else None
-    R["loss_status"] = list(RUNTIME.backend_status())
+    R["loss_status"] = list(RUNTIME.status())
+    c = RUNTIME.client
+    R["loss_debug"] = {"tcp_connected": c.tcp_connected, "monitor": c._monitor is not None, "state": c.state}
     yield 0.3
     shot("blender34_lost.png")
     touch("restart")
@@ -241,6 +344,37 @@ def scenario():
                  "message": job2.error.message if job2.error else None}
     yield 0.3
     shot("blender34_interrupted.png")
+    # Resubmit: the same settings (made short here), a new job id
+    RUNTIME.requests[job2.job_id]["overrides"] = dict(RUNTIME.requests[job2.job_id]["overrides"],
+                                                      **{"test.steps": 6, "test.step_seconds": 0.02})
+    operator("resubmit")
+    job2b = RUNTIME.current_job()
+    t = time.monotonic()
+    while job2b.imported_object is None and not (job2b.finished and job2b.state != "done") \
+            and time.monotonic() - t < 60:
+        yield 0.1
+    R["resubmit"] = {"new_id": job2b.job_id != job2.job_id, "state": job2b.state, "object": job2b.imported_object,
+                     "seed": job2b.params.get("seed")}
+
+    # --- 2b. cancel: "Cancelling…" then "Cancelled", neutral ----------------------------------------
+    s.prompt = "a blue torus"
+    s.extra_overrides = CFG["slow"]
+    operator("generate")
+    job_c = RUNTIME.current_job()
+    t = time.monotonic()
+    while job_c.state != "running" and time.monotonic() - t < 20:
+        yield 0.05
+    operator("cancel")
+    R["cancel_lines"] = [job_c.status_line()]
+    yield 0.05
+    shot("blender34_cancelling.png")
+    t = time.monotonic()
+    while not job_c.finished and time.monotonic() - t < 20:
+        yield 0.05
+    R["cancel_lines"].append(job_c.status_line())
+    R["cancel_state"] = job_c.state
+    yield 0.5
+    shot("blender34_cancelled.png")
 
     # --- 3. and it works again ---------------------------------------------------------------
     s.prompt = "a small wooden stool"
@@ -260,9 +394,31 @@ def scenario():
     t = time.monotonic()
     while RUNTIME.client.history is None and time.monotonic() - t < 5:
         yield 0.1
-    R["history"] = [(h.get("prompt"), h.get("state")) for h in (RUNTIME.client.history or [])]
-    yield 0.5
+    thumbs = sys.modules[pkg + ".thumbnails"]
+    t = time.monotonic()
+    while time.monotonic() - t < 15:  # the panel fetches the thumbnails as it draws them
+        hist = RUNTIME.client.history or []
+        if hist and all(thumbs.loaded(h["job_id"]) for h in hist if h.get("thumbnail")):
+            break
+        yield 0.2
+    hist = RUNTIME.client.history or []
+    R["history"] = [(h.get("prompt"), h.get("state")) for h in hist]
+    R["history_items"] = [{k: h.get(k) for k in ("prompt", "created", "duration_s", "thumbnail")} for h in hist]
+    R["thumbs_loaded"] = sum(1 for h in hist if thumbs.loaded(h["job_id"]))
+    yield 1.0
     shot("blender34_final.png")
+    scroll_sidebar(True)
+    yield 1.0
+    shot("blender34_history.png")
+    scroll_sidebar(False)
+    # delete the cancelled job from the history
+    victim = next((h["job_id"] for h in hist if h.get("state") == "cancelled"), None)
+    if victim:
+        RUNTIME.client.delete_job(victim)
+        t = time.monotonic()
+        while any(h["job_id"] == victim for h in RUNTIME.client.history or []) and time.monotonic() - t < 10:
+            yield 0.1
+        R["deleted"] = not any(h["job_id"] == victim for h in RUNTIME.client.history or [])
     R["objects_end"] = sorted(o.name for o in bpy.data.objects)
 
 
