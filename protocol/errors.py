@@ -16,6 +16,8 @@ ERROR_CODES: dict[str, str] = {
     "bad_mesh": "a mesh payload is malformed (indices out of range, non-finite floats, ...)",
     "too_large": "a frame, message, count or size exceeds a hard limit",
     "invalid_params": "generation parameters are invalid (the error names the field)",
+    "bad_params": "an override is unknown, of the wrong type or out of its documented range (local parsing; "
+                  "the server answers such a submit with invalid_params)",
     "unknown_msg_type": "the message type is not one of MSG_TYPES",
     "version_mismatch": "the peer speaks another major protocol version",
     "bad_connection_file": "the connection file is missing, unreadable or malformed",

@@ -6,21 +6,19 @@ unpickled here). The worker is long-lived, so the pipeline's model cache stays r
 between jobs (an optional ``warm_up()`` in the pipeline's module runs once before the worker
 reports ready); it is only restarted after a crash, a kill, or a cancel it did not honour.
 
-Server -> worker (pipe):
-    ("run", job_no, job_id, params: dict, work_dir: str, result_dir: str, preview_path: str)
-    ("quit",)
+Server -> worker (pipe): :class:`RunJob` or :class:`Quit`.
 Cancel does not go through the pipe (the pipe is not read while the pipeline runs): the server
 writes the job number to a shared integer, and ``JobContext.cancelled`` compares it.
 
-Worker -> server (pipe):
-    ("ready", pid)
-    ("fatal", message)                              could not import the pipeline; the worker exits
-    ("started", job_no)
-    ("progress", job_no, ProgressEvent)
-    ("preview", job_no, PreviewEvent)
-    ("result", job_no, {"files": {kind: {"name", "size", "sha256"}}, "info": dict, "mesh": MeshPayload})
-    ("cancelled", job_no)
-    ("error", job_no, code, message, retriable: bool, traceback: str)
+Worker -> server (pipe), small frozen dataclasses (see :data:`WorkerMessage`):
+    WorkerReady(pid)
+    WorkerFatal(message)                 could not import the pipeline; the worker exits
+    JobStarted(job_no)
+    JobProgress(job_no, event: ProgressEvent)
+    JobPreview(job_no, event: PreviewEvent)
+    JobResult(job_no, files: {kind: {"name", "size", "sha256"}}, info: dict, mesh: MeshPayload | None)
+    JobCancelled(job_no)
+    JobFailed(job_no, code, message, retriable: bool, traceback: str)
 """
 
 from __future__ import annotations
@@ -39,8 +37,10 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from .jobs import fsync_dir
 
@@ -49,6 +49,93 @@ PREVIEW_WRITE_INTERVAL_S = 0.5
 RESULT_MESH_FILE = "result_mesh.npz"
 #: niceness added to the worker process, so the server's control loop stays responsive on busy CPUs
 WORKER_NICE = 5
+
+
+# ---------------------------------------------------------------- pipe messages (both directions)
+@dataclass(frozen=True)
+class RunJob:
+    """Server -> worker: run one job. Paths are strings (pickled across the pipe)."""
+
+    job_no: int
+    job_id: str
+    params: dict
+    work_dir: str
+    result_dir: str
+    preview_path: str
+
+
+@dataclass(frozen=True)
+class Quit:
+    """Server -> worker: exit after the current job."""
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """The worker imported the pipeline (and ran ``warm_up``)."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class WorkerFatal:
+    """The worker cannot start the pipeline; it exits after sending this."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    job_no: int
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    job_no: int
+    event: Any  # backend.pipeline.events.ProgressEvent
+
+
+@dataclass(frozen=True)
+class JobPreview:
+    job_no: int
+    event: Any  # backend.pipeline.events.PreviewEvent
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Published result: ``files`` maps kind -> {"name", "size", "sha256"}; ``mesh`` a MeshPayload."""
+
+    job_no: int
+    files: dict
+    info: dict
+    mesh: Any = None
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    job_no: int
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    job_no: int
+    code: str
+    message: str
+    retriable: bool
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """Not sent by the worker: the pool reports that the worker process exited (``exitcode``) while
+    running job ``job_no`` (None when idle) or while starting (``starting``)."""
+
+    job_no: int | None
+    exitcode: int | None
+    starting: bool = False
+
+
+WorkerMessage = (WorkerReady | WorkerFatal | JobStarted | JobProgress | JobPreview | JobResult | JobCancelled
+                 | JobFailed | WorkerLost)
 
 
 class PipelineSpecError(ValueError):
@@ -228,26 +315,27 @@ def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
     try:
         run_job = load_callable(pipeline_spec)
     except PipelineSpecError as exc:
-        conn.send(("fatal", str(exc)))
+        conn.send(WorkerFatal(str(exc)))
         return
     warm_up = getattr(sys.modules.get(pipeline_spec.split(":", 1)[0]), "warm_up", None)
     if callable(warm_up):
         try:
             warm_up()
         except Exception as exc:  # noqa: BLE001 - reported to the server, which refuses to start
-            conn.send(("fatal", f"the pipeline's warm_up() failed: {type(exc).__name__}: {exc}"))
+            conn.send(WorkerFatal(f"the pipeline's warm_up() failed: {type(exc).__name__}: {exc}"))
             return
-    conn.send(("ready", os.getpid()))
+    conn.send(WorkerReady(os.getpid()))
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             return
-        if msg[0] == "quit":
+        if isinstance(msg, Quit):
             return
-        if msg[0] == "run":
+        if isinstance(msg, RunJob):
             try:
-                _run_one(conn, cancel_value, run_job, *msg[1:])
+                _run_one(conn, cancel_value, run_job, msg.job_no, msg.job_id, msg.params, msg.work_dir,
+                         msg.result_dir, msg.preview_path)
             except (BrokenPipeError, EOFError, OSError):
                 return
 
@@ -263,7 +351,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
 
     def emit(event):
         if isinstance(event, ProgressEvent):
-            conn.send(("progress", job_no, event))
+            conn.send(JobProgress(job_no, event))
         elif isinstance(event, PreviewEvent):
             event = dataclasses.replace(event, mesh=with_edges(event.mesh))  # Blender skips calc_edges
             now = time.monotonic()
@@ -273,7 +361,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
                 pending_preview[0] = None
             else:
                 pending_preview[0] = event.mesh
-            conn.send(("preview", job_no, event))
+            conn.send(JobPreview(job_no, event))
 
     def cancelled() -> bool:
         return cancel_value.value == job_no
@@ -281,7 +369,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
     from backend.pipeline.events import JobContext
 
     ctx = JobContext(out_dir=work_dir, emit=emit, cancelled=cancelled)
-    conn.send(("started", job_no))
+    conn.send(JobStarted(job_no))
     try:
         result = run_job(_make_params(params), ctx)
         if not isinstance(result, ResultEvent):
@@ -293,9 +381,9 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
         if mesh is not None:
             mesh = with_edges(mesh)
             write_preview_npz(preview_path.with_name(RESULT_MESH_FILE), mesh)
-        conn.send(("result", job_no, {"files": files, "info": _plain(result.info), "mesh": mesh}))
+        conn.send(JobResult(job_no, files, _plain(result.info), mesh))
     except Cancelled:
-        conn.send(("cancelled", job_no))
+        conn.send(JobCancelled(job_no))
     except (BrokenPipeError, EOFError):
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure of a job becomes an error message
@@ -305,13 +393,13 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
                 torch = sys.modules.get("torch")
                 if torch is not None and torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            conn.send(("error", job_no, "out_of_memory",
-                       f"out of memory while running the job ({type(exc).__name__}: {exc}); try a smaller "
-                       "preset such as 'draft', or lower the resolution overrides", True, tb))
+            conn.send(JobFailed(job_no, "out_of_memory",
+                                f"out of memory while running the job ({type(exc).__name__}: {exc}); try a "
+                                "smaller preset such as 'draft', or lower the resolution overrides", True, tb))
         else:
             code, retriable = classify_error(exc)
             text = f"{exc}" if code == "invalid_params" else f"{type(exc).__name__}: {exc}"
-            conn.send(("error", job_no, code, text, retriable, tb))
+            conn.send(JobFailed(job_no, code, text, retriable, tb))
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
 
@@ -371,7 +459,7 @@ class WorkerHandle:
 
     def run(self, job_no: int, job_id: str, params: dict, work_dir: Path, result_dir: Path,
             preview_path: Path) -> None:
-        self.conn.send(("run", job_no, job_id, params, str(work_dir), str(result_dir), str(preview_path)))
+        self.conn.send(RunJob(job_no, job_id, params, str(work_dir), str(result_dir), str(preview_path)))
 
     def cancel(self, job_no: int) -> None:
         self.cancel_value.value = job_no
@@ -408,10 +496,10 @@ class WorkerHandle:
         except (EOFError, OSError):
             self.proc.join(1.0)
             raise WorkerDied(self.proc.exitcode) from None
-        if msg[0] == "fatal":
-            raise PipelineSpecError(msg[1])
-        if msg[0] != "ready":
-            raise RuntimeError(f"unexpected first message from the worker: {msg[0]!r}")
+        if isinstance(msg, WorkerFatal):
+            raise PipelineSpecError(msg.message)
+        if not isinstance(msg, WorkerReady):
+            raise RuntimeError(f"unexpected first message from the worker: {type(msg).__name__}")
         self.ready = True
 
     def kill(self) -> None:
@@ -427,6 +515,6 @@ class WorkerHandle:
         if self.proc is None:
             return
         with contextlib.suppress(OSError, ValueError):
-            self.conn.send(("quit",))
+            self.conn.send(Quit())
         self.proc.join(timeout)
         self.kill()
