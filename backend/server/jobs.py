@@ -131,6 +131,8 @@ class JobRecord:
     error: dict | None = None
     pipeline: str = ""
     last_seq: int = 0
+    #: the worker that ran it: {"name", "kind" ("local" | "ray"), "host", "gpu", "pid"}
+    worker: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -163,6 +165,7 @@ class JobRecord:
             "results": {k: {"size": v["size"], "sha256": v["sha256"]} for k, v in self.results.items()},
             "error": self.error,
             "last_seq": self.last_seq,
+            "worker": self.worker,
         }
 
 

@@ -24,7 +24,8 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from .worker import WorkerHandle
+from .supervisor import LocalWorkerPool
+from .worker import RunJob, WorkerHandle
 
 log = logging.getLogger("conjure.server.pool")
 
@@ -53,6 +54,7 @@ class PinnedWorkerHandle(WorkerHandle):
         super().__init__(pipeline_spec)
         self.gpu = gpu
         self.name = name
+        self.kind = "local"
         self.host = socket.gethostname()
 
     def start(self) -> None:
@@ -118,3 +120,90 @@ def shutdown_cluster(spec: PoolSpec) -> None:
         from . import ray_worker
 
         ray_worker.disconnect()
+
+
+class MultiWorkerPool:
+    """N workers behind the supervisor's :class:`~backend.server.supervisor.WorkerPool` seam.
+
+    Each worker is a :class:`~backend.server.supervisor.LocalWorkerPool` slot around one handle
+    (a local process or a Ray actor), which restarts it after a crash (with back-off while it
+    fails to start) or a kill. A job goes to the first free slot; the queue stays in the
+    supervisor, so jobs start first in, first out on whichever worker frees up first.
+    The handles are made in :meth:`start` (joining the Ray cluster can fail: ``RayUnavailable``).
+    """
+
+    def __init__(self, spec: PoolSpec, stats: dict):
+        self.spec = spec
+        self.stats = stats
+        self.slots: list[LocalWorkerPool] = []
+        self._next_poll = 0  # round robin, so a chatty worker cannot starve the others
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    @property
+    def pid(self) -> int | None:
+        return self.slots[0].pid if self.slots else None
+
+    def start(self, timeout: float) -> None:
+        """Make and start every worker, then wait until all are ready (they load in parallel)."""
+        self.slots = [LocalWorkerPool(self.spec.pipeline, self.stats, handle=h) for h in make_workers(self.spec)]
+        for slot in self.slots:
+            slot.launch()
+        for slot in self.slots:
+            slot.handle.wait_ready(timeout)
+
+    def free(self) -> int:
+        return sum(slot.free() for slot in self.slots)
+
+    def submit(self, job: RunJob) -> None:
+        slot = next(s for s in self.slots if s.free())
+        slot.submit(job)
+
+    def _slot_of(self, job_no: int) -> LocalWorkerPool | None:
+        return next((s for s in self.slots if s.job_no == job_no), None)
+
+    def cancel(self, job_no: int) -> None:
+        slot = self._slot_of(job_no)
+        if slot is not None:
+            slot.cancel(job_no)
+
+    def kill_job(self, job_no: int) -> None:
+        slot = self._slot_of(job_no)
+        if slot is not None:
+            slot.kill_job(job_no)
+
+    def poll(self, budget: int = 256) -> list:
+        out: list = []
+        n = len(self.slots)
+        share = max(16, budget // max(1, n))
+        for i in range(n):
+            slot = self.slots[(self._next_poll + i) % n]
+            out.extend(slot.poll(share))
+        self._next_poll = (self._next_poll + 1) % max(1, n)
+        return out
+
+    def fds(self) -> list[int]:
+        return [fd for slot in self.slots for fd in slot.fds()]
+
+    def tick(self, now: float) -> None:
+        for slot in self.slots:
+            slot.tick(now)
+
+    def placement(self, job_no: int) -> dict | None:
+        slot = self._slot_of(job_no)
+        return slot.placement(job_no) if slot is not None else None
+
+    def stop(self, timeout: float = 2.0) -> None:
+        for slot in self.slots:
+            slot.stop(timeout)
+        shutdown_cluster(self.spec)
+
+    def describe(self) -> dict:
+        """Stats: ``worker_pid`` / ``worker_ready`` of the first worker (as with one worker), and
+        ``workers``: every worker's name, kind, host, GPU, pid, readiness and job number."""
+        workers = [slot.where() for slot in self.slots]
+        return {"worker_pid": workers[0]["pid"] if workers else None,
+                "worker_ready": bool(workers) and all(w["ready"] for w in workers),
+                "workers": workers}

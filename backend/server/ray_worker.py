@@ -48,8 +48,14 @@ from .jobs import fsync_dir
 from .worker import (
     RESULT_MESH_FILE,
     WORKER_NICE,
+    JobFailed,
+    JobPreview,
+    JobResult,
     PipelineSpecError,
+    RunJob,
     WorkerDied,
+    WorkerFatal,
+    WorkerReady,
     load_callable,
     sha256_file,
     write_preview_npz,
@@ -84,6 +90,8 @@ def connect(address: str, *, num_cpus: int | None = None) -> dict:
     ray = import_ray()
     if ray.is_initialized():
         return dict(ray.cluster_resources())
+    if address not in ("auto", "local") and not address.startswith("ray://"):
+        _probe(address)  # ray.init retries an unreachable address for many minutes
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     try:
         if address == "local":
@@ -96,6 +104,19 @@ def connect(address: str, *, num_cpus: int | None = None) -> dict:
     return dict(ray.cluster_resources())
 
 
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Raise :class:`RayUnavailable` unless a TCP connection to ``host:port`` opens."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout):
+            pass
+    except ValueError:
+        raise RayUnavailable(f"--ray {address!r} is not 'auto', 'local' or host:port") from None
+    except OSError as exc:
+        raise RayUnavailable(f"cannot join the Ray cluster at {address!r}: nothing answers there "
+                             f"({exc.strerror or exc}); start the head with: ray start --head --port {port}") from None
+
+
 def disconnect() -> None:
     """Leave the cluster (our actors die with this driver)."""
     ray = sys.modules.get("ray")
@@ -104,44 +125,16 @@ def disconnect() -> None:
 
 
 def _is_result(msg) -> bool:
-    return (isinstance(msg, tuple) and msg and msg[0] == "result") or type(msg).__name__ == "JobResult"
-
-
-def _error_message(job_no: int, code: str, message: str, retriable: bool):
-    """A worker-protocol 'job failed' message (the form ``worker.py`` uses)."""
-    cls = getattr(sys.modules[__package__ + ".worker"], "JobFailed", None)
-    if cls is not None:
-        return cls(job_no, code, message, retriable, "")
-    return ("error", job_no, code, message, retriable, "")
-
-
-def _ready_message(pid: int):
-    cls = getattr(sys.modules[__package__ + ".worker"], "WorkerReady", None)
-    return cls(pid) if cls is not None else ("ready", pid)
-
-
-def _fatal_message(text: str):
-    cls = getattr(sys.modules[__package__ + ".worker"], "WorkerFatal", None)
-    return cls(text) if cls is not None else ("fatal", text)
-
-
-def _message_job_no(msg) -> int | None:
-    if isinstance(msg, tuple):
-        return msg[1] if len(msg) > 1 and isinstance(msg[1], int) else None
-    return getattr(msg, "job_no", None)
+    return isinstance(msg, JobResult)
 
 
 def _message_mesh(msg):
-    if isinstance(msg, tuple):
-        if msg[0] == "result":
-            return msg[2].get("mesh")
-        if msg[0] == "preview":
-            return msg[2].mesh
-        return None
-    if type(msg).__name__ == "JobResult":
-        return getattr(msg, "mesh", None)
-    event = getattr(msg, "event", None)
-    return getattr(event, "mesh", None) if type(msg).__name__ == "JobPreview" else None
+    """The mesh a result or preview message carries (None for the others)."""
+    if isinstance(msg, JobResult):
+        return msg.mesh
+    if isinstance(msg, JobPreview):
+        return msg.event.mesh
+    return None
 
 
 # ---------------------------------------------------------------------------------- the actor
@@ -212,7 +205,7 @@ class ConjureActor:
                 _run_one(conn, self.cancel_value, self.run_job, job_no, job_id, params, str(work_dir),
                          str(result_dir), str(preview_path))
             except BaseException as exc:  # noqa: BLE001 - _run_one reports job errors itself
-                conn.send(_error_message(job_no, "worker_error", f"{type(exc).__name__}: {exc}", True))
+                conn.send(JobFailed(job_no, "worker_error", f"{type(exc).__name__}: {exc}", True))
             finally:
                 conn.q.put(done)
 
@@ -285,6 +278,7 @@ class RayWorkerHandle:
         self.pipeline_spec = pipeline_spec
         self.resources = dict(resources or {"num_cpus": 1})
         self.name = name
+        self.kind = "ray"
         self.actor = None
         self.ready = False
         self.pid = None
@@ -335,14 +329,16 @@ class RayWorkerHandle:
             self._put(gen, ActorDied(f"the Ray actor died while starting: {_short(exc)}"))
             return
         except Exception as exc:  # noqa: BLE001
-            self._put(gen, _fatal_message(f"the Ray actor could not start: {_short(exc)}"))
+            self._put(gen, WorkerFatal(f"the Ray actor could not start: {_short(exc)}"))
+            self._put(gen, ActorDied("the Ray actor could not start"))
             return
         if info.get("fatal"):
-            self._put(gen, _fatal_message(info["fatal"]))
+            self._put(gen, WorkerFatal(info["fatal"]))
+            self._put(gen, ActorDied(f"the Ray actor could not load the pipeline: {info['fatal']}"))
             return
         self.host = info.get("host") or info.get("node_ip") or ""
         self.gpu = ",".join(info.get("gpus") or [])
-        self._put(gen, _ready_message(info["pid"]))
+        self._put(gen, WorkerReady(info["pid"]))
         while self._current(gen):
             try:
                 job = jobs.get(timeout=HEALTH_CHECK_S)
@@ -365,8 +361,8 @@ class RayWorkerHandle:
                 return
             except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: the job fails, the actor lives
                 log.exception("job %s on Ray failed in transfer", job_id)
-                self._put(gen, _error_message(job_no, "transfer_failed",
-                                              f"the result could not be stored: {_short(exc)}", True))
+                self._put(gen, JobFailed(job_no, "transfer_failed",
+                                         f"the result could not be stored: {_short(exc)}", True))
 
     def _run_job(self, ray, actor, gen, job_no, job_id, params, result_dir: Path, preview_path: Path) -> None:
         stream = actor.run.options(num_returns="streaming").remote(job_no, job_id, params)
@@ -382,7 +378,7 @@ class RayWorkerHandle:
             if _is_result(item):
                 bad = writer.check()
                 if bad:
-                    self._put(gen, _error_message(job_no, "result_corrupted", bad, True))
+                    self._put(gen, JobFailed(job_no, "result_corrupted", bad, True))
                     continue
                 mesh = _message_mesh(item)
                 if mesh is not None:
@@ -414,10 +410,9 @@ class RayWorkerHandle:
             self._drain_wakeups()
             if isinstance(item, ActorDied):
                 raise item
-            kind = item[0] if isinstance(item, tuple) else type(item).__name__
-            if kind in ("fatal", "WorkerFatal"):
-                raise PipelineSpecError(item[1] if isinstance(item, tuple) else item.message)
-            self.pid = item[1] if isinstance(item, tuple) else item.pid
+            if isinstance(item, WorkerFatal):
+                raise PipelineSpecError(item.message)
+            self.pid = item.pid
             self.ready = True
             return
 
@@ -433,11 +428,10 @@ class RayWorkerHandle:
     def alive(self) -> bool:
         return self.actor is not None
 
-    def run(self, job_no: int, job_id: str, params: dict, work_dir: Path, result_dir: Path,
-            preview_path: Path) -> None:
-        """Hand a job to the actor. ``result_dir`` / ``preview_path`` are in the server's job store
-        (``work_dir`` is unused: the actor works in its own scratch folder)."""
-        self._jobs.put((job_no, job_id, params, Path(result_dir), Path(preview_path)))
+    def submit(self, job: RunJob) -> None:
+        """Hand a job to the actor. ``job.result_dir`` / ``job.preview_path`` are in the server's job
+        store (``job.work_dir`` is unused: the actor works in its own scratch folder)."""
+        self._jobs.put((job.job_no, job.job_id, job.params, Path(job.result_dir), Path(job.preview_path)))
 
     def cancel(self, job_no: int) -> None:
         if self.actor is not None:
@@ -454,12 +448,13 @@ class RayWorkerHandle:
                 break
             if not self._current(gen):
                 continue
+            if isinstance(item, WorkerReady):
+                self.pid = item.pid
             if isinstance(item, ActorDied):
                 if out:  # report the messages first, the death on the next read
                     self._q.put((gen, item))
                     os.write(self._wfd, b"x")
                     break
-                self.ready = False
                 raise item
             out.append(item)
         return out
