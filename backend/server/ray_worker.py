@@ -87,10 +87,13 @@ def connect(address: str, *, num_cpus: int | None = None) -> dict:
     """Join the Ray cluster at ``address`` ("auto": the one ``ray start`` made on this machine;
     "local": start a private one-machine instance inside this process). Returns the cluster's
     resources (``{"CPU": n, "GPU": n, ...}``). Raises :class:`RayUnavailable`."""
+    explicit = address not in ("auto", "local") and not address.startswith("ray://")
+    if explicit and "ray" not in sys.modules:
+        _use_cluster_token()  # before Ray reads its configuration at import
     ray = import_ray()
     if ray.is_initialized():
         return dict(ray.cluster_resources())
-    if address not in ("auto", "local") and not address.startswith("ray://"):
+    if explicit:
         _probe(address)  # ray.init retries an unreachable address for many minutes
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     try:
@@ -115,6 +118,18 @@ def _probe(address: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         raise RayUnavailable(f"cannot join the Ray cluster at {address!r}: nothing answers there "
                              f"({exc.strerror or exc}); start the head with: ray start --head --port {port}") from None
+
+
+def _use_cluster_token() -> None:
+    """Ray (2.5x+) turns token authentication on for ``ray start`` clusters, and ``ray.init`` uses
+    the token (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) by itself
+    only for ``address="auto"``. For an explicit address do the same, unless ``RAY_AUTH_MODE``
+    says otherwise."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def disconnect() -> None:
