@@ -45,7 +45,8 @@ The parts (the way jupyter_client keeps its session apart from its channels):
 - ``handlers.py``: :class:`RequestHandlers`, one ``on_<msg_type>`` per request;
 - ``streams.py``: :class:`Delivery`, the peers' outboxes, job streams, subscriptions and credits;
 - ``supervisor.py``: :class:`JobSupervisor` (queue -> workers -> events, final states) over a
-  :class:`WorkerPool` (today :class:`LocalWorkerPool`, one worker process);
+  :class:`WorkerPool`; ``pool.py``: :class:`MultiWorkerPool`, N local worker processes
+  (``--workers N``, one GPU each) or N Ray actors (``--ray``, ``ray_worker.py``);
 - ``records.py``: wire views of job records (status, result, final event).
 """
 
@@ -77,11 +78,13 @@ from protocol.messages import MAX_MESSAGE_BYTES
 from . import jobs as J
 from .handlers import RequestHandlers
 from .jobs import DataDirError, JobQueue, JobStore
+from .pool import MultiWorkerPool, PoolSpec
 from .preflight import params_checker
+from .ray_worker import RayUnavailable
 from .records import final_event
 from .security import CurveKeys, SecurityError, apply_server_curve, check_bind, start_authenticator
 from .streams import DEFAULT_LOG_LIMIT, Delivery
-from .supervisor import JobSupervisor, LocalWorkerPool
+from .supervisor import JobSupervisor
 from .worker import DEFAULT_PIPELINE, PipelineSpecError, WorkerDied
 
 log = logging.getLogger("conjure.server")
@@ -110,6 +113,10 @@ class ServerConfig:
     log_limit: int = DEFAULT_LOG_LIMIT
     worker_start_timeout: float = 300.0
     key: bytes | None = None
+    #: worker count (None: 1 local worker, or one Ray actor per GPU of the cluster)
+    workers: int | None = None
+    #: Ray cluster address ("auto", "host:port", "local") or None for local worker processes
+    ray: str | None = None
 
 
 class Server:
@@ -127,7 +134,7 @@ class Server:
                       "worker_restarts": 0, "jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
                       "outbox_overflow": 0, "unsendable": 0, "previews_sent": 0, "previews_replaced": 0}
         self.delivery = Delivery(self.stats, config.log_limit, lambda rec: final_event(self.store, rec))
-        self.pool = LocalWorkerPool(config.pipeline, self.stats)
+        self.pool = MultiWorkerPool(PoolSpec(config.pipeline, config.workers, config.ray), self.stats)
         self.supervisor = JobSupervisor(self.store, JobQueue(config.queue_limit), self.pool, self.delivery,
                                         self.stats, config.cancel_timeout)
         self.handlers = RequestHandlers(self)
@@ -201,8 +208,13 @@ class Server:
         self._started_pool = True
         try:
             self.pool.start(cfg.worker_start_timeout)
+        except (RayUnavailable, ValueError) as exc:
+            self.pool.stop(0)
+            self._close_socket()
+            self.store.close()
+            raise ServerStartError(str(exc)) from exc
         except (PipelineSpecError, WorkerDied, TimeoutError, RuntimeError) as exc:
-            self.pool.handle.kill()
+            self.pool.stop(0)
             self._close_socket()
             self.store.close()
             raise ServerStartError(f"the worker could not start the pipeline {cfg.pipeline!r}: {exc}") from exc
@@ -337,8 +349,11 @@ def run_server(config: ServerConfig, out=sys.stdout) -> int:
     """Start and serve until stopped; prints where the connection file is. Returns an exit code."""
     server = Server(config)
     info = server.start()
+    workers = server.pool.describe()["workers"]
+    where = ", ".join(f"{w['name']} pid {w['pid']}" + (f" GPU {w['gpu']}" if w["gpu"] else "")
+                      + (f" on {w['host']}" if w["kind"] == "ray" else "") for w in workers)
     print(f"conjure-backend: listening on {server.url} (pipeline {config.pipeline}, "
-          f"worker pid {server.pool.pid})", file=out)
+          f"{len(workers)} worker{'s' if len(workers) != 1 else ''}: {where})", file=out)
     print(f"conjure-backend: connection file {server.connection_file}", file=out)
     print(f"conjure-backend: data directory {server.store.data_dir}", file=out)
     if info.server_public_key:

@@ -100,6 +100,8 @@ class JobRecord:
     error: dict | None = None
     pipeline: str = ""
     last_seq: int = 0
+    #: the worker that ran it: {"name", "kind" ("local" | "ray"), "host", "gpu", "pid"}
+    worker: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -159,6 +161,7 @@ class JobRecord:
             "last_seq": self.last_seq,
             "thumbnail": "thumbnail" in self.results,
             **self.result_facts(),  # the seed that ran (the requested one may be None)
+            "worker": self.worker,
         }
 
 

@@ -79,6 +79,9 @@ class WorkerPool(Protocol):
     def describe(self) -> dict:
         """``{"worker_pid", "worker_ready"}`` for stats."""
 
+    def placement(self, job_no: int) -> dict | None:
+        """Where job ``job_no`` runs: ``{"name", "kind", "host", "gpu", "pid"}`` (None if unknown)."""
+
 
 class LocalWorkerPool:
     """One local worker process (capacity 1), restarted when it dies.
@@ -89,8 +92,9 @@ class LocalWorkerPool:
 
     capacity = 1
 
-    def __init__(self, pipeline_spec: str, stats: dict):
-        self.handle = WorkerHandle(pipeline_spec)
+    def __init__(self, pipeline_spec: str, stats: dict, handle=None):
+        #: a WorkerHandle, or anything with its interface (pool.PinnedWorkerHandle, ray_worker.RayWorkerHandle)
+        self.handle = handle if handle is not None else WorkerHandle(pipeline_spec)
         self.stats = stats
         self.job_no: int | None = None  # the job the worker runs
         self._restart_at: float | None = None
@@ -103,9 +107,13 @@ class LocalWorkerPool:
 
     def start(self, timeout: float) -> None:
         """Start the worker and wait until it is ready (raises what ``wait_ready`` raises)."""
+        self.launch()
+        self.handle.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the worker without waiting for it (``wait_ready`` or a ``WorkerReady`` follows)."""
         self.handle.start()
         self._open = True
-        self.handle.wait_ready(timeout)
 
     def free(self) -> int:
         ok = self.handle.ready and self.job_no is None and self._restart_at is None
@@ -113,7 +121,7 @@ class LocalWorkerPool:
 
     def submit(self, job: RunJob) -> None:
         self.job_no = job.job_no
-        self.handle.conn.send(job)
+        self.handle.submit(job)
 
     def cancel(self, job_no: int) -> None:
         if job_no == self.job_no:
@@ -137,6 +145,7 @@ class LocalWorkerPool:
         for m in msgs:
             if isinstance(m, WorkerReady):
                 self.handle.ready = True
+                self.handle.pid = m.pid
                 self._failed_starts = 0
             elif isinstance(m, WorkerFatal):
                 log.error("worker cannot start: %s", m.message)
@@ -147,7 +156,8 @@ class LocalWorkerPool:
         return out
 
     def _died(self, exc: WorkerDied) -> WorkerLost:
-        lost = WorkerLost(self.job_no, exc.exitcode, starting=not self.handle.ready)
+        lost = WorkerLost(self.job_no, exc.exitcode, starting=not self.handle.ready,
+                          reason=getattr(exc, "reason", ""))
         self.job_no = None
         if lost.starting:  # died before it was ready: back off (1, 2, 4 ... 30 s)
             self._failed_starts += 1
@@ -181,6 +191,19 @@ class LocalWorkerPool:
 
     def describe(self) -> dict:
         return {"worker_pid": self.handle.pid, "worker_ready": bool(self.handle.ready)}
+
+    def where(self) -> dict:
+        """This worker: ``{"name", "kind", "host", "gpu", "pid", "ready", "job_no"}``."""
+        h = self.handle
+        return {"name": getattr(h, "name", "local-0"), "kind": getattr(h, "kind", "local"),
+                "host": getattr(h, "host", "") or _hostname(), "gpu": getattr(h, "gpu", ""), "pid": h.pid,
+                "ready": bool(h.ready), "job_no": self.job_no}
+
+    def placement(self, job_no: int) -> dict | None:
+        if job_no != self.job_no:
+            return None
+        w = self.where()
+        return {k: w[k] for k in ("name", "kind", "host", "gpu", "pid")}
 
 
 @dataclass
@@ -278,10 +301,11 @@ class JobSupervisor:
             now = time.monotonic()
             self.running[job_id] = Running(job_id, self.job_no, now, stage_started=now)
             self._by_no[self.job_no] = job_id
-            self.store.set_state(rec, J.RUNNING)
             self.pool.submit(RunJob(self.job_no, job_id, rec.params_dict(), str(self.store.work_dir(job_id)),
                                     str(self.store.result_dir(job_id)),
                                     str(self.store.job_dir(job_id) / J.PREVIEW_FILE)))
+            rec.worker = self.pool.placement(self.job_no)  # which worker (host, GPU) runs it
+            self.store.set_state(rec, J.RUNNING)
 
     def pump(self, budget: int = 256) -> None:
         """Handle worker messages (at most one preview per call, so it is flushed before a newer one)."""
@@ -338,10 +362,13 @@ class JobSupervisor:
             self._finish_cancelled(rec, stream)
             return
         code = m.exitcode
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        hint = " (signal 9 often means the system ran out of memory)" if code == -signal.SIGKILL else ""
-        self._finish_failed(rec, stream, "worker_crashed",
-                            f"the worker process {how} while running the job{hint}; it was restarted", True)
+        if m.reason:
+            text = f"{m.reason}; a new worker was started"
+        else:
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            hint = " (signal 9 often means the system ran out of memory)" if code == -signal.SIGKILL else ""
+            text = f"the worker process {how} while running the job{hint}; it was restarted"
+        self._finish_failed(rec, stream, "worker_crashed", text, True)
 
     def _on_progress(self, rec, stream, run: Running, ev) -> None:
         if run.cancel_requested is not None:
@@ -445,3 +472,9 @@ def _stage_name(stage) -> str:
     """A stage name that fits the protocol (non-empty, at most 64 characters)."""
     text = str(stage or "run")
     return text[:64]
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()

@@ -126,11 +126,13 @@ class JobFailed:
 @dataclass(frozen=True)
 class WorkerLost:
     """Not sent by the worker: the pool reports that the worker process exited (``exitcode``) while
-    running job ``job_no`` (None when idle) or while starting (``starting``)."""
+    running job ``job_no`` (None when idle) or while starting (``starting``). ``reason`` says what
+    happened when the exit code cannot (a Ray actor whose process or node died)."""
 
     job_no: int | None
     exitcode: int | None
     starting: bool = False
+    reason: str = ""
 
 
 WorkerMessage = (WorkerReady | WorkerFatal | JobStarted | JobProgress | JobPreview | JobResult | JobCancelled
@@ -461,6 +463,10 @@ class WorkerHandle:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
+
+    def submit(self, job: RunJob) -> None:
+        """Send a job to the (ready, idle) worker."""
+        self.conn.send(job)
 
     def run(self, job_no: int, job_id: str, params: dict, work_dir: Path, result_dir: Path,
             preview_path: Path) -> None:
