@@ -88,8 +88,6 @@ class RequestHandlers:
         from backend.models.info import safe_hello_model_fields
 
         cfg = self.config
-        from backend.models.info import safe_hello_model_fields
-
         return {
             **safe_hello_model_fields(),
             "protocol_version": PROTOCOL_VERSION,

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from backend.fsutil import atomic_write_bytes, atomic_write_json
+from backend.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 
 QUEUED = "queued"
 RUNNING = "running"

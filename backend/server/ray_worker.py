@@ -184,7 +184,7 @@ class ConjureActor:
                 warm_up()
         except PipelineSpecError as exc:
             self.fatal = str(exc)
-        except Exception as exc:  # noqa: BLE001 - reported by ready(); the server refuses to start
+        except Exception as exc:
             self.fatal = f"the pipeline's warm_up() failed: {type(exc).__name__}: {exc}"
 
     def ready(self) -> dict:
@@ -193,7 +193,7 @@ class ConjureActor:
 
         try:
             gpus = [str(g) for g in ray.get_gpu_ids()]
-        except Exception:  # noqa: BLE001
+        except Exception:
             gpus = []
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
                 "gpus": gpus, "fatal": self.fatal}
@@ -219,7 +219,7 @@ class ConjureActor:
             try:
                 _run_one(conn, self.cancel_value, self.run_job, job_no, job_id, params, str(work_dir),
                          str(result_dir), str(preview_path))
-            except BaseException as exc:  # noqa: BLE001 - _run_one reports job errors itself
+            except BaseException as exc:
                 conn.send(JobFailed(job_no, "worker_error", f"{type(exc).__name__}: {exc}", True))
             finally:
                 conn.q.put(done)
@@ -343,7 +343,7 @@ class RayWorkerHandle:
         except died as exc:
             self._put(gen, ActorDied(f"the Ray actor died while starting: {_short(exc)}"))
             return
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._put(gen, WorkerFatal(f"the Ray actor could not start: {_short(exc)}"))
             self._put(gen, ActorDied("the Ray actor could not start"))
             return
@@ -363,7 +363,7 @@ class RayWorkerHandle:
                 except died as exc:
                     self._put(gen, ActorDied(f"the Ray actor died while idle: {_short(exc)}"))
                     return
-                except Exception:  # noqa: BLE001 - a slow answer is not a death
+                except Exception:
                     pass
                 continue
             if job is None:
@@ -374,7 +374,7 @@ class RayWorkerHandle:
             except died as exc:
                 self._put(gen, ActorDied(f"the Ray actor died while running the job: {_short(exc)}"))
                 return
-            except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: the job fails, the actor lives
+            except Exception as exc:
                 log.exception("job %s on Ray failed in transfer", job_id)
                 self._put(gen, JobFailed(job_no, "transfer_failed",
                                          f"the result could not be stored: {_short(exc)}", True))

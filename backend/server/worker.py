@@ -406,7 +406,7 @@ def _thumbnail(mesh, work_dir: Path) -> dict:
         path = work_dir / THUMBNAIL_NAME
         path.write_bytes(render_thumbnail(mesh, 128))
         return {"thumbnail": path}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"conjure worker: no thumbnail ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
         return {}
 
