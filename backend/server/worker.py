@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import importlib
 import importlib.metadata
@@ -209,11 +210,15 @@ def publish_results(files: dict, work_dir: Path, result_dir: Path) -> dict:
             os.replace(src, dst)
         else:
             tmp = dst.with_name(dst.name + ".tmp")
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.replace(tmp, dst)
+            try:
+                with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+                os.replace(tmp, dst)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         size, digest = sha256_file(dst)
         out[str(kind)] = {"name": dst.name, "size": size, "sha256": digest}
     fsync_dir(result_dir)
@@ -232,9 +237,13 @@ def write_preview_npz(path: Path, mesh) -> None:
         if value is not None:
             arrays[name] = np.frombuffer(value, np.uint8) if name == "texture_png" else np.asarray(value)
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_mesh_npz(path: Path):
@@ -260,9 +269,12 @@ def _snake(name: str) -> str:
 
 def classify_error(exc: BaseException) -> tuple[str, bool]:
     """(error code, retriable) for a failed job. ``ModelNotFoundError`` -> ``model_not_found``;
-    ``ValueError`` -> ``invalid_params``; out of memory -> ``out_of_memory``; else ``pipeline_error``."""
+    ``ValueError`` -> ``invalid_params``; out of memory -> ``out_of_memory``; no space left on the
+    device -> ``disk_full``; else ``pipeline_error``."""
     if _is_oom(exc):
         return "out_of_memory", True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full", True
     name = type(exc).__name__
     if name == "ModelNotFoundError":
         return "model_not_found", False
@@ -399,6 +411,8 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
         else:
             code, retriable = classify_error(exc)
             text = f"{exc}" if code == "invalid_params" else f"{type(exc).__name__}: {exc}"
+            if code == "disk_full":
+                text = f"the disk holding the job folder is full ({exc}); free some space and submit again"
             conn.send(JobFailed(job_no, code, text, retriable, tb))
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
