@@ -595,6 +595,8 @@ class Session:
         #: client side: the last server session seen; server side: routing id -> client session.
         self.peer_session: str | None = None
         self._client_sessions: OrderedDict[bytes, str] = OrderedDict()
+        #: ZAP "User-Id" of the last message :meth:`recv` read (None without CurveZMQ)
+        self.last_user_id: str | None = None
 
     # -- building ------------------------------------------------------------------------
     def msg(
@@ -799,6 +801,10 @@ class Session:
         max_frames = off + 4 + MAX_BUFFERS
         budget = self.max_recv_bytes + 256  # + tag and signature frames
         first = socket.recv(flags, copy=False)
+        try:  # the ZAP user id (CurveZMQ: the peer's z85 public key), for servers that re-check it
+            self.last_user_id = first.get("User-Id")
+        except (zmq.ZMQError, AttributeError):
+            self.last_user_id = None
         frames, total, over = [first], 0, None
         while socket.getsockopt(zmq.RCVMORE):
             frame = socket.recv(0, copy=False)

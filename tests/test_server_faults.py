@@ -339,13 +339,16 @@ def test_curve_allow_list_is_reloaded_when_it_changes(tmp_path):
     srv = ServerProcess(tmp_path / "data", tmp_path / "conn.json", pipeline=FAKE,
                         args=["--curve-keys", str(keys)]).start()
     try:
-        with BackendClient(srv.info, client_cert=keys / "bob.key_secret") as bob:
-            assert bob.ping(timeout=10).server_session
+        connected = BackendClient(srv.info, client_cert=keys / "bob.key_secret")
+        assert connected.ping(timeout=10).server_session
         (keys / "clients" / "bob.key").unlink()  # revoked while the server runs
         time.sleep(1.5)
         with BackendClient(srv.info, client_cert=keys / "bob.key_secret") as bob:
             with pytest.raises(Exception, match="no matching message"):  # before the fix: still admitted
                 bob.ping(timeout=1.5)
+        with pytest.raises(Exception, match="no matching message"):  # nor on the connection already open
+            connected.ping(timeout=1.5)
+        connected.close()
         with BackendClient(srv.info, client_cert=keys / "alice.key_secret") as alice:
             assert alice.ping(timeout=10).server_session
         assert "allow-list" in srv.log() and "changed" in srv.log()

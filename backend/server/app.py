@@ -143,6 +143,7 @@ class Server:
         self._started_pool = False
         self._allow_checked = 0.0
         self._allow_stamp: tuple = ()
+        self._allowed_keys: set[str] | None = None  # z85 client keys (CurveZMQ only)
 
     # ------------------------------------------------------------------ start / stop
     def start(self) -> ConnectionInfo:
@@ -187,6 +188,7 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_FRAME_BYTES)
         if self.curve is not None:
             self._allow_stamp = _folder_stamp(self.curve.clients_dir)
+            self._allowed_keys = _allowed_keys(self.curve.clients_dir)
             self.auth = start_authenticator(self.ctx, self.curve)
             apply_server_curve(self.sock, self.curve)
         host = f"[{cfg.ip}]" if ":" in cfg.ip else cfg.ip
@@ -307,8 +309,9 @@ class Server:
             log.exception("error in %s; the server goes on", getattr(fn, "__name__", fn))
 
     def _reload_allow_list(self, now: float) -> None:
-        """Re-read the CURVE client allow-list when its folder changes (checked once a second):
-        a removed key is refused on its next connection, an added one admitted, without a restart."""
+        """Re-read the CURVE client allow-list when its folder changes (checked once a second): a
+        removed key is refused on its next connection and its messages on an open one are dropped;
+        an added key is admitted; no restart."""
         if self.auth is None or now - self._allow_checked < 1.0:
             return
         self._allow_checked = now
@@ -318,6 +321,7 @@ class Server:
         self._allow_stamp = stamp
         try:
             self.auth.configure_curve(domain="*", location=str(self.curve.clients_dir))
+            self._allowed_keys = _allowed_keys(self.curve.clients_dir)
             log.warning("CURVE allow-list %s changed: %d client key(s) now allowed", self.curve.clients_dir,
                         len(stamp))
         except Exception as exc:  # noqa: BLE001 - keep the old list rather than none
@@ -349,6 +353,10 @@ class Server:
                     self.delivery.touch(req.session, req.routing_id, time.monotonic())
                     self.delivery.error(req.session, exc.code, exc.message, job_id=req.job_id,
                                         in_reply_to=req.msg_id, field=exc.field)
+                continue
+            if self._allowed_keys is not None and self.session.last_user_id not in self._allowed_keys:
+                d = self.stats["dropped"]  # its key left the allow-list after it connected
+                d["revoked_key"] = d.get("revoked_key", 0) + 1
                 continue
             self.stats["received"] += 1
             self.delivery.touch(msg.session, rid, time.monotonic())
@@ -390,6 +398,13 @@ def _folder_stamp(folder: Path) -> tuple:
     except OSError:
         pass
     return tuple(out)
+
+
+def _allowed_keys(folder: Path) -> set[str]:
+    """z85 public keys of the allow-list (what the ZAP handler reports as a peer's User-Id)."""
+    from zmq.auth import load_certificates
+
+    return {k.decode() if isinstance(k, bytes) else str(k) for k in load_certificates(str(folder))}
 
 
 def _private_parent(path: Path, fix: bool) -> None:
