@@ -22,7 +22,8 @@ nvdiffrast builds inside its first call). So:
   ``status_lines()`` are the plain lines jobs show ("renderer: building gsplat (40 s)").
 
 Environment: ``CONJURE_BUILD_TIMEOUT_S`` (default 1200 s per extension), ``CONJURE_NO_CUDA_EXT=1``
-(never build or load the extensions; always the PyTorch twins), ``MAX_JOBS`` (compiler jobs).
+(never build or load the extensions; always the PyTorch twins; or a comma list such as ``gsplat``),
+``MAX_JOBS`` (compiler jobs).
 """
 
 from __future__ import annotations
@@ -370,6 +371,14 @@ def _child_env(tk: ToolkitStatus) -> dict:
     return env
 
 
+def disabled(name: str) -> bool:
+    """``CONJURE_NO_CUDA_EXT`` = 1/true/all (every extension) or a comma list of names (e.g. "gsplat")."""
+    value = os.environ.get("CONJURE_NO_CUDA_EXT", "").strip().lower()
+    if value in ("1", "true", "yes", "all"):
+        return True
+    return name.lower() in {v.strip() for v in value.split(",") if v.strip()}
+
+
 def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
                     require_cuda: bool = True) -> ExtensionStatus:
     """Make ``spec`` usable or say why not: stale locks removed, toolkit checked, built in a time-boxed
@@ -379,8 +388,8 @@ def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
     timeout_s = float(timeout_s if timeout_s is not None else
                       os.environ.get("CONJURE_BUILD_TIMEOUT_S", DEFAULT_BUILD_TIMEOUT_S))
     st = ExtensionStatus(spec.name)
-    if os.environ.get("CONJURE_NO_CUDA_EXT", "").strip() in ("1", "true", "yes"):
-        st.state, st.detail = "unavailable", "CONJURE_NO_CUDA_EXT is set"
+    if disabled(spec.name):
+        st.state, st.detail = "unavailable", "disabled by CONJURE_NO_CUDA_EXT"
         return st
     if require_cuda:
         import torch
@@ -400,6 +409,13 @@ def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
         st.state, st.detail = "unavailable", f"not built, and {problem}"
         return st
     st.state, st.started = "building", time.monotonic()
+    if built and load_in_process and not (bdir / "lock").exists():
+        try:  # built before: loading is quick, no child needed
+            st.detail = probe(spec.name)
+            st.state, st.seconds = "ready", time.monotonic() - st.started
+            return st
+        except Exception as exc:  # noqa: BLE001 - rebuild in a child below
+            log.warning("%s is built but did not load (%s: %s); rebuilding", spec.name, type(exc).__name__, exc)
     res = run_build(_child_command(spec), timeout_s, env=_child_env(tk), cwd=REPO_ROOT)
     if res.timed_out:
         remove_stale_locks([bdir])  # the killed build's lock: its owner is gone now

@@ -200,4 +200,6 @@ def test_no_cuda_ext_switch(monkeypatch):
     monkeypatch.setenv("CONJURE_NO_CUDA_EXT", "1")
     st = cuda_ext.build_extension(cuda_ext.EXTENSIONS["gsplat"], 5, require_cuda=False)
     assert st.state == "unavailable" and "CONJURE_NO_CUDA_EXT" in st.detail
-    assert os.environ["CONJURE_NO_CUDA_EXT"] == "1"
+    monkeypatch.setenv("CONJURE_NO_CUDA_EXT", "gsplat")
+    assert cuda_ext.disabled("gsplat") and not cuda_ext.disabled("nvdiffrast")
+    assert os.environ["CONJURE_NO_CUDA_EXT"] == "gsplat"

@@ -293,7 +293,7 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, offload
     rest = torch.device("cpu") if offload else device
     unet.to(rest)
     if vae is not None:
-        vae.to(rest, dtype=dtype)
+        vae.to(rest)  # already in ``dtype`` (torch_dtype at load)
     text_encoder.to("cpu")
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     sample = int(unet.config.sample_size)
