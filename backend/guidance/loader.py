@@ -224,6 +224,9 @@ def _load_taesd(choice: str, dtype: torch.dtype) -> torch.nn.Module:
     source = TAESD_MODEL if choice == "taesd" else choice
     path = Path(source).expanduser()
     folder = path if path.exists() else None
+    if folder is None and snapshot_path(source) is None:
+        # an optional speed-up never downloads behind the user's back: the model manager fetches it
+        raise ModelNotFoundError(f"{source} is not in the model cache. {_how_to_get(source)}")
     local = hub_kwargs() if folder is None else {}
     try:
         return AutoencoderTiny.from_pretrained(str(folder) if folder is not None else source, torch_dtype=dtype,
