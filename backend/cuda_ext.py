@@ -71,7 +71,8 @@ class ExtensionSpec:
 
 EXTENSIONS: dict[str, ExtensionSpec] = {
     "gsplat": ExtensionSpec("gsplat", "gsplat", "gsplat_cuda", ("cuda_runtime.h",), prebuilt_glob="csrc*.so"),
-    "nvdiffrast": ExtensionSpec("nvdiffrast", "nvdiffrast", "nvdiffrast_plugin", tuple(HEADERS)),
+    # nvdiffrast names its torch extension after its own and torch's versions (nvdiffrast/torch/ops.py)
+    "nvdiffrast": ExtensionSpec("nvdiffrast", "nvdiffrast", "nvdiffrast_plugin_{version}_torch{torch}", tuple(HEADERS)),
 }
 
 
@@ -172,18 +173,37 @@ def toolkit_status() -> ToolkitStatus:
 
 
 # ----------------------------------------------------------------------------------------------- locks
+def build_name(spec: ExtensionSpec) -> str:
+    """The torch extension name of ``spec``: ``{version}`` (the package's) and ``{torch}`` filled in, then
+    sanitised as the packages do (non-word characters to '_')."""
+    name = spec.build_name
+    if "{" not in name:
+        return name
+    import re
+
+    import torch
+
+    version = "unknown"
+    if "{version}" in name:
+        try:
+            version = __import__(spec.package).__version__
+        except Exception:  # noqa: BLE001 - not installed: the name only serves lock/built checks
+            pass
+    return re.sub(r"\W|^(?=\d)", "_", name.format(version=version, torch=torch.__version__))
+
+
 def build_dir(spec: ExtensionSpec) -> Path:
     """torch.utils.cpp_extension's build folder of ``spec`` (same rule, without creating it)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
-        return Path(root) / spec.build_name
+        return Path(root) / build_name(spec)
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 
     acc = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
            f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
     py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    return Path(get_default_build_root()) / f"{py}_{acc}" / spec.build_name
+    return Path(get_default_build_root()) / f"{py}_{acc}" / build_name(spec)
 
 
 def pid_alive(pid: int) -> bool:
@@ -402,7 +422,7 @@ def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
         return st
     bdir = build_dir(spec)
     st.stale_locks_removed = [str(p) for p in remove_stale_locks([bdir])]
-    built = (bdir / f"{spec.build_name}.so").exists() or _has_prebuilt(spec)
+    built = (bdir / f"{build_name(spec)}.so").exists() or _has_prebuilt(spec)
     tk = toolkit_status()
     problem = tk.problem(spec.headers)
     if not built and problem:
