@@ -38,7 +38,7 @@ import time as _time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -147,7 +147,8 @@ def _int(lo: int | None = 0, hi: int | None = 2**53):
     def check(v, path):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise _bad(path, f"must be an integer, got {_tname(v)}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        n = int(v)  # exact for every Integral (numpy integers included)
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
             raise _bad(path, f"must be in {lo}..{hi}, got {v}")
     return check
 
@@ -158,7 +159,8 @@ def _num(lo: float | None = None, hi: float | None = None):
             raise _bad(path, f"must be a number, got {_tname(v)}")
         if not _finite(v):
             raise _bad(path, "must be finite")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        x = cast(float, v)  # a Real compares with floats exactly as it is (no conversion)
+        if (lo is not None and x < lo) or (hi is not None and x > hi):
             raise _bad(path, f"must be in [{lo}, {hi}], got {v}")
     return check
 
@@ -481,7 +483,7 @@ def _frame_of(buf) -> tuple[dict, Any]:
         if len(buf.shape) > MAX_BUFFER_NDIM:
             raise ProtocolError("bad_buffer", f"buffer has {buf.ndim} dimensions (limit {MAX_BUFFER_NDIM})")
         arr = np.ascontiguousarray(buf, dtype=_DTYPES[name])
-        frame = memoryview(arr).cast("B") if arr.size else b""
+        frame = arr.data.cast("B") if arr.size else b""
         return {"dtype": name, "shape": list(arr.shape), "nbytes": arr.nbytes}, frame
     try:
         view = _as_view(buf)
@@ -601,7 +603,10 @@ class Session:
     ) -> Message:
         """Build a ``Message`` with this session's header fields filled in."""
         if self.routing:
-            client = session if session is not None else self._client_sessions.get(routing_id, "")
+            if session is not None:
+                client = session
+            else:
+                client = self._client_sessions.get(routing_id, "") if routing_id is not None else ""
             server = self.session_id
         else:
             client = self.session_id if session is None else session
@@ -717,7 +722,7 @@ class Session:
             version=header["version"],
             routing_id=routing_id,
         )
-        if self.routing:
+        if routing_id is not None:  # set exactly when self.routing
             self._remember_client(routing_id, msg.session)
         elif msg.server_session:
             self.peer_session = msg.server_session
