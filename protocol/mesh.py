@@ -6,6 +6,7 @@ Coordinates are Blender's: metres, +Z up, right-handed, front facing -Y, centred
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,7 +223,7 @@ def _png_size(name: str, view: memoryview) -> None:
         raise _mesh_err(name, f"PNG is {width}x{height}; limit is {MAX_TEXTURE_SIDE} a side", "too_large")
 
 
-def decode_mesh(meta: dict, buffers) -> MeshPayload:
+def decode_mesh(meta: dict, buffers: Iterable[Any]) -> MeshPayload:
     """Validate ``meta`` (from ``encode_mesh``) against ``buffers`` and build a ``MeshPayload``.
 
     ``buffers`` is the message's buffer list: numpy arrays (as ``Session.deserialize``

@@ -37,8 +37,9 @@ import re
 import time as _time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -46,6 +47,9 @@ from .errors import ProtocolError
 from .mesh import MeshPayload, decode_mesh
 from .params import validate_params
 from .signing import ReplayGuard, Signer, _as_view
+
+if TYPE_CHECKING:
+    import zmq
 
 PROTOCOL_VERSION = "1.0"
 PROTOCOL_MAJOR = 1
@@ -100,7 +104,7 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-def is_job_id(value) -> bool:
+def is_job_id(value: object) -> bool:
     return isinstance(value, str) and bool(_JOB_ID_RE.match(value))
 
 
@@ -343,7 +347,8 @@ MSG_TYPES: dict[str, str] = {
 assert set(MSG_TYPES) == set(_SCHEMAS)
 
 
-def validate_content(msg_type: str, content, job_id=None, buffers=None) -> None:
+def validate_content(msg_type: str, content: Any, job_id: str | None = None,
+                     buffers: Sequence[Any] | None = None) -> None:
     """Check ``content`` (and job id / buffer count) against the schema of ``msg_type``."""
     if msg_type not in _SCHEMAS:
         raise ProtocolError("unknown_msg_type", f"unknown message type {str(msg_type)[:40]!r}")
@@ -382,7 +387,7 @@ def _json_too_deep(raw: bytes, limit: int) -> bool:
     return bool(np.cumsum(step).max(initial=0) > limit)
 
 
-def loads_bounded(raw, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH):
+def loads_bounded(raw: bytes | memoryview, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse a JSON frame; any failure is ``ProtocolError("bad_json" | "too_large")``."""
     if len(raw) > max_bytes:
         raise ProtocolError("too_large", f"{what} JSON is {len(raw)} bytes; the limit is {max_bytes}")
@@ -411,7 +416,7 @@ def _json_default(o):
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
 
 
-def dumps(obj) -> bytes:
+def dumps(obj: Any) -> bytes:
     """Compact strict JSON (no NaN/Infinity) as UTF-8; numpy scalars become Python numbers."""
     try:
         return _ENCODER.encode(obj).encode("utf-8")
@@ -593,7 +598,7 @@ class Session:
         self,
         msg_type: str,
         content: dict | None = None,
-        buffers=(),
+        buffers: Sequence[Any] = (),
         *,
         job_id: str | None = None,
         seq: int | None = None,
@@ -653,7 +658,7 @@ class Session:
             out.insert(0, msg.routing_id)
         return out
 
-    def deserialize(self, frames) -> Message:
+    def deserialize(self, frames: Sequence[Any]) -> Message:
         """Parse and check a received multipart message (routing id first if ``routing``).
 
         Order: frame count, tag, sizes, signature (constant time), replay, header JSON,
@@ -738,10 +743,10 @@ class Session:
     # -- sockets -------------------------------------------------------------------------
     def send(
         self,
-        socket,
-        msg_type,
+        socket: zmq.Socket,
+        msg_type: str | Message,
         content: dict | None = None,
-        buffers=(),
+        buffers: Sequence[Any] = (),
         *,
         job_id: str | None = None,
         seq: int | None = None,
@@ -764,7 +769,7 @@ class Session:
         socket.send_multipart(self.serialize(msg), flags=flags, copy=False)
         return msg
 
-    def recv(self, socket, flags: int = 0) -> tuple[bytes | None, Message]:
+    def recv(self, socket: zmq.Socket, flags: int = 0) -> tuple[bytes | None, Message]:
         """Receive one message: ``(routing_id or None, Message)``. Frames are not copied.
 
         ``zmq.Again`` (with ``flags=zmq.NOBLOCK``) passes through; a malformed message
