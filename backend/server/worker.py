@@ -40,16 +40,8 @@ import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
 
 from backend.fsutil import atomic_copy, atomic_open, durable_move
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-    from multiprocessing.connection import Connection
-    from multiprocessing.sharedctypes import Synchronized
-
-    from protocol.mesh import MeshPayload
 
 DEFAULT_PIPELINE = "backend.pipeline.run:run_job"
 PREVIEW_WRITE_INTERVAL_S = 0.5
@@ -62,7 +54,7 @@ class PipelineSpecError(ValueError):
     """A ``module:function`` pipeline spec that cannot be imported."""
 
 
-def load_callable(spec: str) -> Callable[..., Any]:
+def load_callable(spec: str):
     """Import ``"package.module:function"`` and return the function."""
     if ":" not in spec:
         raise PipelineSpecError(f"pipeline {spec!r} must look like package.module:function")
@@ -132,7 +124,7 @@ def publish_results(files: dict, work_dir: Path, result_dir: Path) -> dict:
     return out
 
 
-def write_preview_npz(path: Path, mesh: MeshPayload) -> None:
+def write_preview_npz(path: Path, mesh) -> None:
     """Save a ``MeshPayload`` as ``.npz`` (arrays named after its fields), atomically (not fsynced)."""
     import numpy as np
 
@@ -147,7 +139,7 @@ def write_preview_npz(path: Path, mesh: MeshPayload) -> None:
         np.savez(f, **arrays)
 
 
-def read_mesh_npz(path: Path) -> MeshPayload | None:
+def read_mesh_npz(path: Path):
     """Inverse of :func:`write_preview_npz`: a ``MeshPayload`` or None if the file is missing/bad."""
     import numpy as np
 
@@ -216,7 +208,7 @@ def _make_params(params: dict):
     return GenerationParams(**params)
 
 
-def worker_main(conn: Connection, cancel_value: Synchronized[int], pipeline_spec: str) -> None:
+def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
     """Entry point of the worker process (spawned)."""
     _die_with_parent()
     with contextlib.suppress(OSError, AttributeError):
