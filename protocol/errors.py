@@ -45,10 +45,3 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.field = field
-
-    def to_content(self, retriable: bool = False) -> dict:
-        """Content dict for an ``error`` message describing this error."""
-        content = {"code": self.code, "message": self.message, "retriable": retriable}
-        if self.field is not None:
-            content["field"] = self.field
-        return content

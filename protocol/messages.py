@@ -37,8 +37,9 @@ import re
 import time as _time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -46,6 +47,9 @@ from .errors import ProtocolError
 from .mesh import MeshPayload, decode_mesh
 from .params import validate_params
 from .signing import ReplayGuard, Signer, _as_view
+
+if TYPE_CHECKING:
+    import zmq
 
 PROTOCOL_VERSION = "1.0"
 PROTOCOL_MAJOR = 1
@@ -105,7 +109,7 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-def is_job_id(value) -> bool:
+def is_job_id(value: object) -> bool:
     return isinstance(value, str) and bool(_JOB_ID_RE.match(value))
 
 
@@ -152,7 +156,8 @@ def _int(lo: int | None = 0, hi: int | None = 2**53):
     def check(v, path):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise _bad(path, f"must be an integer, got {_tname(v)}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        n = int(v)  # exact for every Integral (numpy integers included)
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
             raise _bad(path, f"must be in {lo}..{hi}, got {v}")
     return check
 
@@ -163,7 +168,8 @@ def _num(lo: float | None = None, hi: float | None = None):
             raise _bad(path, f"must be a number, got {_tname(v)}")
         if not _finite(v):
             raise _bad(path, "must be finite")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        x = cast(float, v)  # a Real compares with floats exactly as it is (no conversion)
+        if (lo is not None and x < lo) or (hi is not None and x > hi):
             raise _bad(path, f"must be in [{lo}, {hi}], got {v}")
     return check
 
@@ -363,7 +369,8 @@ MSG_TYPES: dict[str, str] = {
 assert set(MSG_TYPES) == set(_SCHEMAS)
 
 
-def validate_content(msg_type: str, content, job_id=None, buffers=None) -> None:
+def validate_content(msg_type: str, content: Any, job_id: str | None = None,
+                     buffers: Sequence[Any] | None = None) -> None:
     """Check ``content`` (and job id / buffer count) against the schema of ``msg_type``."""
     if msg_type not in _SCHEMAS:
         raise ProtocolError("unknown_msg_type", f"unknown message type {str(msg_type)[:40]!r}")
@@ -402,7 +409,7 @@ def _json_too_deep(raw: bytes, limit: int) -> bool:
     return bool(np.cumsum(step).max(initial=0) > limit)
 
 
-def loads_bounded(raw, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH):
+def loads_bounded(raw: bytes | memoryview, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse a JSON frame; any failure is ``ProtocolError("bad_json" | "too_large")``."""
     if len(raw) > max_bytes:
         raise ProtocolError("too_large", f"{what} JSON is {len(raw)} bytes; the limit is {max_bytes}")
@@ -431,7 +438,7 @@ def _json_default(o):
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
 
 
-def dumps(obj) -> bytes:
+def dumps(obj: Any) -> bytes:
     """Compact strict JSON (no NaN/Infinity) as UTF-8; numpy scalars become Python numbers."""
     try:
         return _ENCODER.encode(obj).encode("utf-8")
@@ -503,7 +510,7 @@ def _frame_of(buf) -> tuple[dict, Any]:
         if len(buf.shape) > MAX_BUFFER_NDIM:
             raise ProtocolError("bad_buffer", f"buffer has {buf.ndim} dimensions (limit {MAX_BUFFER_NDIM})")
         arr = np.ascontiguousarray(buf, dtype=_DTYPES[name])
-        frame = memoryview(arr).cast("B") if arr.size else b""
+        frame = arr.data.cast("B") if arr.size else b""
         return {"dtype": name, "shape": list(arr.shape), "nbytes": arr.nbytes}, frame
     try:
         view = _as_view(buf)
@@ -620,7 +627,7 @@ class Session:
         self,
         msg_type: str,
         content: dict | None = None,
-        buffers=(),
+        buffers: Sequence[Any] = (),
         *,
         job_id: str | None = None,
         seq: int | None = None,
@@ -630,7 +637,10 @@ class Session:
     ) -> Message:
         """Build a ``Message`` with this session's header fields filled in."""
         if self.routing:
-            client = session if session is not None else self._client_sessions.get(routing_id, "")
+            if session is not None:
+                client = session
+            else:
+                client = self._client_sessions.get(routing_id, "") if routing_id is not None else ""
             server = self.session_id
         else:
             client = self.session_id if session is None else session
@@ -677,7 +687,7 @@ class Session:
             out.insert(0, msg.routing_id)
         return out
 
-    def deserialize(self, frames) -> Message:
+    def deserialize(self, frames: Sequence[Any]) -> Message:
         """Parse and check a received multipart message (routing id first if ``routing``).
 
         Order: frame count, tag, sizes, signature (constant time), replay, header JSON,
@@ -756,7 +766,7 @@ class Session:
             version=header["version"],
             routing_id=routing_id,
         )
-        if self.routing:
+        if routing_id is not None:  # set exactly when self.routing
             self._remember_client(routing_id, msg.session)
         elif msg.server_session:
             self.peer_session = msg.server_session
@@ -772,10 +782,10 @@ class Session:
     # -- sockets -------------------------------------------------------------------------
     def send(
         self,
-        socket,
-        msg_type,
+        socket: zmq.Socket,
+        msg_type: str | Message,
         content: dict | None = None,
-        buffers=(),
+        buffers: Sequence[Any] = (),
         *,
         job_id: str | None = None,
         seq: int | None = None,
@@ -798,7 +808,7 @@ class Session:
         socket.send_multipart(self.serialize(msg), flags=flags, copy=False)
         return msg
 
-    def recv(self, socket, flags: int = 0) -> tuple[bytes | None, Message]:
+    def recv(self, socket: zmq.Socket, flags: int = 0) -> tuple[bytes | None, Message]:
         """Receive one message: ``(routing_id or None, Message)``. Frames are not copied.
 
         ``zmq.Again`` (with ``flags=zmq.NOBLOCK``) passes through; a malformed message
