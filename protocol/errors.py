@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .messages import Message
+
 #: Every code the protocol package raises, with what it means.
 ERROR_CODES: dict[str, str] = {
     "bad_frame_count": "the multipart message has too few or too many frames",
@@ -38,7 +43,7 @@ class ProtocolError(Exception):
             ids, so a server can answer it; else None.
     """
 
-    request = None
+    request: Message | None = None
 
     def __init__(self, code: str, message: str, field: str | None = None):
         super().__init__(f"{code}: {message}")

@@ -749,7 +749,7 @@ class Session:
             exc.request = Message(msg_type=msg_type, msg_id=header["msg_id"], session=header["session"],
                                   server_session=header.get("server_session"), job_id=header.get("job_id"),
                                   time=float(header["time"]), version=header["version"], routing_id=routing_id)
-            if self.routing:
+            if routing_id is not None:  # set exactly when self.routing
                 self._remember_client(routing_id, header["session"])
             raise
 
