@@ -316,7 +316,10 @@ class JobSupervisor:
                                     str(self.store.result_dir(job_id)),
                                     str(self.store.job_dir(job_id) / J.PREVIEW_FILE)))
             rec.worker = self.pool.placement(self.job_no)  # which worker (host, GPU) runs it
-            self.store.set_state(rec, J.RUNNING)
+            try:
+                self.store.write_record(rec)  # the state was journaled above; this adds the placement
+            except OSError as exc:  # full disk: the job runs; its final write reports the failure
+                log.warning("cannot record the worker of job %s: %s", job_id, exc)
 
     def pump(self, budget: int = 256) -> None:
         """Handle worker messages (at most one preview per call, so it is flushed before a newer one)."""
