@@ -729,7 +729,11 @@ class Session:
             self.replay_guard.check_signature(signature)
 
         header = loads_bounded(signed[0], "header", MAX_HEADER_BYTES)
-        _validate_header(header)
+        try:
+            _validate_header(header)
+        except ProtocolError as exc:
+            exc.request = self._answerable(header, signature, routing_id)
+            raise
         if self.replay_guard is not None:
             self.replay_guard.accept(signature, float(header["time"]))
         msg_type = header["msg_type"]
@@ -817,6 +821,29 @@ class Session:
         frames = self._recv_frames(socket, flags)
         msg = self.deserialize(frames)
         return msg.routing_id, msg
+
+    def _answerable(self, header, signature: bytes, routing_id) -> Message | None:
+        """For a correctly signed message whose header is invalid: a content-less ``Message`` to
+        answer it by, when its ``msg_id``/``session`` are usable and its time passes the replay
+        guard (so a replayed bad message is not answered twice); else None."""
+        if not isinstance(header, dict):
+            return None
+        msg_id, session, t = header.get("msg_id"), header.get("session"), header.get("time")
+        if not (isinstance(msg_id, str) and _ID_RE.match(msg_id) and isinstance(session, str) and session
+                and _ID_RE.match(session)):
+            return None
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t):
+            return None
+        if self.replay_guard is not None:
+            try:
+                self.replay_guard.accept(signature, float(t))
+            except ProtocolError:
+                return None
+        job_id = header.get("job_id")
+        msg_type = header.get("msg_type")
+        return Message(msg_type=msg_type if isinstance(msg_type, str) else "unknown", msg_id=msg_id,
+                       session=session, job_id=job_id if isinstance(job_id, str) and _JOB_ID_RE.match(job_id)
+                       else None, time=float(t), routing_id=routing_id)
 
     def _recv_frames(self, socket, flags: int) -> list:
         """The frames of one multipart message, read one by one; once they pass

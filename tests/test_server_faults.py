@@ -176,6 +176,19 @@ def test_schema_rejections_are_answered_naming_the_field(server, params_content,
         sock.close(0)
 
 
+def test_a_signed_request_with_a_bad_header_is_answered(server):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.info.url)
+    try:
+        msg_id = _raw_request(server.info, sock, "make_coffee", {})
+        header, content = _raw_reply(sock)
+        assert header["msg_type"] == "error" and content["code"] == "unknown_msg_type"
+        assert content["in_reply_to"] == msg_id and "make_coffee" in content["message"]
+    finally:
+        sock.close(0)
+
+
 def test_cancel_from_a_client_not_subscribed_is_acknowledged(server, client):
     running = client.submit(params(**{"test.steps": 100000, "test.step_seconds": 0.01}))
     client.next(lambda m: m.job_id == running and m.msg_type == "progress", 30)
