@@ -229,6 +229,9 @@ _FILE = _obj({"name": (_str(255, nonempty=True), True), "size": (_int(0), True),
 _JOB_SUMMARY = _obj({"job_id": (_str(64, pattern=_JOB_ID_RE), True), "state": (_STATE, True)})
 _LIMITS = _obj(max_keys=64)
 _MODEL_ENTRY = _obj({"id": (_str(256, nonempty=True), True), "name": (_str(256), True), "present": (_bool, True)})
+_PULL = _obj({"id": (_str(256, nonempty=True), True), "state": (_enum("running", "done", "failed"), True),
+              "done": (_int(0), True), "total": (_int(0), True), "unit": (_str(8), False),
+              "message": (_str(), False), "seconds": (_num(0.0), False)})
 
 #: msg_type -> (content fields {name: (check, required)}, job_id required, buffers rule).
 #: buffers rule: 0 = no buffers, None = any number, "chunk" = exactly one "bytes" buffer.
@@ -316,6 +319,15 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
     }, False, 0),
     "jobs": ({"jobs": (_list(_JOB_SUMMARY, 1000), True)}, False, 0),
     "attach": ({"from_seq": (_int(0), True)}, True, 0),
+    "list_models": ({}, False, 0),
+    "pull_model": ({"model_id": (_str(256, nonempty=True), True)}, False, 0),
+    "models": ({
+        "device": (_str(256), False),
+        "model": (_str(256), False),
+        "models": (_list(_MODEL_ENTRY, 256), False),
+        "vocabulary": (_list(_str(64), 4096), False),
+        "pulls": (_list(_PULL, 64), False),
+    }, False, 0),
     "ping": ({"token": (_str(128), False)}, False, 0),
     "pong": ({"token": (_str(128), False), "server_time": (_num(), False)}, False, 0),
 }
@@ -341,6 +353,10 @@ MSG_TYPES: dict[str, str] = {
     "list_jobs": "client -> server: limit?, states?",
     "jobs": "server -> client: jobs [{job_id, state, ...}]",
     "attach": "client -> server [job_id]: from_seq; server resends the job's events with seq >= from_seq",
+    "list_models": "client -> server: (no fields); the server replies models",
+    "pull_model": "client -> server: model_id (owner/name); starts a background download; the server replies models",
+    "models": ("server -> client: device?, model?, models? [{id, name, present}], vocabulary?, pulls? "
+               "[{id, state running|done|failed, done, total, unit B|it, message?, seconds?}]"),
     "ping": "either way: token?",
     "pong": "reply to ping: token?, server_time?",
 }

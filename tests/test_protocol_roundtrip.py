@@ -125,6 +125,15 @@ CONTENT = {
     "jobs": st.fixed_dictionaries({"jobs": st.lists(
         st.fixed_dictionaries({"job_id": job_ids, "state": state}, optional={"prompt": text}), max_size=5)}),
     "attach": st.fixed_dictionaries({"from_seq": nonneg}),
+    "list_models": st.just({}),
+    "pull_model": st.fixed_dictionaries({"model_id": ident}),
+    "models": st.fixed_dictionaries({}, optional={
+        "device": text, "model": ident,
+        "models": st.lists(st.fixed_dictionaries({"id": ident, "name": text, "present": st.booleans()}), max_size=3),
+        "vocabulary": st.lists(ident, max_size=4),
+        "pulls": st.lists(st.fixed_dictionaries(
+            {"id": ident, "state": st.sampled_from(["running", "done", "failed"]), "done": nonneg, "total": nonneg},
+            optional={"unit": st.sampled_from(["B", "it"]), "message": text}), max_size=2)}),
     "ping": opt(token=ident),
     "pong": opt(token=ident, server_time=pos_float),
 }

@@ -492,6 +492,16 @@ class Server:
             "pipeline": self.config.pipeline,
         })
 
+    def _on_list_models(self, msg):
+        from backend.models.pulls import models_reply
+
+        self._send(msg.session, "models", models_reply())
+
+    def _on_pull_model(self, msg):
+        from backend.models.pulls import start_pull_or_protocol_error
+
+        self._send(msg.session, "models", start_pull_or_protocol_error(msg.content["model_id"]))
+
     def _on_ping(self, msg):
         content = {"server_time": time.time(), "stats": self.stats_snapshot()}
         if "token" in msg.content:
