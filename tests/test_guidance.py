@@ -226,3 +226,18 @@ def test_taesd_missing_falls_back_with_a_pull_hint(tiny_models, tmp_path, monkey
     g = load_guidance(config(tiny_models["latent"], vae="taesd"), "cpu")
     assert g.bundle.vae_kind == "model"
     assert "conjure-backend models pull madebyollin/taesd" in g.description
+
+
+def test_one_resident_variant_per_model(tiny_models, tmp_path):
+    """A job with other options gets its own bundle, and the previous variant of that model is evicted."""
+    from diffusers import AutoencoderTiny
+
+    folder = str(tiny_models["latent"].resolve())
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(str(tmp_path / "taesd"))
+    plain = load_model(folder, "cpu")
+    tiny = load_model(folder, "cpu", vae=str(tmp_path / "taesd"))
+    assert tiny is not plain and tiny.vae_kind == "taesd" and plain.vae_kind == "model"
+    keys = [k for k in cached_models() if k[0] == folder]
+    assert len(keys) == 1 and keys[0][3].endswith("vae=" + str(tmp_path / "taesd"))
+    assert load_model(folder, "cpu") is not plain  # reloaded: the plain variant was evicted

@@ -8,7 +8,7 @@ UNet works on RGB in [-1, 1] at ``unet.config.sample_size``.
 Loaded components stay resident in a module-level cache keyed by (model, device, dtype, options) so
 the next job on the same server skips loading; ``options`` names every setting that changes the
 cached modules (CPU offload, attention slicing, the encoder), so a job never inherits another job's
-settings through the cache.
+settings through the cache. One variant per (model, device) stays resident: loading another evicts it.
 
 ``cpu_offload`` follows diffusers' model offload (``enable_model_cpu_offload``): every model rests in
 CPU memory and moves to the compute device for its own forward pass (the VAE encoder also for its
@@ -184,6 +184,12 @@ def load_model(model: str, device: torch.device | str, fp16: bool = True, cpu_of
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
+        # one resident variant per (model, device): another job's options must not double the memory
+        stale = [k for k in _CACHE if k[:2] == key[:2]]
+        for k in stale:
+            del _CACHE[k]
+        if stale and device.type == "cuda":
+            torch.cuda.empty_cache()
         bundle = _load_uncached(model, device, dtype, offload, vae)
         if attention == "sliced":
             bundle.unet.set_attention_slice("auto")

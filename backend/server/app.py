@@ -487,7 +487,7 @@ class Server:
                        "preview_credits": DEFAULT_PREVIEW_CREDITS,
                        "event_log": self.config.log_limit, "cancel_timeout_s": self.config.cancel_timeout},
             "presets": presets,
-            "capabilities": ["attach", "fetch_result", "preview_credits", "stats"],
+            "capabilities": ["attach", "fetch_result", "preview_credits", "stats", "models"],
             "server_session": self.session_id,
             "pipeline": self.config.pipeline,
         })
