@@ -320,21 +320,54 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, offload
     return bundle
 
 
+class _Resting:
+    """Frozen weights of one module kept in (pinned, when CUDA exists) CPU memory.
+
+    ``visit(device)`` points every parameter/buffer at a device copy (asynchronous from pinned memory);
+    ``rest()`` points them back at the CPU tensors, which are still valid because the weights never
+    change (SDS does not train the models), so nothing is copied back.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        pin = torch.cuda.is_available()
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for t in list(module.parameters()) + list(module.buffers()):
+            cpu = t.data.to("cpu")
+            if pin:
+                cpu = cpu.pin_memory()
+            t.data = cpu
+            self.tensors.append((t, cpu))
+
+    def visit(self, device: torch.device) -> None:
+        for t, cpu in self.tensors:
+            t.data = cpu.to(device, non_blocking=True)
+
+    def rest(self) -> None:
+        for t, cpu in self.tensors:
+            t.data = cpu
+
+
 @contextlib.contextmanager
 def on_compute_device(bundle: ModelBundle, module: torch.nn.Module):
     """Run ``module`` on ``bundle.device``: with offload it visits the device and returns to the CPU after.
 
     The diffusers model-offload semantics (``enable_model_cpu_offload``): weights rest in CPU memory,
     every forward (and the VAE's backward, which happens inside the block) runs on the compute device.
+    The resting copy is pinned and kept, so a visit is one asynchronous host-to-device copy and
+    leaving costs nothing (see ``_Resting``).
     """
     if not bundle.offload:
         yield module
         return
-    module.to(bundle.device)
+    resting = getattr(module, "_conjure_resting", None)
+    if resting is None:
+        resting = _Resting(module)
+        module._conjure_resting = resting
+    resting.visit(bundle.device)
     try:
         yield module
     finally:
-        module.to("cpu")
+        resting.rest()
 
 
 @torch.no_grad()
