@@ -187,7 +187,7 @@ def build_name(spec: ExtensionSpec) -> str:
     if "{version}" in name:
         try:
             version = __import__(spec.package).__version__
-        except Exception:  # noqa: BLE001 - not installed: the name only serves lock/built checks
+        except Exception:
             pass
     return re.sub(r"\W|^(?=\d)", "_", name.format(version=version, torch=torch.__version__))
 
@@ -434,7 +434,7 @@ def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
             st.detail = probe(spec.name)
             st.state, st.seconds = "ready", time.monotonic() - st.started
             return st
-        except Exception as exc:  # noqa: BLE001 - rebuild in a child below
+        except Exception as exc:
             log.warning("%s is built but did not load (%s: %s); rebuilding", spec.name, type(exc).__name__, exc)
     res = run_build(_child_command(spec), timeout_s, env=_child_env(tk), cwd=REPO_ROOT)
     if res.timed_out:
@@ -445,7 +445,7 @@ def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
     if load_in_process:
         try:
             note = probe(spec.name)
-        except Exception as exc:  # noqa: BLE001 - any failure means: use the twin
+        except Exception as exc:
             st.state, st.detail = "failed", f"loads in a child but not here: {type(exc).__name__}: {exc}"
             st.seconds = time.monotonic() - st.started
             return st
@@ -527,7 +527,7 @@ def start_warm_up(names: tuple[str, ...] = ("nvdiffrast", "gsplat"), timeout_s: 
 def _warm_one(name: str, timeout_s: float | None, require_cuda: bool = True) -> None:
     try:
         _set(build_extension(EXTENSIONS[name], timeout_s, require_cuda=require_cuda))
-    except Exception as exc:  # noqa: BLE001 - a warm-up must never take the process down
+    except Exception as exc:
         _set(ExtensionStatus(name, "failed", f"{type(exc).__name__}: {exc}"))
 
 

@@ -86,7 +86,7 @@ def guarded(name: str):
         def run(*a, **k):
             try:
                 return fn(*a, **k)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 report(name, error=f"{type(exc).__name__}: {exc}")
                 traceback.print_exc()
         return run

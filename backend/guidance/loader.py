@@ -237,7 +237,7 @@ def _load_taesd(choice: str, dtype: torch.dtype) -> torch.nn.Module:
     try:
         return AutoencoderTiny.from_pretrained(str(folder) if folder is not None else source, torch_dtype=dtype,
                                                **local)
-    except Exception as exc:  # noqa: BLE001 - OSError/ValueError/hub errors: one clear message
+    except Exception as exc:
         raise _from_pretrained_errors(source, folder, exc) from exc
 
 

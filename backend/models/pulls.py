@@ -61,7 +61,7 @@ class PullManager:
             st.state, st.message = "done", f"ready in {path}"
         except ModelStoreError as exc:
             st.state, st.message = "failed", str(exc)
-        except Exception as exc:  # noqa: BLE001 - a pull must never take the server down
+        except Exception as exc:
             st.state, st.message = "failed", f"{type(exc).__name__}: {exc}"
         st.seconds = time.monotonic() - st.started
 
