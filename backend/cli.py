@@ -344,7 +344,7 @@ def cmd_generate(args) -> int:
             result = run_job(params, ctx)
         except ValueError as exc:
             return _fail(str(exc))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a clear one-line error instead of a traceback
             from backend.server.worker import classify_error
 
             code, _ = classify_error(exc)
