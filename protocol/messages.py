@@ -252,6 +252,7 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
         "model": (_str(256), False),
         "models": (_list(_MODEL_ENTRY, 256), False),
         "vocabulary": (_list(_str(64), 4096), False),
+        "versions": (_obj(max_keys=32), False),
     }, False, 0),
     "submit": ({"params": (_params, True)}, True, 0),
     "accepted": ({
@@ -337,7 +338,7 @@ MSG_TYPES: dict[str, str] = {
     "hello": "client -> server: protocol_version, client_name?, client_version?, capabilities?",
     "hello_reply": ("server -> client: protocol_version, limits{}, server_version?, presets?, device? "
                     "(\"CPU\" / \"CUDA · <GPU>\"), model? (auto's model id), models? [{id, name, present}], "
-                    "vocabulary? (words of a closed-vocabulary default model; empty otherwise)"),
+                    "vocabulary? (words of a closed-vocabulary default model; empty otherwise), versions? {package: version}"),
     "submit": "client -> server [job_id]: params (GenerationParams dict); idempotent on job_id",
     "accepted": "server -> client [job_id]: queue_position, state?, duplicate?",
     "progress": "server -> client [job_id, seq]: stage, step, total, fraction, elapsed, eta?, message?",

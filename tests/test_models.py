@@ -143,6 +143,7 @@ def test_hello_fields_list_models_and_the_cpu_vocabulary(hub):
     assert present == {DEFAULT_GPU_MODEL: True, "stable-diffusion-v1-5/stable-diffusion-v1-5": False,
                        BUNDLED_MODEL: True}
     assert {"cube", "sphere", "red", "front"} <= set(fields["vocabulary"])
+    assert fields["versions"]["torch"] == torch.__version__ and "diffusers" in fields["versions"]
     from protocol.messages import validate_content
 
     validate_content("hello_reply", {"protocol_version": "1.0", "limits": {}, **fields})
