@@ -240,6 +240,9 @@ _FILE = _obj({"name": (_str(255, nonempty=True), True), "size": (_int(0), True),
 _JOB_SUMMARY = _obj({"job_id": (_str(64, pattern=_JOB_ID_RE), True), "state": (_STATE, True)})
 _LIMITS = _obj(max_keys=64)
 _MODEL_ENTRY = _obj({"id": (_str(256, nonempty=True), True), "name": (_str(256), True), "present": (_bool, True)})
+_PULL = _obj({"id": (_str(256, nonempty=True), True), "state": (_enum("running", "done", "failed"), True),
+              "done": (_int(0), True), "total": (_int(0), True), "unit": (_str(8), False),
+              "message": (_str(), False), "seconds": (_num(0.0), False)})
 
 #: msg_type -> (content fields {name: (check, required)}, job_id required, buffers rule).
 #: buffers rule: 0 = no buffers, None = any number, "chunk" = exactly one "bytes" buffer.
@@ -260,6 +263,7 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
         "model": (_str(256), False),
         "models": (_list(_MODEL_ENTRY, 256), False),
         "vocabulary": (_list(_str(64), 4096), False),
+        "versions": (_obj(max_keys=32), False),
     }, False, 0),
     "submit": ({"params": (_params, True)}, True, 0),
     "accepted": ({
@@ -335,6 +339,15 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
     "attach": ({"from_seq": (_int(0), True)}, True, 0),
     "delete_job": ({}, True, 0),
     "job_deleted": ({}, True, 0),
+    "list_models": ({}, False, 0),
+    "pull_model": ({"model_id": (_str(256, nonempty=True), True)}, False, 0),
+    "models": ({
+        "device": (_str(256), False),
+        "model": (_str(256), False),
+        "models": (_list(_MODEL_ENTRY, 256), False),
+        "vocabulary": (_list(_str(64), 4096), False),
+        "pulls": (_list(_PULL, 64), False),
+    }, False, 0),
     "ping": ({"token": (_str(128), False)}, False, 0),
     "pong": ({"token": (_str(128), False), "server_time": (_num(), False)}, False, 0),
 }
@@ -344,7 +357,7 @@ MSG_TYPES: dict[str, str] = {
     "hello": "client -> server: protocol_version, client_name?, client_version?, capabilities?",
     "hello_reply": ("server -> client: protocol_version, limits{}, server_version?, presets?, device? "
                     "(\"CPU\" / \"CUDA · <GPU>\"), model? (auto's model id), models? [{id, name, present}], "
-                    "vocabulary? (words of a closed-vocabulary default model; empty otherwise)"),
+                    "vocabulary? (words of a closed-vocabulary default model; empty otherwise), versions? {package: version}"),
     "submit": "client -> server [job_id]: params (GenerationParams dict); idempotent on job_id",
     "accepted": "server -> client [job_id]: queue_position, state?, duplicate?",
     "progress": "server -> client [job_id, seq]: stage, step, total, fraction, elapsed, eta?, message?",
@@ -363,6 +376,10 @@ MSG_TYPES: dict[str, str] = {
     "attach": "client -> server [job_id]: from_seq; server resends the job's events with seq >= from_seq",
     "delete_job": "client -> server [job_id]: remove a finished job and its files",
     "job_deleted": "server -> client [job_id]: the job was removed (reply to delete_job)",
+    "list_models": "client -> server: (no fields); the server replies models",
+    "pull_model": "client -> server: model_id (owner/name); starts a background download; the server replies models",
+    "models": ("server -> client: device?, model?, models? [{id, name, present}], vocabulary?, pulls? "
+               "[{id, state running|done|failed, done, total, unit B|it, message?, seconds?}]"),
     "ping": "either way: token?",
     "pong": "reply to ping: token?, server_time?",
 }
