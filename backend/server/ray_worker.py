@@ -318,9 +318,14 @@ class RayWorkerHandle:
             gen = self._generation
         self.ready = False
         self.pid = None
-        self.actor = actor_class().options(**self.resources).remote(self.pipeline_spec)
         self.starts += 1
         self._jobs = queue.Queue()
+        try:
+            self.actor = actor_class().options(**self.resources).remote(self.pipeline_spec)
+        except Exception as exc:  # noqa: BLE001 - e.g. the cluster is gone: the pool retries with back-off
+            self.actor = None
+            self._put(gen, ActorDied(f"cannot create a Ray actor: {_short(exc)}"))
+            return
         self._thread = threading.Thread(target=self._consume, args=(ray, self.actor, gen, self._jobs),
                                         name=f"conjure-{self.name}", daemon=True)
         self._thread.start()
