@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from backend.server.client import BackendClient, BackendError
-from backend.server.launcher import ServerProcess
+from backend.server.launcher import RayHead, ServerProcess
 
 FAKE = "tests.fake_pipeline:run_job"
 QUICK = {"test.steps": 4, "test.step_seconds": 0.01, "test.preview_every": 1, "test.no_obj": False}
@@ -99,31 +95,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real Ray head node with 2 CPUs (its own temp folder), stopped with all its processes after."""
+    """A real Ray head node with 2 CPUs under nice (its own temp folder), stopped with all its processes."""
     pytest.importorskip("ray", reason='Ray is not installed (pip install "conjure[farm]")')
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    log = open(Path(temp) / "head.log", "wb")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen(["nice", "-n", "10", ray_bin, "start", "--head", "--port", str(port),
-                             "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=false",
-                             "--disable-usage-stats", "--temp-dir", temp, "--block"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+    head = RayHead(num_cpus=2).start()
     try:
-        wait_for(lambda: head.poll() is not None or b"--block" in (Path(temp) / "head.log").read_bytes(),
-                 120, "the Ray head")
-        assert head.poll() is None, (Path(temp) / "head.log").read_text(errors="replace")
-        yield address
+        yield head.address
     finally:
-        head.terminate()  # `ray start --block` stops every process it started on SIGTERM
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        head.stop()
 
 
 def ray_server(tmp_path: Path, address: str, data_dir: Path | None = None) -> ServerProcess:
