@@ -18,10 +18,11 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
+
+from backend.fsutil import atomic_copy, atomic_write_text
 
 DEFAULT_PIPELINE = "backend.pipeline.run:run_job"
 
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-limit", type=int, default=16, help="most queued jobs (default %(default)s)")
     s.add_argument("--cancel-timeout", type=float, default=5.0,
                    help="seconds a cancelled job may take to stop before the worker is killed (default %(default)s)")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker count: N local processes, one GPU each (default 1), or with --ray N actors "
+                        "(default: one per GPU of the cluster)")
+    s.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the workers as Ray actors on the cluster at ADDRESS ('auto': the one `ray start` "
+                        "made; 'host:port'; 'local': a private one-machine instance); needs conjure[farm]")
     s.add_argument("--curve-keys", type=Path, default=None,
                    help="CurveZMQ key folder: server.key_secret + clients/*.key allow-list")
     s.add_argument("--log-level", default="WARNING")
@@ -148,11 +155,16 @@ def cmd_serve(args) -> int:
         data_dir=args.data_dir or default_data_dir(), connection_file=args.connection_file, ip=args.bind,
         port=args.port, advertise_ip=args.advertise_ip, pipeline=args.pipeline, preset=args.preset,
         queue_limit=args.queue_limit, cancel_timeout=args.cancel_timeout, curve_keys=args.curve_keys,
+        workers=args.workers, ray=args.ray,
     )
     if not 0 <= cfg.port <= 65535:
         return _fail(f"--port must be in 0..65535, got {cfg.port}")
     if cfg.queue_limit < 1:
         return _fail("--queue-limit must be at least 1")
+    if cfg.workers is not None and not 1 <= cfg.workers <= 256:
+        return _fail(f"--workers must be between 1 and 256, got {cfg.workers}")
+    if cfg.cancel_timeout <= 0:
+        return _fail(f"--cancel-timeout must be more than 0 seconds, got {cfg.cancel_timeout:g}")
     try:
         return run_server(cfg)
     except ServerStartError as exc:
@@ -254,21 +266,14 @@ def cmd_doctor(args) -> int:
 
 # ---------------------------------------------------------------------------- generate
 def _copy_durable(src: Path, dst: Path, rewrite: dict[str, str] | None = None) -> None:
-    """Copy ``src`` to ``dst`` via tmp -> fsync -> rename; optionally replace names in text files."""
-    tmp = dst.with_name(dst.name + ".tmp")
+    """Copy ``src`` to ``dst`` atomically and durably; optionally replace names in text files."""
     if rewrite:
-        text = src.read_text()
+        text = src.read_text(encoding="utf-8")
         for old, new in rewrite.items():
             text = text.replace(old, new)
-        tmp.write_text(text)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        atomic_write_text(dst, text)
     else:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-    os.replace(tmp, dst)
+        atomic_copy(src, dst)
 
 
 def export_next_to(files: dict, out: Path) -> dict[str, Path]:
@@ -349,7 +354,7 @@ def cmd_generate(args) -> int:
             result = run_job(params, ctx)
         except ValueError as exc:
             return _fail(str(exc))
-        except Exception as exc:  # noqa: BLE001 - a clear one-line error instead of a traceback
+        except Exception as exc:  # a clear one-line error instead of a traceback
             from backend.server.worker import classify_error
 
             code, _ = classify_error(exc)

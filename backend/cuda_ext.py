@@ -22,7 +22,8 @@ nvdiffrast builds inside its first call). So:
   ``status_lines()`` are the plain lines jobs show ("renderer: building gsplat (40 s)").
 
 Environment: ``CONJURE_BUILD_TIMEOUT_S`` (default 1200 s per extension), ``CONJURE_NO_CUDA_EXT=1``
-(never build or load the extensions; always the PyTorch twins), ``MAX_JOBS`` (compiler jobs).
+(never build or load the extensions; always the PyTorch twins; or a comma list such as ``gsplat``),
+``MAX_JOBS`` (compiler jobs).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class ExtensionSpec:
 
 EXTENSIONS: dict[str, ExtensionSpec] = {
     "gsplat": ExtensionSpec("gsplat", "gsplat", "gsplat_cuda", ("cuda_runtime.h",), prebuilt_glob="csrc*.so"),
-    "nvdiffrast": ExtensionSpec("nvdiffrast", "nvdiffrast", "nvdiffrast_plugin", tuple(HEADERS)),
+    # nvdiffrast names its torch extension after its own and torch's versions (nvdiffrast/torch/ops.py)
+    "nvdiffrast": ExtensionSpec("nvdiffrast", "nvdiffrast", "nvdiffrast_plugin_{version}_torch{torch}", tuple(HEADERS)),
 }
 
 
@@ -171,18 +173,37 @@ def toolkit_status() -> ToolkitStatus:
 
 
 # ----------------------------------------------------------------------------------------------- locks
+def build_name(spec: ExtensionSpec) -> str:
+    """The torch extension name of ``spec``: ``{version}`` (the package's) and ``{torch}`` filled in, then
+    sanitised as the packages do (non-word characters to '_')."""
+    name = spec.build_name
+    if "{" not in name:
+        return name
+    import re
+
+    import torch
+
+    version = "unknown"
+    if "{version}" in name:
+        try:
+            version = __import__(spec.package).__version__
+        except Exception:
+            pass
+    return re.sub(r"\W|^(?=\d)", "_", name.format(version=version, torch=torch.__version__))
+
+
 def build_dir(spec: ExtensionSpec) -> Path:
     """torch.utils.cpp_extension's build folder of ``spec`` (same rule, without creating it)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
-        return Path(root) / spec.build_name
+        return Path(root) / build_name(spec)
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 
     acc = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
            f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
     py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    return Path(get_default_build_root()) / f"{py}_{acc}" / spec.build_name
+    return Path(get_default_build_root()) / f"{py}_{acc}" / build_name(spec)
 
 
 def pid_alive(pid: int) -> bool:
@@ -370,6 +391,14 @@ def _child_env(tk: ToolkitStatus) -> dict:
     return env
 
 
+def disabled(name: str) -> bool:
+    """``CONJURE_NO_CUDA_EXT`` = 1/true/all (every extension) or a comma list of names (e.g. "gsplat")."""
+    value = os.environ.get("CONJURE_NO_CUDA_EXT", "").strip().lower()
+    if value in ("1", "true", "yes", "all"):
+        return True
+    return name.lower() in {v.strip() for v in value.split(",") if v.strip()}
+
+
 def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
                     require_cuda: bool = True) -> ExtensionStatus:
     """Make ``spec`` usable or say why not: stale locks removed, toolkit checked, built in a time-boxed
@@ -379,8 +408,8 @@ def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
     timeout_s = float(timeout_s if timeout_s is not None else
                       os.environ.get("CONJURE_BUILD_TIMEOUT_S", DEFAULT_BUILD_TIMEOUT_S))
     st = ExtensionStatus(spec.name)
-    if os.environ.get("CONJURE_NO_CUDA_EXT", "").strip() in ("1", "true", "yes"):
-        st.state, st.detail = "unavailable", "CONJURE_NO_CUDA_EXT is set"
+    if disabled(spec.name):
+        st.state, st.detail = "unavailable", "disabled by CONJURE_NO_CUDA_EXT"
         return st
     if require_cuda:
         import torch
@@ -393,13 +422,20 @@ def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
         return st
     bdir = build_dir(spec)
     st.stale_locks_removed = [str(p) for p in remove_stale_locks([bdir])]
-    built = (bdir / f"{spec.build_name}.so").exists() or _has_prebuilt(spec)
+    built = (bdir / f"{build_name(spec)}.so").exists() or _has_prebuilt(spec)
     tk = toolkit_status()
     problem = tk.problem(spec.headers)
     if not built and problem:
         st.state, st.detail = "unavailable", f"not built, and {problem}"
         return st
     st.state, st.started = "building", time.monotonic()
+    if built and load_in_process and not (bdir / "lock").exists():
+        try:  # built before: loading is quick, no child needed
+            st.detail = probe(spec.name)
+            st.state, st.seconds = "ready", time.monotonic() - st.started
+            return st
+        except Exception as exc:
+            log.warning("%s is built but did not load (%s: %s); rebuilding", spec.name, type(exc).__name__, exc)
     res = run_build(_child_command(spec), timeout_s, env=_child_env(tk), cwd=REPO_ROOT)
     if res.timed_out:
         remove_stale_locks([bdir])  # the killed build's lock: its owner is gone now
@@ -409,7 +445,7 @@ def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
     if load_in_process:
         try:
             note = probe(spec.name)
-        except Exception as exc:  # noqa: BLE001 - any failure means: use the twin
+        except Exception as exc:
             st.state, st.detail = "failed", f"loads in a child but not here: {type(exc).__name__}: {exc}"
             st.seconds = time.monotonic() - st.started
             return st
@@ -491,7 +527,7 @@ def start_warm_up(names: tuple[str, ...] = ("nvdiffrast", "gsplat"), timeout_s: 
 def _warm_one(name: str, timeout_s: float | None, require_cuda: bool = True) -> None:
     try:
         _set(build_extension(EXTENSIONS[name], timeout_s, require_cuda=require_cuda))
-    except Exception as exc:  # noqa: BLE001 - a warm-up must never take the process down
+    except Exception as exc:
         _set(ExtensionStatus(name, "failed", f"{type(exc).__name__}: {exc}"))
 
 

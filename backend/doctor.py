@@ -51,7 +51,7 @@ def collect_report(build: bool = False) -> dict:
         bdir = cuda_ext.build_dir(spec)
         lock = bdir / "lock"
         ext = {"installed": importlib.util.find_spec(spec.package) is not None, "build_dir": str(bdir),
-               "built": (bdir / f"{spec.build_name}.so").exists() or cuda_ext._has_prebuilt(spec),
+               "built": (bdir / f"{cuda_ext.build_name(spec)}.so").exists() or cuda_ext._has_prebuilt(spec),
                "lock": (("stale" if cuda_ext.is_stale(lock) else "held by a live build") if lock.exists() else None),
                "toolkit_problem": tk.problem(spec.headers)}
         if build:

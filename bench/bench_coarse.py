@@ -35,11 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.guidance import load_guidance  # noqa: E402
-from backend.mesh.extract import extract_mesh  # noqa: E402
-from backend.pipeline.coarse import run_coarse_stage, sds_loss_fn  # noqa: E402
-from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent  # noqa: E402
-from backend.pipeline.presets import get_preset  # noqa: E402
+from backend.guidance import load_guidance
+from backend.mesh.extract import extract_mesh
+from backend.pipeline.coarse import run_coarse_stage, sds_loss_fn
+from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
+from backend.pipeline.presets import get_preset
 
 #: Stable Diffusion 2.1-base's UNet2DConditionModel configuration (unet/config.json of the hub model).
 SD21_BASE_UNET_CONFIG = {

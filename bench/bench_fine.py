@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.mesh import rasterize as rz  # noqa: E402
-from backend.mesh.bake import gaussian_color_fn  # noqa: E402
-from backend.pipeline.fine import (  # noqa: E402
+from backend.mesh import rasterize as rz
+from backend.mesh.bake import gaussian_color_fn
+from backend.pipeline.fine import (
     RefineSettings,
     TexturedMesh,
     prepare_textured_mesh,
@@ -46,7 +46,7 @@ from backend.pipeline.fine import (  # noqa: E402
     refine,
     sds_loss_fn,
 )
-from backend.pipeline.presets import GuidanceConfig, get_preset  # noqa: E402
+from backend.pipeline.presets import GuidanceConfig, get_preset
 
 #: (face budget, extraction grid, texture side, Gaussians) per mesh size
 SIZES = ((50_000, 192, 1024, 20_000), (200_000, 384, 2048, 100_000))
@@ -215,10 +215,10 @@ def write_sd21_random(folder: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.tiny_models import _write_tokenizer
+    from tests.tiny_models import write_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer")
     vocab = len(CLIPTokenizer.from_pretrained(str(folder / "tokenizer")))
     CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                                  num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",

@@ -25,11 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import zmq  # noqa: E402
+import numpy as np
+import zmq
 
-from protocol import MeshPayload, Session, decode_mesh, encode_mesh, new_job_id, new_key  # noqa: E402
-from protocol.signing import Signer  # noqa: E402
+from protocol import MeshPayload, Session, decode_mesh, encode_mesh, new_job_id, new_key
+from protocol.signing import Signer
 
 RAW = b"RAW"
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.server.client import BackendClient  # noqa: E402
-from backend.server.launcher import ServerProcess  # noqa: E402
+from backend.server.client import BackendClient
+from backend.server.launcher import ServerProcess
 
 FAKE = "tests.fake_pipeline:run_job"
 BUSY = {"test.steps": 1_000_000, "test.step_seconds": 0.05, "test.busy": True, "test.preview_every": 0}

@@ -355,7 +355,7 @@ def import_result(payload, *, name, location=None, collection=None, props=None, 
     return stages.obj
 
 
-class import_result_stages:  # noqa: N801 - used like a generator function
+class import_result_stages:  # used like a generator function
     """``import_result`` one stage per ``next()``; the object is ``.obj`` once exhausted."""
 
     def __init__(self, payload, *, name, location=None, collection=None, props=None, replace=None,

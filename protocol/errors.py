@@ -33,7 +33,12 @@ class ProtocolError(Exception):
         message: human-readable explanation.
         field: for validation errors, the dotted name of the offending field
             (``"prompt"``, ``"overrides.coarse.steps"``, ``"mesh.faces"``); else None.
+        request: set by ``Session.deserialize`` when the message was correctly signed and its
+            header is valid but its content is not: a content-less ``Message`` with the sender's
+            ids, so a server can answer it; else None.
     """
+
+    request = None
 
     def __init__(self, code: str, message: str, field: str | None = None):
         super().__init__(f"{code}: {message}")

@@ -60,6 +60,11 @@ MAX_MESSAGE_BYTES = 1 << 30
 MAX_BUFFER_NDIM = 8
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_STR_CHARS = 4096
+#: Most bytes in the signed frames of a message a *server* accepts: client requests carry no
+#: buffers, so header + content limits plus a little. Larger ones are dropped before hashing.
+MAX_REQUEST_BYTES = MAX_HEADER_BYTES + MAX_CONTENT_BYTES + 64 * 1024
+#: Largest single frame a server accepts (its socket's ``ZMQ_MAXMSGSIZE``: libzmq drops the peer).
+MAX_REQUEST_FRAME_BYTES = MAX_CONTENT_BYTES + 1024
 
 BUFFER_DTYPES = (
     "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -579,7 +584,10 @@ class Session:
         routing: True on the server's ROUTER socket: frames start with the routing id.
         replay_guard: a ``ReplayGuard``, or None to build a default one; False disables
             replay checks (tests and benchmarks only).
-        max_message_bytes: most bytes in all signed frames of one message.
+        max_message_bytes: most bytes in all signed frames of one message (sent or received).
+        max_recv_bytes: most bytes in the signed frames of a *received* message (default
+            ``max_message_bytes``; a server uses :data:`MAX_REQUEST_BYTES`). :meth:`recv` stops
+            collecting a message's frames once past it and discards the rest unhashed.
     """
 
     def __init__(
@@ -590,6 +598,7 @@ class Session:
         routing: bool = False,
         replay_guard: ReplayGuard | None | bool = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_recv_bytes: int | None = None,
     ):
         self.signer = Signer(key)
         self.session_id = session_id if session_id is not None else uuid.uuid4().hex
@@ -599,9 +608,12 @@ class Session:
             replay_guard = ReplayGuard()
         self.replay_guard = None if replay_guard is False else replay_guard
         self.max_message_bytes = int(max_message_bytes)
+        self.max_recv_bytes = int(max_recv_bytes) if max_recv_bytes is not None else self.max_message_bytes
         #: client side: the last server session seen; server side: routing id -> client session.
         self.peer_session: str | None = None
         self._client_sessions: OrderedDict[bytes, str] = OrderedDict()
+        #: ZAP "User-Id" of the last message :meth:`recv` read (None without CurveZMQ)
+        self.last_user_id: str | None = None
 
     # -- building ------------------------------------------------------------------------
     def msg(
@@ -698,8 +710,9 @@ class Session:
         if len(signed[1]) > MAX_CONTENT_BYTES:
             raise ProtocolError("too_large", f"content frame is {len(signed[1])} bytes (limit {MAX_CONTENT_BYTES})")
         total = sum(len(v) for v in signed)
-        if total > self.max_message_bytes:
-            raise ProtocolError("too_large", f"message is {total} bytes; the limit is {self.max_message_bytes}")
+        limit = min(self.max_message_bytes, self.max_recv_bytes)
+        if total > limit:
+            raise ProtocolError("too_large", f"message is {total} bytes; the limit is {limit}")
         signature = bytes(views[off + 1][:128])
         self.signer.verify(signature, signed)
         if self.replay_guard is not None:
@@ -709,17 +722,26 @@ class Session:
         _validate_header(header)
         if self.replay_guard is not None:
             self.replay_guard.accept(signature, float(header["time"]))
-        content = loads_bounded(signed[1], "content", MAX_CONTENT_BYTES)
-        buffer_views = signed[2:]
-        descriptors = header["buffers"]
-        if len(descriptors) != len(buffer_views):
-            raise ProtocolError(
-                "bad_buffer", f"header describes {len(descriptors)} buffers, message has {len(buffer_views)}"
-            )
-        buffers = [_load_buffer(i, d, v) for i, (d, v) in enumerate(zip(descriptors, buffer_views))]
         msg_type = header["msg_type"]
-        validate_content(msg_type, content, header.get("job_id"),
-                         [b if isinstance(b, np.ndarray) else None for b in buffers])
+        try:
+            content = loads_bounded(signed[1], "content", MAX_CONTENT_BYTES)
+            buffer_views = signed[2:]
+            descriptors = header["buffers"]
+            if len(descriptors) != len(buffer_views):
+                raise ProtocolError(
+                    "bad_buffer", f"header describes {len(descriptors)} buffers, message has {len(buffer_views)}"
+                )
+            buffers = [_load_buffer(i, d, v) for i, (d, v) in enumerate(zip(descriptors, buffer_views))]
+            validate_content(msg_type, content, header.get("job_id"),
+                             [b if isinstance(b, np.ndarray) else None for b in buffers])
+        except ProtocolError as exc:
+            # signed by a key holder with a valid header: the sender can be answered (``exc.request``)
+            exc.request = Message(msg_type=msg_type, msg_id=header["msg_id"], session=header["session"],
+                                  server_session=header.get("server_session"), job_id=header.get("job_id"),
+                                  time=float(header["time"]), version=header["version"], routing_id=routing_id)
+            if self.routing:
+                self._remember_client(routing_id, header["session"])
+            raise
 
         msg = Message(
             msg_type=msg_type,
@@ -782,12 +804,38 @@ class Session:
         ``zmq.Again`` (with ``flags=zmq.NOBLOCK``) passes through; a malformed message
         raises ``ProtocolError`` (the message is consumed).
         """
-        frames = socket.recv_multipart(flags=flags, copy=False)
+        frames = self._recv_frames(socket, flags)
         msg = self.deserialize(frames)
         return msg.routing_id, msg
 
-    def configure_socket(self, socket) -> None:
-        """Set ``zmq.MAXMSGSIZE`` so libzmq drops oversized frames before Python sees them."""
+    def _recv_frames(self, socket, flags: int) -> list:
+        """The frames of one multipart message, read one by one; once they pass
+        ``max_recv_bytes`` (or the frame-count limit) the rest are read and dropped without
+        being kept or hashed, and ``ProtocolError("too_large")`` is raised."""
         import zmq
 
-        socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        off = 1 if self.routing else 0
+        max_frames = off + 4 + MAX_BUFFERS
+        budget = self.max_recv_bytes + 256  # + tag and signature frames
+        first = socket.recv(flags, copy=False)
+        try:  # the ZAP user id (CurveZMQ: the peer's z85 public key), for servers that re-check it
+            self.last_user_id = first.get("User-Id")
+        except (zmq.ZMQError, AttributeError):
+            self.last_user_id = None
+        frames, total, over = [first], 0, None
+        while socket.getsockopt(zmq.RCVMORE):
+            frame = socket.recv(0, copy=False)
+            if over is not None:
+                continue
+            total += len(frame.buffer)
+            if len(frames) >= max_frames:
+                over = f"more than {max_frames} frames"
+            elif total > budget:
+                over = f"more than {self.max_recv_bytes} bytes"
+            if over is not None:
+                frames = []  # freed now; the remaining frames are read and dropped
+                continue
+            frames.append(frame)
+        if over is not None:
+            raise ProtocolError("too_large", f"message has {over}; the limit is {self.max_recv_bytes} bytes")
+        return frames

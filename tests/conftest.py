@@ -28,6 +28,33 @@ def artifacts_dir() -> Path:
     return ARTIFACTS
 
 
+class TinyModels:
+    """Tiny random diffusers model folders (see ``tests/tiny_models.py``), by kind: ``"latent"``
+    (VAE + UNet on 4×16×16 latents) or ``"pixel"`` (UNet on 3×32×32 RGB). Each is built on first use
+    and shared by every test in the session; tests must not modify them (copy first)."""
+
+    KINDS = ("latent", "pixel")
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._built: dict[str, Path] = {}
+
+    def __getitem__(self, kind: str) -> Path:
+        if kind not in self.KINDS:
+            raise KeyError(f"tiny model kind {kind!r}; known: {', '.join(self.KINDS)}")
+        if kind not in self._built:
+            from tests.tiny_models import build_tiny_model
+
+            self._built[kind] = build_tiny_model(self.root / kind, latent=kind == "latent")
+        return self._built[kind]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    """The one place tests get tiny random models from (built lazily, once per session)."""
+    return TinyModels(tmp_path_factory.mktemp("tiny-models"))
+
+
 def pytest_collection_modifyitems(config, items):
     have_blender = shutil.which("blender") is not None and shutil.which("xvfb-run") is not None
     try:

@@ -18,6 +18,7 @@ Knobs (``params.overrides``):
     test.warning        str, a warning the result carries ("" = none)
     object_size         float, largest dimension in metres (the real presets' key); base on z = 0
     guidance.model      str, reported as the result's model (the real presets' key)
+    test.nan_info       bool, put NaN and inf into the result's ``info`` (a pipeline bug the server survives)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ KNOBS: dict[str, type] = {
     "test.warning": str,
     "object_size": float,
     "guidance.model": str,
+    "test.nan_info": bool,
 }
 DEFAULTS = {
     "test.steps": 10,
@@ -60,6 +62,7 @@ DEFAULTS = {
     "test.warning": "",
     "object_size": 1.6,
     "guidance.model": "fake-icosphere",
+    "test.nan_info": False,
 }
 PRESETS = ("auto", "draft", "standard", "high", "cpu")
 
@@ -206,4 +209,6 @@ def run_job(params, ctx) -> ResultEvent:
             "seconds": round(time.perf_counter() - t0, 4), "prompt": params.prompt, "seed": seed,
             "resolved_preset": "cpu" if params.preset == "auto" else params.preset, "device": "CPU",
             "warnings": [knobs["test.warning"]] if knobs["test.warning"] else []}
+    if knobs["test.nan_info"]:
+        info.update(loss=float("nan"), best=float("inf"), history=[1.0, float("-inf")])
     return ResultEvent(files=files, mesh=mesh, info=info)

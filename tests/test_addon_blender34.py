@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_addon_support import REPO, BackendProcess
+from tests.addon_support import REPO, BackendProcess
 
 pytestmark = [pytest.mark.blender34, pytest.mark.slow]
 

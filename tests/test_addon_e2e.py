@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.test_addon_support import BackendProcess, body_main, have_bpy, run_body
+from tests.addon_support import BackendProcess, body_main, have_bpy, run_body
 
 pytestmark = pytest.mark.skipif(not have_bpy(), reason="bpy 5.0.1 not installed")
 
@@ -196,7 +196,7 @@ def test_backend_killed_mid_job_is_noticed_and_recovered(backend, tmp_path):
     import subprocess
     import sys
 
-    from tests.test_addon_support import REPO
+    from tests.addon_support import REPO
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -239,7 +239,7 @@ def test_make_props_example_fills_a_scene(backend, tmp_path):
     import subprocess
     import sys
 
-    from tests.test_addon_support import REPO
+    from tests.addon_support import REPO
 
     out = tmp_path / "props.blend"
     cmd = [sys.executable, str(REPO / "examples/make_props.py"), "--out", str(out), "--connection",

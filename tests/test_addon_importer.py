@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_addon_support import body_main, checker_texture, have_bpy, run_body, sphere_payload
+from tests.addon_support import body_main, checker_texture, have_bpy, run_body, sphere_payload
 
 pytestmark = pytest.mark.skipif(not have_bpy(), reason="bpy 5.0.1 not installed")
 

@@ -1,4 +1,4 @@
-"""Fast checks of build.py's pieces and the add-on's bundled-wheel loader (``blender_addon/_deps.py``)."""
+"""Fast checks of the build's pieces (``buildtools/``) and the add-on's bundled-wheel loader (``blender_addon/_deps.py``)."""
 
 import importlib.util
 import json
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from buildtools import checks, common, package, wheels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,6 @@ def _load(name, path):
     return mod
 
 
-build = _load("conjure_build_under_test", ROOT / "build.py")
 deps = _load("conjure_deps_under_test", ROOT / "blender_addon" / "_deps.py")
 
 
@@ -38,7 +39,7 @@ def test_scan_flags_absolute_repo_imports():
         "def f():\n"
         "    import backend\n"
     )
-    bad = build.scan_absolute_imports(src, "x.py")
+    bad = checks.scan_absolute_imports(src, "x.py")
     assert [b.split(":")[1] for b in bad] == ["2", "3", "4", "5", "7"]
 
 
@@ -57,9 +58,9 @@ def test_scan_allows_relative_imports_and_importerror_fallbacks():
         "except (ValueError, ModuleNotFoundError):\n"
         "    import protocol\n"
     )
-    assert build.scan_absolute_imports(src, "x.py") == []
+    assert checks.scan_absolute_imports(src, "x.py") == []
     # ...but not in a handler for some other error
-    assert build.scan_absolute_imports("try:\n    pass\nexcept KeyError:\n    import protocol\n", "y.py")
+    assert checks.scan_absolute_imports("try:\n    pass\nexcept KeyError:\n    import protocol\n", "y.py")
 
 
 # -- Blender's reading of wheel names --------------------------------------------------------------
@@ -67,9 +68,9 @@ def test_scan_allows_relative_imports_and_importerror_fallbacks():
 def test_blender_python_versions_rule():
     # the trap that pins pyzmq 26.4.0: Blender reads an abi3 wheel as plain "3" and then drops it
     # next to "3.11", so a cp311 + cp312-abi3 set would declare the extension 3.11-only.
-    assert build.blender_python_versions(["pyzmq-27.1.0-cp311-cp311-win_amd64.whl",
+    assert checks.blender_python_versions(["pyzmq-27.1.0-cp311-cp311-win_amd64.whl",
                                           "pyzmq-27.1.0-cp312-abi3-win_amd64.whl"]) == {"3.11"}
-    assert build.blender_python_versions(["pyzmq-26.4.0-cp311-cp311-win_amd64.whl",
+    assert checks.blender_python_versions(["pyzmq-26.4.0-cp311-cp311-win_amd64.whl",
                                           "pyzmq-26.4.0-cp313-cp313-win_amd64.whl"]) == {"3.11", "3.13"}
 
 
@@ -124,7 +125,7 @@ def test_deps_unpack_is_idempotent_and_refuses_parent_paths(tmp_path):
 @pytest.mark.slow
 def test_deps_loads_bundled_pyzmq_instead_of_the_hosts(tmp_path):
     """In a fresh interpreter that has its own pyzmq, the forced path imports the bundled wheel."""
-    ws = build.fetch_wheels(["3.11"], ["linux-x64"])
+    ws = wheels.fetch_wheels(["3.11"], ["linux-x64"])
     if sys.version_info[:2] != (3, 11) or sys.platform != "linux":
         pytest.skip("the cached wheel is for CPython 3.11 on Linux x86_64")
     addon = tmp_path / "addon"
@@ -142,7 +143,7 @@ def test_deps_loads_bundled_pyzmq_instead_of_the_hosts(tmp_path):
     assert out.returncode == 0, out.stderr
     path, version, source, _libzmq = json.loads(out.stdout.strip().splitlines()[-1])
     assert path.startswith(str(tmp_path / "deps" / wheel.stem))
-    assert version == build.PYZMQ_VERSION and source == "bundled:" + wheel.name
+    assert version == common.PYZMQ_VERSION and source == "bundled:" + wheel.name
     # without the flag the host's own pyzmq wins (Blender 4.2+ / Debian's python3-zmq path)
     env.pop("CONJURE_BUNDLED_ZMQ")
     out = subprocess.run([sys.executable, "-c", code, str(addon)], capture_output=True, text=True, env=env,
@@ -165,32 +166,32 @@ def test_deps_reports_what_to_do_when_nothing_fits(tmp_path):
 # -- manifest, bl_info, versions -----------------------------------------------------------------
 
 def test_manifest_renders_to_equal_toml():
-    data = build.manifest_template()
+    data = package.manifest_template()
     data["version"] = "1.2.3"
     data["wheels"] = ["./wheels/a-1-cp311-cp311-win_amd64.whl"]
     data["platforms"] = ["windows-x64", "linux-x64", "macos-arm64", "macos-x64"]
     data["tagline"] = 'Quotes "and" unicode — fine'
-    assert tomllib.loads(build.render_manifest(data)) == data
+    assert tomllib.loads(package.render_manifest(data)) == data
 
 
 def test_legacy_init_stamps_the_version():
     src = 'bl_info = {\n    "name": "Conjure",\n    "version": (0, 0, 1),\n    "blender": (3, 4, 0),\n}\n'
-    out = build.legacy_init_source(src, "2.10.3")
+    out = package.legacy_init_source(src, "2.10.3")
     assert '"version": (2, 10, 3)' in out and '"blender": (3, 4, 0)' in out
-    with pytest.raises(build.BuildError, match="bl_info"):
-        build.legacy_init_source("bl_info = {}\n", "1.0.0")
+    with pytest.raises(common.BuildError, match="bl_info"):
+        package.legacy_init_source("bl_info = {}\n", "1.0.0")
 
 
 def test_project_facts_come_from_pyproject_and_protocol():
     with open(ROOT / "pyproject.toml", "rb") as f:
-        assert build.project_version() == tomllib.load(f)["project"]["version"]
-    version, major = build.protocol_version()
+        assert common.project_version() == tomllib.load(f)["project"]["version"]
+    version, major = common.protocol_version()
     assert version.split(".")[0] == str(major)
 
 
 def test_unknown_platform_is_a_clear_error(tmp_path):
-    with pytest.raises(build.BuildError, match="unknown platform.*linux-x64"):
-        build.build(tmp_path, ["amiga-68k"], backend_wheel=False)
+    with pytest.raises(common.BuildError, match="unknown platform.*linux-x64"):
+        package.build(tmp_path, ["amiga-68k"], backend_wheel=False)
 
 
 def test_check_manifest_catches_bad_fields():
@@ -198,7 +199,7 @@ def test_check_manifest_catches_bad_fields():
            b'maintainer = "m"\ntype = "add-on"\nlicense = ["SPDX:MIT"]\n'
            b'wheels = ["./wheels/pyzmq-26.4.0-cp311-cp311-win_amd64.whl"]\nplatforms = ["windows-x64"]\n'
            b'[permissions]\nnetwork = "why"\n')
-    rows = {c.name: c for c in build.check_manifest("t", raw, [], "1.0.0")}
+    rows = {c.name: c for c in checks.check_manifest("t", raw, [], "1.0.0")}
     assert not rows["manifest required keys"].ok and "blender_version_min" in rows["manifest required keys"].detail
     assert not rows["manifest version == pyproject, semver"].ok
     assert not rows["permissions network + files with reasons"].ok

@@ -11,6 +11,7 @@ import uuid
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import trimesh
 
 from backend.cli import main, parse_sets
@@ -91,7 +92,11 @@ def test_store_recovers_after_a_crash(tmp_path):
     (rdir / "model.glb").write_bytes(b"glTF....")
     rec.results = {"glb": {"name": "model.glb", "size": 8, "sha256": "0" * 64}}
     store.set_state(rec, J.DONE)
-    # simulate a crash: no close(); a torn line at the end of the journal
+    # simulate a crash: no close() (the dead process's data-directory lock goes with it); a torn
+    # line at the end of the journal
+    with pytest.raises(J.DataDirLocked, match=f"pid {os.getpid()}"):  # while held, a second store refuses
+        JobStore(tmp_path).open()
+    store.unlock()
     with open(tmp_path / J.JOURNAL_FILE, "ab") as f:
         f.write(b'{"job_id": "' + ids[2].encode() + b'", "sta')
     again = JobStore(tmp_path).open()
@@ -108,6 +113,25 @@ def test_store_recovers_after_a_crash(tmp_path):
     third = JobStore(tmp_path).open()
     assert third.get(ids[1]).state == J.FAILED and third.get(ids[1]).error["code"] == "result_missing"
     third.close()
+
+
+def test_store_states_are_the_wire_states_and_unknown_ones_never_load(tmp_path):
+    """The server sends ``rec.state`` as is: the store's states must be the protocol's, and a
+    job.json carrying any other state is not loaded."""
+    from protocol import JOB_STATES
+
+    assert J.STATES == frozenset(JOB_STATES)
+    store = JobStore(tmp_path).open()
+    job_id = str(uuid.uuid4())
+    store.add(_record(job_id))
+    store.close()
+    path = tmp_path / job_id / J.JOB_FILE
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps({**obj, "state": "exploded"}))
+    (tmp_path / J.JOURNAL_FILE).unlink()
+    again = JobStore(tmp_path).open()
+    assert again.get(job_id) is None
+    again.close()
 
 
 def test_jobs_command_lists_the_data_dir(tmp_path, capsys):

@@ -200,4 +200,16 @@ def test_no_cuda_ext_switch(monkeypatch):
     monkeypatch.setenv("CONJURE_NO_CUDA_EXT", "1")
     st = cuda_ext.build_extension(cuda_ext.EXTENSIONS["gsplat"], 5, require_cuda=False)
     assert st.state == "unavailable" and "CONJURE_NO_CUDA_EXT" in st.detail
-    assert os.environ["CONJURE_NO_CUDA_EXT"] == "1"
+    monkeypatch.setenv("CONJURE_NO_CUDA_EXT", "gsplat")
+    assert cuda_ext.disabled("gsplat") and not cuda_ext.disabled("nvdiffrast")
+    assert os.environ["CONJURE_NO_CUDA_EXT"] == "gsplat"
+
+
+def test_build_folders_follow_the_packages_naming():
+    import torch
+
+    assert cuda_ext.build_dir(cuda_ext.EXTENSIONS["gsplat"]).name == "gsplat_cuda"
+    name = cuda_ext.build_dir(cuda_ext.EXTENSIONS["nvdiffrast"]).name
+    # nvdiffrast/torch/ops.py: sanitize_name('nvdiffrast_plugin_%s_torch%s' % (nvdiffrast.__version__, torch.__version__))
+    assert name.startswith("nvdiffrast_plugin_") and name.endswith("_torch" + torch.__version__.replace(".", "_")
+                                                                  .replace("+", "_"))

@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from backend.mesh.export import (
-    ExportError,
-    GLBStructureError,
-    check_glb_structure,
-    export_mesh,
-    split_seams,
-)
+from backend.mesh.export import ExportError, export_mesh, split_seams
 from protocol.mesh import MeshPayload
+from tests.glb_check import GLBStructureError, check_glb_structure
 
 REPO = Path(__file__).resolve().parents[1]
 

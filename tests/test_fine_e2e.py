@@ -8,18 +8,17 @@ import pytest
 import torch
 import trimesh
 
-from backend.mesh.export import check_glb_structure, export_mesh, split_seams
+from backend.mesh.export import export_mesh, split_seams
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.presets import get_preset
+from tests.glb_check import check_glb_structure
 
 
 @pytest.fixture(scope="module")
-def tiny_guidance(tmp_path_factory):
+def tiny_guidance(tiny_models):
     from backend.guidance import load_guidance
     from backend.pipeline.presets import GuidanceConfig
-    from tests.tiny_models import build_tiny_model
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("tiny") / "latent", latent=True)
+    folder = tiny_models["latent"]
     guidance = load_guidance(GuidanceConfig(model=str(folder), fp16=False, cfg_scale=10.0), "cpu")
     guidance.set_prompt("a red ball")
     return guidance

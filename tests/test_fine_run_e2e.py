@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 import trimesh
 
-from backend.mesh.export import check_glb_structure, split_seams
+from backend.mesh.export import split_seams
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from protocol.params import GenerationParams
+from tests.glb_check import check_glb_structure
 
 
 @pytest.mark.slow
-def test_run_job_coarse_then_fine_writes_textured_glb(tmp_path):
+def test_run_job_coarse_then_fine_writes_textured_glb(tmp_path, tiny_models):
     from backend.pipeline.run import run_job
-    from tests.tiny_models import build_tiny_model
-
-    model = build_tiny_model(tmp_path / "tiny", latent=True)
+    model = tiny_models["latent"]
     out = tmp_path / "job"
     out.mkdir()
     overrides = {

@@ -8,14 +8,6 @@ import torch
 from backend.guidance import GuidanceError, ModelNotFoundError, load_guidance, resolve_model
 from backend.guidance.loader import bundled_prior_dir, cached_models, load_model
 from backend.pipeline.presets import GuidanceConfig
-from tests.tiny_models import build_tiny_model
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {"latent": build_tiny_model(root / "latent", latent=True),
-            "pixel": build_tiny_model(root / "pixel", latent=False)}
 
 
 def config(folder, **kw) -> GuidanceConfig:

@@ -1,7 +1,7 @@
 """The bundled conjure-solids prior: renderer, tokenizer, judges, weights through the guidance, samples.
 
-Fast tests (< 90 s together on 2 cores) plus one ``slow`` test that runs two prompts through the full
-text-to-3D pipeline with the cpu preset.
+Fast tests plus ``slow`` ones: the sampled images judged for colour and shape, the 3D mesh scoring,
+and two prompts through the full text-to-3D pipeline with the cpu preset.
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def test_bundled_prior_loads_through_the_guidance():
     assert torch.isfinite(imgs.grad).all() and imgs.grad.abs().sum() > 0
 
 
+@pytest.mark.slow  # 180 s on the loaded 2-core machine (2026-11-30)
 @needs_weights
 def test_prior_samples_pass_the_independent_judges():
     """One sample for six (shape, colour) pairs, each shape once, judged by colour hue and classifier."""
@@ -188,6 +189,7 @@ def test_sample_images_rejects_bad_arguments():
         sample_images(BUNDLED_PRIOR_DIR, ["a red cube"], steps=0)
 
 
+@pytest.mark.slow  # 39 s on the loaded 2-core machine (2026-11-30)
 def test_mesh_scoring_recognises_canonical_meshes():
     """score3d on marching-cubes meshes of the solids: the right shape wins, IoU high; colour named."""
     from skimage.measure import marching_cubes

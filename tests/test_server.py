@@ -265,7 +265,7 @@ def test_twenty_clients_events_only_to_owner_no_gaps_memory_flat(server):
                     if m.msg_type in ("result_ready", "error", "cancelled") and m.seq is not None:
                         done += 1
                 results[i] = got
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 errors.append(f"client {i}: {exc!r}")
             finally:
                 c.close()

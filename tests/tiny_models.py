@@ -41,9 +41,6 @@ def write_tokenizer(folder: Path) -> None:
     tok.save_pretrained(str(folder))
 
 
-_write_tokenizer = write_tokenizer  # older name, used by bench scripts
-
-
 def build_tiny_model(folder: str | Path, latent: bool = True, seed: int = 0) -> Path:
     """Build, save and return a tiny random model folder (see module docstring)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -224,11 +224,14 @@ def _load_taesd(choice: str, dtype: torch.dtype) -> torch.nn.Module:
     source = TAESD_MODEL if choice == "taesd" else choice
     path = Path(source).expanduser()
     folder = path if path.exists() else None
+    if folder is None and snapshot_path(source) is None:
+        # an optional speed-up never downloads behind the user's back: the model manager fetches it
+        raise ModelNotFoundError(f"{source} is not in the model cache. {_how_to_get(source)}")
     local = hub_kwargs() if folder is None else {}
     try:
         return AutoencoderTiny.from_pretrained(str(folder) if folder is not None else source, torch_dtype=dtype,
                                                **local)
-    except Exception as exc:  # noqa: BLE001 - OSError/ValueError/hub errors: one clear message
+    except Exception as exc:
         raise _from_pretrained_errors(source, folder, exc) from exc
 
 
@@ -293,7 +296,7 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, offload
     rest = torch.device("cpu") if offload else device
     unet.to(rest)
     if vae is not None:
-        vae.to(rest, dtype=dtype)
+        vae.to(rest)  # already in ``dtype`` (torch_dtype at load)
     text_encoder.to("cpu")
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     sample = int(unet.config.sample_size)

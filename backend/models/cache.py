@@ -62,7 +62,7 @@ def licence_of(snapshot: Path | None) -> str | None:
 
     try:
         meta = metadata_load(card) or {}
-    except Exception:  # noqa: BLE001 - a malformed card is "unknown licence", not an error
+    except Exception:
         return None
     lic = meta.get("license")
     if isinstance(lic, list):
@@ -144,7 +144,7 @@ def pull(model_id: str, progress: bool = True, cache_dir: Path | None = None) ->
     (disable_progress_bars if not progress else enable_progress_bars)()
     try:
         path = snapshot_download(model_id, cache_dir=str(cache_dir or hub_cache_dir()), ignore_patterns=ignore)
-    except Exception as exc:  # noqa: BLE001 - the hub raises many classes; the user needs one line
+    except Exception as exc:
         raise ModelStoreError(f"could not download {model_id}: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     finally:

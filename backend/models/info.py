@@ -46,7 +46,7 @@ def model_list() -> list[dict]:
     """Catalogue entries (pipelines and the bundled prior) then other cached diffusers pipelines."""
     try:
         cached = {m.id: m for m in cached_models()}
-    except Exception as exc:  # noqa: BLE001 - an unreadable cache must not break hello
+    except Exception as exc:
         log.warning("could not scan the model cache: %s", exc)
         cached = {}
     out = []
@@ -73,9 +73,9 @@ def safe_hello_model_fields() -> dict:
     """:func:`hello_model_fields`, or just ``{"device": ...}`` if anything goes wrong (hello must always answer)."""
     try:
         return hello_model_fields()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.warning("hello model fields unavailable: %s", exc)
         try:
             return {"device": describe_device()}
-        except Exception:  # noqa: BLE001
+        except Exception:
             return {}

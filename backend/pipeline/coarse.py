@@ -26,6 +26,7 @@ from backend.gaussians.model import GaussianModel
 from backend.gaussians.render import RenderOutput, resolve_backend
 from backend.mesh.extract import EmptyMeshError, extract_mesh, fit_to_size
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
+from backend.pipeline.losslog import LossLog
 from backend.pipeline.schedule import anneal, step_ratio
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
     log.info("coarse stage: %d steps, batch %d, %d Gaussians; %s", steps, config.batch_size, len(model),
              renderer_line)
     ctx.emit(ProgressEvent(stage, 0, steps, renderer_line))
+    loss_log = LossLog(result.losses, device, "coarse")
     for step in range(steps):
         ctx.check_cancel()
         t0 = time.perf_counter()
@@ -126,8 +128,6 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
         densifying = config.densify_from <= ratio <= config.densify_until
         out = model.render(cams, bg, backend=backend, retain_means2d=densifying)
         loss = loss_fn(out, cams, bg, ratio)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"coarse stage: non-finite loss {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if densifying:
@@ -138,11 +138,13 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
             info["step"] = step + 1
             result.densify_log.append(info)
             log.debug("densify at step %d: %s", step + 1, info)
-        result.losses.append(float(loss.detach()))
-        step_time += time.perf_counter() - t0
-        ctx.emit(ProgressEvent(stage, step + 1, steps,
-                               f"loss {result.losses[-1]:.4g}, {len(model)} Gaussians, {res}px"))
         last = step + 1 == steps
+        loss_log.add(step, loss)  # host copy (and NaN check) every few steps on CUDA, not every step
+        if last or (config.preview_every and (step + 1) % config.preview_every == 0):
+            loss_log.flush()
+        step_time += time.perf_counter() - t0
+        shown = f"loss {loss_log.last:.4g}, " if loss_log.last is not None else ""
+        ctx.emit(ProgressEvent(stage, step + 1, steps, f"{shown}{len(model)} Gaussians, {res}px"))
         if last or (config.preview_every and (step + 1) % config.preview_every == 0):
             t1 = time.perf_counter()
             try:

@@ -36,6 +36,7 @@ from backend.mesh.cleanup import clean_mesh
 from backend.mesh.export import compute_vertex_normals
 from backend.mesh.uv import unwrap, uv_from_corners
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
+from backend.pipeline.losslog import LossLog
 from protocol.mesh import MeshPayload
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,7 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, settings: R
         adjacency = face_adjacency(mesh.faces)
     opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8)
     losses: list[float] = []
+    loss_log = LossLog(losses, mesh.positions.device, "fine")
     total = settings.steps
     for step in range(total):
         if ctx is not None:
@@ -266,14 +268,19 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, settings: R
             texture.clamp_(0.0, 1.0)
             if offsets is not None:
                 offsets.clamp_(-settings.offset_limit, settings.offset_limit)
-        losses.append(float(loss.detach()))
+        last = step == total - 1
+        preview_due = last or (settings.preview_every > 0 and (step + 1) % settings.preview_every == 0)
+        loss_log.add(step, loss)  # host copy (and NaN check) every few steps on CUDA, not every step
+        if preview_due:
+            loss_log.flush()
         mesh.texture = texture.detach()
         mesh.offsets = None if offsets is None else offsets.detach()
         if ctx is not None:
-            ctx.emit(ProgressEvent(stage, step + 1, total, f"loss {losses[-1]:.4g}"))
-            last = step == total - 1
-            if last or (settings.preview_every > 0 and (step + 1) % settings.preview_every == 0):
+            ctx.emit(ProgressEvent(stage, step + 1, total,
+                                   f"loss {loss_log.last:.4g}" if loss_log.last is not None else "optimising"))
+            if preview_due:
                 ctx.emit(PreviewEvent(stage, step + 1, mesh.to_payload(settings.preview_texture_side)))
+    loss_log.flush()
     mesh.texture = texture.detach()
     mesh.offsets = None if offsets is None else offsets.detach()
     mesh.info["loss"] = losses
@@ -359,7 +366,7 @@ def save_coarse_mesh(gaussians, preset, ctx: JobContext, name: str = "coarse") -
         c = preset.coarse
         mesh = extract_mesh(gaussians, c.mesh_grid, c.mesh_faces, c.density_threshold)
         return export_mesh(fit_to_size(mesh, preset.object_size), ctx.out_dir, name)
-    except Exception as exc:  # noqa: BLE001 - best effort, reported in the log
+    except Exception as exc:  # best effort, reported in the log
         log.warning("could not save the coarse mesh: %s", exc)
         return None
 

@@ -48,7 +48,8 @@ class GuidanceConfig:
         cpu_offload: diffusers-style model offload: the models rest in CPU memory and each moves to the
             GPU for its own forward pass (the VAE encoder also for its backward).
         vae: the image encoder: "model" (the model's own AutoencoderKL) or "taesd" (``madebyollin/taesd``,
-            diffusers AutoencoderTiny; falls back to the model's VAE with a warning when not downloaded).
+            diffusers AutoencoderTiny; falls back to the model's VAE with a warning when not downloaded),
+            or a hub id / folder holding an AutoencoderTiny.
         view_dependent: append ", front view" / side / back / overhead to the prompt per camera.
     """
 
@@ -291,7 +292,8 @@ def validate_preset(preset: Preset) -> None:
         ("guidance.t_anneal", g.t_anneal in ("constant", "linear", "cosine", "sqrt", "step"),
          "must be constant, linear, cosine, sqrt or step"),
         ("guidance.grad_clip", g.grad_clip >= 0, "must be >= 0"),
-        ("guidance.vae", g.vae in ("model", "taesd"), "must be model or taesd"),
+        ("guidance.vae", isinstance(g.vae, str) and bool(g.vae.strip()),
+         "must be model, taesd, or a hub id / folder holding an AutoencoderTiny"),
         ("object_size", preset.object_size > 0, "must be > 0 (metres)"),
     ]
     if preset.fine is not None:

@@ -45,7 +45,8 @@ The parts (the way jupyter_client keeps its session apart from its channels):
 - ``handlers.py``: :class:`RequestHandlers`, one ``on_<msg_type>`` per request;
 - ``streams.py``: :class:`Delivery`, the peers' outboxes, job streams, subscriptions and credits;
 - ``supervisor.py``: :class:`JobSupervisor` (queue -> workers -> events, final states) over a
-  :class:`WorkerPool` (today :class:`LocalWorkerPool`, one worker process);
+  :class:`WorkerPool`; ``pool.py``: :class:`MultiWorkerPool`, N local worker processes
+  (``--workers N``, one GPU each) or N Ray actors (``--ray``, ``ray_worker.py``);
 - ``records.py``: wire views of job records (status, result, final event).
 """
 
@@ -72,21 +73,25 @@ from protocol import (
     new_key,
     write_connection_file,
 )
-from protocol.messages import MAX_MESSAGE_BYTES
+from protocol.messages import MAX_REQUEST_BYTES, MAX_REQUEST_FRAME_BYTES
 
 from . import jobs as J
 from .handlers import RequestHandlers
 from .jobs import DataDirError, JobQueue, JobStore
+from .pool import MultiWorkerPool, PoolSpec
 from .preflight import params_checker
+from .ray_worker import RayUnavailable
 from .records import final_event
 from .security import CurveKeys, SecurityError, apply_server_curve, check_bind, start_authenticator
 from .streams import DEFAULT_LOG_LIMIT, Delivery
-from .supervisor import JobSupervisor, LocalWorkerPool
+from .supervisor import JobSupervisor
 from .worker import DEFAULT_PIPELINE, PipelineSpecError, WorkerDied
 
 log = logging.getLogger("conjure.server")
 
 SERVER_VERSION = __version__  # one version source: pyproject.toml
+#: messages queued per peer in the ROUTER socket before sends to it get EAGAIN
+SNDHWM = 32
 
 
 class ServerStartError(Exception):
@@ -110,6 +115,10 @@ class ServerConfig:
     log_limit: int = DEFAULT_LOG_LIMIT
     worker_start_timeout: float = 300.0
     key: bytes | None = None
+    #: worker count (None: 1 local worker, or one Ray actor per GPU of the cluster)
+    workers: int | None = None
+    #: Ray cluster address ("auto", "host:port", "local") or None for local worker processes
+    ray: str | None = None
 
 
 class Server:
@@ -127,7 +136,7 @@ class Server:
                       "worker_restarts": 0, "jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
                       "outbox_overflow": 0, "unsendable": 0, "previews_sent": 0, "previews_replaced": 0}
         self.delivery = Delivery(self.stats, config.log_limit, lambda rec: final_event(self.store, rec))
-        self.pool = LocalWorkerPool(config.pipeline, self.stats)
+        self.pool = MultiWorkerPool(PoolSpec(config.pipeline, config.workers, config.ray), self.stats)
         self.supervisor = JobSupervisor(self.store, JobQueue(config.queue_limit), self.pool, self.delivery,
                                         self.stats, config.cancel_timeout)
         self.handlers = RequestHandlers(self)
@@ -141,6 +150,9 @@ class Server:
         self.check_params = None
         self._polled_fds: set[int] = set()
         self._started_pool = False
+        self._allow_checked = 0.0
+        self._allow_stamp: tuple = ()
+        self._allowed_keys: set[str] | None = None  # z85 client keys (CurveZMQ only)
 
     # ------------------------------------------------------------------ start / stop
     def start(self) -> ConnectionInfo:
@@ -158,7 +170,7 @@ class Server:
             raise ServerStartError(str(exc)) from exc
         try:
             self.check_params = params_checker(cfg.pipeline)
-        except Exception as exc:  # noqa: BLE001 - import errors of a user-given module
+        except Exception as exc:
             raise ServerStartError(f"cannot load the pipeline {cfg.pipeline!r}: {type(exc).__name__}: {exc}") from exc
         if cfg.preset is not None:
             try:
@@ -176,10 +188,16 @@ class Server:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.SNDHWM, 1000)
+        # per-peer send pipe: at most SNDHWM messages (credit-based flow control inside libzmq: a
+        # peer that stops reading fills it, then sends get EAGAIN and replies wait in the small
+        # outbox), so one peer pins at most ~SNDHWM x MAX_FETCH_BYTES of replies
+        self.sock.setsockopt(zmq.SNDHWM, SNDHWM)
         self.sock.setsockopt(zmq.RCVHWM, 1000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + (1 << 20))
+        # requests are small: libzmq drops a peer that announces a larger frame, before Python sees it
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_FRAME_BYTES)
         if self.curve is not None:
+            self._allow_stamp = _folder_stamp(self.curve.clients_dir)
+            self._allowed_keys = _allowed_keys(self.curve.clients_dir)
             self.auth = start_authenticator(self.ctx, self.curve)
             apply_server_curve(self.sock, self.curve)
         host = f"[{cfg.ip}]" if ":" in cfg.ip else cfg.ip
@@ -201,14 +219,19 @@ class Server:
         self._started_pool = True
         try:
             self.pool.start(cfg.worker_start_timeout)
+        except (RayUnavailable, ValueError) as exc:
+            self.pool.stop(0)
+            self._close_socket()
+            self.store.close()
+            raise ServerStartError(str(exc)) from exc
         except (PipelineSpecError, WorkerDied, TimeoutError, RuntimeError) as exc:
-            self.pool.handle.kill()
+            self.pool.stop(0)
             self._close_socket()
             self.store.close()
             raise ServerStartError(f"the worker could not start the pipeline {cfg.pipeline!r}: {exc}") from exc
 
         key = cfg.key or new_key()
-        self.session = Session(key, self.session_id, routing=True)
+        self.session = Session(key, self.session_id, routing=True, max_recv_bytes=MAX_REQUEST_BYTES)
         self.delivery.bind(self.session, self.sock)
         advertise = cfg.advertise_ip or (cfg.ip if cfg.ip not in ("0.0.0.0", "::") else _hostname())
         info = ConnectionInfo("tcp", advertise, port, key, PROTOCOL_VERSION,
@@ -216,8 +239,10 @@ class Server:
         from protocol import default_connection_path
 
         path = Path(cfg.connection_file) if cfg.connection_file else default_connection_path()
+        _private_parent(path, fix=not cfg.connection_file)
         try:
             self.connection_file = write_connection_file(path, info)
+            self._connection_info = info
         except OSError as exc:
             self.shutdown()
             raise ServerStartError(f"cannot write the connection file {path}: {exc.strerror or exc}") from exc
@@ -243,11 +268,23 @@ class Server:
         self.supervisor.shutdown()
         self._close_socket()
         self.store.close()
-        if self.connection_file is not None:
+        if self.connection_file is not None and self._owns_connection_file():
             try:
                 self.connection_file.unlink()
             except OSError:
                 pass
+
+    def _owns_connection_file(self) -> bool:
+        """True while the connection file is still the one this server wrote (another server may
+        have replaced it since: then it is theirs to remove)."""
+        from protocol.connection import read_connection_file
+
+        mine = getattr(self, "_connection_info", None)
+        try:
+            there = read_connection_file(self.connection_file)
+        except Exception:
+            return False
+        return mine is not None and there.key == mine.key and there.port == mine.port
 
     # ------------------------------------------------------------------ loop
     def serve_forever(self) -> None:
@@ -268,13 +305,41 @@ class Server:
                     raise
                 if self.sock in ready:
                     self._handle_incoming()
-                sup.pump()
-                delivery.flush()
+                self._guarded(sup.pump)
+                self._guarded(delivery.flush)
                 now = time.monotonic()
-                sup.timers(now)
+                self._guarded(sup.timers, now)
                 delivery.forget_idle(now)
+                self._reload_allow_list(now)
         finally:
             self.shutdown()
+
+    def _guarded(self, fn, *args) -> None:
+        """Run one step of the loop; a bug in it is logged and counted, and the server goes on."""
+        try:
+            fn(*args)
+        except Exception:
+            self.stats["loop_errors"] = self.stats.get("loop_errors", 0) + 1
+            log.exception("error in %s; the server goes on", getattr(fn, "__name__", fn))
+
+    def _reload_allow_list(self, now: float) -> None:
+        """Re-read the CURVE client allow-list when its folder changes (checked once a second): a
+        removed key is refused on its next connection and its messages on an open one are dropped;
+        an added key is admitted; no restart."""
+        if self.auth is None or now - self._allow_checked < 1.0:
+            return
+        self._allow_checked = now
+        stamp = _folder_stamp(self.curve.clients_dir)
+        if stamp == self._allow_stamp:
+            return
+        self._allow_stamp = stamp
+        try:
+            self.auth.configure_curve(domain="*", location=str(self.curve.clients_dir))
+            self._allowed_keys = _allowed_keys(self.curve.clients_dir)
+            log.warning("CURVE allow-list %s changed: %d client key(s) now allowed", self.curve.clients_dir,
+                        len(stamp))
+        except Exception as exc:
+            log.error("cannot reload the CURVE allow-list: %s", exc)
 
     def _sync_worker_fds(self, poller) -> None:
         """Poll the pool's current pipes (a restarted worker has a new one)."""
@@ -297,6 +362,15 @@ class Server:
             except ProtocolError as exc:
                 d = self.stats["dropped"]
                 d[exc.code] = d.get(exc.code, 0) + 1
+                req = exc.request
+                if req is not None:  # signed by a key holder: answer, naming the field
+                    self.delivery.touch(req.session, req.routing_id, time.monotonic())
+                    self.delivery.error(req.session, exc.code, exc.message, job_id=req.job_id,
+                                        in_reply_to=req.msg_id, field=exc.field)
+                continue
+            if self._allowed_keys is not None and self.session.last_user_id not in self._allowed_keys:
+                d = self.stats["dropped"]  # its key left the allow-list after it connected
+                d["revoked_key"] = d.get("revoked_key", 0) + 1
                 continue
             self.stats["received"] += 1
             self.delivery.touch(msg.session, rid, time.monotonic())
@@ -327,6 +401,51 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _folder_stamp(folder: Path) -> tuple:
+    """(name, size, mtime_ns) of every ``*.key`` in ``folder``: changes when a key is added, removed
+    or rewritten."""
+    out = []
+    try:
+        for p in sorted(Path(folder).glob("*.key")):
+            st = p.stat()
+            out.append((p.name, st.st_size, st.st_mtime_ns))
+    except OSError:
+        pass
+    return tuple(out)
+
+
+def _allowed_keys(folder: Path) -> set[str]:
+    """z85 public keys of the allow-list (what the ZAP handler reports as a peer's User-Id)."""
+    from zmq.auth import load_certificates
+
+    return {k.decode() if isinstance(k, bytes) else str(k) for k in load_certificates(str(folder))}
+
+
+def _private_parent(path: Path, fix: bool) -> None:
+    """The connection file's folder should be private. The default runtime folder is set to 0700
+    when group/other can read it (``fix``); a folder the user named is only warned about, and a
+    shared sticky folder such as /tmp is left alone (the file itself is 0600 in every case)."""
+    folder = Path(path).expanduser().parent
+    try:
+        st = folder.stat()
+    except OSError:
+        return  # created 0700 by write_connection_file
+    import stat as _stat
+
+    if not st.st_mode & 0o077 or st.st_mode & _stat.S_ISVTX:
+        return
+    if not fix or st.st_uid != os.getuid():
+        log.warning("the connection file's folder %s has mode %04o (others can list it); the file itself is "
+                    "0600", folder, st.st_mode & 0o777)
+        return
+    log.warning("the runtime folder %s had mode %04o; setting it to 0700 (it holds the connection key)",
+                folder, st.st_mode & 0o777)
+    try:
+        os.chmod(folder, 0o700)
+    except OSError as exc:
+        log.warning("cannot chmod %s: %s", folder, exc)
+
+
 def _hostname() -> str:
     import socket
 
@@ -337,8 +456,11 @@ def run_server(config: ServerConfig, out=sys.stdout) -> int:
     """Start and serve until stopped; prints where the connection file is. Returns an exit code."""
     server = Server(config)
     info = server.start()
+    workers = server.pool.describe()["workers"]
+    where = ", ".join(f"{w['name']} pid {w['pid']}" + (f" GPU {w['gpu']}" if w["gpu"] else "")
+                      + (f" on {w['host']}" if w["kind"] == "ray" else "") for w in workers)
     print(f"conjure-backend: listening on {server.url} (pipeline {config.pipeline}, "
-          f"worker pid {server.pool.pid})", file=out)
+          f"{len(workers)} worker{'s' if len(workers) != 1 else ''}: {where})", file=out)
     print(f"conjure-backend: connection file {server.connection_file}", file=out)
     print(f"conjure-backend: data directory {server.store.data_dir}", file=out)
     if info.server_public_key:

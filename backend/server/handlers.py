@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from protocol import PROTOCOL_VERSION, ProtocolError, validate_params
-from protocol.messages import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
+from protocol.messages import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES
 from protocol.params import coerce_overrides
 
 from . import jobs as J
@@ -25,8 +25,9 @@ from .worker import package_versions
 if TYPE_CHECKING:
     from .app import Server
 
-#: most bytes one result_chunk carries (a client asking for more gets this much; it pulls the rest)
-MAX_FETCH_BYTES = 4 << 20
+#: most bytes one result_chunk carries (a client asking for more gets this much; it pulls the rest).
+#: With the socket's SNDHWM this bounds what a peer that never reads can pin in the server.
+MAX_FETCH_BYTES = 1 << 20
 CAPABILITIES = ["attach", "fetch_result", "preview_credits", "stats"]
 
 
@@ -52,7 +53,7 @@ class RequestHandlers:
             handler(msg)
         except ProtocolError as exc:
             d.error(msg.session, exc.code, exc.message, job_id=msg.job_id, in_reply_to=msg.msg_id, field=exc.field)
-        except Exception as exc:  # noqa: BLE001 - a bug in one handler must not stop the server
+        except Exception as exc:
             import logging
 
             logging.getLogger("conjure.server").exception("handler for %s failed", msg.msg_type)
@@ -83,17 +84,18 @@ class RequestHandlers:
             from backend.pipeline.presets import preset_names
 
             presets = preset_names()
-        except Exception:  # noqa: BLE001
+        except Exception:
             presets = []
-        cfg = self.config
         from backend.models.info import safe_hello_model_fields
 
+        cfg = self.config
         return {
             **safe_hello_model_fields(),
             "protocol_version": PROTOCOL_VERSION,
             "server_version": self.server.version,
             "limits": {"queue_limit": self.jobs.queue.limit, "max_chunk_bytes": MAX_CHUNK_BYTES,
                        "max_message_bytes": MAX_MESSAGE_BYTES, "max_fetch_bytes": MAX_FETCH_BYTES,
+                       "max_request_bytes": MAX_REQUEST_BYTES,
                        "preview_credits": DEFAULT_PREVIEW_CREDITS,
                        "event_log": cfg.log_limit, "cancel_timeout_s": cfg.cancel_timeout},
             "presets": presets,
@@ -161,7 +163,16 @@ class RequestHandlers:
         rec = JobRecord(job_id=job_id, prompt=params.prompt, negative_prompt=params.negative_prompt, seed=seed,
                         preset=params.preset, overrides=dict(params.overrides), pipeline=self.config.pipeline,
                         versions=package_versions())
-        self.store.add(rec)
+        try:
+            self.store.add(rec)
+        except OSError as exc:  # full disk: refuse the job, keep nothing of it
+            self.store.remove(job_id)
+            full = J.is_disk_full(exc)
+            d.error(msg.session, "disk_full" if full else "storage_error",
+                    ("the disk holding the data directory is full; free some space and submit again" if full
+                     else f"the data directory cannot be written: {exc.strerror or exc}"),
+                    job_id=job_id, retriable=True, in_reply_to=msg.msg_id)
+            return
         ahead = self.jobs.enqueue(rec)
         stream = d.new_stream(job_id)
         sub = d.subscribe(job_id, msg.session, 0)
@@ -175,12 +186,19 @@ class RequestHandlers:
         rec = self._job_or_error(msg)
         if rec is None:
             return
+        follows = d.subscription(job_id, msg.session) is not None  # it gets the stream's cancelled event
         if rec.state == J.QUEUED:
             self.jobs.cancel_queued(rec)
+            if not follows:
+                d.send(msg.session, "cancelled", {"message": "cancelled before it started", "state": "cancelled"},
+                       job_id=job_id)
         elif rec.state == J.RUNNING and self.jobs.running_job(job_id) is not None:
             if not self.jobs.request_cancel(rec):
                 d.send(msg.session, "cancelled", {"message": "already cancelling", "state": "cancelling"},
                        job_id=job_id)
+            elif not follows:
+                d.send(msg.session, "cancelled", {"message": "cancel requested; the job stops at its next step",
+                                                  "state": "cancelling"}, job_id=job_id)
         elif rec.state == J.CANCELLED:
             d.send(msg.session, "cancelled", {"message": "already cancelled", "state": "cancelled"}, job_id=job_id)
         else:
@@ -263,14 +281,17 @@ class RequestHandlers:
                     job_id=msg.job_id, in_reply_to=msg.msg_id, field="offset")
             return
         path = self.store.result_dir(rec.job_id) / info["name"]
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(length)
-        except OSError as exc:
-            d.error(msg.session, "result_missing", f"cannot read {info['name']}: {exc.strerror or exc}",
-                    job_id=msg.job_id, in_reply_to=msg.msg_id)
-            return
-        d.send(msg.session, "result_chunk", {
-            "name": name, "offset": offset, "size": info["size"], "eof": offset + len(data) >= info["size"],
-            "sha256": info["sha256"]}, [data], job_id=rec.job_id)
+        msg_id = msg.msg_id
+
+        def chunk():  # read when the peer's pipe takes it (a peer that does not read pins no file data)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(length)
+            except OSError as exc:
+                return "error", {"code": "result_missing", "message": f"cannot read {info['name']}: "
+                                 f"{exc.strerror or exc}", "retriable": False, "in_reply_to": msg_id}, ()
+            return "result_chunk", {"name": name, "offset": offset, "size": info["size"],
+                                    "eof": offset + len(data) >= info["size"], "sha256": info["sha256"]}, (data,)
+
+        d.send_lazy(msg.session, chunk, job_id=rec.job_id)

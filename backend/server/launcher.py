@@ -59,7 +59,7 @@ class ServerProcess:
                 try:
                     self.info = read_connection_file(self.connection_file)
                     return self
-                except Exception:  # noqa: BLE001 - half-written file: retry
+                except Exception:  # half-written file: retry
                     pass
             time.sleep(0.05)
         self.kill()

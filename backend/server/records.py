@@ -59,6 +59,7 @@ def status_content(rec: JobRecord, *, last_seq: int, queue_position: int | None,
         "created": rec.created,
         "updated": rec.finished or rec.started or rec.created,
         "timings": rec.timings,
+        "worker": rec.worker,
     }
     if running is not None:
         content["stage"] = running.stage or None

@@ -44,8 +44,11 @@ PEER_FORGET_S = 3600.0
 #: peers that never grant preview credits get one back every LEGACY_REFILL_S while seen alive
 LEGACY_REFILL_S = 1.0
 LEGACY_ALIVE_S = 5.0
-#: most direct replies queued for one peer whose socket is full
+#: most direct replies queued for one peer whose socket is full, and most bytes of their buffers
 OUTBOX_LIMIT = 256
+OUTBOX_BYTES = 8 << 20
+#: most peers remembered; beyond it the least recently seen idle peer is forgotten (LRU)
+MAX_PEERS = 4096
 
 
 @dataclass
@@ -145,8 +148,10 @@ class Peer:
     """A client of this server, known by its session id (header ``session``).
 
     ``routing_id`` is its ROUTER identity (updated on every message); ``outbox`` holds direct
-    replies that its socket did not take yet (at most ``OUTBOX_LIMIT``), as
-    ``(msg_type, content, buffers, job_id, seq)`` tuples.
+    replies that its socket did not take yet (at most ``OUTBOX_LIMIT`` entries and
+    ``OUTBOX_BYTES`` of buffers), as :class:`Outgoing` items. A large reply (``result_chunk``) is
+    queued *lazily*: only its recipe, read when the peer's pipe has room again, so a peer that
+    does not read costs the ZeroMQ pipe (``SNDHWM`` messages) plus a few small records.
     """
 
     routing_id: bytes
@@ -154,6 +159,25 @@ class Peer:
     explicit_credits: bool = False
     last_refill: float = 0.0
     outbox: deque = field(default_factory=deque)
+    outbox_bytes: int = 0
+
+
+@dataclass
+class Outgoing:
+    """A direct reply waiting in a peer's outbox; ``make`` (lazy replies) returns
+    ``(msg_type, content, buffers)`` when it is finally sent."""
+
+    msg_type: str
+    content: dict | None
+    buffers: tuple = ()
+    job_id: str | None = None
+    seq: int | None = None
+    make: Callable | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) if isinstance(b, (bytes, bytearray)) else int(getattr(b, "nbytes", 0))
+                   for b in self.buffers)
 
 
 class Delivery:
@@ -172,7 +196,7 @@ class Delivery:
         self.final_event = final_event
         self.session = None  # protocol.Session, set by bind()
         self.sock = None
-        self.peers: dict[str, Peer] = {}
+        self.peers: OrderedDict[str, Peer] = OrderedDict()  # least recently seen first
         self.streams: OrderedDict[str, JobStream] = OrderedDict()
         self.subs: dict[str, dict[str, Subscription]] = {}
         self.dirty: set[str] = set()  # job ids whose subscribers may have something to send
@@ -186,9 +210,24 @@ class Delivery:
         peer = self.peers.get(peer_id)
         if peer is None:
             peer = self.peers[peer_id] = Peer(routing_id, now, last_refill=now)
+            if len(self.peers) > MAX_PEERS:
+                self._evict_peers()
+        else:
+            self.peers.move_to_end(peer_id)
         peer.routing_id = routing_id
         peer.last_seen = now
         return peer
+
+    def _evict_peers(self) -> None:
+        """Forget the least recently seen peers that follow no job and wait for nothing."""
+        subscribed = {pid for subs in self.subs.values() for pid in subs}
+        for peer_id in list(self.peers):
+            if len(self.peers) <= MAX_PEERS:
+                return
+            peer = self.peers[peer_id]
+            if not peer.outbox and peer_id not in subscribed:
+                del self.peers[peer_id]
+                self.stats["peers_evicted"] = self.stats.get("peers_evicted", 0) + 1
 
     def peer_gone(self, peer_id: str) -> None:
         """The peer's socket disconnected: drop its subscriptions (jobs go on, results persist)."""
@@ -210,32 +249,73 @@ class Delivery:
              direct: bool = True) -> str:
         """Send to a peer (by session id). Returns 'ok', 'again' (its pipe is full), 'gone' or 'skip'.
 
-        ``direct`` replies that cannot go out now are kept in the peer's small outbox.
+        ``direct`` replies that cannot go out now are kept in the peer's small outbox. A message
+        the protocol refuses to encode (a bug, e.g. NaN in stored data) is sent with non-finite
+        numbers as null, or replaced by an ``error`` naming what failed: the peer always gets an answer.
         """
         peer = self.peers.get(peer_id)
         if peer is None:
             return "gone"
         if direct and peer.outbox:
-            return self._queue_direct(peer, msg_type, content, buffers, job_id, seq)
+            return self._queue_direct(peer, Outgoing(msg_type, content, tuple(buffers), job_id, seq))
+        r = self._send_now(peer_id, peer, msg_type, content, buffers, job_id, seq)
+        if r == "again" and direct:
+            return self._queue_direct(peer, Outgoing(msg_type, content, tuple(buffers), job_id, seq))
+        return r
+
+    def send_lazy(self, peer_id: str, make: Callable, *, job_id=None) -> str:
+        """A large direct reply built by ``make() -> (msg_type, content, buffers)`` only when the
+        peer's pipe takes it (read the file then, not now). Same returns as :meth:`send`."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return "gone"
+        if not peer.outbox:
+            msg_type, content, buffers = make()
+            r = self._send_now(peer_id, peer, msg_type, content, buffers, job_id, None)
+            if r != "again":
+                return r
+        return self._queue_direct(peer, Outgoing("", None, (), job_id, None, make))
+
+    def _send_now(self, peer_id: str, peer: Peer, msg_type, content, buffers, job_id, seq) -> str:
         try:
-            self.session.send(self.sock, msg_type, content, buffers, job_id=job_id, seq=seq,
-                              routing_id=peer.routing_id, session=peer_id, flags=zmq.NOBLOCK)
-        except ProtocolError as exc:  # our own message does not fit the schema: a bug, not a client's fault
-            log.error("cannot send %s to %s: %s", msg_type, peer_id, exc)
-            self.stats["unsendable"] += 1
-            return "skip"
+            self._encode_and_send(peer_id, peer, msg_type, content, buffers, job_id, seq)
         except zmq.Again:
             self.stats["send_again"] += 1
-            if direct:
-                return self._queue_direct(peer, msg_type, content, buffers, job_id, seq)
             return "again"
         except zmq.ZMQError as exc:
             if exc.errno == errno.EHOSTUNREACH:
                 self.peer_gone(peer_id)
                 return "gone"
             raise
+        except _Unsendable:
+            return "skip"
         self.stats["sent"] += 1
         return "ok"
+
+    def _encode_and_send(self, peer_id: str, peer: Peer, msg_type, content, buffers, job_id, seq) -> None:
+        send = self.session.send
+        kw = dict(job_id=job_id, seq=seq, routing_id=peer.routing_id, session=peer_id, flags=zmq.NOBLOCK)
+        try:
+            send(self.sock, msg_type, content, buffers, **kw)
+            return
+        except ProtocolError as exc:  # our own message does not fit the schema: a bug, not the peer's fault
+            first = exc
+        from .jobs import json_safe
+
+        self.stats["unsendable"] += 1
+        try:
+            send(self.sock, msg_type, json_safe(content), buffers, **kw)
+            log.error("sent %s to %s with non-finite numbers as null (%s)", msg_type, peer_id, first)
+            return
+        except ProtocolError as exc:
+            log.error("cannot send %s to %s: %s", msg_type, peer_id, exc)
+        try:  # the peer still learns that something went wrong (same job id and seq)
+            send(self.sock, "error", {"code": "internal_error", "retriable": False,
+                                      "message": f"the server could not encode its {msg_type} message: "
+                                                 f"{first.message}"[:2000]}, (), **kw)
+        except ProtocolError as exc:
+            log.error("cannot send an error to %s either: %s", peer_id, exc)
+            raise _Unsendable from exc
 
     def error(self, peer_id: str, code: str, message: str, *, job_id=None, retriable: bool = False,
               in_reply_to=None, field=None) -> None:
@@ -246,32 +326,30 @@ class Delivery:
             content["field"] = field
         self.send(peer_id, "error", content, job_id=job_id)
 
-    def _queue_direct(self, peer: Peer, msg_type, content, buffers, job_id, seq) -> str:
-        if len(peer.outbox) >= OUTBOX_LIMIT:
+    def _queue_direct(self, peer: Peer, item: Outgoing) -> str:
+        size = item.nbytes
+        if len(peer.outbox) >= OUTBOX_LIMIT or peer.outbox_bytes + size > OUTBOX_BYTES:
             self.stats["outbox_overflow"] += 1
             return "again"
-        peer.outbox.append((msg_type, content, tuple(buffers), job_id, seq))
+        peer.outbox.append(item)
+        peer.outbox_bytes += size
         return "again"
 
     def _flush_outbox(self, peer_id: str, peer: Peer) -> bool:
         """Send queued direct replies; True when the outbox is empty."""
         while peer.outbox:
-            msg_type, content, buffers, job_id, seq = peer.outbox[0]
-            try:
-                self.session.send(self.sock, msg_type, content, buffers, job_id=job_id, seq=seq,
-                                  routing_id=peer.routing_id, session=peer_id, flags=zmq.NOBLOCK)
-            except ProtocolError as exc:
-                log.error("cannot send %s to %s: %s", msg_type, peer_id, exc)
-                self.stats["unsendable"] += 1
-            except zmq.Again:
+            item = peer.outbox[0]
+            if item.make is not None:  # built now, when it can go out (and again after a retry)
+                msg_type, content, buffers = item.make()
+            else:
+                msg_type, content, buffers = item.msg_type, item.content, item.buffers
+            r = self._send_now(peer_id, peer, msg_type, content, buffers, item.job_id, item.seq)
+            if r == "again":
                 return False
-            except zmq.ZMQError as exc:
-                if exc.errno == errno.EHOSTUNREACH:
-                    self.peer_gone(peer_id)
-                    return False
-                raise
+            if r == "gone":
+                return False
             peer.outbox.popleft()
-            self.stats["sent"] += 1
+            peer.outbox_bytes = max(0, peer.outbox_bytes - item.nbytes)
         return True
 
     # ------------------------------------------------------------------ streams
@@ -329,9 +407,10 @@ class Delivery:
         sub.grant(credits)
         self.dirty.add(sub.job_id)
 
-    def trim(self) -> None:
-        """Keep the streams of active jobs and of the last KEEP_FINISHED_STREAMS finished ones."""
-        finished = [j for j, s in self.streams.items() if s.closed and not self.subs.get(j)]
+    def trim(self, keep: set[str] = frozenset()) -> None:
+        """Keep the streams of active jobs (``keep``: running and queued, whatever their stream
+        says) and of the last KEEP_FINISHED_STREAMS finished ones."""
+        finished = [j for j, s in self.streams.items() if s.closed and not self.subs.get(j) and j not in keep]
         for job_id in finished[:-KEEP_FINISHED_STREAMS] if len(finished) > KEEP_FINISHED_STREAMS else []:
             del self.streams[job_id]
             self.subs.pop(job_id, None)
@@ -406,3 +485,7 @@ class Delivery:
                 continue
             return False
         return True
+
+
+class _Unsendable(Exception):
+    """Neither the message nor an error about it could be encoded (logged, counted)."""

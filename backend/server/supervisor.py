@@ -23,7 +23,7 @@ from typing import Protocol
 from protocol import ProtocolError, encode_mesh
 
 from . import jobs as J
-from .jobs import JobQueue, JobRecord, JobStore
+from .jobs import JobQueue, JobRecord, JobStore, json_safe
 from .records import result_content
 from .streams import Delivery
 from .worker import (
@@ -79,6 +79,9 @@ class WorkerPool(Protocol):
     def describe(self) -> dict:
         """``{"worker_pid", "worker_ready"}`` for stats."""
 
+    def placement(self, job_no: int) -> dict | None:
+        """Where job ``job_no`` runs: ``{"name", "kind", "host", "gpu", "pid"}`` (None if unknown)."""
+
 
 class LocalWorkerPool:
     """One local worker process (capacity 1), restarted when it dies.
@@ -89,8 +92,9 @@ class LocalWorkerPool:
 
     capacity = 1
 
-    def __init__(self, pipeline_spec: str, stats: dict):
-        self.handle = WorkerHandle(pipeline_spec)
+    def __init__(self, pipeline_spec: str, stats: dict, handle=None):
+        #: a WorkerHandle, or anything with its interface (pool.PinnedWorkerHandle, ray_worker.RayWorkerHandle)
+        self.handle = handle if handle is not None else WorkerHandle(pipeline_spec)
         self.stats = stats
         self.job_no: int | None = None  # the job the worker runs
         self._restart_at: float | None = None
@@ -103,9 +107,13 @@ class LocalWorkerPool:
 
     def start(self, timeout: float) -> None:
         """Start the worker and wait until it is ready (raises what ``wait_ready`` raises)."""
+        self.launch()
+        self.handle.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the worker without waiting for it (``wait_ready`` or a ``WorkerReady`` follows)."""
         self.handle.start()
         self._open = True
-        self.handle.wait_ready(timeout)
 
     def free(self) -> int:
         ok = self.handle.ready and self.job_no is None and self._restart_at is None
@@ -113,7 +121,7 @@ class LocalWorkerPool:
 
     def submit(self, job: RunJob) -> None:
         self.job_no = job.job_no
-        self.handle.conn.send(job)
+        self.handle.submit(job)
 
     def cancel(self, job_no: int) -> None:
         if job_no == self.job_no:
@@ -137,6 +145,7 @@ class LocalWorkerPool:
         for m in msgs:
             if isinstance(m, WorkerReady):
                 self.handle.ready = True
+                self.handle.pid = m.pid
                 self._failed_starts = 0
             elif isinstance(m, WorkerFatal):
                 log.error("worker cannot start: %s", m.message)
@@ -147,7 +156,8 @@ class LocalWorkerPool:
         return out
 
     def _died(self, exc: WorkerDied) -> WorkerLost:
-        lost = WorkerLost(self.job_no, exc.exitcode, starting=not self.handle.ready)
+        lost = WorkerLost(self.job_no, exc.exitcode, starting=not self.handle.ready,
+                          reason=getattr(exc, "reason", ""))
         self.job_no = None
         if lost.starting:  # died before it was ready: back off (1, 2, 4 ... 30 s)
             self._failed_starts += 1
@@ -181,6 +191,19 @@ class LocalWorkerPool:
 
     def describe(self) -> dict:
         return {"worker_pid": self.handle.pid, "worker_ready": bool(self.handle.ready)}
+
+    def where(self) -> dict:
+        """This worker: ``{"name", "kind", "host", "gpu", "pid", "ready", "job_no"}``."""
+        h = self.handle
+        return {"name": getattr(h, "name", "local-0"), "kind": getattr(h, "kind", "local"),
+                "host": getattr(h, "host", "") or _hostname(), "gpu": getattr(h, "gpu", ""), "pid": h.pid,
+                "ready": bool(h.ready), "job_no": self.job_no}
+
+    def placement(self, job_no: int) -> dict | None:
+        if job_no != self.job_no:
+            return None
+        w = self.where()
+        return {k: w[k] for k in ("name", "kind", "host", "gpu", "pid")}
 
 
 @dataclass
@@ -251,7 +274,10 @@ class JobSupervisor:
         self.stats["jobs_cancelled"] += 1
         self.delivery.append(rec, self.delivery.ensure_stream(rec), "cancelled",
                              {"message": "cancelled before it started", "state": "cancelled"}, final=True)
-        self.store.set_state(rec, J.CANCELLED)
+        try:
+            self.store.set_state(rec, J.CANCELLED)
+        except OSError as exc:  # full disk: cancelled in memory; a restart reports it as interrupted
+            log.error("cannot record the cancel of job %s: %s", rec.job_id, exc)
 
     def request_cancel(self, rec: JobRecord) -> bool:
         """Ask the running job to stop; False if a cancel was already requested."""
@@ -278,10 +304,19 @@ class JobSupervisor:
             now = time.monotonic()
             self.running[job_id] = Running(job_id, self.job_no, now, stage_started=now)
             self._by_no[self.job_no] = job_id
-            self.store.set_state(rec, J.RUNNING)
+            try:
+                self.store.set_state(rec, J.RUNNING)
+            except OSError as exc:  # full disk: the job fails before it runs
+                self.running.pop(job_id)
+                self._by_no.pop(self.job_no)
+                content = self._storage_failure(rec, exc)
+                self.delivery.append(rec, self.delivery.ensure_stream(rec), "error", content, final=True)
+                continue
             self.pool.submit(RunJob(self.job_no, job_id, rec.params_dict(), str(self.store.work_dir(job_id)),
                                     str(self.store.result_dir(job_id)),
                                     str(self.store.job_dir(job_id) / J.PREVIEW_FILE)))
+            rec.worker = self.pool.placement(self.job_no)  # which worker (host, GPU) runs it
+            self.store.set_state(rec, J.RUNNING)
 
     def pump(self, budget: int = 256) -> None:
         """Handle worker messages (at most one preview per call, so it is flushed before a newer one)."""
@@ -298,7 +333,7 @@ class JobSupervisor:
             if run is None:
                 continue  # a late message of a job that was already ended (killed / cancelled)
             rec = self.store.get(run.job_id)
-            stream = self.delivery.streams[run.job_id]
+            stream = self.delivery.ensure_stream(rec)
             if isinstance(m, JobProgress):
                 self._on_progress(rec, stream, run, m.event)
             elif isinstance(m, JobPreview):
@@ -314,15 +349,15 @@ class JobSupervisor:
                                               tuple(bufs))
                     break  # flush this preview before a newer one can replace it
             elif isinstance(m, JobResult):
-                self._finish_done(rec, stream, m)
+                self._finish_done(rec, m)
             elif isinstance(m, JobCancelled):
-                self._finish_cancelled(rec, stream)
+                self._finish_cancelled(rec)
             elif isinstance(m, JobFailed):
                 log.warning("job %s failed: %s\n%s", run.job_id, m.message, m.traceback)
                 if run.cancel_requested is not None:
-                    self._finish_cancelled(rec, stream)
+                    self._finish_cancelled(rec)
                 else:
-                    self._finish_failed(rec, stream, m.code, m.message, m.retriable)
+                    self._finish_failed(rec, m.code, m.message, m.retriable)
             elif isinstance(m, JobStarted):
                 pass
         self.maybe_start()
@@ -333,15 +368,17 @@ class JobSupervisor:
         if run is None:
             return
         rec = self.store.get(run.job_id)
-        stream = self.delivery.streams[run.job_id]
         if run.cancel_requested is not None:
-            self._finish_cancelled(rec, stream)
+            self._finish_cancelled(rec)
             return
         code = m.exitcode
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        hint = " (signal 9 often means the system ran out of memory)" if code == -signal.SIGKILL else ""
-        self._finish_failed(rec, stream, "worker_crashed",
-                            f"the worker process {how} while running the job{hint}; it was restarted", True)
+        if m.reason:
+            text = f"{m.reason}; a new worker was started"
+        else:
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            hint = " (signal 9 often means the system ran out of memory)" if code == -signal.SIGKILL else ""
+            text = f"the worker process {how} while running the job{hint}; it was restarted"
+        self._finish_failed(rec, "worker_crashed", text, True)
 
     def _on_progress(self, rec, stream, run: Running, ev) -> None:
         if run.cancel_requested is not None:
@@ -364,39 +401,69 @@ class JobSupervisor:
         self.delivery.append(rec, stream, "progress", content)
 
     # ------------------------------------------------------------------ endings
-    def _end_running(self, rec, state) -> None:
-        """Journal + job.json (fsynced) of the final state. Called after the final event was put in
-        the job's log and before the loop flushes it, so nothing reaches a client before the disk."""
+    def _end(self, rec: JobRecord, state: str, msg_type: str, content: dict, buffers=()) -> None:
+        """End a job: journal + job.json (fsynced) first, then its final event, so nothing reaches a
+        client before the disk. When the disk refuses the write (full), the job ends ``failed`` with
+        code ``disk_full`` instead; its partial files are removed and the server goes on."""
         run = self.running.pop(rec.job_id, None)
         if run is not None:
             _close_stage(rec, run, time.monotonic())
             self._by_no.pop(run.job_no, None)
-        stream = self.delivery.streams.get(rec.job_id)
-        if stream is not None:
-            stream.drop_preview()  # the final event supersedes any preview not sent yet
-        self.store.set_state(rec, state)
-        self.delivery.trim()
+        stream = self.delivery.ensure_stream(rec)
+        stream.drop_preview()  # the final event supersedes any preview not sent yet
+        if not stream.closed:
+            rec.last_seq = stream.last_seq + 1  # the seq the final event gets (persisted with the state)
+        try:
+            self.store.set_state(rec, state)
+        except OSError as exc:
+            if state == J.DONE:
+                self.stats["jobs_done"] -= 1
+            elif state == J.FAILED:
+                self.stats["jobs_failed"] -= 1
+            elif state == J.CANCELLED:
+                self.stats["jobs_cancelled"] -= 1
+            msg_type, content, buffers = "error", self._storage_failure(rec, exc), ()
+        self.delivery.append(rec, stream, msg_type, content, buffers, final=True)
+        self.delivery.trim(keep=self.active_ids())
 
-    def _finish_done(self, rec, stream, m: JobResult) -> None:
+    def _storage_failure(self, rec: JobRecord, exc: OSError) -> dict:
+        """The job's state could not be written: fail it (on disk if possible, else in memory) and
+        return the content of its ``error`` event."""
+        code = "disk_full" if J.is_disk_full(exc) else "storage_error"
+        what = "the disk holding the data directory is full" if code == "disk_full" else \
+            f"the data directory cannot be written ({exc.strerror or exc})"
+        log.error("job %s: cannot record its final state: %s", rec.job_id, exc)
+        rec.error = {"code": code, "message": f"{what}, so the job could not be saved; free some space and "
+                     "submit it again", "retriable": True}
+        rec.results = {}
+        self.stats["jobs_failed"] += 1
+        self.stats["storage_errors"] = self.stats.get("storage_errors", 0) + 1
+        self.store.discard_partial(rec.job_id, results=True)
+        try:
+            self.store.set_state(rec, J.FAILED)  # often fits once the scratch folder is gone
+        except OSError:
+            rec.state = J.FAILED  # memory only; a restart reports the job as interrupted
+        return {"code": rec.error["code"], "message": rec.error["message"], "retriable": True, "state": "failed"}
+
+    def _finish_done(self, rec, m: JobResult) -> None:
         rec.results = m.files
-        rec.info = m.info or {}
+        rec.info = json_safe(m.info or {})
         self.stats["jobs_done"] += 1
         content, buffers = result_content(rec, m.mesh)
-        self.delivery.append(rec, stream, "result_ready", content, buffers, final=True)
-        self._end_running(rec, J.DONE)
+        self._end(rec, J.DONE, "result_ready", content, buffers)
 
-    def _finish_cancelled(self, rec, stream) -> None:
+    def _finish_cancelled(self, rec) -> None:
         self.stats["jobs_cancelled"] += 1
-        self.delivery.append(rec, stream, "cancelled", {"message": "cancelled", "state": "cancelled"}, final=True)
-        self._end_running(rec, J.CANCELLED)
+        self._end(rec, J.CANCELLED, "cancelled", {"message": "cancelled", "state": "cancelled"})
 
-    def _finish_failed(self, rec, stream, code, message, retriable) -> None:
+    def _finish_failed(self, rec, code, message, retriable) -> None:
         message = str(message)[:MAX_TEXT]
         rec.error = {"code": code, "message": message, "retriable": bool(retriable)}
         self.stats["jobs_failed"] += 1
-        self.delivery.append(rec, stream, "error", {"code": code, "message": message,
-                                                    "retriable": bool(retriable), "state": "failed"}, final=True)
-        self._end_running(rec, J.FAILED)
+        if code == "disk_full":
+            self.store.discard_partial(rec.job_id)
+        self._end(rec, J.FAILED, "error", {"code": code, "message": message, "retriable": bool(retriable),
+                                           "state": "failed"})
 
     # ------------------------------------------------------------------ timers / stop
     def timers(self, now: float) -> None:
@@ -404,18 +471,20 @@ class JobSupervisor:
         self.pool.tick(now)
         if now - self._last_checkpoint > 1.0:
             self._last_checkpoint = now
-            self.delivery.trim()
+            self.delivery.trim(keep=self.active_ids())
             for run in self.running.values():  # checkpoint the seq (no fsync: for crash recovery)
                 rec = self.store.get(run.job_id)
                 if rec is not None and rec.last_seq != run.checkpointed_seq:
-                    run.checkpointed_seq = rec.last_seq
-                    self.store.write_record(rec, durable=False)
+                    try:
+                        self.store.write_record(rec, durable=False)
+                        run.checkpointed_seq = rec.last_seq
+                    except OSError as exc:  # full disk: the job goes on; the final write decides
+                        log.warning("cannot checkpoint job %s: %s", run.job_id, exc)
         for run in list(self.running.values()):
             if run.cancel_requested is not None and time.monotonic() - run.cancel_requested > self.cancel_timeout:
                 log.warning("job %s did not stop within %.1f s of cancel; killing the worker", run.job_id,
                             self.cancel_timeout)
-                rec = self.store.get(run.job_id)
-                self._finish_cancelled(rec, self.delivery.streams[run.job_id])
+                self._finish_cancelled(self.store.get(run.job_id))
                 self.pool.kill_job(run.job_no)
 
     def shutdown(self) -> None:
@@ -424,14 +493,25 @@ class JobSupervisor:
             rec = self.store.get(run.job_id)
             if rec is not None and rec.state == J.RUNNING:
                 rec.error = {"code": "interrupted", "message": "the server was stopped while the job ran"}
-                self.store.set_state(rec, J.INTERRUPTED)
+                self._set_state_quietly(rec, J.INTERRUPTED)
         self.running.clear()
         for job_id in self.queue.ids():
             rec = self.store.get(job_id)
             if rec is not None:
                 rec.error = {"code": "interrupted", "message": "the server was stopped while the job was queued"}
-                self.store.set_state(rec, J.INTERRUPTED)
+                self._set_state_quietly(rec, J.INTERRUPTED)
         self.pool.stop(2.0)
+
+    def _set_state_quietly(self, rec: JobRecord, state: str) -> None:
+        try:
+            self.store.set_state(rec, state)
+        except OSError as exc:  # full disk at exit: the next start marks the job interrupted anyway
+            log.error("cannot record job %s as %s: %s", rec.job_id, state, exc)
+
+    def active_ids(self) -> set[str]:
+        """Jobs whose streams must stay in memory: running (a cancelled one may still be waited for)
+        and queued."""
+        return set(self.running) | set(self.queue.ids())
 
 
 def _close_stage(rec, run: Running, now: float) -> None:
@@ -445,3 +525,9 @@ def _stage_name(stage) -> str:
     """A stage name that fits the protocol (non-empty, at most 64 characters)."""
     text = str(stage or "run")
     return text[:64]
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()

@@ -31,7 +31,6 @@ import importlib
 import importlib.metadata
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -42,7 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .jobs import fsync_dir
+from backend.fsutil import atomic_copy, atomic_open, durable_move
 
 DEFAULT_PIPELINE = "backend.pipeline.run:run_job"
 PREVIEW_WRITE_INTERVAL_S = 0.5
@@ -127,11 +126,13 @@ class JobFailed:
 @dataclass(frozen=True)
 class WorkerLost:
     """Not sent by the worker: the pool reports that the worker process exited (``exitcode``) while
-    running job ``job_no`` (None when idle) or while starting (``starting``)."""
+    running job ``job_no`` (None when idle) or while starting (``starting``). ``reason`` says what
+    happened when the exit code cannot (a Ray actor whose process or node died)."""
 
     job_no: int | None
     exitcode: int | None
     starting: bool = False
+    reason: str = ""
 
 
 WorkerMessage = (WorkerReady | WorkerFatal | JobStarted | JobProgress | JobPreview | JobResult | JobCancelled
@@ -190,8 +191,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
 
 
 def publish_results(files: dict, work_dir: Path, result_dir: Path) -> dict:
-    """Make the pipeline's files durable in ``result_dir``: fsync, then rename (or copy to a
-    temporary name, fsync, rename when the file lives elsewhere), then fsync the folder.
+    """Make the pipeline's files durable in ``result_dir`` (:mod:`backend.fsutil`): fsync, rename
+    and fsync the folder, or an atomic durable copy when the file lives outside ``work_dir``.
 
     File names are kept (an OBJ names its MTL, the MTL its PNG). Returns
     ``{kind: {"name", "size", "sha256"}}``. Raises ``ValueError`` if 'glb' is missing.
@@ -204,24 +205,16 @@ def publish_results(files: dict, work_dir: Path, result_dir: Path) -> dict:
         src = Path(src)
         dst = result_dir / src.name
         if src.resolve().parent == Path(work_dir).resolve():
-            with open(src, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(src, dst)
+            durable_move(src, dst)
         else:
-            tmp = dst.with_name(dst.name + ".tmp")
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.replace(tmp, dst)
+            atomic_copy(src, dst)
         size, digest = sha256_file(dst)
         out[str(kind)] = {"name": dst.name, "size": size, "sha256": digest}
-    fsync_dir(result_dir)
     return out
 
 
 def write_preview_npz(path: Path, mesh) -> None:
-    """Save a ``MeshPayload`` as ``.npz`` (arrays named after its fields), tmp -> rename."""
+    """Save a ``MeshPayload`` as ``.npz`` (arrays named after its fields), atomically (not fsynced)."""
     import numpy as np
 
     from protocol.mesh import MESH_FIELDS
@@ -231,10 +224,8 @@ def write_preview_npz(path: Path, mesh) -> None:
         value = getattr(mesh, name, None)
         if value is not None:
             arrays[name] = np.frombuffer(value, np.uint8) if name == "texture_png" else np.asarray(value)
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, durable=False) as f:  # previews are rewritten often and cheap to lose
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def read_mesh_npz(path: Path):
@@ -321,7 +312,7 @@ def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
     if callable(warm_up):
         try:
             warm_up()
-        except Exception as exc:  # noqa: BLE001 - reported to the server, which refuses to start
+        except Exception as exc:
             conn.send(WorkerFatal(f"the pipeline's warm_up() failed: {type(exc).__name__}: {exc}"))
             return
     conn.send(WorkerReady(os.getpid()))
@@ -386,7 +377,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
         conn.send(JobCancelled(job_no))
     except (BrokenPipeError, EOFError):
         raise
-    except BaseException as exc:  # noqa: BLE001 - every failure of a job becomes an error message
+    except BaseException as exc:
         tb = traceback.format_exc(limit=20)
         if _is_oom(exc):
             with contextlib.suppress(Exception):
@@ -415,7 +406,7 @@ def _thumbnail(mesh, work_dir: Path) -> dict:
         path = work_dir / THUMBNAIL_NAME
         path.write_bytes(render_thumbnail(mesh, 128))
         return {"thumbnail": path}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"conjure worker: no thumbnail ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
         return {}
 
@@ -472,6 +463,10 @@ class WorkerHandle:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
+
+    def submit(self, job: RunJob) -> None:
+        """Send a job to the (ready, idle) worker."""
+        self.conn.send(job)
 
     def run(self, job_no: int, job_id: str, params: dict, work_dir: Path, result_dir: Path,
             preview_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Shared helpers for the add-on tests (no tests here).
+"""Shared helpers for the add-on tests (a helper module, not a test module: pytest collects nothing here).
 
 bpy can be imported once per process and keeps global state (registered classes, handlers,
 timers), so every bpy test body runs in a fresh ``python`` subprocess: the test calls
