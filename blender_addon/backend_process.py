@@ -6,6 +6,7 @@ client reads; its output goes to ``backend.log`` next to that file.
 """
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -136,6 +137,8 @@ class LocalBackend:
             break
         if not line:
             line = "it exited with code %s and wrote nothing to its log" % self.exit_code
+        # "/long/path/bin/python3.11: No module named backend" -> "python3.11: No module named backend"
+        line = re.sub(r"^\S*[/\\](python[\w.]*(?:\.exe)?):", r"\1:", line)
         low = line.lower()
         where = " (log: %s)" % self.log_path
         if "no module named" in low:

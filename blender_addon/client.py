@@ -281,6 +281,7 @@ class Client:
         self._connected_at = time.monotonic()
         self._last_rx = None
         self._unanswered_since = None
+        self.trace.append(("_open", None, {"url": self.info.url}))
         self._hello()
 
     def _hello(self):
@@ -317,6 +318,7 @@ class Client:
             if not frames or len(frames[0]) < 2:
                 continue
             event = int.from_bytes(frames[0][:2], "little")
+            self.trace.append(("_monitor", None, {"event": event, "state": self.state}))
             if event == zmq.EVENT_CONNECTED:
                 self.tcp_connected = True
             elif event == zmq.EVENT_DISCONNECTED:
@@ -326,6 +328,7 @@ class Client:
                                     % self.info.url)
 
     def _mark_lost(self, message):
+        self.trace.append(("_lost", None, {"message": message, "tcp": self.tcp_connected}))
         self.state = "lost"
         self.slow = False
         self.error = ConjureError("backend_unreachable", message, action="start_backend", retriable=True)

@@ -47,7 +47,7 @@ def _wrap(layout, text, context, icon="NONE", alert=False, active=True):
     """Draw ``text`` as wrapped label lines fitting the region width."""
     width = context.region.width if context.region else 300
     scale = context.preferences.system.ui_scale
-    chars = max(16, int((width - 60 * scale) / (6.5 * scale)))
+    chars = max(16, int((width - 60 * scale) / (7.2 * scale)))  # conservative: a cut line loses words
     col = layout.column(align=True)
     col.alert = alert
     col.active = active
@@ -170,11 +170,10 @@ class CONJURE_PT_main(bpy.types.Panel):
         """A closed-vocabulary model (the bundled prior): what it can make, folded to one line."""
         settings = context.scene.conjure
         box = layout.box()
-        model = (RUNTIME.client.server_info.get("model") if RUNTIME.client else "") or "This model"
         row = box.row()
         row.prop(settings, "show_vocabulary", text="", emboss=False,
                  icon="TRIA_DOWN" if settings.show_vocabulary else "TRIA_RIGHT")
-        row.label(text="%s knows only a few words" % model)
+        row.label(text="The model knows only:")
         if settings.show_vocabulary:
             for title, words in vocabulary_groups(vocabulary):
                 _wrap(box, "%s: %s" % (title, ", ".join(words)), context, active=False)
@@ -324,9 +323,9 @@ class CONJURE_PT_history(bpy.types.Panel):
         facts = []
         if isinstance(item.get("created"), (int, float)):
             facts.append(_fmt_date(item["created"], now))
-        if isinstance(item.get("duration_s"), (int, float)):
+        if state == "done" and isinstance(item.get("duration_s"), (int, float)):
             facts.append(_fmt_duration(item["duration_s"]))
-        if state != "done":
+        elif state != "done":
             facts.append(state)
         sub = col.row()
         sub.active = False

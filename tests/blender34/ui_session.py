@@ -329,7 +329,8 @@ def scenario():
     R["loss_shown_s"] = (DRAWS["error_seen_at"] - t_kill) if DRAWS["error_seen_at"] else None
     R["loss_status"] = list(RUNTIME.status())
     c = RUNTIME.client
-    R["loss_debug"] = {"tcp_connected": c.tcp_connected, "monitor": c._monitor is not None, "state": c.state}
+    R["loss_debug"] = {"tcp_connected": c.tcp_connected, "monitor": c._monitor is not None, "state": c.state,
+                       "trace": [list(t) for t in c.trace if t[0] not in ("pong", "progress")][-12:]}
     yield 0.3
     shot("blender34_lost.png")
     touch("restart")
