@@ -16,6 +16,7 @@ Knobs (``params.overrides``):
     test.hang           bool, ignore cancellation (never calls ``ctx.check_cancel``)
     test.no_obj         bool, write only the GLB
     test.nan_info       bool, put NaN and inf into the result's ``info`` (a pipeline bug the server survives)
+    test.report_cwd     bool, put the working directory into ``info["cwd"]``
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ KNOBS: dict[str, type] = {
     "test.hang": bool,
     "test.no_obj": bool,
     "test.nan_info": bool,
+    "test.report_cwd": bool,
 }
 DEFAULTS = {
     "test.steps": 10,
@@ -54,6 +56,7 @@ DEFAULTS = {
     "test.hang": False,
     "test.no_obj": False,
     "test.nan_info": False,
+    "test.report_cwd": False,
 }
 PRESETS = ("auto", "draft", "standard", "high", "cpu")
 
@@ -196,6 +199,8 @@ def run_job(params, ctx) -> ResultEvent:
     ctx.emit(ProgressEvent("export", 1, 1, "done"))
     info = {"model": "fake-icosphere", "renderer": "none", "steps": steps,
             "seconds": round(time.perf_counter() - t0, 4), "prompt": params.prompt}
+    if knobs["test.report_cwd"]:
+        info["cwd"] = os.getcwd()
     if knobs["test.nan_info"]:
         info.update(loss=float("nan"), best=float("inf"), history=[1.0, float("-inf")])
     return ResultEvent(files=files, mesh=mesh, info=info)
