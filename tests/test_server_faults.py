@@ -243,6 +243,14 @@ def test_real_pipeline_rejects_absurd_overrides_at_submit():
             check("cpu", overrides)
 
 
+def test_a_job_runs_in_its_own_scratch_folder(server, client):
+    """Relative names a pipeline resolves (a Hub id a loader also tries as a folder) land in the
+    job's fresh scratch folder, not in the server's working directory."""
+    job_id = client.submit(params(**{"test.report_cwd": True}))
+    info = client.wait_result(job_id, 30).content["info"]
+    assert os.path.realpath(info["cwd"]) == os.path.realpath(server.data_dir / job_id / "work")
+
+
 def test_preset_auto_is_resolved_without_torch_in_the_control_loop():
     code = ("import sys; from backend.server.preflight import params_checker, cuda_probably_available;"
             "from backend.server.worker import DEFAULT_PIPELINE;"
