@@ -131,7 +131,9 @@ def test_ray_farm_two_at_once_cancel_actor_kill_and_server_restart(ray_head, tmp
             result = c.wait_result(j, 60)
             check_result(c, srv.data_dir, j, result)
             assert {f["kind"] for f in result.content["files"]} >= {"glb", "obj", "mtl", "png"}
-            assert (srv.data_dir / j / "result_mesh.npz").exists()
+            assert (srv.data_dir / j / "result_mesh.npz").exists()  # attach after a restart replays it
+            assert (srv.data_dir / j / "preview.npz").exists()  # written by the server from the stream
+            assert c.status(j).content["worker"]["kind"] == "ray"
 
         # cooperative cancel
         job = c.submit(p(LONG, "cancel me"))
