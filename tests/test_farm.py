@@ -69,10 +69,13 @@ def test_two_local_workers_run_two_jobs_at_once(tmp_path):
         queued = c.submit(p(QUICK, "third"))
         wait_for(lambda: both_running(c, a, b), 20, "both jobs running")
         st = c.status(queued).content
-        assert st["state"] == "queued" and st["queue_position"] == 2  # two running jobs ahead of it
+        # two running jobs, two workers: it starts when one of them ends
+        assert st["state"] == "queued" and st["queue_position"] == 1
+        fourth = c.submit(p(QUICK, "fourth"))
+        assert c.status(fourth).content["queue_position"] == 2
         runners = {c.status(j).content["worker"]["pid"] for j in (a, b)}
         assert runners == {w["pid"] for w in pool}  # one job on each worker
-        for j in (a, b, queued):
+        for j in (a, b, queued, fourth):
             check_result(c, srv.data_dir, j, c.wait_result(j, 60))
         # cancel a running job on one worker while the other worker runs a job
         long_job = c.submit(p(LONG, "long"))
@@ -131,7 +134,9 @@ def test_ray_farm_two_at_once_cancel_actor_kill_and_server_restart(ray_head, tmp
             result = c.wait_result(j, 60)
             check_result(c, srv.data_dir, j, result)
             assert {f["kind"] for f in result.content["files"]} >= {"glb", "obj", "mtl", "png"}
-            assert (srv.data_dir / j / "result_mesh.npz").exists()
+            assert (srv.data_dir / j / "result_mesh.npz").exists()  # attach after a restart replays it
+            assert (srv.data_dir / j / "preview.npz").exists()  # written by the server from the stream
+            assert c.status(j).content["worker"]["kind"] == "ray"
 
         # cooperative cancel
         job = c.submit(p(LONG, "cancel me"))
