@@ -221,9 +221,14 @@ def _body_edges(args):
                       "validate_changed": bool(me.validate(verbose=False))}
     out["sent_edges"] = len(sent.edges)
 
+    import ast
     import inspect
 
-    out["raw_memory"] = [w for w in ("as_pointer", "ctypes", "from_address") if w in inspect.getsource(importer)]
+    tree = ast.parse(inspect.getsource(importer))  # code, not docstrings
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    used |= {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    used |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    out["raw_memory"] = sorted(used & {"as_pointer", "ctypes", "from_address", "from_buffer", "memmove"})
     me = importer.build_mesh("offsets", sphere_payload(20, 25))  # 1000 triangles
     starts = np.empty(1000, np.int32)
     me.polygons.foreach_get("loop_start", starts)
