@@ -23,9 +23,12 @@ from backend.priors.solids import solid_sdf
 from protocol.mesh import MeshPayload
 
 
-def solid_surface(shape: str, res: int = 64, bound: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def solid_surface(shape: str | Callable[[torch.Tensor], torch.Tensor], res: int = 64, bound: float = 1.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes of the exact solid on the cell-centred ``res``³ grid over [-bound, bound]³.
 
+    ``shape``: a solid of ``backend.priors.SHAPES`` or any signed distance function (P, 3) → (P,)
+    (negative inside; e.g. a union of solids for deliberately broken test inputs).
     Returns positions (N, 3) float64 (metres, +Z up) and faces (F, 3) int64, CCW from outside.
     """
     from skimage.measure import marching_cubes
@@ -33,19 +36,21 @@ def solid_surface(shape: str, res: int = 64, bound: float = 1.0) -> tuple[np.nda
     h = 2.0 * bound / res
     ax = -bound + h * (np.arange(res) + 0.5)
     pts = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    sdf_fn = (lambda p: solid_sdf(shape, p)) if isinstance(shape, str) else shape
     with torch.no_grad():
-        sdf = solid_sdf(shape, torch.as_tensor(pts, dtype=torch.float32)).numpy().reshape(res, res, res)
+        sdf = sdf_fn(torch.as_tensor(pts, dtype=torch.float32)).numpy().reshape(res, res, res)
     field = np.pad(-sdf, 1, mode="constant", constant_values=-1.0)  # > 0 inside, like a density
     verts, faces, _, _ = marching_cubes(field, level=0.0, spacing=(h, h, h), allow_degenerate=False)
     verts = verts - (bound + h / 2.0)
     return verts, faces[:, ::-1].astype(np.int64)  # skimage's winding faces the gradient (inwards here)
 
 
-def reference_mesh(shape: str, colour: str | tuple[float, float, float] = "red", *, res: int = 64,
+def reference_mesh(shape: str | Callable[[torch.Tensor], torch.Tensor], colour: str | tuple[float, float, float] = "red", *, res: int = 64,
                    face_budget: int = 5000, texture_resolution: int = 256,
                    color_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MeshPayload:
     """The exact ``shape`` through marching cubes + the fine stage's clean-up, UVs and bake.
 
+    ``shape``: a solid name or a signed distance function (see ``solid_surface``).
     ``colour``: a name of ``backend.priors.COLOURS`` or an sRGB triple in [0, 1] for a flat texture;
     ``color_fn``: (P, 3) world points → (P, 3) colours instead (e.g. a smooth gradient).
     Returns a MeshPayload with per-corner UVs and an RGBA8 texture.
