@@ -211,7 +211,7 @@ def test_report_tables_and_json():
     json.dumps(rep.to_dict())
     table = runs_table([(rep, 0, 12.0)])
     assert "a red cube" in table and "pass" in table
-    assert "every measure | 1/1" in summary_markdown([rep], [12.0])
+    assert "every measure | | 1/1" in summary_markdown([rep], [12.0])
 
 
 def test_unknown_intent_is_refused():

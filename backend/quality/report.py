@@ -108,6 +108,14 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: Shape-independent names of the measures (summary rows).
+KEY_LABELS: dict[str, str] = {
+    "iou": "IoU with the intended solid", "hole": "torus hole occupancy", "apex": "apex up",
+    "components": "one connected component", "colour": "colour right", "value": "white's value",
+    "speckle": "texture speckle", "seam": "seam jump ratio",
+}
+
+
 def _cell(report: QualityReport, key: str) -> str:
     m = report.get(key)
     if m is None:
@@ -135,7 +143,8 @@ def summary(reports: list[QualityReport]) -> dict:
         for m in rep.measures:
             if m.passed is None:
                 continue
-            s = out.setdefault(m.key, {"label": m.label.split(" (")[0], "passed": 0, "judged": 0})
+            s = out.setdefault(m.key, {"label": KEY_LABELS.get(m.key, m.label), "target": m.target, "passed": 0,
+                                       "judged": 0})
             s["judged"] += 1
             s["passed"] += bool(m.passed)
     all_ok = sum(r.passed for r in reports)
@@ -145,12 +154,18 @@ def summary(reports: list[QualityReport]) -> dict:
 def summary_markdown(reports: list[QualityReport], seconds: list[float] | None = None) -> str:
     """The summary as markdown: each measure's pass rate, all-pass runs, median time per prompt."""
     s = summary(reports)
-    lines = ["| measure | runs passing | rate |", "|---|---|---|"]
-    for key, m in s["measures"].items():
+    lines = ["| measure | target per run | runs passing | rate |", "|---|---|---|---|"]
+    order = list(KEY_LABELS) + [k for k in s["measures"] if k not in KEY_LABELS]
+    for key in order:
+        m = s["measures"].get(key)
+        if m is None:
+            continue
         rate = m["passed"] / m["judged"] if m["judged"] else float("nan")
-        lines.append(f"| {m['label']} (`{key}`) | {m['passed']}/{m['judged']} | {rate:.0%} |")
+        target = m["target"] if key not in ("iou", "colour") else {"iou": "≥ 0.80 cube/sphere, ≥ 0.75 others",
+                                                                  "colour": "the prompt's"}[key]
+        lines.append(f"| {m['label']} (`{key}`) | {target} | {m['passed']}/{m['judged']} | {rate:.0%} |")
     n = s["runs"]
-    lines.append(f"| every measure | {s['runs_passing_all']}/{n} | {s['runs_passing_all'] / max(n, 1):.0%} |")
+    lines.append(f"| every measure | | {s['runs_passing_all']}/{n} | {s['runs_passing_all'] / max(n, 1):.0%} |")
     if seconds:
         import statistics
 
