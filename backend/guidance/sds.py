@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from backend.gaussians.cameras import view_word
 from backend.guidance.base import Guidance, GuidanceError
 from backend.guidance.loader import ModelBundle, encode_texts
-from backend.pipeline.schedule import anneal
+from backend.schedule import anneal
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Coarse stage: optimise 3D Gaussians against a 2D loss on random views, streaming preview meshes.
 
-The loop is loss-agnostic: ``loss_fn(render, cameras, background, step_ratio) -> scalar``. The
-pipeline plugs in Score Distillation Sampling (:func:`sds_loss_fn`); tests plug in a photometric
-loss against reference images of a known shape through the very same loop.
+The loop is loss-agnostic: it takes a ``backend.guidance.loss.LossFn``
+``(images, cameras, backgrounds, step_ratio) -> scalar``, the same type as the fine stage. The
+pipeline plugs in Score Distillation Sampling (``backend.guidance.loss.sds_loss_fn``); tests plug in
+a photometric loss against reference images of a known shape through the very same loop.
 
 Per step: sample ``batch_size`` cameras (``cameras.sample_cameras`` within the preset's ranges) at
 the progressive render resolution, random backgrounds, render, loss, backward, accumulate
@@ -15,36 +16,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from backend.gaussians.cameras import Cameras, sample_cameras
-from backend.gaussians.densify import Densifier, DensifyConfig
+from backend.gaussians.cameras import sample_cameras
+from backend.gaussians.densify import Densifier
 from backend.gaussians.model import GaussianModel
-from backend.gaussians.render import RenderOutput, resolve_backend
+from backend.gaussians.render import resolve_backend
+from backend.guidance.loss import LossFn
 from backend.mesh.extract import EmptyMeshError, extract_mesh, fit_to_size
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
-from backend.pipeline.schedule import anneal, step_ratio
+from backend.pipeline.presets import CoarseConfig
+from backend.schedule import anneal, step_ratio
 
 log = logging.getLogger(__name__)
-
-LossFn = Callable[[RenderOutput, Cameras, torch.Tensor, float], torch.Tensor]
-
-
-def sds_loss_fn(guidance) -> LossFn:
-    """The SDS loss of a ``Guidance`` as a coarse-stage loss function."""
-
-    def loss(render: RenderOutput, cameras: Cameras, background: torch.Tensor, ratio: float) -> torch.Tensor:
-        return guidance.sds_loss(render.image, cameras.azimuth_deg, cameras.elevation_deg, ratio)
-
-    return loss
 
 
 @dataclass
 class CoarseResult:
-    """What the coarse stage hands on: the Gaussians and a few measurements."""
+    """What the coarse stage hands to the fine stage and to ``run_job``: the optimised Gaussians
+    (world frame, the [-1, 1]^3 volume) and measurements for the job's info."""
 
     gaussians: GaussianModel
     losses: list[float] = field(default_factory=list)
@@ -78,13 +70,13 @@ def _lrs(config, ratio: float) -> dict[str, float]:
     }
 
 
-def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, device="cpu",
+def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | None = None, *, device="cpu",
                      generator: torch.Generator | None = None, object_size: float = 1.0,
                      stage: str = "coarse", init: GaussianModel | None = None) -> CoarseResult:
     """Run the coarse stage (see module docstring) with a ``CoarseConfig`` and return the Gaussians.
 
     Args:
-        loss_fn: ``(render, cameras, background, step_ratio) -> scalar``.
+        loss_fn: ``(images, cameras, backgrounds, step_ratio) -> scalar`` (``backend.guidance.loss``).
         generator: CPU generator for cameras, backgrounds, initialisation and splits (reproducible).
         object_size: previews are scaled so their largest dimension is this many metres.
         init: start from these Gaussians instead of a random ball.
@@ -99,9 +91,7 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
                                          config.init_scale, config.init_opacity, generator, device)
     model = init
     optimizer = model.make_optimizer(_lrs(config, 0.0))
-    densifier = Densifier(DensifyConfig(fraction=config.densify_fraction, max_points=config.max_points,
-                                        prune_opacity=config.prune_opacity, split_scale=config.split_scale),
-                          len(model), device)
+    densifier = Densifier(config, len(model), device)
     result = CoarseResult(model, renderer=backend)
     steps = int(config.steps)
     t_stage = time.perf_counter()
@@ -125,7 +115,7 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
             group["lr"] = _lrs(config, ratio)[group["name"]]
         densifying = config.densify_from <= ratio <= config.densify_until
         out = model.render(cams, bg, backend=backend, retain_means2d=densifying)
-        loss = loss_fn(out, cams, bg, ratio)
+        loss = loss_fn(out.image, cams, bg, ratio)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"coarse stage: non-finite loss {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)

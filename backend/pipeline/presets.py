@@ -14,7 +14,7 @@ for booleans, ``"none"`` for optional fields, ``"64,256"`` for tuples). A bad pr
 unknown key or a value of the wrong type raises ``ValueError`` naming the key.
 
 Annealed values are stored as ``<name>`` (start) and ``<name>_end`` and evaluated with
-``backend.pipeline.schedule``.
+``backend.schedule``.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class CoarseConfig:
         densify_from, densify_until: run fractions between which densify/prune happen every
             densify_interval steps; densify_fraction: fraction of Gaussians (largest view-space
             gradients) cloned/split each time; max_points: cap; prune_opacity: prune below it;
+            prune_scale: prune Gaussians whose largest std exceeds it (world units);
             split_scale: Gaussians with a std above it (world units) are split, smaller ones cloned.
         random_bg_prob: probability of a random background colour per view (white otherwise).
         elevation_range, distance_range, fovy_range: camera sampling ranges (degrees / world units).
@@ -111,6 +112,7 @@ class CoarseConfig:
     densify_fraction: float = 0.1
     max_points: int = 50000
     prune_opacity: float = 0.01
+    prune_scale: float = 0.5
     split_scale: float = 0.04
     random_bg_prob: float = 0.5
     elevation_range: tuple[float, float] = (-10.0, 45.0)
@@ -127,7 +129,7 @@ class CoarseConfig:
 
 @dataclass
 class FineConfig:
-    """Textured-mesh refinement stage (fields may be added by the fine stage).
+    """Textured-mesh refinement stage.
 
     Attributes:
         steps: optimisation steps; render_resolution: rasterised view size (pixels);

@@ -1,7 +1,8 @@
 """One helper for every annealed value in the pipeline (timesteps, learning rates, resolution, ...).
 
-A value that changes over a run is described by a :class:`Schedule` ``(start, end, kind, begin, finish)``
-and evaluated at the run's progress ``step_ratio`` in [0, 1] (``step / (total_steps - 1)``).
+It sits below ``guidance/`` and ``pipeline/`` (both import it; it imports neither). A value that
+changes over a run is ``anneal(start, end, step_ratio, kind, begin, finish)`` evaluated at the run's
+progress ``step_ratio(step, total_steps)`` in [0, 1] (``step / (total_steps - 1)``).
 Before ``begin`` the value is ``start``; after ``finish`` it is ``end``; in between it follows ``kind``:
 
 * ``"constant"`` – always ``start``;
@@ -18,7 +19,6 @@ Presets store schedules as plain fields so every value stays overridable
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 KINDS = ("constant", "linear", "cosine", "exp", "sqrt", "step")
 
@@ -47,25 +47,6 @@ def anneal(start: float, end: float, step_ratio: float, kind: str = "linear",
     if start <= 0 or end <= 0:
         raise ValueError(f"an 'exp' schedule needs positive start and end, got {start} and {end}")
     return float(math.exp(math.log(start) + (math.log(end) - math.log(start)) * u))
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """An annealed value: call it with ``step_ratio`` in [0, 1]."""
-
-    start: float
-    end: float | None = None
-    kind: str = "linear"
-    begin: float = 0.0
-    finish: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown schedule kind {self.kind!r}; expected one of {', '.join(KINDS)}")
-
-    def __call__(self, step_ratio: float) -> float:
-        end = self.start if self.end is None else self.end
-        return anneal(self.start, end, step_ratio, self.kind, self.begin, self.finish)
 
 
 def step_ratio(step: int, total_steps: int) -> float:
