@@ -27,7 +27,8 @@ from backend.gaussians.render import resolve_backend
 from backend.guidance.loss import LossFn
 from backend.mesh.extract import EmptyMeshError, extract_mesh, fit_to_size
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
-from backend.pipeline.presets import CoarseConfig
+from backend.pipeline.presets import CoarseConfig, ShadingConfig
+from backend.pipeline.shading import apply_shading, depth_normals, sample_shading
 from backend.schedule import anneal, step_ratio
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def _lrs(config, ratio: float) -> dict[str, float]:
 
 def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | None = None, *, device="cpu",
                      generator: torch.Generator | None = None, object_size: float = 1.0,
-                     stage: str = "coarse", init: GaussianModel | None = None) -> CoarseResult:
+                     stage: str = "coarse", init: GaussianModel | None = None,
+                     shading: ShadingConfig | None = None) -> CoarseResult:
     """Run the coarse stage (see module docstring) with a ``CoarseConfig`` and return the Gaussians.
 
     Args:
@@ -80,6 +82,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         generator: CPU generator for cameras, backgrounds, initialisation and splits (reproducible).
         object_size: previews are scaled so their largest dimension is this many metres.
         init: start from these Gaussians instead of a random ball.
+        shading: when given, every view is shaded before the loss (DreamFusion;
+            ``backend/pipeline/shading.py``, normals from the rendered depth).
     Raises:
         Cancelled: when ``ctx`` says so (checked before every step).
     """
@@ -115,7 +119,12 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
             group["lr"] = _lrs(config, ratio)[group["name"]]
         densifying = config.densify_from <= ratio <= config.densify_until
         out = model.render(cams, bg, backend=backend, retain_means2d=densifying)
-        loss = loss_fn(out.image, cams, bg, ratio)
+        images = out.image
+        if shading is not None:
+            draw = sample_shading(cams, shading, generator)
+            normals = depth_normals(out.depth, out.alpha, cams)
+            images = apply_shading(images, out.alpha, bg, normals, draw, shading.ambient, shading.diffuse)
+        loss = loss_fn(images, cams, bg, ratio)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"coarse stage: non-finite loss {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)

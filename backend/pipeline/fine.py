@@ -40,7 +40,8 @@ from backend.mesh.cleanup import clean_mesh
 from backend.mesh.export import compute_vertex_normals
 from backend.mesh.uv import unwrap
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
-from backend.pipeline.presets import CoarseConfig, FineConfig
+from backend.pipeline.presets import CoarseConfig, FineConfig, ShadingConfig
+from backend.pipeline.shading import apply_shading, face_normals_image, sample_shading
 from backend.schedule import step_ratio
 from protocol.mesh import MeshPayload
 
@@ -186,11 +187,14 @@ def normal_consistency(vertices: torch.Tensor, faces: torch.Tensor, adjacency: t
 
 
 def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: FineConfig,
-           ctx: JobContext | None = None, stage: str = "fine", background: float = 1.0) -> TexturedMesh:
+           ctx: JobContext | None = None, stage: str = "fine", background: float = 1.0,
+           shading: ShadingConfig | None = None, generator: torch.Generator | None = None) -> TexturedMesh:
     """Optimise ``mesh.texture`` (and offsets when enabled) against ``loss_fn`` on rendered views.
 
     ``config`` supplies steps, lr, vertex_offsets, lr_offsets, offset_limit, laplacian_weight,
     normal_weight, preview_every and rasterizer; ``background`` is the grey level behind the mesh.
+    With ``shading`` every view is shaded with face normals before the loss (DreamFusion;
+    ``backend/pipeline/shading.py``; lights drawn from ``generator``), so the texture learns albedo.
     Each step renders ``camera_fn(step)`` with the differentiable rasteriser, evaluates
     ``loss_fn(images, cameras, backgrounds, step_ratio)`` (+ offset regularisers), and takes an Adam step;
     the texture is clamped to [0, 1] and offsets to ±offset_limit. Between steps it calls
@@ -220,7 +224,12 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
         pos = mesh.positions if offsets is None else mesh.positions + offsets
         out = mesh.render(cams, background=background, backend=backend, texture=texture, positions=pos)
         backgrounds = torch.full((len(cams), 3), float(background), device=out.image.device)
-        loss = loss_fn(out.image, cams, backgrounds, ratio)
+        images = out.image
+        if shading is not None:
+            draw = sample_shading(cams, shading, generator)
+            normals = face_normals_image(pos, mesh.faces, out.rast, cams)
+            images = apply_shading(images, out.alpha, backgrounds, normals, draw, shading.ambient, shading.diffuse)
+        loss = loss_fn(images, cams, backgrounds, ratio)
         if offsets is not None:
             lap = uniform_laplacian(offsets, mesh.faces).square().sum(-1).mean()
             loss = loss + config.laplacian_weight * lap + config.normal_weight * normal_consistency(
@@ -352,6 +361,8 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
     if camera_fn is None:
         camera_fn = random_camera_fn(int(cfg.batch_size), cfg.render_resolution, preset.coarse, seed=seed,
                                      device=device)
-    refine(mesh, loss_fn, camera_fn, cfg, ctx)
+    shading = preset.shading if preset.shading.fine else None
+    gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 2)
+    refine(mesh, loss_fn, camera_fn, cfg, ctx, shading=shading, generator=gen)
     info = {k: v for k, v in mesh.info.items() if k != "loss"}
     return FineResult(mesh.to_payload(), list(mesh.info.get("loss", [])), info)

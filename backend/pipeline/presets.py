@@ -165,6 +165,31 @@ class FineConfig:
 
 
 @dataclass
+class ShadingConfig:
+    """Shading of the rendered views during SDS (DreamFusion, Poole et al. 2022; see
+    ``backend/pipeline/shading.py``): the optimised colour becomes albedo, so the exported texture
+    carries no baked light, and flat faces must be flat to shade evenly.
+
+    Attributes:
+        coarse, fine: shade the Gaussian renders (depth-map normals) / the mesh renders (face normals).
+        ambient, diffuse: shade = ambient + diffuse · max(0, n·l).
+        albedo_prob: probability that a view is rendered unshaded (albedo only);
+        textureless_prob: probability that a view is rendered with a white albedo (shading only).
+        light_elevation_range: light elevation above the horizon (degrees, uniform);
+        light_azimuth_spread: light azimuth = camera azimuth ± this (degrees, uniform).
+    """
+
+    coarse: bool = False
+    fine: bool = False
+    ambient: float = 0.4
+    diffuse: float = 0.6
+    albedo_prob: float = 0.2
+    textureless_prob: float = 0.0
+    light_elevation_range: tuple[float, float] = (20.0, 80.0)
+    light_azimuth_spread: float = 90.0
+
+
+@dataclass
 class Preset:
     """A named set of pipeline settings. ``fine`` is None for coarse-only presets.
 
@@ -175,6 +200,7 @@ class Preset:
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
     fine: FineConfig | None = field(default_factory=FineConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    shading: ShadingConfig = field(default_factory=ShadingConfig)
     object_size: float = 1.0
     seed: int | None = None
 
@@ -287,6 +313,11 @@ def validate_preset(preset: Preset) -> None:
          "must be constant, linear, cosine, sqrt or step"),
         ("guidance.grad_clip", g.grad_clip >= 0, "must be >= 0"),
         ("object_size", preset.object_size > 0, "must be > 0 (metres)"),
+        ("shading.ambient", preset.shading.ambient >= 0, "must be >= 0"),
+        ("shading.diffuse", preset.shading.diffuse >= 0, "must be >= 0"),
+        ("shading.albedo_prob", 0.0 <= preset.shading.albedo_prob + preset.shading.textureless_prob <= 1.0
+         and preset.shading.albedo_prob >= 0 and preset.shading.textureless_prob >= 0,
+         "albedo_prob and textureless_prob must be >= 0 with a sum <= 1"),
     ]
     if preset.fine is not None:
         checks += [

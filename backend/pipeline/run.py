@@ -112,7 +112,8 @@ def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
     ctx.check_cancel()
 
     coarse = run_coarse_stage(sds_loss_fn(guidance), preset.coarse, ctx, device=device, generator=generator,
-                              object_size=preset.object_size)
+                              object_size=preset.object_size,
+                              shading=preset.shading if preset.shading.coarse else None)
     ctx.check_cancel()
     if preset.fine is not None:
         from backend.pipeline.fine import run_fine_stage
