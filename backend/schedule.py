@@ -54,3 +54,38 @@ def step_ratio(step: int, total_steps: int) -> float:
     if total_steps <= 1:
         return 1.0
     return min(max(step / (total_steps - 1), 0.0), 1.0)
+
+
+def dreamtime_prior(t: float, m1: float, m2: float, s1: float, s2: float) -> float:
+    """DreamTime's time prior W_p(t) (Huang et al. 2023, "DreamTime: An Improved Optimization
+    Strategy for Diffusion-Guided 3D Generation", eq. 8): 1 on [m2, m1], a Gaussian fall-off with
+    std ``s1`` above ``m1`` and ``s2`` below ``m2``. All arguments are fractions of the training
+    timesteps (the paper's m1 = 800, m2 = 500, s1 = 300, s2 = 100 of 1000 are 0.8, 0.5, 0.3, 0.1)."""
+    if t > m1:
+        return math.exp(-((t - m1) ** 2) / (2.0 * s1 * s1))
+    if t < m2:
+        return math.exp(-((t - m2) ** 2) / (2.0 * s2 * s2))
+    return 1.0
+
+
+def dreamtime_timestep(step_ratio: float, t_lo: float, t_hi: float, m1: float = 0.8, m2: float = 0.5,
+                       s1: float = 0.3, s2: float = 0.1, bins: int = 1000) -> float:
+    """DreamTime's time-prioritised, monotonically non-increasing timestep at run progress ``step_ratio``.
+
+    t(r) is the t where the prior's mass above t reaches r: t(r) = argmin_t |∑_{t' ≥ t} p(t') − r|
+    with p = W_p normalised over [t_lo, t_hi] (fractions of the training timesteps). So t(0) = t_hi,
+    t(1) = t_lo, and the run spends its steps at each t in proportion to W_p(t).
+    """
+    r = min(max(float(step_ratio), 0.0), 1.0)
+    lo, hi = float(min(t_lo, t_hi)), float(max(t_lo, t_hi))
+    if hi - lo < 1e-9:
+        return lo
+    ts = [hi - (hi - lo) * (i + 0.5) / bins for i in range(bins)]  # descending bin centres
+    w = [dreamtime_prior(t, m1, m2, s1, s2) for t in ts]
+    total = sum(w) or 1.0
+    acc = 0.0
+    for t, wi in zip(ts, w):
+        acc += wi / total
+        if acc >= r:
+            return t
+    return lo

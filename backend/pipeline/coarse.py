@@ -15,6 +15,7 @@ every ``preview_every`` steps and at the end a ``PreviewEvent`` with a vertex-co
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +48,12 @@ class CoarseResult:
     first_preview_seconds: float | None = None  # from the stage start
     renderer: str = "torch"
     densify_log: list[dict] = field(default_factory=list)
+
+
+def binary_entropy(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Mean binary entropy −p·log p − (1 − p)·log(1 − p) (nats) of values in [0, 1]."""
+    p = p.clamp(eps, 1.0 - eps)
+    return -(p * p.log() + (1.0 - p) * (1.0 - p).log()).mean()
 
 
 def render_resolution(config, ratio: float) -> int:
@@ -125,6 +132,10 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
             normals = depth_normals(out.depth, out.alpha, cams)
             images = apply_shading(images, out.alpha, bg, normals, draw, shading.ambient, shading.diffuse)
         loss = loss_fn(images, cams, bg, ratio)
+        if config.opacity_entropy_weight > 0:
+            loss = loss + config.opacity_entropy_weight * binary_entropy(model.activated().opacities)
+        if config.alpha_entropy_weight > 0:
+            loss = loss + config.alpha_entropy_weight * binary_entropy(out.alpha)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"coarse stage: non-finite loss {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -132,6 +143,9 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         if densifying:
             densifier.accumulate(out, res, res)
         optimizer.step()
+        if config.max_scale > 0:
+            with torch.no_grad():
+                model.params["log_scales"].clamp_(max=math.log(config.max_scale))
         if densifying and (step + 1) % config.densify_interval == 0:
             info = densifier.step(model, optimizer, generator)
             info["step"] = step + 1

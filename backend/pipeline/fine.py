@@ -160,6 +160,13 @@ def uniform_laplacian(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tens
     return vertices - summed / deg.clamp(min=1.0).unsqueeze(-1)
 
 
+def texture_tv(texture: torch.Tensor) -> torch.Tensor:
+    """Total-variation smoothness prior on texels: mean squared difference of (H, W, C) neighbours."""
+    dy = (texture[1:] - texture[:-1]).square().mean()
+    dx = (texture[:, 1:] - texture[:, :-1]).square().mean()
+    return dx + dy
+
+
 def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
     """(E, 2) int64 pairs of faces sharing an edge (manifold edges only)."""
     f = faces.detach().cpu().numpy()
@@ -230,6 +237,8 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
             normals = face_normals_image(pos, mesh.faces, out.rast, cams)
             images = apply_shading(images, out.alpha, backgrounds, normals, draw, shading.ambient, shading.diffuse)
         loss = loss_fn(images, cams, backgrounds, ratio)
+        if config.tv_weight > 0:
+            loss = loss + config.tv_weight * texture_tv(texture)
         if offsets is not None:
             lap = uniform_laplacian(offsets, mesh.faces).square().sum(-1).mean()
             loss = loss + config.laplacian_weight * lap + config.normal_weight * normal_consistency(
@@ -357,6 +366,16 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
     ctx.emit(PreviewEvent("fine", 0, mesh.to_payload(PREVIEW_TEXTURE_SIDE)))
     ctx.check_cancel()
     if loss_fn is None:
+        changes = {}
+        if cfg.t_max is not None:
+            g = guidance.config
+            changes.update(t_max=float(cfg.t_max), t_max_end=min(float(g.t_max_end), float(cfg.t_max)),
+                           t_min=min(float(g.t_min), float(cfg.t_max)),
+                           t_min_end=min(float(g.t_min_end), float(cfg.t_max)))
+        if cfg.cfg_scale is not None:
+            changes["cfg_scale"] = float(cfg.cfg_scale)
+        if changes:
+            guidance = guidance.with_config(**changes)
         loss_fn = sds_loss_fn(guidance)
     if camera_fn is None:
         camera_fn = random_camera_fn(int(cfg.batch_size), cfg.render_resolution, preset.coarse, seed=seed,

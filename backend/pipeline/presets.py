@@ -41,6 +41,12 @@ class GuidanceConfig:
         weighting: "sds" (w = 1 - alpha_bar_t, threestudio), "uniform" (w = 1) or
             "fantasia3d" (w = sqrt(alpha_bar_t) * (1 - alpha_bar_t)).
         grad_clip: clamp each element of the SDS gradient to ±grad_clip (0 disables).
+        t_sampling: "random" (t ~ U[t_lo, t_hi] of the annealed range) or "dreamtime"
+            (DreamTime, Huang et al. 2023: a monotonically decreasing, time-prioritised t over the
+            run within [t_min, t_max], prior W_p with dreamtime_m1/m2/s1/s2 as fractions of the
+            training timesteps; each view jittered by ±t_jitter).
+        sds_form: "eps" (the SDS gradient w(t)·(eps_hat − eps)) or "x0" (StableDreamer, Guo et al.
+            2023: reconstruction toward the one-step denoised image, x0_weight·(z − x0_hat)).
         fp16: run the UNet/VAE in float16 on CUDA (always float32 on the CPU).
         attention_slicing: trade speed for memory in attention (small GPUs).
         cpu_offload: keep the VAE and text encoder on the CPU; only the UNet lives on the GPU.
@@ -57,6 +63,14 @@ class GuidanceConfig:
     t_anneal: str = "sqrt"
     weighting: str = "sds"
     grad_clip: float = 0.0
+    t_sampling: str = "random"
+    dreamtime_m1: float = 0.8
+    dreamtime_m2: float = 0.5
+    dreamtime_s1: float = 0.3
+    dreamtime_s2: float = 0.1
+    t_jitter: float = 0.0
+    sds_form: str = "eps"
+    x0_weight: float = 1.0
     fp16: bool = True
     attention_slicing: bool = False
     cpu_offload: bool = False
@@ -88,6 +102,12 @@ class CoarseConfig:
         mesh_grid, mesh_faces: the same for the final mesh of coarse-only presets.
         density_threshold: iso level of the density grid (sum of opacity-weighted Gaussians).
         renderer: "auto", "gsplat" or "torch".
+        opacity_entropy_weight: weight of the mean binary entropy of the Gaussians' opacities,
+            which drives each opacity to 0 or 1 so half-transparent films and haze go (the opacity
+            regulariser of GaussianDreamer-style / DreamGaussian-style Gaussian SDS); 0 disables.
+        alpha_entropy_weight: the same on the rendered alpha per pixel (a crisp silhouette).
+        max_scale: after every step each Gaussian's std is clamped to at most this (world units);
+            0 disables. Large splats bridge holes and blur the surface.
     """
 
     steps: int = 500
@@ -125,6 +145,9 @@ class CoarseConfig:
     mesh_faces: int = 50000
     density_threshold: float = 0.5
     renderer: str = "auto"
+    opacity_entropy_weight: float = 0.0
+    alpha_entropy_weight: float = 0.0
+    max_scale: float = 0.0
 
 
 @dataclass
@@ -143,6 +166,13 @@ class FineConfig:
         lr_offsets: vertex-offset learning rate; offset_limit: largest offset per axis (world
         units); laplacian_weight, normal_weight: offset regularisers; rasterizer: "auto",
         "nvdiffrast" or "torch".
+        t_max: when set, the fine stage's SDS timesteps stay at or below this fraction (threestudio's
+            Magic3D refine stage samples t in [0.02, 0.5]: the coarse shape is kept and only detail
+            and colour are refined); None uses the guidance's own range.
+        cfg_scale: the fine stage's classifier-free guidance scale (None: the guidance's).
+        tv_weight: weight of a total-variation smoothness prior on the texels (squared differences
+            of neighbouring texels, mean over the texture), against speckle where few pixels
+            constrain a texel.
     """
 
     steps: int = 300
@@ -162,6 +192,9 @@ class FineConfig:
     laplacian_weight: float = 1e4
     normal_weight: float = 1e2
     rasterizer: str = "auto"
+    t_max: float | None = None
+    cfg_scale: float | None = None
+    tv_weight: float = 0.0
 
 
 @dataclass
@@ -312,6 +345,9 @@ def validate_preset(preset: Preset) -> None:
         ("guidance.t_anneal", g.t_anneal in ("constant", "linear", "cosine", "sqrt", "step"),
          "must be constant, linear, cosine, sqrt or step"),
         ("guidance.grad_clip", g.grad_clip >= 0, "must be >= 0"),
+        ("guidance.t_sampling", g.t_sampling in ("random", "dreamtime"), "must be random or dreamtime"),
+        ("guidance.sds_form", g.sds_form in ("eps", "x0"), "must be eps or x0"),
+        ("guidance.t_jitter", 0.0 <= g.t_jitter <= 0.5, "must be in [0, 0.5]"),
         ("object_size", preset.object_size > 0, "must be > 0 (metres)"),
         ("shading.ambient", preset.shading.ambient >= 0, "must be >= 0"),
         ("shading.diffuse", preset.shading.diffuse >= 0, "must be >= 0"),
