@@ -80,11 +80,13 @@ class TexturedMesh:
         return self.positions if self.offsets is None else self.positions + self.offsets
 
     def render(self, cameras: Cameras, background: float | torch.Tensor = 1.0, backend: str = "auto",
-               texture: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> rz.MeshRender:
+               texture: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+               filter_mode: str = "linear") -> rz.MeshRender:
         """Rasterise with the current (or given) texture and positions."""
         return rz.render_mesh(self.deformed if positions is None else positions, self.faces, cameras,
                               texture_map=self.texture if texture is None else texture, uv=self.uv,
-                              uv_faces=self.uv_faces, background=background, backend=backend)
+                              uv_faces=self.uv_faces, background=background, backend=backend,
+                              filter_mode=filter_mode)
 
     def to_payload(self, max_texture_side: int | None = None) -> MeshPayload:
         """MeshPayload (Blender frame) with per-corner UVs, normals and the RGBA8 texture.
@@ -229,7 +231,8 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
         ratio = step_ratio(step, total)
         cams = camera_fn(step)
         pos = mesh.positions if offsets is None else mesh.positions + offsets
-        out = mesh.render(cams, background=background, backend=backend, texture=texture, positions=pos)
+        out = mesh.render(cams, background=background, backend=backend, texture=texture, positions=pos,
+                          filter_mode=str(config.texture_filter))
         backgrounds = torch.full((len(cams), 3), float(background), device=out.image.device)
         images = out.image
         if shading is not None:

@@ -170,6 +170,9 @@ class FineConfig:
             Magic3D refine stage samples t in [0.02, 0.5]: the coarse shape is kept and only detail
             and colour are refined); None uses the guidance's own range.
         cfg_scale: the fine stage's classifier-free guidance scale (None: the guidance's).
+        texture_filter: "linear" (bilinear) or "linear-mipmap-linear" (mipmapped, antialiased
+            minification with per-pixel UV derivatives; DreamGaussian's nvdiffrast mesh renderer):
+            a texel then receives the gradient of every pixel whose footprint covers it.
         tv_weight: weight of a total-variation smoothness prior on the texels (squared differences
             of neighbouring texels, mean over the texture), against speckle where few pixels
             constrain a texel.
@@ -195,6 +198,7 @@ class FineConfig:
     t_max: float | None = None
     cfg_scale: float | None = None
     tv_weight: float = 0.0
+    texture_filter: str = "linear"
 
 
 @dataclass
