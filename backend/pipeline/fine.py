@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from backend.gaussians.cameras import Cameras, sample_cameras
 from backend.guidance.loss import LossFn, sds_loss_fn
 from backend.mesh import rasterize as rz
-from backend.mesh.bake import ColorFn, bake_texture, gaussian_color_fn
+from backend.mesh.bake import ColorFn, bake_texture, dilate, gaussian_color_fn, texel_surface_points
 from backend.mesh.cleanup import clean_mesh
 from backend.mesh.export import compute_vertex_normals
 from backend.mesh.uv import unwrap
@@ -267,6 +267,44 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
     return mesh
 
 
+def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours: int = 16,
+                      dilation: int = 16, backend: str = "auto") -> TexturedMesh:
+    """Re-bake the texture through 3D so that both sides of every UV seam agree.
+
+    Each covered texel's surface point (Blender frame) becomes an isotropic Gaussian carrying the
+    texel's colour, with std ``sigma_texels`` × the mean texel size on the surface (world units,
+    from the surface area over the covered texel count); the texture is then baked again from that
+    colour field (:func:`~backend.mesh.bake.gaussian_color_fn`, ``neighbours`` nearest texels) and
+    dilated. Texels on either side of a seam are neighbours in 3D though far apart in UV, so the
+    seam jump becomes an ordinary step between neighbouring texels, and isolated speckles are
+    averaged with their 3D neighbourhood (a Gaussian blur of ~``sigma_texels`` on the surface).
+    The UV-space dilation alone (DreamGaussian, Magic3D) only pads charts; it cannot make the two
+    sides of a seam agree.
+
+    Returns the same mesh with ``texture`` replaced.
+    """
+    H, W = mesh.texture.shape[:2]
+    points, mask = texel_surface_points(mesh.deformed, mesh.faces, mesh.corner_uvs, (H, W), backend)
+    n = int(mask.sum())
+    if n < 4:
+        return mesh
+    pts = points[mask].float()
+    cols = mesh.texture[mask].float()
+    tri = mesh.deformed[mesh.faces]
+    area = 0.5 * torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1).norm(dim=-1).sum()
+    texel = float((area / n).sqrt())
+    ones = torch.ones(n, device=pts.device)
+    quats = torch.zeros(n, 4, device=pts.device)
+    quats[:, 0] = 1.0
+    fn = gaussian_color_fn(pts, quats, torch.full((n, 3), max(texel * sigma_texels, 1e-6), device=pts.device),
+                           ones * 0.99, cols, k=neighbours)
+    tex = torch.zeros_like(mesh.texture)
+    chunk = 65536
+    tex[mask] = torch.cat([fn(pts[i:i + chunk]) for i in range(0, n, chunk)]).clamp(0.0, 1.0)
+    mesh.texture = dilate(tex, mask, dilation)
+    return mesh
+
+
 # ----------------------------------------------------------------------------------------------
 # pipeline entry
 
@@ -386,5 +424,7 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
     shading = preset.shading if preset.shading.fine else None
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 2)
     refine(mesh, loss_fn, camera_fn, cfg, ctx, shading=shading, generator=gen)
+    if cfg.rebake_sigma > 0:
+        seam_aware_rebake(mesh, float(cfg.rebake_sigma), dilation=int(cfg.bake_dilation), backend=backend)
     info = {k: v for k, v in mesh.info.items() if k != "loss"}
     return FineResult(mesh.to_payload(), list(mesh.info.get("loss", [])), info)

@@ -173,6 +173,9 @@ class FineConfig:
         texture_filter: "linear" (bilinear) or "linear-mipmap-linear" (mipmapped, antialiased
             minification with per-pixel UV derivatives; DreamGaussian's nvdiffrast mesh renderer):
             a texel then receives the gradient of every pixel whose footprint covers it.
+        rebake_sigma: after refinement, re-bake the texture through 3D (each texel a Gaussian of
+            this std in texels on the surface) so both sides of every UV seam agree and lone
+            speckles average out (``fine.seam_aware_rebake``); 0 disables.
         tv_weight: weight of a total-variation smoothness prior on the texels (squared differences
             of neighbouring texels, mean over the texture), against speckle where few pixels
             constrain a texel.
@@ -199,6 +202,7 @@ class FineConfig:
     cfg_scale: float | None = None
     tv_weight: float = 0.0
     texture_filter: str = "linear"
+    rebake_sigma: float = 0.0
 
 
 @dataclass
