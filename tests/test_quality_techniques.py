@@ -157,10 +157,15 @@ def test_gaussian_regularisers_entropy_and_scale_limit():
 
 def test_cpu_preset_turns_the_techniques_on_and_they_can_be_switched_off():
     p = get_preset("cpu")
+    assert p.shading.coarse and p.shading.fine and p.guidance.t_sampling == "dreamtime"
+    assert p.fine.t_max == 0.5 and p.fine.texture_filter == "linear-mipmap-linear"
+    assert p.fine.tv_weight > 0 and p.fine.rebake_sigma > 0
     off = get_preset("cpu", {"shading.coarse": False, "shading.fine": False, "guidance.t_sampling": "random",
-                             "fine.t_max": "none", "fine.tv_weight": 0})
+                             "fine.t_max": "none", "fine.tv_weight": 0, "fine.texture_filter": "linear",
+                             "fine.rebake_sigma": 0})
     assert off.shading.coarse is False and off.fine.t_max is None and off.fine.tv_weight == 0
-    assert p.fine is not None
+    with pytest.raises(ValueError, match="shading.albedo_prob"):
+        get_preset("cpu", {"shading.albedo_prob": 0.8, "shading.textureless_prob": 0.5})
 
 
 def _seam_jump(mesh) -> float:
