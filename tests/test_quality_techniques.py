@@ -53,7 +53,7 @@ def test_mesh_face_normals_face_the_camera_and_shading_scales_the_albedo_gradien
     g_alb = torch.autograd.grad(alb.sum(), tex, retain_graph=True)[0]
     assert g_alb.sum() > 0 and g_lit.sum() < 0.9 * g_alb.sum()
     tl = apply_shading(out.image, out.alpha, bg, n, ShadingDraw(light_up.lights, torch.tensor([TEXTURELESS])), 0.2, 0.8)
-    assert tl[0, :, 10, 16].std() < 1e-6 and tl[0, 0, 10, 16] > 0.6  # white albedo: grey shade only
+    assert float(tl[0, :, 10, 16].std()) < 1e-6 and float(tl[0, 0, 10, 16]) > 0.3  # white albedo: grey shade only
     assert torch.autograd.grad(tl.sum(), tex)[0].abs().sum() == 0  # shading only: no albedo gradient
 
 
@@ -212,3 +212,19 @@ def test_seam_aware_rebake_makes_seams_agree_and_keeps_the_colour_field():
     after_err = (mesh.texture - clean)[mask].abs().mean()
     assert after_seam < 0.5 * before_seam
     assert after_err < 0.6 * before_err  # the noise is averaged, the smooth field kept
+
+
+def test_chart_padding_follows_the_charts_during_refinement():
+    from backend.pipeline.fine import padding_source
+
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.6)
+    mesh = prepare_textured_mesh(sphere.vertices, sphere.faces, lambda p: 0.5 + 0.5 * p.clamp(-1, 1).abs(),
+                                 face_budget=5000, texture_resolution=32, backend="torch")
+    assert mesh.texel_mask is not None and 0.1 < mesh.texel_mask.float().mean() < 0.95
+    cams = orbit_cameras([0.0], [0.0], width=16)
+    # a loss that darkens everything it sees: through the coarse mip levels it reaches the padding too
+    refine(mesh, lambda im, c, bg, r: im.mean(), lambda s: cams,
+           FineConfig(steps=5, lr=0.2, preview_every=0, rasterizer="torch", texture_filter="linear-mipmap-linear"))
+    flat = mesh.texture.reshape(-1, 3)
+    src = padding_source(mesh.texel_mask).reshape(-1)
+    assert torch.equal(flat, flat[src])  # every padding texel holds its nearest chart texel's colour
