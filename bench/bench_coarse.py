@@ -36,8 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.guidance import load_guidance
+from backend.guidance.loss import sds_loss_fn
 from backend.mesh.extract import extract_mesh
-from backend.pipeline.coarse import run_coarse_stage, sds_loss_fn
+from backend.pipeline.coarse import run_coarse_stage
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.presets import get_preset
 
@@ -131,8 +132,8 @@ def bench_cpu(steps: int | None, whole: bool, threads: int) -> dict:
     guidance.set_prompt("a red cube")
     render_time = [0.0]
 
-    def loss_fn(render, cams, bg, ratio):
-        return sds_loss_fn(guidance)(render, cams, bg, ratio)
+    def loss_fn(images, cams, bg, ratio):
+        return sds_loss_fn(guidance)(images, cams, bg, ratio)
 
     torch.manual_seed(0)
     w0, c0 = time.perf_counter(), time.process_time()

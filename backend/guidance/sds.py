@@ -15,6 +15,16 @@ For latent models the VAE encoder's backward runs inside ``sds_loss`` (a vector-
 a detached copy of the images), so the encoder's activations are freed before the renderer's
 backward and, with ``cpu_offload``, the encoder is on the compute device for both passes. The step
 keeps every value on the device: no host synchronisation (``.item()``, ``.cpu()``) per step.
+
+Options (``GuidanceConfig``):
+
+* ``t_sampling="dreamtime"``: instead of t ~ U[t_lo, t_hi], a monotonically decreasing,
+  time-prioritised t(step_ratio) (DreamTime, Huang et al. 2023; ``backend.schedule.dreamtime_timestep``)
+  within [t_min, t_max], jittered by ±``t_jitter``.
+* ``sds_form="x0"``: SDS as reconstruction (StableDreamer, Guo et al. 2023): the one-step denoised
+  estimate x0_hat = (z_t − sqrt(1 − a_t)·eps_hat) / sqrt(a_t) (clamped to [−1, 1] for pixel-space
+  models) is a target and loss = 0.5·x0_weight·sum((z − x0_hat)^2) / B; with a decreasing t the
+  target's noise level is annealed.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import torch.nn.functional as F
 
 from backend.guidance.base import Guidance, GuidanceError
 from backend.guidance.loader import ModelBundle, encode_texts, on_compute_device
-from backend.pipeline.schedule import anneal
+from backend.schedule import anneal, dreamtime_timestep
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +78,16 @@ class DiffusionGuidance(Guidance):
     @property
     def is_latent(self) -> bool:
         return self.bundle.is_latent
+
+    def with_config(self, **changes) -> DiffusionGuidance:
+        """A guidance sharing this one's model and prompt embeddings with ``GuidanceConfig`` fields
+        changed (e.g. the fine stage's own t_max / cfg_scale)."""
+        import copy
+        import dataclasses
+
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **changes)
+        return other
 
     # ------------------------------------------------------------------ prompts
     def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
@@ -110,6 +130,23 @@ class DiffusionGuidance(Guidance):
         else:
             latents = encoded.latent_dist.sample() * float(vae.config.scaling_factor)
         return latents.float()
+
+    def sample_timesteps(self, batch: int, step_ratio: float, lo: int, hi: int) -> tuple[torch.Tensor, int, int]:
+        """Timesteps (B,) long on the device, and the (lo, hi) range they were drawn from.
+
+        ``t_sampling="uniform"``: t ~ U[lo, hi] (the annealed range). ``"dreamtime"``: the
+        time-prioritised, monotonically decreasing t(step_ratio) of DreamTime (Huang et al. 2023)
+        within [t_min, t_max], jittered by ±``t_jitter``; drawn on the host, so no device sync.
+        """
+        c = self.config
+        if c.t_sampling != "dreamtime":
+            return torch.randint(lo, hi + 1, (batch,), device=self.device, dtype=torch.long), lo, hi
+        T = self.bundle.num_train_timesteps
+        centre = dreamtime_timestep(step_ratio, c.t_min, c.t_max, c.dreamtime_m1, c.dreamtime_m2,
+                                    c.dreamtime_s1, c.dreamtime_s2) * T
+        jitter = (torch.rand(batch) * 2.0 - 1.0) * float(c.t_jitter) * T
+        t = (centre + jitter).round().long().clamp(1, T - 1)
+        return t.to(self.device), int(t.min()), int(t.max())
 
     def timestep_range(self, step_ratio: float) -> tuple[int, int]:
         """Annealed [t_lo, t_hi] (integer timesteps) at ``step_ratio``."""
@@ -164,6 +201,7 @@ class DiffusionGuidance(Guidance):
         x = images.to(self.device)
         latent = self.is_latent
         lo, hi = self.timestep_range(step_ratio)
+        t, lo, hi = self.sample_timesteps(B, step_ratio, lo, hi)
         vae_ctx = on_compute_device(self.bundle, self.bundle.vae) if latent else contextlib.nullcontext()
         with vae_ctx:
             if latent:
@@ -172,13 +210,18 @@ class DiffusionGuidance(Guidance):
                     z = self.encode_images(x_in)
             else:
                 z = self.encode_images(x)
-            t = torch.randint(lo, hi + 1, (B,), device=self.device, dtype=torch.long)
             with torch.no_grad():
                 noise = torch.randn_like(z)
                 a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
                 z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
                 eps_hat = self.predict_noise(z_t, t, cond)
-                grad = self.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
+                if self.config.sds_form == "x0":
+                    x0 = (z_t - (1.0 - a).sqrt() * eps_hat) / a.sqrt()
+                    if not latent:
+                        x0 = x0.clamp(-1.0, 1.0)
+                    grad = float(self.config.x0_weight) * (z.detach() - x0)
+                else:
+                    grad = self.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
                 grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
                 if self.config.grad_clip > 0:
                     grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)

@@ -15,7 +15,7 @@ included: ``"true"``/``"false"`` for booleans, ``"none"`` for optional fields, `
 tuples). A bad preset name, an unknown key or a bad value raises ``ValueError`` naming the key.
 
 Annealed values are stored as ``<name>`` (start) and ``<name>_end`` and evaluated with
-``backend.pipeline.schedule``.
+``backend.schedule``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ class GuidanceConfig:
         weighting: "sds" (w = 1 - alpha_bar_t, threestudio), "uniform" (w = 1) or
             "fantasia3d" (w = sqrt(alpha_bar_t) * (1 - alpha_bar_t)).
         grad_clip: clamp each element of the SDS gradient to ±grad_clip (0 disables).
+        t_sampling: "random" (t ~ U[t_lo, t_hi] of the annealed range) or "dreamtime"
+            (DreamTime, Huang et al. 2023: a monotonically decreasing, time-prioritised t over the
+            run within [t_min, t_max], prior W_p with dreamtime_m1/m2/s1/s2 as fractions of the
+            training timesteps; each view jittered by ±t_jitter).
+        sds_form: "eps" (the SDS gradient w(t)·(eps_hat − eps)) or "x0" (StableDreamer, Guo et al.
+            2023: reconstruction toward the one-step denoised image, x0_weight·(z − x0_hat)).
         fp16: run the UNet/VAE in float16 on CUDA (always float32 on the CPU).
         attention_slicing: sliced attention; ignored where PyTorch SDPA exists (it would only be slower).
         cpu_offload: diffusers-style model offload: the models rest in CPU memory and each moves to the
@@ -63,6 +69,14 @@ class GuidanceConfig:
     t_anneal: str = "sqrt"
     weighting: str = "sds"
     grad_clip: float = 0.0
+    t_sampling: str = "random"
+    dreamtime_m1: float = 0.8
+    dreamtime_m2: float = 0.5
+    dreamtime_s1: float = 0.3
+    dreamtime_s2: float = 0.1
+    t_jitter: float = 0.0
+    sds_form: str = "eps"
+    x0_weight: float = 1.0
     fp16: bool = True
     attention_slicing: bool = False
     cpu_offload: bool = False
@@ -86,6 +100,7 @@ class CoarseConfig:
         densify_from, densify_until: run fractions between which densify/prune happen every
             densify_interval steps; densify_fraction: fraction of Gaussians (largest view-space
             gradients) cloned/split each time; max_points: cap; prune_opacity: prune below it;
+            prune_scale: prune Gaussians whose largest std exceeds it (world units);
             split_scale: Gaussians with a std above it (world units) are split, smaller ones cloned.
         random_bg_prob: probability of a random background colour per view (white otherwise).
         elevation_range, distance_range, fovy_range: camera sampling ranges (degrees / world units).
@@ -94,6 +109,12 @@ class CoarseConfig:
         mesh_grid, mesh_faces: the same for the final mesh of coarse-only presets.
         density_threshold: iso level of the density grid (sum of opacity-weighted Gaussians).
         renderer: "auto", "gsplat" or "torch".
+        opacity_entropy_weight: weight of the mean binary entropy of the Gaussians' opacities,
+            which drives each opacity to 0 or 1 so half-transparent films and haze go (the opacity
+            regulariser of GaussianDreamer-style / DreamGaussian-style Gaussian SDS); 0 disables.
+        alpha_entropy_weight: the same on the rendered alpha per pixel (a crisp silhouette).
+        max_scale: after every step each Gaussian's std is clamped to at most this (world units);
+            0 disables. Large splats bridge holes and blur the surface.
     """
 
     steps: int = 500
@@ -118,6 +139,7 @@ class CoarseConfig:
     densify_fraction: float = 0.1
     max_points: int = 50000
     prune_opacity: float = 0.01
+    prune_scale: float = 0.5
     split_scale: float = 0.04
     random_bg_prob: float = 0.5
     elevation_range: tuple[float, float] = (-10.0, 45.0)
@@ -130,11 +152,14 @@ class CoarseConfig:
     mesh_faces: int = 50000
     density_threshold: float = 0.5
     renderer: str = "auto"
+    opacity_entropy_weight: float = 0.0
+    alpha_entropy_weight: float = 0.0
+    max_scale: float = 0.0
 
 
 @dataclass
 class FineConfig:
-    """Textured-mesh refinement stage (fields may be added by the fine stage).
+    """Textured-mesh refinement stage.
 
     Attributes:
         steps: optimisation steps; render_resolution: rasterised view size (pixels);
@@ -148,6 +173,19 @@ class FineConfig:
         lr_offsets: vertex-offset learning rate; offset_limit: largest offset per axis (world
         units); laplacian_weight, normal_weight: offset regularisers; rasterizer: "auto",
         "nvdiffrast" or "torch".
+        t_max: when set, the fine stage's SDS timesteps stay at or below this fraction (threestudio's
+            Magic3D refine stage samples t in [0.02, 0.5]: the coarse shape is kept and only detail
+            and colour are refined); None uses the guidance's own range.
+        cfg_scale: the fine stage's classifier-free guidance scale (None: the guidance's).
+        texture_filter: "linear" (bilinear) or "linear-mipmap-linear" (mipmapped, antialiased
+            minification with per-pixel UV derivatives; DreamGaussian's nvdiffrast mesh renderer):
+            a texel then receives the gradient of every pixel whose footprint covers it.
+        rebake_sigma: after refinement, re-bake the texture through 3D (each texel a Gaussian of
+            this std in texels on the surface) so both sides of every UV seam agree and lone
+            speckles average out (``fine.seam_aware_rebake``); 0 disables.
+        tv_weight: weight of a total-variation smoothness prior on the texels (squared differences
+            of neighbouring texels, mean over the texture), against speckle where few pixels
+            constrain a texel.
     """
 
     steps: int = 300
@@ -167,6 +205,36 @@ class FineConfig:
     laplacian_weight: float = 1e4
     normal_weight: float = 1e2
     rasterizer: str = "auto"
+    t_max: float | None = None
+    cfg_scale: float | None = None
+    tv_weight: float = 0.0
+    texture_filter: str = "linear"
+    rebake_sigma: float = 0.0
+
+
+@dataclass
+class ShadingConfig:
+    """Shading of the rendered views during SDS (DreamFusion, Poole et al. 2022; see
+    ``backend/pipeline/shading.py``): the optimised colour becomes albedo, so the exported texture
+    carries no baked light, and flat faces must be flat to shade evenly.
+
+    Attributes:
+        coarse, fine: shade the Gaussian renders (depth-map normals) / the mesh renders (face normals).
+        ambient, diffuse: shade = ambient + diffuse · max(0, n·l).
+        albedo_prob: probability that a view is rendered unshaded (albedo only);
+        textureless_prob: probability that a view is rendered with a white albedo (shading only).
+        light_elevation_range: light elevation above the horizon (degrees, uniform);
+        light_azimuth_spread: light azimuth = camera azimuth ± this (degrees, uniform).
+    """
+
+    coarse: bool = False
+    fine: bool = False
+    ambient: float = 0.4
+    diffuse: float = 0.6
+    albedo_prob: float = 0.2
+    textureless_prob: float = 0.0
+    light_elevation_range: tuple[float, float] = (20.0, 80.0)
+    light_azimuth_spread: float = 90.0
 
 
 @dataclass
@@ -180,8 +248,21 @@ class Preset:
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
     fine: FineConfig | None = field(default_factory=FineConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    shading: ShadingConfig = field(default_factory=ShadingConfig)
     object_size: float = 1.0
     seed: int | None = None
+
+
+#: Issue-12 techniques every preset uses (see ``docs/benchmarks.md`` "Issue 12 — pipeline ablation"):
+#: DreamFusion shading in both stages, DreamTime timesteps, the Magic3D refine stage's t_max 0.5,
+#: DreamGaussian's mipmapped texture lookups and the seam-aware re-bake. Unverified on a GPU with
+#: Stable Diffusion in the session that set them (no GPU was available); measured on the cpu preset.
+def _shading() -> ShadingConfig:
+    return ShadingConfig(coarse=True, fine=True)
+
+
+def _guidance(**kw) -> GuidanceConfig:
+    return GuidanceConfig(t_sampling="dreamtime", **kw)
 
 
 def _draft() -> Preset:
@@ -189,8 +270,7 @@ def _draft() -> Preset:
         name="draft",
         coarse=CoarseConfig(steps=500, batch_size=4, num_points=4000, render_resolution=128,
                             render_resolution_end=256, preview_every=50, mesh_grid=128, mesh_faces=30000),
-        fine=None,
-        guidance=GuidanceConfig(vae="taesd"),
+        fine=None, guidance=_guidance(vae="taesd"), shading=_shading(),
     )
 
 
@@ -198,7 +278,9 @@ def _standard() -> Preset:
     return Preset(
         name="standard",
         coarse=CoarseConfig(steps=800, batch_size=4, num_points=5000, preview_every=100),
-        fine=FineConfig(steps=300, render_resolution=512, texture_resolution=1024),
+        fine=FineConfig(steps=300, render_resolution=512, texture_resolution=1024, t_max=0.5,
+                        texture_filter="linear-mipmap-linear", rebake_sigma=1.0),
+        guidance=_guidance(), shading=_shading(),
     )
 
 
@@ -209,7 +291,8 @@ def _high() -> Preset:
                             render_resolution_end=512, max_points=100000, preview_every=150,
                             mesh_grid=192, mesh_faces=100000),
         fine=FineConfig(steps=600, render_resolution=512, texture_resolution=2048, grid_resolution=192,
-                        face_budget=100000),
+                        face_budget=100000, t_max=0.5, texture_filter="linear-mipmap-linear", rebake_sigma=1.0),
+        guidance=_guidance(), shading=_shading(),
     )
 
 
@@ -223,8 +306,10 @@ def _cpu() -> Preset:
                             max_points=3000, split_scale=0.06, preview_every=50, preview_grid=48,
                             preview_faces=5000, mesh_grid=64, mesh_faces=10000),
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
-                        face_budget=5000, lr=2e-2, vertex_offsets=False),
-        guidance=GuidanceConfig(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
+                        face_budget=5000, lr=2e-2, vertex_offsets=False, t_max=0.5,
+                        texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.0),
+        guidance=_guidance(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
+        shading=_shading(),
     )
 
 
@@ -294,7 +379,15 @@ def validate_preset(preset: Preset) -> None:
         ("guidance.grad_clip", g.grad_clip >= 0, "must be >= 0"),
         ("guidance.vae", isinstance(g.vae, str) and bool(g.vae.strip()),
          "must be model, taesd, or a hub id / folder holding an AutoencoderTiny"),
+        ("guidance.t_sampling", g.t_sampling in ("random", "dreamtime"), "must be random or dreamtime"),
+        ("guidance.sds_form", g.sds_form in ("eps", "x0"), "must be eps or x0"),
+        ("guidance.t_jitter", 0.0 <= g.t_jitter <= 0.5, "must be in [0, 0.5]"),
         ("object_size", preset.object_size > 0, "must be > 0 (metres)"),
+        ("shading.ambient", preset.shading.ambient >= 0, "must be >= 0"),
+        ("shading.diffuse", preset.shading.diffuse >= 0, "must be >= 0"),
+        ("shading.albedo_prob", 0.0 <= preset.shading.albedo_prob + preset.shading.textureless_prob <= 1.0
+         and preset.shading.albedo_prob >= 0 and preset.shading.textureless_prob >= 0,
+         "albedo_prob and textureless_prob must be >= 0 with a sum <= 1"),
     ]
     if preset.fine is not None:
         checks += [
@@ -302,6 +395,11 @@ def validate_preset(preset: Preset) -> None:
             ("fine.render_resolution", preset.fine.render_resolution >= 8, "must be >= 8"),
             ("fine.texture_resolution", preset.fine.texture_resolution >= 8, "must be >= 8"),
             ("fine.face_budget", preset.fine.face_budget >= 4, "must be >= 4"),
+            ("fine.texture_filter", preset.fine.texture_filter in ("linear", "linear-mipmap-linear"),
+             "must be linear or linear-mipmap-linear"),
+            ("fine.t_max", preset.fine.t_max is None or 0.0 < preset.fine.t_max <= 1.0, "must be in (0, 1]"),
+            ("fine.tv_weight", preset.fine.tv_weight >= 0, "must be >= 0"),
+            ("fine.rebake_sigma", preset.fine.rebake_sigma >= 0, "must be >= 0"),
         ]
     for key, ok, why in checks:
         if not ok:
