@@ -201,7 +201,6 @@ class DiffusionGuidance(Guidance):
         x = images.to(self.device)
         latent = self.is_latent
         lo, hi = self.timestep_range(step_ratio)
-        t, lo, hi = self.sample_timesteps(B, step_ratio, lo, hi)
         vae_ctx = on_compute_device(self.bundle, self.bundle.vae) if latent else contextlib.nullcontext()
         with vae_ctx:
             if latent:
@@ -210,6 +209,7 @@ class DiffusionGuidance(Guidance):
                     z = self.encode_images(x_in)
             else:
                 z = self.encode_images(x)
+            t, lo, hi = self.sample_timesteps(B, step_ratio, lo, hi)  # after encoding: same RNG order as before
             with torch.no_grad():
                 noise = torch.randn_like(z)
                 a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
