@@ -609,7 +609,9 @@ class Client:
                 self.stats["restarts"] += 1
                 self._hello()
                 self._reattach()
-        if self.state in ("connecting", "lost"):
+        if self.state == "lost" and self.tcp_connected is False:
+            pass  # read before the connection closed (it waited in the inbox): the backend is still gone
+        elif self.state in ("connecting", "lost"):
             was_lost = self.state == "lost"
             self.state = "connected"
             self.error = None
