@@ -145,7 +145,7 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     from backend.server.app import ServerConfig, ServerStartError, run_server
     from backend.server.jobs import default_data_dir
 
@@ -171,7 +171,7 @@ def cmd_serve(args) -> int:
         return _fail(str(exc))
 
 
-def cmd_keys(args) -> int:
+def cmd_keys(args: argparse.Namespace) -> int:
     from backend.server.security import SecurityError, make_keys
 
     try:
@@ -184,7 +184,7 @@ def cmd_keys(args) -> int:
     return 0
 
 
-def cmd_jobs(args) -> int:
+def cmd_jobs(args: argparse.Namespace) -> int:
     from backend.server.jobs import RESULT_DIR, default_data_dir, read_data_dir
 
     data_dir = args.data_dir or default_data_dir()
@@ -292,7 +292,7 @@ def export_next_to(files: dict, out: Path) -> dict[str, Path]:
     return written
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     import tempfile
 
     from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent

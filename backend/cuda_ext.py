@@ -422,6 +422,12 @@ def build_extension(spec: ExtensionSpec, timeout_s: float | None = None, *,
         return st
     bdir = build_dir(spec)
     st.stale_locks_removed = [str(p) for p in remove_stale_locks([bdir])]
+    # another live process is building it (e.g. the build of a worker that was replaced): wait for it rather
+    # than start a second build in the same folder (gsplat deletes the folder before building)
+    deadline = time.monotonic() + timeout_s
+    while (bdir / "lock").exists() and not is_stale(bdir / "lock") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    st.stale_locks_removed += [str(p) for p in remove_stale_locks([bdir])]
     built = (bdir / f"{build_name(spec)}.so").exists() or _has_prebuilt(spec)
     tk = toolkit_status()
     problem = tk.problem(spec.headers)

@@ -143,7 +143,7 @@ def make_model(folder: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- guidance
-def _sds_case(folder: str, batch: int, side: int, label: str, **cfg) -> None:
+def _load(folder: str, **cfg):
     from backend.guidance import clear_cache, load_guidance
     from backend.pipeline.presets import GuidanceConfig
 
@@ -151,8 +151,12 @@ def _sds_case(folder: str, batch: int, side: int, label: str, **cfg) -> None:
     reset_peak()
     t0 = time.perf_counter()
     g = load_guidance(GuidanceConfig(model=folder, **cfg), DEV)
-    load_s = time.perf_counter() - t0
     g.set_prompt("a wooden chair")
+    sync()
+    return g, time.perf_counter() - t0
+
+
+def _sds_case(g, load_s: float, batch: int, side: int, label: str) -> None:
     reset_peak()
     az = torch.linspace(-170, 170, batch, device=DEV)
     el = torch.full((batch,), 20.0, device=DEV)
@@ -188,14 +192,22 @@ def _sds_case(folder: str, batch: int, side: int, label: str, **cfg) -> None:
 
 
 def guidance(folder: str) -> None:
+    """One load per variant; SDS steps at each batch size (see the module docstring)."""
     side = 32 if CPU else 512
     batches = [int(x) for x in os.environ.get("SMOKE_BATCHES", "1,2,4").split(",")]
-    for b in batches:
-        guarded("guidance-step")(_sds_case)(folder, b, side, "model-vae")
-    b = max(batches)
-    guarded("guidance-step")(_sds_case)(folder, b, side, "taesd", vae=taesd_folder(folder))
+    variants = [("model-vae", {}, batches), ("taesd", {"vae": taesd_folder(folder)}, batches[-1:])]
     if not CPU:  # offload only differs on CUDA
-        guarded("guidance-step")(_sds_case)(folder, b, side, "cpu-offload", cpu_offload=True)
+        variants.append(("cpu-offload", {"cpu_offload": True}, batches[-1:]))
+    for label, cfg, sizes in variants:
+        try:
+            g, load_s = _load(folder, **cfg)
+        except Exception as exc:
+            report("guidance-step", variant=label, error=f"load: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            continue
+        for b in sizes:
+            guarded("guidance-step")(_sds_case)(g, load_s, b, side, label)
+        del g
 
 
 # ---------------------------------------------------------------------------------------------- taesd

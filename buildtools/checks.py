@@ -16,6 +16,7 @@ import tempfile
 import time
 import tomllib
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def scan_absolute_imports(source: str, filename: str) -> list[str]:
     return bad
 
 
-def blender_python_versions(wheel_names) -> set[str]:
+def blender_python_versions(wheel_names: Iterable[str]) -> set[str]:
     """The ``python_versions`` Blender derives from a manifest's wheels (bl_pkg's rule: a stable-ABI
     wheel counts as plain "3", and "3" is dropped when any "3.x" is present)."""
     major_only, major_minor = set(), set()

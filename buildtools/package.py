@@ -16,6 +16,7 @@ import tempfile
 import time
 import tomllib
 import zipfile
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def _skip(path: Path, skip_names) -> bool:
     return path.name in skip_names or path.name.endswith(SKIP_SUFFIXES) or path.name.startswith(".#")
 
 
-def walk_files(top: Path, skip_names=TREE_SKIP_NAMES, top_skip=()):
+def walk_files(top: Path, skip_names: Collection[str] = TREE_SKIP_NAMES,
+               top_skip: Collection[str] = ()) -> list[tuple[Path, str]]:
     """(absolute path, path relative to ``top``) of every regular file under ``top``, sorted;
     symlinks are not followed (the add-on's ``protocol`` link is vendored separately)."""
     out = []
@@ -144,7 +146,9 @@ def render_manifest(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_info_source(*, version, proto_version, proto_major, kind, platforms, wheels, commit) -> str:
+def build_info_source(*, version: str, proto_version: str, proto_major: int, kind: str,
+                      platforms: Sequence[str], wheels: Sequence[str], commit: str) -> str:
+    """Source of the generated ``_build_info.py`` (facts about this build, read by the add-on)."""
     return (
         '"""Made by build.py; not in the repository. Facts about this build of the add-on."""\n\n'
         f"VERSION = {version!r}\n"

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class WheelSet:
     def get(self, python: str, platform: str) -> Path | None:
         return self.files.get((python, platform))
 
-    def platforms_covering(self, pythons, platforms) -> list[str]:
+    def platforms_covering(self, pythons: Iterable[str], platforms: Iterable[str]) -> list[str]:
         return [p for p in platforms if all(self.get(py, p) for py in pythons)]
 
 
@@ -68,7 +69,7 @@ def _pip_download(python: str, platform: str, dest: Path) -> Path | None:
         return target
 
 
-def fetch_wheels(pythons, platforms, *, offline: bool = False, jobs: int = 6) -> WheelSet:
+def fetch_wheels(pythons: Sequence[str], platforms: Sequence[str], *, offline: bool = False, jobs: int = 6) -> WheelSet:
     """Find or download pyzmq wheels for every (python, platform).
 
     The cache keeps the wheels and ``index.json`` ({"3.11|linux-x64": [file, sha256] or null});

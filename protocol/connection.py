@@ -44,11 +44,8 @@ class ConnectionInfo:
     server_public_key: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.key, str):
-            try:
-                self.key = bytes.fromhex(self.key)
-            except ValueError as e:
-                raise ProtocolError("bad_connection_file", "key must be hex", field="key") from e
+        if isinstance(self.key, str):  # accepted at run time, as the docstring says
+            self.key = _key_from_hex(self.key)
         _validate(self)
 
     @property
@@ -83,10 +80,17 @@ class ConnectionInfo:
             transport=data["transport"],
             ip=data["ip"],
             port=data["port"],
-            key=data["key"],
+            key=_key_from_hex(data["key"]),
             protocol_version=data["protocol_version"],
             server_public_key=data.get("server_public_key"),
         )
+
+
+def _key_from_hex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError as e:
+        raise ProtocolError("bad_connection_file", "key must be hex", field="key") from e
 
 
 def _bad(field: str, msg: str) -> ProtocolError:

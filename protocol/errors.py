@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .messages import Message
+
 #: Every code the protocol package raises, with what it means.
 ERROR_CODES: dict[str, str] = {
     "bad_frame_count": "the multipart message has too few or too many frames",
@@ -38,17 +43,10 @@ class ProtocolError(Exception):
             ids, so a server can answer it; else None.
     """
 
-    request = None
+    request: Message | None = None
 
     def __init__(self, code: str, message: str, field: str | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.field = field
-
-    def to_content(self, retriable: bool = False) -> dict:
-        """Content dict for an ``error`` message describing this error."""
-        content = {"code": self.code, "message": self.message, "retriable": retriable}
-        if self.field is not None:
-            content["field"] = self.field
-        return content

@@ -6,7 +6,9 @@ Coordinates are Blender's: metres, +Z up, right-handed, front facing -Y, centred
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -158,16 +160,18 @@ def _check_limits(name: str, shape: list[int]) -> None:
         raise _mesh_err(name, f"{shape[0]} bytes exceed MAX_PNG_BYTES={MAX_PNG_BYTES}", "too_large")
 
 
-def _view_bytes(buf) -> memoryview:
+def _view_bytes(buf: Any) -> memoryview:
     if isinstance(buf, np.ndarray):
         if not buf.flags.c_contiguous:
             buf = np.ascontiguousarray(buf)
-        return memoryview(buf).cast("B") if buf.size else memoryview(b"")
+        return buf.data.cast("B") if buf.size else memoryview(b"")
     view = buf.buffer if hasattr(buf, "buffer") and not isinstance(buf, (bytes, bytearray)) else memoryview(buf)
     return view if (view.ndim == 1 and view.itemsize == 1) else view.cast("B")
 
 
-def _load(name: str, desc: dict, shape: list[int], buffers: list):
+def _load(name: str, desc: dict, shape: list[int], buffers: list) -> np.ndarray | memoryview:
+    """The buffer of field ``name`` checked against its descriptor: a read-only array, or a byte
+    view for ``bytes`` fields (``texture_png``)."""
     dtype, _ = _FIELDS[name]
     idx = desc.get("buffer")
     if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(buffers):
@@ -219,7 +223,7 @@ def _png_size(name: str, view: memoryview) -> None:
         raise _mesh_err(name, f"PNG is {width}x{height}; limit is {MAX_TEXTURE_SIDE} a side", "too_large")
 
 
-def decode_mesh(meta: dict, buffers) -> MeshPayload:
+def decode_mesh(meta: dict, buffers: Iterable[Any]) -> MeshPayload:
     """Validate ``meta`` (from ``encode_mesh``) against ``buffers`` and build a ``MeshPayload``.
 
     ``buffers`` is the message's buffer list: numpy arrays (as ``Session.deserialize``
@@ -262,7 +266,14 @@ def decode_mesh(meta: dict, buffers) -> MeshPayload:
     used = [meta[n].get("buffer") for n in shapes]
     if len(set(map(repr, used))) != len(used):
         raise ProtocolError("bad_mesh", "mesh: two fields share one buffer", field="mesh")
-    loaded = {name: _load(name, meta[name], shapes[name], buffers) for name in shapes}
+    loaded: dict[str, np.ndarray] = {}
+    png_view: memoryview | None = None
+    for name in shapes:
+        value = _load(name, meta[name], shapes[name], buffers)
+        if isinstance(value, memoryview):  # the one bytes field, texture_png
+            png_view = value
+        else:
+            loaded[name] = value
 
     n_vertices = shapes["positions"][0]
     faces = loaded["faces"]
@@ -282,9 +293,9 @@ def decode_mesh(meta: dict, buffers) -> MeshPayload:
         if name in loaded:
             _check_finite(name, loaded[name])
     png = None
-    if "texture_png" in loaded:
-        _png_size("texture_png", loaded["texture_png"])
-        png = bytes(loaded["texture_png"])
+    if png_view is not None:
+        _png_size("texture_png", png_view)
+        png = bytes(png_view)
     return MeshPayload(
         positions=loaded["positions"],
         faces=faces,

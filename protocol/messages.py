@@ -37,8 +37,9 @@ import re
 import time as _time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -46,6 +47,9 @@ from .errors import ProtocolError
 from .mesh import MeshPayload, decode_mesh
 from .params import validate_params
 from .signing import ReplayGuard, Signer, _as_view
+
+if TYPE_CHECKING:
+    import zmq
 
 PROTOCOL_VERSION = "1.0"
 PROTOCOL_MAJOR = 1
@@ -105,7 +109,7 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-def is_job_id(value) -> bool:
+def is_job_id(value: object) -> bool:
     return isinstance(value, str) and bool(_JOB_ID_RE.match(value))
 
 
@@ -152,7 +156,8 @@ def _int(lo: int | None = 0, hi: int | None = 2**53):
     def check(v, path):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise _bad(path, f"must be an integer, got {_tname(v)}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        n = int(v)  # exact for every Integral (numpy integers included)
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
             raise _bad(path, f"must be in {lo}..{hi}, got {v}")
     return check
 
@@ -163,7 +168,8 @@ def _num(lo: float | None = None, hi: float | None = None):
             raise _bad(path, f"must be a number, got {_tname(v)}")
         if not _finite(v):
             raise _bad(path, "must be finite")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
+        x = cast(float, v)  # a Real compares with floats exactly as it is (no conversion)
+        if (lo is not None and x < lo) or (hi is not None and x > hi):
             raise _bad(path, f"must be in [{lo}, {hi}], got {v}")
     return check
 
@@ -234,6 +240,9 @@ _FILE = _obj({"name": (_str(255, nonempty=True), True), "size": (_int(0), True),
 _JOB_SUMMARY = _obj({"job_id": (_str(64, pattern=_JOB_ID_RE), True), "state": (_STATE, True)})
 _LIMITS = _obj(max_keys=64)
 _MODEL_ENTRY = _obj({"id": (_str(256, nonempty=True), True), "name": (_str(256), True), "present": (_bool, True)})
+_PULL = _obj({"id": (_str(256, nonempty=True), True), "state": (_enum("running", "done", "failed"), True),
+              "done": (_int(0), True), "total": (_int(0), True), "unit": (_str(8), False),
+              "message": (_str(), False), "seconds": (_num(0.0), False)})
 
 #: msg_type -> (content fields {name: (check, required)}, job_id required, buffers rule).
 #: buffers rule: 0 = no buffers, None = any number, "chunk" = exactly one "bytes" buffer.
@@ -254,6 +263,7 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
         "model": (_str(256), False),
         "models": (_list(_MODEL_ENTRY, 256), False),
         "vocabulary": (_list(_str(64), 4096), False),
+        "versions": (_obj(max_keys=32), False),
     }, False, 0),
     "submit": ({"params": (_params, True)}, True, 0),
     "accepted": ({
@@ -329,6 +339,15 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
     "attach": ({"from_seq": (_int(0), True)}, True, 0),
     "delete_job": ({}, True, 0),
     "job_deleted": ({}, True, 0),
+    "list_models": ({}, False, 0),
+    "pull_model": ({"model_id": (_str(256, nonempty=True), True)}, False, 0),
+    "models": ({
+        "device": (_str(256), False),
+        "model": (_str(256), False),
+        "models": (_list(_MODEL_ENTRY, 256), False),
+        "vocabulary": (_list(_str(64), 4096), False),
+        "pulls": (_list(_PULL, 64), False),
+    }, False, 0),
     "ping": ({"token": (_str(128), False)}, False, 0),
     "pong": ({"token": (_str(128), False), "server_time": (_num(), False)}, False, 0),
 }
@@ -338,7 +357,7 @@ MSG_TYPES: dict[str, str] = {
     "hello": "client -> server: protocol_version, client_name?, client_version?, capabilities?",
     "hello_reply": ("server -> client: protocol_version, limits{}, server_version?, presets?, device? "
                     "(\"CPU\" / \"CUDA · <GPU>\"), model? (auto's model id), models? [{id, name, present}], "
-                    "vocabulary? (words of a closed-vocabulary default model; empty otherwise)"),
+                    "vocabulary? (words of a closed-vocabulary default model; empty otherwise), versions? {package: version}"),
     "submit": "client -> server [job_id]: params (GenerationParams dict); idempotent on job_id",
     "accepted": "server -> client [job_id]: queue_position, state?, duplicate?",
     "progress": "server -> client [job_id, seq]: stage, step, total, fraction, elapsed, eta?, message?",
@@ -357,13 +376,18 @@ MSG_TYPES: dict[str, str] = {
     "attach": "client -> server [job_id]: from_seq; server resends the job's events with seq >= from_seq",
     "delete_job": "client -> server [job_id]: remove a finished job and its files",
     "job_deleted": "server -> client [job_id]: the job was removed (reply to delete_job)",
+    "list_models": "client -> server: (no fields); the server replies models",
+    "pull_model": "client -> server: model_id (owner/name); starts a background download; the server replies models",
+    "models": ("server -> client: device?, model?, models? [{id, name, present}], vocabulary?, pulls? "
+               "[{id, state running|done|failed, done, total, unit B|it, message?, seconds?}]"),
     "ping": "either way: token?",
     "pong": "reply to ping: token?, server_time?",
 }
 assert set(MSG_TYPES) == set(_SCHEMAS)
 
 
-def validate_content(msg_type: str, content, job_id=None, buffers=None) -> None:
+def validate_content(msg_type: str, content: Any, job_id: str | None = None,
+                     buffers: Sequence[Any] | None = None) -> None:
     """Check ``content`` (and job id / buffer count) against the schema of ``msg_type``."""
     if msg_type not in _SCHEMAS:
         raise ProtocolError("unknown_msg_type", f"unknown message type {str(msg_type)[:40]!r}")
@@ -402,7 +426,7 @@ def _json_too_deep(raw: bytes, limit: int) -> bool:
     return bool(np.cumsum(step).max(initial=0) > limit)
 
 
-def loads_bounded(raw, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH):
+def loads_bounded(raw: bytes | memoryview, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse a JSON frame; any failure is ``ProtocolError("bad_json" | "too_large")``."""
     if len(raw) > max_bytes:
         raise ProtocolError("too_large", f"{what} JSON is {len(raw)} bytes; the limit is {max_bytes}")
@@ -431,7 +455,7 @@ def _json_default(o):
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
 
 
-def dumps(obj) -> bytes:
+def dumps(obj: Any) -> bytes:
     """Compact strict JSON (no NaN/Infinity) as UTF-8; numpy scalars become Python numbers."""
     try:
         return _ENCODER.encode(obj).encode("utf-8")
@@ -503,7 +527,7 @@ def _frame_of(buf) -> tuple[dict, Any]:
         if len(buf.shape) > MAX_BUFFER_NDIM:
             raise ProtocolError("bad_buffer", f"buffer has {buf.ndim} dimensions (limit {MAX_BUFFER_NDIM})")
         arr = np.ascontiguousarray(buf, dtype=_DTYPES[name])
-        frame = memoryview(arr).cast("B") if arr.size else b""
+        frame = arr.data.cast("B") if arr.size else b""
         return {"dtype": name, "shape": list(arr.shape), "nbytes": arr.nbytes}, frame
     try:
         view = _as_view(buf)
@@ -620,7 +644,7 @@ class Session:
         self,
         msg_type: str,
         content: dict | None = None,
-        buffers=(),
+        buffers: Sequence[Any] = (),
         *,
         job_id: str | None = None,
         seq: int | None = None,
@@ -630,7 +654,10 @@ class Session:
     ) -> Message:
         """Build a ``Message`` with this session's header fields filled in."""
         if self.routing:
-            client = session if session is not None else self._client_sessions.get(routing_id, "")
+            if session is not None:
+                client = session
+            else:
+                client = self._client_sessions.get(routing_id, "") if routing_id is not None else ""
             server = self.session_id
         else:
             client = self.session_id if session is None else session
@@ -677,7 +704,7 @@ class Session:
             out.insert(0, msg.routing_id)
         return out
 
-    def deserialize(self, frames) -> Message:
+    def deserialize(self, frames: Sequence[Any]) -> Message:
         """Parse and check a received multipart message (routing id first if ``routing``).
 
         Order: frame count, tag, sizes, signature (constant time), replay, header JSON,
@@ -719,7 +746,11 @@ class Session:
             self.replay_guard.check_signature(signature)
 
         header = loads_bounded(signed[0], "header", MAX_HEADER_BYTES)
-        _validate_header(header)
+        try:
+            _validate_header(header)
+        except ProtocolError as exc:
+            exc.request = self._answerable(header, signature, routing_id)
+            raise
         if self.replay_guard is not None:
             self.replay_guard.accept(signature, float(header["time"]))
         msg_type = header["msg_type"]
@@ -739,7 +770,7 @@ class Session:
             exc.request = Message(msg_type=msg_type, msg_id=header["msg_id"], session=header["session"],
                                   server_session=header.get("server_session"), job_id=header.get("job_id"),
                                   time=float(header["time"]), version=header["version"], routing_id=routing_id)
-            if self.routing:
+            if routing_id is not None:  # set exactly when self.routing
                 self._remember_client(routing_id, header["session"])
             raise
 
@@ -756,7 +787,7 @@ class Session:
             version=header["version"],
             routing_id=routing_id,
         )
-        if self.routing:
+        if routing_id is not None:  # set exactly when self.routing
             self._remember_client(routing_id, msg.session)
         elif msg.server_session:
             self.peer_session = msg.server_session
@@ -772,10 +803,10 @@ class Session:
     # -- sockets -------------------------------------------------------------------------
     def send(
         self,
-        socket,
-        msg_type,
+        socket: zmq.Socket,
+        msg_type: str | Message,
         content: dict | None = None,
-        buffers=(),
+        buffers: Sequence[Any] = (),
         *,
         job_id: str | None = None,
         seq: int | None = None,
@@ -798,7 +829,7 @@ class Session:
         socket.send_multipart(self.serialize(msg), flags=flags, copy=False)
         return msg
 
-    def recv(self, socket, flags: int = 0) -> tuple[bytes | None, Message]:
+    def recv(self, socket: zmq.Socket, flags: int = 0) -> tuple[bytes | None, Message]:
         """Receive one message: ``(routing_id or None, Message)``. Frames are not copied.
 
         ``zmq.Again`` (with ``flags=zmq.NOBLOCK``) passes through; a malformed message
@@ -807,6 +838,29 @@ class Session:
         frames = self._recv_frames(socket, flags)
         msg = self.deserialize(frames)
         return msg.routing_id, msg
+
+    def _answerable(self, header, signature: bytes, routing_id) -> Message | None:
+        """For a correctly signed message whose header is invalid: a content-less ``Message`` to
+        answer it by, when its ``msg_id``/``session`` are usable and its time passes the replay
+        guard (so a replayed bad message is not answered twice); else None."""
+        if not isinstance(header, dict):
+            return None
+        msg_id, session, t = header.get("msg_id"), header.get("session"), header.get("time")
+        if not (isinstance(msg_id, str) and _ID_RE.match(msg_id) and isinstance(session, str) and session
+                and _ID_RE.match(session)):
+            return None
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t):
+            return None
+        if self.replay_guard is not None:
+            try:
+                self.replay_guard.accept(signature, float(t))
+            except ProtocolError:
+                return None
+        job_id = header.get("job_id")
+        msg_type = header.get("msg_type")
+        return Message(msg_type=msg_type if isinstance(msg_type, str) else "unknown", msg_id=msg_id,
+                       session=session, job_id=job_id if isinstance(job_id, str) and _JOB_ID_RE.match(job_id)
+                       else None, time=float(t), routing_id=routing_id)
 
     def _recv_frames(self, socket, flags: int) -> list:
         """The frames of one multipart message, read one by one; once they pass

@@ -208,7 +208,8 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "guidance.grad_clip": _f(0.0, 1e6, "clamp of each SDS gradient element (0 = off)"),
     "guidance.fp16": _b("float16 UNet/VAE on CUDA"),
     "guidance.attention_slicing": _b("sliced attention (less memory, slower)"),
-    "guidance.cpu_offload": _b("VAE and text encoder stay on the CPU"),
+    "guidance.cpu_offload": _b("models wait on the CPU and visit the GPU for their forward pass (diffusers model offload)"),
+    "guidance.vae": _c("image encoder: the model's own VAE or TAESD (madebyollin/taesd, draft)", "model", "taesd"),
     "guidance.view_dependent": _b("append the view direction to the prompt"),
     # coarse (Gaussian SDS)
     "coarse.steps": _i(1, 20_000, "optimisation steps"),

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up everything the tests need on a fresh Debian machine, then run them all.
+# Set up everything the tests need on a fresh Debian machine, then lint (ruff), type-check
+# (pyright, basic mode, the paths in pyproject.toml's [tool.pyright]) and run the tests.
+# Any lint or type error fails the run before pytest starts.
 #   bash scripts/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +13,10 @@ if ! command -v blender >/dev/null || ! command -v xvfb-run >/dev/null; then
             blender xvfb python3-zmq python3-numpy >/dev/null) || echo "warning: could not install blender/xvfb"
     fi
 fi
-exec "${PYTHON:-python3}" -m pytest -q -ra "$@"
+PY=${PYTHON:-python3}
+echo "== ruff check"
+"$PY" -m ruff check .
+echo "== pyright"
+PYRIGHT_PYTHON_IGNORE_WARNINGS=1 "$PY" -m pyright  # no PyPI version check: works offline
+echo "== pytest"
+exec "$PY" -m pytest -q -ra "$@"

@@ -19,6 +19,7 @@ Knobs (``params.overrides``):
     object_size         float, largest dimension in metres (the real presets' key); base on z = 0
     guidance.model      str, reported as the result's model (the real presets' key)
     test.nan_info       bool, put NaN and inf into the result's ``info`` (a pipeline bug the server survives)
+    test.report_cwd     bool, put the working directory into ``info["cwd"]``
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ KNOBS: dict[str, type] = {
     "object_size": float,
     "guidance.model": str,
     "test.nan_info": bool,
+    "test.report_cwd": bool,
 }
 DEFAULTS = {
     "test.steps": 10,
@@ -63,6 +65,7 @@ DEFAULTS = {
     "object_size": 1.6,
     "guidance.model": "fake-icosphere",
     "test.nan_info": False,
+    "test.report_cwd": False,
 }
 PRESETS = ("auto", "draft", "standard", "high", "cpu")
 
@@ -209,6 +212,8 @@ def run_job(params, ctx) -> ResultEvent:
             "seconds": round(time.perf_counter() - t0, 4), "prompt": params.prompt, "seed": seed,
             "resolved_preset": "cpu" if params.preset == "auto" else params.preset, "device": "CPU",
             "warnings": [knobs["test.warning"]] if knobs["test.warning"] else []}
+    if knobs["test.report_cwd"]:
+        info["cwd"] = os.getcwd()
     if knobs["test.nan_info"]:
         info.update(loss=float("nan"), best=float("inf"), history=[1.0, float("-inf")])
     return ResultEvent(files=files, mesh=mesh, info=info)

@@ -213,3 +213,26 @@ def test_build_folders_follow_the_packages_naming():
     # nvdiffrast/torch/ops.py: sanitize_name('nvdiffrast_plugin_%s_torch%s' % (nvdiffrast.__version__, torch.__version__))
     assert name.startswith("nvdiffrast_plugin_") and name.endswith("_torch" + torch.__version__.replace(".", "_")
                                                                   .replace("+", "_"))
+
+
+def test_a_live_build_elsewhere_is_waited_for_not_duplicated(tmp_path):
+    spec = ExtensionSpec("busyext", "busyext", "busyext_cuda", (), command=(sys.executable, "-c", "print('ok')"))
+    bdir = cuda_ext.build_dir(spec)
+    bdir.mkdir(parents=True)
+    lock = bdir / "lock"
+    other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys, time
+        fd = os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL)
+        print("building", flush=True)
+        time.sleep(1.5)
+        os.close(fd); os.remove({str(lock)!r})
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "building"
+        t0 = time.monotonic()
+        st = cuda_ext.build_extension(spec, 30, require_cuda=False)
+        waited = time.monotonic() - t0
+    finally:
+        other.wait()
+    assert st.state == "ready" and st.stale_locks_removed == []
+    assert waited >= 0.8  # it waited for the other build's lock instead of removing it

@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from backend.server.client import BackendClient, BackendError
-from backend.server.launcher import ServerProcess
+from backend.server.launcher import RayHead, ServerProcess
 
 FAKE = "tests.fake_pipeline:run_job"
 QUICK = {"test.steps": 4, "test.step_seconds": 0.01, "test.preview_every": 1, "test.no_obj": False}
@@ -73,10 +69,13 @@ def test_two_local_workers_run_two_jobs_at_once(tmp_path):
         queued = c.submit(p(QUICK, "third"))
         wait_for(lambda: both_running(c, a, b), 20, "both jobs running")
         st = c.status(queued).content
-        assert st["state"] == "queued" and st["queue_position"] == 2  # two running jobs ahead of it
+        # two running jobs, two workers: it starts when one of them ends
+        assert st["state"] == "queued" and st["queue_position"] == 1
+        fourth = c.submit(p(QUICK, "fourth"))
+        assert c.status(fourth).content["queue_position"] == 2
         runners = {c.status(j).content["worker"]["pid"] for j in (a, b)}
         assert runners == {w["pid"] for w in pool}  # one job on each worker
-        for j in (a, b, queued):
+        for j in (a, b, queued, fourth):
             check_result(c, srv.data_dir, j, c.wait_result(j, 60))
         # cancel a running job on one worker while the other worker runs a job
         long_job = c.submit(p(LONG, "long"))
@@ -99,31 +98,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real Ray head node with 2 CPUs (its own temp folder), stopped with all its processes after."""
+    """A real Ray head node with 2 CPUs under nice (its own temp folder), stopped with all its processes."""
     pytest.importorskip("ray", reason='Ray is not installed (pip install "conjure[farm]")')
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    log = open(Path(temp) / "head.log", "wb")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen(["nice", "-n", "10", ray_bin, "start", "--head", "--port", str(port),
-                             "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=false",
-                             "--disable-usage-stats", "--temp-dir", temp, "--block"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"127.0.0.1:{port}"
+    head = RayHead(num_cpus=2).start()
     try:
-        wait_for(lambda: head.poll() is not None or b"--block" in (Path(temp) / "head.log").read_bytes(),
-                 120, "the Ray head")
-        assert head.poll() is None, (Path(temp) / "head.log").read_text(errors="replace")
-        yield address
+        yield head.address
     finally:
-        head.terminate()  # `ray start --block` stops every process it started on SIGTERM
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        head.stop()
 
 
 def ray_server(tmp_path: Path, address: str, data_dir: Path | None = None) -> ServerProcess:
@@ -153,7 +134,9 @@ def test_ray_farm_two_at_once_cancel_actor_kill_and_server_restart(ray_head, tmp
             result = c.wait_result(j, 60)
             check_result(c, srv.data_dir, j, result)
             assert {f["kind"] for f in result.content["files"]} >= {"glb", "obj", "mtl", "png"}
-            assert (srv.data_dir / j / "result_mesh.npz").exists()
+            assert (srv.data_dir / j / "result_mesh.npz").exists()  # attach after a restart replays it
+            assert (srv.data_dir / j / "preview.npz").exists()  # written by the server from the stream
+            assert c.status(j).content["worker"]["kind"] == "ray"
 
         # cooperative cancel
         job = c.submit(p(LONG, "cancel me"))

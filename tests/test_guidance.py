@@ -218,3 +218,43 @@ def test_taesd_missing_falls_back_with_a_pull_hint(tiny_models, tmp_path, monkey
     g = load_guidance(config(tiny_models["latent"], vae="taesd"), "cpu")
     assert g.bundle.vae_kind == "model"
     assert "conjure-backend models pull madebyollin/taesd" in g.description
+
+
+def test_one_resident_variant_per_model(tiny_models, tmp_path):
+    """A job with other options gets its own bundle, and the previous variant of that model is evicted."""
+    from diffusers import AutoencoderTiny
+
+    folder = str(tiny_models["latent"].resolve())
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(str(tmp_path / "taesd"))
+    plain = load_model(folder, "cpu")
+    tiny = load_model(folder, "cpu", vae=str(tmp_path / "taesd"))
+    assert tiny is not plain and tiny.vae_kind == "taesd" and plain.vae_kind == "model"
+    keys = [k for k in cached_models() if k[0] == folder]
+    assert len(keys) == 1 and keys[0][3].endswith("vae=" + str(tmp_path / "taesd"))
+    assert load_model(folder, "cpu") is not plain  # reloaded: the plain variant was evicted
+
+
+def test_offload_path_gives_the_same_gradient(tiny_models):
+    """The offload code path (weights resting in CPU memory, visiting the compute device per forward/backward)
+    run on the CPU: same loss and image gradient as without it, and the weights rest on their CPU tensors after."""
+    from backend.guidance.loader import clear_cache
+
+    clear_cache()
+    g = load_guidance(config(tiny_models["latent"]), "cpu")
+    g.set_prompt("a blue torus")
+    images = torch.rand(2, 3, 32, 32)
+    az, el = torch.tensor([0.0, 120.0]), torch.tensor([10.0, 70.0])
+    grads = []
+    for offload in (False, True):
+        g.bundle.offload = offload  # on a CPU-only machine the device is the CPU, so this runs the same maths
+        x = images.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        g.sds_loss(x, az, el, 0.4).backward()
+        grads.append(x.grad)
+    g.bundle.offload = False
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8) and grads[0].abs().sum() > 0
+    for module in (g.bundle.unet, g.bundle.vae):
+        resting = module._conjure_resting
+        assert all(t.data.data_ptr() == cpu.data_ptr() for t, cpu in resting.tensors)
+    clear_cache()

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,7 @@ def test_hello_fields_list_models_and_the_cpu_vocabulary(hub):
     assert present == {DEFAULT_GPU_MODEL: True, "stable-diffusion-v1-5/stable-diffusion-v1-5": False,
                        BUNDLED_MODEL: True}
     assert {"cube", "sphere", "red", "front"} <= set(fields["vocabulary"])
+    assert fields["versions"]["torch"] == torch.__version__ and "diffusers" in fields["versions"]
     from protocol.messages import validate_content
 
     validate_content("hello_reply", {"protocol_version": "1.0", "limits": {}, **fields})
@@ -160,3 +162,48 @@ def test_doctor_on_cpu(hub, tmp_path):
     assert f"{DEFAULT_GPU_MODEL}        present" in out
     assert "will run (preset auto): preset cpu, model conjure-solids (present), PyTorch renderers" in out
     assert "gsplat" in out and "nvdiffrast" in out
+
+
+def test_progress_tqdm_follows_the_byte_bar():
+    from backend.models.cache import progress_tqdm
+
+    seen = []
+    cls = progress_tqdm(lambda done, total, unit: seen.append((done, total, unit)))
+    files = cls(total=3, desc="Fetching 3 files")      # the file-count bar comes first
+    files.update(1)
+    data = cls(total=0, unit="B", desc="Downloading bytes")  # then the byte bar: followed from now on
+    data.total = 1000
+    data.update(400)
+    files.update(1)                                    # no longer followed
+    data.update(600)
+    assert seen == [(1, 3, "it"), (400, 1000, "B"), (1000, 1000, "B")]
+
+
+def test_server_pull_model_runs_in_the_background_and_reports(tmp_path):
+    """A real server: list_models / pull_model replies; offline, the pull fails with a clear message."""
+    from backend.server.client import BackendClient, BackendError
+    from backend.server.launcher import ServerProcess
+
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    srv = ServerProcess(tmp_path / "data", tmp_path / "conn.json", pipeline="tests.fake_pipeline:run_job",
+                        env=env).start()
+    try:
+        with BackendClient(srv.info) as c:
+            reply = c.request("list_models", {}, expect=("models",)).content
+            assert reply["pulls"] == [] and {"conjure-solids", DEFAULT_GPU_MODEL} <= {m["id"] for m in reply["models"]}
+            reply = c.request("pull_model", {"model_id": "madebyollin/taesd"}, expect=("models",)).content
+            assert [p["id"] for p in reply["pulls"]] == ["madebyollin/taesd"]
+            deadline = time.monotonic() + 30
+            while True:
+                pulls = c.request("list_models", {}, expect=("models",)).content["pulls"]
+                if pulls[0]["state"] != "running" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert pulls[0]["state"] == "failed"
+            assert "HF_HUB_OFFLINE is set, so madebyollin/taesd cannot be downloaded" in pulls[0]["message"]
+            with pytest.raises(BackendError) as err:
+                c.request("pull_model", {"model_id": "../../etc"}, expect=("models",))
+            assert err.value.code == "bad_content" and "not a Hugging Face model id" in str(err.value)
+            assert c.ping().content["stats"]  # still serving
+    finally:
+        assert srv.stop() == 0, srv.log()

@@ -237,6 +237,5 @@ def test_text_to_3d_with_the_bundled_prior(tmp_path, prompt, shape, colour):
     assert result.files["glb"].is_file()
     j = judge_mesh(result.mesh)
     print(f"{prompt}: {seconds:.0f}s shape {j['shape']} ious {j['ious']} colour {j['colour']} rgb {j['rgb']}")
-    assert seconds < 300
     assert j["colour"] == colour, j
     assert j["shape"] == shape, j

@@ -129,6 +129,15 @@ CONTENT = {
     "attach": st.fixed_dictionaries({"from_seq": nonneg}),
     "delete_job": st.just({}),
     "job_deleted": st.just({}),
+    "list_models": st.just({}),
+    "pull_model": st.fixed_dictionaries({"model_id": ident}),
+    "models": st.fixed_dictionaries({}, optional={
+        "device": text, "model": ident,
+        "models": st.lists(st.fixed_dictionaries({"id": ident, "name": text, "present": st.booleans()}), max_size=3),
+        "vocabulary": st.lists(ident, max_size=4),
+        "pulls": st.lists(st.fixed_dictionaries(
+            {"id": ident, "state": st.sampled_from(["running", "done", "failed"]), "done": nonneg, "total": nonneg},
+            optional={"unit": st.sampled_from(["B", "it"]), "message": text}), max_size=2)}),
     "ping": opt(token=ident),
     "pong": opt(token=ident, server_time=pos_float),
 }

@@ -176,6 +176,19 @@ def test_schema_rejections_are_answered_naming_the_field(server, params_content,
         sock.close(0)
 
 
+def test_a_signed_request_with_a_bad_header_is_answered(server):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.info.url)
+    try:
+        msg_id = _raw_request(server.info, sock, "make_coffee", {})
+        header, content = _raw_reply(sock)
+        assert header["msg_type"] == "error" and content["code"] == "unknown_msg_type"
+        assert content["in_reply_to"] == msg_id and "make_coffee" in content["message"]
+    finally:
+        sock.close(0)
+
+
 def test_cancel_from_a_client_not_subscribed_is_acknowledged(server, client):
     running = client.submit(params(**{"test.steps": 100000, "test.step_seconds": 0.01}))
     client.next(lambda m: m.job_id == running and m.msg_type == "progress", 30)
@@ -228,6 +241,14 @@ def test_real_pipeline_rejects_absurd_overrides_at_submit():
                              ({"guidance.model": "/etc"}, "not a file path")]:
         with pytest.raises(ValueError, match=words):
             check("cpu", overrides)
+
+
+def test_a_job_runs_in_its_own_scratch_folder(server, client):
+    """Relative names a pipeline resolves (a Hub id a loader also tries as a folder) land in the
+    job's fresh scratch folder, not in the server's working directory."""
+    job_id = client.submit(params(**{"test.report_cwd": True}))
+    info = client.wait_result(job_id, 30).content["info"]
+    assert os.path.realpath(info["cwd"]) == os.path.realpath(server.data_dir / job_id / "work")
 
 
 def test_preset_auto_is_resolved_without_torch_in_the_control_loop():

@@ -8,7 +8,7 @@ UNet works on RGB in [-1, 1] at ``unet.config.sample_size``.
 Loaded components stay resident in a module-level cache keyed by (model, device, dtype, options) so
 the next job on the same server skips loading; ``options`` names every setting that changes the
 cached modules (CPU offload, attention slicing, the encoder), so a job never inherits another job's
-settings through the cache.
+settings through the cache. One variant per (model, device) stays resident: loading another evicts it.
 
 ``cpu_offload`` follows diffusers' model offload (``enable_model_cpu_offload``): every model rests in
 CPU memory and moves to the compute device for its own forward pass (the VAE encoder also for its
@@ -184,6 +184,12 @@ def load_model(model: str, device: torch.device | str, fp16: bool = True, cpu_of
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
+        # one resident variant per (model, device): another job's options must not double the memory
+        stale = [k for k in _CACHE if k[:2] == key[:2]]
+        for k in stale:
+            del _CACHE[k]
+        if stale and device.type == "cuda":
+            torch.cuda.empty_cache()
         bundle = _load_uncached(model, device, dtype, offload, vae)
         if attention == "sliced":
             bundle.unet.set_attention_slice("auto")
@@ -314,21 +320,54 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, offload
     return bundle
 
 
+class _Resting:
+    """Frozen weights of one module kept in (pinned, when CUDA exists) CPU memory.
+
+    ``visit(device)`` points every parameter/buffer at a device copy (asynchronous from pinned memory);
+    ``rest()`` points them back at the CPU tensors, which are still valid because the weights never
+    change (SDS does not train the models), so nothing is copied back.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        pin = torch.cuda.is_available()
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for t in list(module.parameters()) + list(module.buffers()):
+            cpu = t.data.to("cpu")
+            if pin:
+                cpu = cpu.pin_memory()
+            t.data = cpu
+            self.tensors.append((t, cpu))
+
+    def visit(self, device: torch.device) -> None:
+        for t, cpu in self.tensors:
+            t.data = cpu.to(device, non_blocking=True)
+
+    def rest(self) -> None:
+        for t, cpu in self.tensors:
+            t.data = cpu
+
+
 @contextlib.contextmanager
 def on_compute_device(bundle: ModelBundle, module: torch.nn.Module):
     """Run ``module`` on ``bundle.device``: with offload it visits the device and returns to the CPU after.
 
     The diffusers model-offload semantics (``enable_model_cpu_offload``): weights rest in CPU memory,
     every forward (and the VAE's backward, which happens inside the block) runs on the compute device.
+    The resting copy is pinned and kept, so a visit is one asynchronous host-to-device copy and
+    leaving costs nothing (see ``_Resting``).
     """
     if not bundle.offload:
         yield module
         return
-    module.to(bundle.device)
+    resting = getattr(module, "_conjure_resting", None)
+    if resting is None:
+        resting = _Resting(module)
+        module._conjure_resting = resting
+    resting.visit(bundle.device)
     try:
         yield module
     finally:
-        module.to("cpu")
+        resting.rest()
 
 
 @torch.no_grad()

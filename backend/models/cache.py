@@ -118,12 +118,44 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-def pull(model_id: str, progress: bool = True, cache_dir: Path | None = None) -> Path:
+def progress_tqdm(callback, show: bool = False):
+    """A ``tqdm`` class for ``snapshot_download(tqdm_class=...)`` that reports ``callback(done, total, unit)``.
+
+    It follows one bar: the first byte bar ("B", recent huggingface_hub), else the file-count bar (older
+    versions only pass ``tqdm_class`` to that one). ``show=False`` draws nothing.
+    """
+    from tqdm.auto import tqdm
+
+    followed: list[object] = []
+
+    class ProgressTqdm(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            if not show:
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self._unit = kwargs.get("unit", "it")
+            self._done = float(kwargs.get("initial", 0) or 0)
+            if not followed or (self._unit == "B" and getattr(followed[0], "_unit", "") != "B"):
+                followed[:] = [self]
+
+        def update(self, n=1):
+            self._done += float(n or 0)
+            out = super().update(n)
+            if followed and followed[0] is self:
+                callback(int(self._done), int(self.total or 0), self._unit)
+            return out
+
+    return ProgressTqdm
+
+
+def pull(model_id: str, progress: bool = True, cache_dir: Path | None = None, on_progress=None) -> Path:
     """Download (or finish downloading) ``model_id`` into the cache; return its snapshot folder.
 
     ``snapshot_download`` resumes partial files (``.incomplete`` blobs) and skips complete ones, so a
     second pull after an interruption only fetches what is missing. Catalogue entries leave out files
-    SDS does not need (single-file checkpoints, fp16 duplicates, the safety checker).
+    SDS does not need (single-file checkpoints, fp16 duplicates, the safety checker). ``on_progress(done,
+    total, unit)`` is called as bytes (or, with older huggingface_hub, files) arrive.
 
     Raises:
         ModelStoreError: offline mode, the bundled model, an unknown repository or a network failure.
@@ -142,8 +174,10 @@ def pull(model_id: str, progress: bool = True, cache_dir: Path | None = None) ->
     entry = catalogue_entry(model_id)
     ignore = list(entry.ignore) if entry is not None else list(PIPELINE_IGNORE[:6])
     (disable_progress_bars if not progress else enable_progress_bars)()
+    extra = {"tqdm_class": progress_tqdm(on_progress, show=progress)} if on_progress is not None else {}
     try:
-        path = snapshot_download(model_id, cache_dir=str(cache_dir or hub_cache_dir()), ignore_patterns=ignore)
+        path = snapshot_download(model_id, cache_dir=str(cache_dir or hub_cache_dir()), ignore_patterns=ignore,
+                                 **extra)
     except Exception as exc:
         raise ModelStoreError(f"could not download {model_id}: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

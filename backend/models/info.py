@@ -3,7 +3,8 @@
 ``model`` is the id ``guidance.model = "auto"`` resolves to on this machine (the SD 2.1-base mirror on
 CUDA, ``conjure-solids`` otherwise); ``models`` lists the catalogue plus every other cached diffusers
 model as ``{"id", "name", "present"}``; ``vocabulary`` is the word list of the default model when it
-is closed-vocabulary (``conjure-solids``), else empty. No torch import, no network.
+is closed-vocabulary (``conjure-solids``), else empty; ``versions`` the packages that run (python, conjure,
+torch, diffusers, gsplat, diffrp-nvdiffrast; None when missing). No torch import, no network.
 """
 
 from __future__ import annotations
@@ -62,11 +63,22 @@ def model_list() -> list[dict]:
     return out[:MAX_MODELS]
 
 
+def versions() -> dict[str, str | None]:
+    """Versions of what runs (package metadata only; nothing is imported): the panel shows them."""
+    from backend import __version__
+    from backend.server.worker import package_versions
+
+    keep = ("python", "conjure", "torch", "diffusers", "gsplat", "diffrp-nvdiffrast")
+    out = {k: v for k, v in package_versions().items() if k in keep}
+    out["conjure"] = out.get("conjure") or __version__  # a source checkout has no package metadata
+    return out
+
+
 def hello_model_fields() -> dict:
-    """``{"device", "model", "models", "vocabulary"}`` for ``hello_reply``."""
+    """``{"device", "model", "models", "vocabulary", "versions"}`` for ``hello_reply``."""
     model = default_model_id()
     return {"device": describe_device(), "model": model, "models": model_list(),
-            "vocabulary": bundled_vocabulary() if model == BUNDLED_MODEL else []}
+            "vocabulary": bundled_vocabulary() if model == BUNDLED_MODEL else [], "versions": versions()}
 
 
 def safe_hello_model_fields() -> dict:

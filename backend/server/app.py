@@ -20,7 +20,8 @@ Message flow (protocol message types, see ``protocol/messages.py``):
   ``submit`` / ``attach`` / ``status`` content *adds* credits (max 64). A client that never
   grants credits starts with 2 and gets 1 back per second while it is seen alive (any message
   in the last 5 s), so old clients still see previews at a bounded rate.
-- ``cancel`` [job_id] -> ``cancelled`` at once (in the job's stream). A queued job is dropped;
+- ``cancel`` [job_id] -> ``cancelled`` at once (in the job's stream, and directly to a sender
+  that does not follow the job). A queued job is dropped;
   a running one stops at the pipeline's next ``check_cancel``; if the worker has not stopped
   within ``cancel_timeout`` seconds it is killed and restarted.
 - ``status`` [job_id] -> ``status_reply``; ``list_jobs`` -> ``jobs`` (each with created/finished
@@ -30,11 +31,18 @@ Message flow (protocol message types, see ``protocol/messages.py``):
   bounded log are reported in ``missed`` of an ``error``-free ``status_reply`` first), then live.
   After a server restart, finished jobs still answer with their final event.
 - ``fetch_result`` [job_id] {name?, offset, length} -> one ``result_chunk`` (name, offset, size,
-  eof, sha256) with the bytes; the client pulls chunk by chunk and checks the SHA-256 from
-  ``result_ready`` / ``status_reply.result``.
+  eof, sha256) with at most ``MAX_FETCH_BYTES`` (1 MiB); the client pulls chunk by chunk and
+  checks the SHA-256 from ``result_ready`` / ``status_reply.result``. The chunk is read from disk
+  when the peer's pipe takes it, so unread replies cost a small record each.
 - Every reply carries the server's session id in the header (``server_session``): a client that
-  sees it change knows the server restarted. Malformed, forged, unsigned and replayed messages
-  are dropped and counted (``stats.dropped`` in ``pong``).
+  sees it change knows the server restarted. Forged, unsigned, replayed and oversized messages
+  are dropped and counted (``stats.dropped`` in ``pong``); a correctly signed request whose
+  content the schema rejects is answered with an ``error`` naming the field. Every signed
+  request gets a reply.
+- Limits (issue 14): requests of at most ``MAX_REQUEST_BYTES`` (libzmq refuses frames over
+  ``MAX_REQUEST_FRAME_BYTES``); replies to one peer queue at most ``SNDHWM`` messages in the
+  socket plus a small outbox; one server per data directory (``flock``); a full disk fails the
+  job (``disk_full``), never the server.
 
 Job states on the wire are the protocol's ``JOB_STATES``; a job interrupted by a server
 restart is reported as ``interrupted``.

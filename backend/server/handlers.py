@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 #: most bytes one result_chunk carries (a client asking for more gets this much; it pulls the rest).
 #: With the socket's SNDHWM this bounds what a peer that never reads can pin in the server.
 MAX_FETCH_BYTES = 1 << 20
-CAPABILITIES = ["attach", "fetch_result", "preview_credits", "stats"]
+CAPABILITIES = ["attach", "fetch_result", "preview_credits", "stats", "models"]
 
 
 class RequestHandlers:
@@ -114,6 +114,16 @@ class RequestHandlers:
                                 f"server {PROTOCOL_VERSION}", in_reply_to=msg.msg_id)
             return
         self.delivery.send(msg.session, "hello_reply", self.hello_content())
+
+    def on_list_models(self, msg):
+        from backend.models.pulls import models_reply
+
+        self.delivery.send(msg.session, "models", models_reply())
+
+    def on_pull_model(self, msg):
+        from backend.models.pulls import start_pull_or_protocol_error
+
+        self.delivery.send(msg.session, "models", start_pull_or_protocol_error(msg.content["model_id"]))
 
     def on_ping(self, msg):
         content = {"server_time": time.time(), "stats": self.server.stats_snapshot()}

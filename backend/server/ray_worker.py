@@ -68,6 +68,8 @@ FILE_CHUNK_BYTES = 4 << 20
 #: seconds between liveness checks of an idle actor
 HEALTH_CHECK_S = 2.0
 PREVIEW_WRITE_INTERVAL_S = 0.5
+#: seconds the server's Ray driver keeps trying to reach a lost GCS before Ray ends the process (1 year)
+GCS_RECONNECT_TIMEOUT_S = 365 * 24 * 3600
 
 
 class RayUnavailable(RuntimeError):
@@ -88,8 +90,12 @@ def connect(address: str, *, num_cpus: int | None = None) -> dict:
     "local": start a private one-machine instance inside this process). Returns the cluster's
     resources (``{"CPU": n, "GPU": n, ...}``). Raises :class:`RayUnavailable`."""
     explicit = address not in ("auto", "local") and not address.startswith("ray://")
-    if explicit and "ray" not in sys.modules:
-        _use_cluster_token()  # before Ray reads its configuration at import
+    if "ray" not in sys.modules:  # before Ray reads its configuration at import
+        if explicit:
+            _use_cluster_token()
+        # a Ray driver exits its whole process 60 s after it loses the cluster's GCS; the server
+        # must not: it keeps answering clients, its workers show not ready, and it retries
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(GCS_RECONNECT_TIMEOUT_S))
     ray = import_ray()
     if ray.is_initialized():
         return dict(ray.cluster_resources())
@@ -132,11 +138,17 @@ def _use_cluster_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def disconnect() -> None:
-    """Leave the cluster (our actors die with this driver)."""
+def disconnect(timeout: float = 10.0) -> None:
+    """Leave the cluster (our actors die with this driver). Bounded: with the cluster's GCS gone,
+    ``ray.shutdown`` waits for it (about 5 s here), and the server must still exit."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if ray is None or not ray.is_initialized():
+        return
+    t = threading.Thread(target=ray.shutdown, name="conjure-ray-shutdown", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        log.warning("ray.shutdown did not finish within %.0f s; leaving it", timeout)
 
 
 def _is_result(msg) -> bool:
@@ -318,9 +330,14 @@ class RayWorkerHandle:
             gen = self._generation
         self.ready = False
         self.pid = None
-        self.actor = actor_class().options(**self.resources).remote(self.pipeline_spec)
         self.starts += 1
         self._jobs = queue.Queue()
+        try:
+            self.actor = actor_class().options(**self.resources).remote(self.pipeline_spec)
+        except Exception as exc:
+            self.actor = None
+            self._put(gen, ActorDied(f"cannot create a Ray actor: {_short(exc)}"))
+            return
         self._thread = threading.Thread(target=self._consume, args=(ray, self.actor, gen, self._jobs),
                                         name=f"conjure-{self.name}", daemon=True)
         self._thread.start()
@@ -479,12 +496,11 @@ class RayWorkerHandle:
         with self._lock:
             self._generation += 1
         self._jobs.put(None)
-        if self.actor is not None:
-            ray = sys.modules.get("ray")
-            if ray is not None and ray.is_initialized():
-                with contextlib.suppress(Exception):
-                    ray.kill(self.actor, no_restart=True)
-            self.actor = None
+        actor, self.actor = self.actor, None
+        ray = sys.modules.get("ray")
+        if actor is not None and ray is not None and ray.is_initialized():
+            # ray.kill blocks while the cluster's GCS is unreachable: never in the control loop
+            threading.Thread(target=_kill_actor, args=(ray, actor), name="conjure-ray-kill", daemon=True).start()
         self.ready = False
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -541,6 +557,11 @@ class _FileWriter:
         if self.result_dir.is_dir():
             fsync_dir(self.result_dir)
         return "; ".join(self.problems)
+
+
+def _kill_actor(ray, actor) -> None:
+    with contextlib.suppress(Exception):
+        ray.kill(actor, no_restart=True)
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

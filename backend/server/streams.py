@@ -219,15 +219,19 @@ class Delivery:
         return peer
 
     def _evict_peers(self) -> None:
-        """Forget the least recently seen peers that follow no job and wait for nothing."""
+        """Forget the least recently seen peers that follow no job and wait for nothing (usually
+        the first one looked at: O(1) per new peer)."""
         subscribed = {pid for subs in self.subs.values() for pid in subs}
-        for peer_id in list(self.peers):
-            if len(self.peers) <= MAX_PEERS:
-                return
-            peer = self.peers[peer_id]
+        excess = len(self.peers) - MAX_PEERS
+        victims = []
+        for peer_id, peer in self.peers.items():  # least recently seen first
+            if len(victims) >= excess:
+                break
             if not peer.outbox and peer_id not in subscribed:
-                del self.peers[peer_id]
-                self.stats["peers_evicted"] = self.stats.get("peers_evicted", 0) + 1
+                victims.append(peer_id)
+        for peer_id in victims:
+            del self.peers[peer_id]
+        self.stats["peers_evicted"] = self.stats.get("peers_evicted", 0) + len(victims)
 
     def peer_gone(self, peer_id: str) -> None:
         """The peer's socket disconnected: drop its subscriptions (jobs go on, results persist)."""

@@ -254,18 +254,25 @@ class JobSupervisor:
         return next(iter(self.running.values()), None)
 
     def position(self, job_id: str) -> int | None:
-        """Jobs ahead of ``job_id`` (0 = running or next), None when it is neither queued nor running."""
+        """How many jobs must end before ``job_id`` can start, counting every worker (0 = running,
+        or starts as soon as a worker is free); None when it is neither queued nor running."""
         if job_id in self.running:
             return 0
         pos = self.queue.position(job_id)
         if pos is None:
             return None
-        return pos - 1 + len(self.running)
+        return self._ahead(pos - 1)
+
+    def _ahead(self, queued_before: int) -> int:
+        """Jobs that must end before a queued job with ``queued_before`` jobs queued ahead of it can
+        start: those jobs plus the running ones, less the workers that can take one (1 worker: the
+        plain count of jobs ahead)."""
+        return max(0, queued_before + len(self.running) - (max(1, self.pool.capacity) - 1))
 
     # ------------------------------------------------------------------ requests
     def enqueue(self, rec: JobRecord) -> int:
-        """Queue a new job (already in the store); returns how many jobs are ahead of it."""
-        ahead = len(self.queue) + len(self.running)
+        """Queue a new job (already in the store); returns :meth:`position` for it."""
+        ahead = self._ahead(len(self.queue))
         self.queue.push(rec.job_id)
         return ahead
 
@@ -316,7 +323,10 @@ class JobSupervisor:
                                     str(self.store.result_dir(job_id)),
                                     str(self.store.job_dir(job_id) / J.PREVIEW_FILE)))
             rec.worker = self.pool.placement(self.job_no)  # which worker (host, GPU) runs it
-            self.store.set_state(rec, J.RUNNING)
+            try:
+                self.store.write_record(rec)  # the state was journaled above; this adds the placement
+            except OSError as exc:  # full disk: the job runs; its final write reports the failure
+                log.warning("cannot record the worker of job %s: %s", job_id, exc)
 
     def pump(self, budget: int = 256) -> None:
         """Handle worker messages (at most one preview per call, so it is flushed before a newer one)."""

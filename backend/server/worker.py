@@ -303,6 +303,9 @@ def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
     with contextlib.suppress(OSError, AttributeError):
         os.nice(WORKER_NICE)  # the control loop wins the CPU when both want it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
+    # jobs run with their scratch folder as the working directory (see _run_one): imports must not
+    # depend on the directory the server was started from
+    sys.path[:] = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
     try:
         run_job = load_callable(pipeline_spec)
     except PipelineSpecError as exc:
@@ -324,11 +327,20 @@ def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
         if isinstance(msg, Quit):
             return
         if isinstance(msg, RunJob):
+            home = os.getcwd()
+            with contextlib.suppress(OSError):  # if this fails, _run_one reports the job's error
+                # a relative name in the job (e.g. a Hub id "org/name" that a loader also tries as a
+                # folder) resolves inside the job's own, fresh scratch folder, never in the server's
+                Path(msg.work_dir).mkdir(parents=True, exist_ok=True)
+                os.chdir(msg.work_dir)
             try:
                 _run_one(conn, cancel_value, run_job, msg.job_no, msg.job_id, msg.params, msg.work_dir,
                          msg.result_dir, msg.preview_path)
             except (BrokenPipeError, EOFError, OSError):
                 return
+            finally:
+                with contextlib.suppress(OSError):
+                    os.chdir(home)
 
 
 def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, result_dir, preview_path):
