@@ -189,6 +189,8 @@ STAGE_SPANS = {"load": (0.0, 0.05), "coarse": (0.05, 0.6), "fine": (0.6, 0.95), 
 
 def _fmt_s(seconds):
     seconds = max(0.0, float(seconds or 0.0))
+    if seconds < 10:
+        return "%.1f s" % seconds
     if seconds < 60:
         return "%.0f s" % seconds
     return "%d:%02d" % (seconds // 60, seconds % 60)
@@ -609,7 +611,9 @@ class Client:
                 self.stats["restarts"] += 1
                 self._hello()
                 self._reattach()
-        if self.state in ("connecting", "lost"):
+        if self.state == "lost" and self.tcp_connected is False:
+            pass  # read before the connection closed (it waited in the inbox): the backend is still gone
+        elif self.state in ("connecting", "lost"):
             was_lost = self.state == "lost"
             self.state = "connected"
             self.error = None

@@ -213,13 +213,20 @@ class CONJURE_PT_main(bpy.types.Panel):
         if job.finished:
             head.operator("conjure.dismiss", text="", icon="X", emboss=False)
         if not job.finished:
-            box.label(text=job.status_line())
+            lost = RUNTIME.client is not None and RUNTIME.client.state == "lost"
+            if lost:  # no live-looking bar while nobody answers: the job's fate is unknown
+                _wrap(box, "No news since %s: the backend is gone. The job is checked again when it comes "
+                      "back." % job.status_line(), context, icon="UNLINKED")
+            else:
+                box.label(text=job.status_line())
+            bar = box.column()
+            bar.active = not lost
             if HAS_PROGRESS:
-                box.progress(factor=job.overall, type="BAR", text="%.0f %%" % (100.0 * job.overall))
+                bar.progress(factor=job.overall, type="BAR", text="%.0f %%" % (100.0 * job.overall))
             else:  # Blender < 4.0: a read-only percentage slider
-                box.prop(context.window_manager, "conjure_progress", text="", slider=True)
+                bar.prop(context.window_manager, "conjure_progress", text="", slider=True)
             times = job.time_line()
-            if times:
+            if times and not lost:
                 _wrap(box, times, context, active=False)
             if get_prefs(context).show_debug and job.message and not job.message.lower().startswith("warning:"):
                 _wrap(box, job.message, context, icon="INFO", active=False)

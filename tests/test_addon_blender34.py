@@ -149,6 +149,8 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
     assert "a glowing crystal orb (preview)" not in j1["objects"] and j1["meshes"] == 3
     loss_limit = 3.0 if healthy else 3.0 + 4 * j1["loop_gap_p90_s"]  # detection needs ~2 ticks + a redraw
     assert r["loss_shown_s"] is not None and r["loss_shown_s"] < loss_limit, (r["loss_status"], j1)
+    # a killed backend closes its connection: the panel says so (not a guess from silence)
+    assert r["loss_status"][0] == "lost" and "closed the connection" in r["loss_status"][1], r["loss_status"]
     assert r["recovered_s"] is not None and r["recovered_s"] < 10.0
     assert r["job2"]["error"] == "interrupted"
     assert r["resubmit"] == {"new_id": True, "state": "done", "object": "a slow stone tower", "seed": 1234}

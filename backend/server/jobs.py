@@ -163,6 +163,8 @@ class JobRecord:
         if isinstance(seed, int) and not isinstance(seed, bool):
             out["seed"] = seed
         duration = self.duration_s()
+        if duration is None and self.started is not None:  # the result event is built just before finishing
+            duration = round(max(0.0, time.time() - self.started), 3)
         if duration is None and isinstance(info.get("seconds"), (int, float)):
             duration = round(float(info["seconds"]), 3)
         if duration is not None:

@@ -256,9 +256,10 @@ def scenario():
         if time.monotonic() - t > 90:
             R["errors"].append(f"job 1 did not finish: {job.status_line()}")
             break
+        if job.state == "running" and job.stage == "coarse":
+            R["progress_line"] = [job.status_line(), job.time_line(), job.overall]  # the last one seen
         if not took_progress_shot and RUNTIME.stats["previews_applied"] >= 1 and job.state == "running" \
-                and job.step >= 20:
-            R["progress_line"] = [job.status_line(), job.time_line(), job.overall]
+                and job.step >= 10:
             shot("blender34_progress.png")
             took_progress_shot = True
         yield 0.05
@@ -397,7 +398,7 @@ def scenario():
         yield 0.1
     thumbs = sys.modules[pkg + ".thumbnails"]
     t = time.monotonic()
-    while time.monotonic() - t < 15:  # the panel fetches the thumbnails as it draws them
+    while time.monotonic() - t < 45:  # the panel fetches the thumbnails as it draws them (slow UI loop)
         hist = RUNTIME.client.history or []
         if hist and all(thumbs.loaded(h["job_id"]) for h in hist if h.get("thumbnail")):
             break
