@@ -296,3 +296,18 @@ def decode_mesh(meta: dict, buffers) -> MeshPayload:
         edges=loaded.get("edges"),
         corner_edges=loaded.get("corner_edges"),
     )
+
+
+def validate_upload_mesh(mesh: MeshPayload) -> MeshPayload:
+    """Extra checks for a mesh a client uploads to be textured (after ``decode_mesh``).
+
+    ``decode_mesh`` already enforced the limits, dtypes, shapes, byte lengths, index ranges and
+    finite values; a texture job also needs at least one triangle, and no edges (the backend
+    derives its own). UVs may lie anywhere (the backend checks them and re-unwraps when they are
+    outside 0..1 or overlap). Raises ``ProtocolError("bad_mesh")``.
+    """
+    if len(mesh.faces) == 0:
+        raise _mesh_err("faces", "an uploaded mesh needs at least one triangle")
+    if mesh.edges is not None:
+        raise ProtocolError("bad_mesh", "mesh: an uploaded mesh must not carry edges", field="mesh.edges")
+    return mesh

@@ -44,7 +44,7 @@ import numpy as np
 
 from .errors import ProtocolError
 from .mesh import MeshPayload, decode_mesh
-from .params import validate_params
+from .params import JOB_KINDS, validate_params
 from .signing import ReplayGuard, Signer, _as_view
 
 PROTOCOL_VERSION = "1.0"
@@ -223,6 +223,13 @@ def _params(v, path):
         raise ProtocolError("invalid_params", e.message, field=field_name) from None
 
 
+def _rgb(v, path):
+    """[r, g, b] or [r, g, b, a], each a number in 0..1."""
+    _list(_num(0.0, 1.0), 4)(v, path)
+    if len(v) < 3:
+        raise _bad(path, f"must have 3 or 4 numbers (r, g, b[, a]), got {len(v)}")
+
+
 _VERSION = _str(16, pattern=_VERSION_RE)
 _STATE = _enum(*JOB_STATES)
 _FILE = _obj({"name": (_str(255, nonempty=True), True), "size": (_int(0), True), "sha256": (_str(64, pattern=_HEX64_RE), False)})
@@ -246,7 +253,11 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
         "device": (_str(256), False),
         "capabilities": (_list(_str(64), 64), False),
     }, False, 0),
-    "submit": ({"params": (_params, True)}, True, 0),
+    "submit": ({
+        "params": (_params, True),
+        # kind / mesh / base_color are checked by the receiver's handler with check_submit_upload
+        # (so a bad upload gets an error reply instead of being dropped as a malformed message)
+    }, True, None),
     "accepted": ({
         "queue_position": (_int(0), True),
         "state": (_STATE, False),
@@ -320,7 +331,9 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
 MSG_TYPES: dict[str, str] = {
     "hello": "client -> server: protocol_version, client_name?, client_version?, capabilities?",
     "hello_reply": "server -> client: protocol_version, limits{}, server_version?, presets?, device?",
-    "submit": "client -> server [job_id]: params (GenerationParams dict); idempotent on job_id",
+    "submit": ("client -> server [job_id]: params (GenerationParams dict), kind? ('generate' | 'texture'), "
+               "mesh? + buffers (kind 'texture': the mesh to texture), base_color? [r, g, b(, a)] sRGB 0..1; "
+               "idempotent on job_id"),
     "accepted": "server -> client [job_id]: queue_position, state?, duplicate?",
     "progress": "server -> client [job_id, seq]: stage, step, total, fraction, elapsed, eta?, message?",
     "preview_mesh": "server -> client [job_id, seq]: stage, step, mesh meta (encode_mesh) + buffers",
@@ -357,6 +370,31 @@ def validate_content(msg_type: str, content, job_id=None, buffers=None) -> None:
         if rule == "chunk":
             if len(buffers) != 1 or isinstance(buffers[0], np.ndarray):
                 raise ProtocolError("bad_buffer", f"{msg_type} carries exactly one 'bytes' buffer")
+
+
+def check_submit_upload(content: dict, n_buffers: int) -> str:
+    """Check a ``submit``'s job kind and upload fields; return the kind ('generate' | 'texture').
+
+    A texture job carries its mesh (``content.mesh`` + buffers) and may carry ``base_color``
+    ([r, g, b] or [r, g, b, a], sRGB in 0..1); a generate job carries none of these. The mesh
+    itself is checked by ``Message.mesh()`` (``decode_mesh``). Raises ``ProtocolError``.
+    """
+    kind = content.get("kind", "generate")
+    if kind not in JOB_KINDS:
+        raise _bad("kind", f"must be one of {', '.join(JOB_KINDS)}, got {str(kind)[:40]!r}")
+    if kind == "texture":
+        if "mesh" not in content:
+            raise _bad("mesh", "submit of kind 'texture' needs a mesh")
+        _obj(max_keys=16)(content["mesh"], "mesh")
+        if content.get("base_color") is not None:
+            _rgb(content["base_color"], "base_color")
+        return kind
+    for name in ("mesh", "base_color"):
+        if name in content:
+            raise _bad(name, f"a submit of kind {kind!r} takes no {name}")
+    if n_buffers:
+        raise ProtocolError("bad_buffer", f"a submit of kind {kind!r} carries no buffers, got {n_buffers}")
+    return kind
 
 
 # ---------------------------------------------------------------------------------------

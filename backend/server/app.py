@@ -79,6 +79,7 @@ from .streams import (
     JobStream,
     Subscription,
 )
+from .uploads import read_upload, save_upload, worker_params
 from .worker import (
     DEFAULT_PIPELINE,
     PipelineSpecError,
@@ -513,11 +514,13 @@ class Server:
     def _on_submit(self, msg):
         job_id = msg.job_id
         params = validate_params(msg.content["params"])
+        upload = read_upload(msg)  # texture jobs: the mesh, validated (ProtocolError -> error reply)
         rec = self.store.get(job_id)
         if rec is not None:
             same = (rec.prompt == params.prompt and rec.negative_prompt == params.negative_prompt
                     and rec.preset == params.preset and rec.overrides == params.overrides
-                    and (params.seed is None or params.seed == rec.seed))
+                    and (params.seed is None or params.seed == rec.seed)
+                    and (rec.upload or {}).get("sha256") == (upload.sha256 if upload else None))
             if not same:
                 self._error(msg.session, "job_id_conflict",
                             f"job {job_id} already exists with other parameters; use a new job id",
@@ -547,6 +550,9 @@ class Server:
         rec = JobRecord(job_id=job_id, prompt=params.prompt, negative_prompt=params.negative_prompt, seed=seed,
                         preset=params.preset, overrides=dict(params.overrides), pipeline=self.config.pipeline,
                         versions=package_versions())
+        if upload is not None:
+            rec.kind, rec.upload = "texture", upload.summary()
+            save_upload(self.store.job_dir(job_id), upload)
         self.store.add(rec)
         ahead = len(self.queue) + (1 if self.running else 0)
         self.queue.push(job_id)
@@ -825,7 +831,8 @@ class Server:
         now = time.monotonic()
         self.running = Running(job_id, self.job_no, now, stage_started=now)
         self.store.set_state(rec, J.RUNNING)
-        self.worker.run(self.job_no, job_id, rec.params_dict(), self.store.work_dir(job_id),
+        self.worker.run(self.job_no, job_id, worker_params(rec.params_dict(), rec.kind, rec.upload),
+                        self.store.work_dir(job_id),
                         self.store.result_dir(job_id), self.store.job_dir(job_id) / J.PREVIEW_FILE)
         # tell clients waiting in the queue their new positions? (status answers on demand)
 

@@ -131,6 +131,9 @@ class JobRecord:
     error: dict | None = None
     pipeline: str = ""
     last_seq: int = 0
+    #: 'generate' or 'texture'; a texture job's upload summary (sha256, vertices, faces, base_color)
+    kind: str = "generate"
+    upload: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -1,0 +1,166 @@
+"""Texture jobs through a real backend process over real ZeroMQ (fast test pipeline's run_texture).
+
+The uploaded mesh is validated as strictly as meshes sent the other way; malformed uploads get a
+clear error and the server stays up; positions come back bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from backend.server.client import BackendClient
+from backend.server.launcher import ServerProcess
+from protocol import new_job_id
+from protocol.mesh import MeshPayload, encode_mesh
+from tests.texture_meshes import cube_with_uvs, sphere
+
+FAKE = "tests.fake_pipeline:run_job"
+QUICK = {"test.steps": 3, "test.step_seconds": 0.005, "test.preview_every": 1}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("texture-server")
+    srv = ServerProcess(d / "data", d / "conn.json", pipeline=FAKE, args=["--queue-limit", "16"]).start()
+    yield srv
+    code = srv.stop()
+    assert code == 0, srv.log()
+
+
+@pytest.fixture
+def client(server):
+    c = BackendClient(server.info)
+    yield c
+    c.close()
+
+
+def params(prompt="a blue cube", **overrides):
+    return {"prompt": prompt, "preset": "cpu", "seed": 3, "overrides": {**QUICK, **overrides}}
+
+
+def submit_raw(client, content, buffers, timeout=10.0):
+    """Send a hand-made submit; return the error (or accepted) that answers it."""
+    job_id = new_job_id()
+    sent = client.send("submit", content, job_id=job_id, buffers=buffers)
+    return client.next(lambda m: m.job_id == job_id and (
+        m.msg_type == "accepted" or m.content.get("in_reply_to") == sent.msg_id), timeout)
+
+
+def test_texture_job_keeps_positions_bit_for_bit_and_streams_textured_previews(server, client):
+    mesh = cube_with_uvs("cells")
+    job = client.submit(params(), mesh=mesh, base_color=[0.8, 0.1, 0.1], preview_credits=16)
+    events = list(client.events(job, 30.0))
+    assert events[-1].msg_type == "result_ready", [(m.msg_type, m.content) for m in events[-2:]]
+    previews = [m.mesh() for m in events if m.msg_type == "preview_mesh"]
+    assert len(previews) == 3
+    for p in previews:
+        assert p.texture_rgba is not None and p.uvs is not None
+        assert p.positions.tobytes() == mesh.positions.tobytes()
+    # the first preview starts from the base colour, the last one reached the prompt's colour
+    assert tuple(previews[0].texture_rgba[0, 0, :3]) != tuple(previews[-1].texture_rgba[0, 0, :3])
+    result = events[-1].mesh()
+    assert result.positions.dtype == np.float32
+    assert result.positions.tobytes() == mesh.positions.tobytes()
+    assert result.faces.tobytes() == mesh.faces.tobytes()
+    names = {f["name"] for f in events[-1].content["files"]}
+    assert "textured.glb" in names
+    status = client.status(job)
+    assert status.content["state"] == "done"
+    glb = client.fetch(job, "textured.glb")
+    assert glb[:4] == b"glTF"
+
+
+def test_resubmit_same_job_id_with_another_mesh_is_a_conflict(server, client):
+    job = new_job_id()
+    mesh = cube_with_uvs("cells")
+    client.submit(params(), job, mesh=mesh)
+
+    def resubmit(m):
+        meta, buffers = encode_mesh(m)
+        sent = client.send("submit", {"params": params(), "kind": "texture", "mesh": meta}, job_id=job,
+                           buffers=buffers)
+        return client.next(lambda r: r.job_id == job and (
+            (r.msg_type == "accepted" and r.content.get("duplicate")) or r.content.get("in_reply_to") == sent.msg_id))
+
+    assert resubmit(mesh).msg_type == "accepted"  # identical upload: idempotent
+    moved = MeshPayload(positions=mesh.positions * 2, faces=mesh.faces, uvs=mesh.uvs)
+    reply = resubmit(moved)
+    assert reply.msg_type == "error" and reply.content["code"] == "job_id_conflict", reply.content
+    list(client.events(job, 30.0))
+
+
+def _content(mesh: MeshPayload, **extra):
+    meta, buffers = encode_mesh(mesh)
+    return {"params": params(), "kind": "texture", "mesh": meta, **extra}, list(buffers)
+
+
+@pytest.mark.parametrize("case, code, words", [
+    ("nan", "bad_mesh", "NaN"),
+    ("index", "bad_mesh", "out of range"),
+    ("shape_claim", "bad_buffer", "descriptor says float32[10000000, 3]"),
+    ("no_mesh", "bad_content", "needs a mesh"),
+    ("bad_kind", "bad_content", "must be one of generate, texture"),
+    ("mesh_on_generate", "bad_content", "takes no mesh"),
+    ("buffers_on_generate", "bad_buffer", "carries no buffers"),
+    ("no_faces", "bad_mesh", "at least one triangle"),
+    ("too_many_faces", "too_large", "MAX_FACES"),
+    ("bad_color", "bad_content", "base_color"),
+])
+def test_malformed_uploads_get_a_clear_error_and_the_server_stays_up(server, client, case, code, words):
+    mesh = cube_with_uvs("cells")
+    content, buffers = _content(mesh)
+    i_pos, i_faces = content["mesh"]["positions"]["buffer"], content["mesh"]["faces"]["buffer"]
+    if case == "nan":
+        bad = mesh.positions.copy()
+        bad[3, 1] = np.nan
+        buffers[i_pos] = bad
+    elif case == "index":
+        bad = mesh.faces.copy()
+        bad[5, 2] = len(mesh.positions) + 7
+        buffers[i_faces] = bad
+    elif case == "shape_claim":
+        content["mesh"]["positions"]["shape"] = [10_000_000, 3]  # 120 MB claimed, 96 bytes sent
+        content["mesh"]["faces"] = dict(content["mesh"]["faces"])
+    elif case == "no_mesh":
+        del content["mesh"]
+        buffers = []
+    elif case == "mesh_on_generate":
+        content["kind"] = "generate"
+    elif case == "buffers_on_generate":
+        content = {"params": params()}
+    elif case == "bad_kind":
+        content["kind"] = "paint"
+    elif case == "no_faces":
+        content["mesh"] = {"positions": content["mesh"]["positions"],
+                           "faces": {"buffer": len(buffers), "dtype": "uint32", "shape": [0, 3]}}
+        buffers.append(np.zeros((0, 3), np.uint32))
+    elif case == "too_many_faces":
+        content["mesh"]["faces"]["shape"] = [40_000_000, 3]
+    elif case == "bad_color":
+        content["base_color"] = [0.5, 2.0, 0.1]
+    t0 = time.monotonic()
+    reply = submit_raw(client, content, buffers)
+    assert reply.msg_type == "error", reply.content
+    assert reply.content["code"] == code, reply.content
+    assert words in reply.content["message"], reply.content["message"]
+    assert time.monotonic() - t0 < 5.0
+    assert client.ping().content["stats"]["worker_ready"]  # still up, worker untouched
+
+
+def test_a_200k_triangle_upload_is_within_the_limits(server, client):
+    mesh = sphere(200_000)
+    corner = mesh.positions[mesh.faces.astype(np.int64).reshape(-1)]
+    uvs = np.stack([0.5 + np.arctan2(corner[:, 1], corner[:, 0]) / (2 * np.pi),
+                    0.5 + np.arcsin(np.clip(corner[:, 2], -1, 1)) / np.pi], 1).astype(np.float32)
+    mesh = MeshPayload(positions=mesh.positions, faces=mesh.faces, uvs=uvs)
+    assert len(mesh.faces) >= 200_000
+    t0 = time.perf_counter()
+    job = client.submit(params(**{"test.steps": 1}), mesh=mesh, timeout=30.0)
+    upload_s = time.perf_counter() - t0
+    print(f"200k-triangle upload accepted in {upload_s:.3f} s")
+    events = list(client.events(job, 60.0))
+    assert events[-1].msg_type == "result_ready"
+    assert events[-1].mesh().positions.tobytes() == mesh.positions.tobytes()
