@@ -1,4 +1,4 @@
-"""Headless API: ``generate(prompt, ...) -> bpy.types.Object``, blocking.
+"""Headless API: ``generate(prompt, ...)`` and ``texture(obj, prompt, ...)`` -> ``bpy.types.Object``, blocking.
 
 Works where timers never run (``blender -b --python script.py``, bpy as a module): it
 pumps the socket itself until the result is in the scene, and raises ``ConjureError`` on
@@ -12,6 +12,8 @@ a backend error, a cancel, a lost backend or a timeout. Example::
         obj = api.generate(prompt, seed=i, preset="draft")
         print(obj.name, len(obj.data.polygons))
     bpy.ops.wm.save_as_mainfile(filepath="props.blend")
+
+    api.texture(bpy.data.objects["Crate"], "a weathered wooden crate", preset="cpu")
 """
 
 import time
@@ -22,7 +24,7 @@ from .client import ConjureError
 from .preferences import get_prefs
 from .runtime import RUNTIME
 
-__all__ = ["generate", "ConjureError", "connect", "disconnect"]
+__all__ = ["generate", "texture", "ConjureError", "connect", "disconnect"]
 
 LOST_GIVE_UP_S = 30.0
 
@@ -72,6 +74,36 @@ def generate(prompt, *, negative_prompt="", seed=None, preset=None, overrides=No
     request = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
                "preset": preset or prefs.default_preset, "overrides": overrides or {}}
     job = RUNTIME.submit(request, location=location, collection=collection, connection=connection)
+    return _wait_for_object(job, client, timeout, previews)
+
+
+def texture(obj, prompt, *, negative_prompt="", seed=None, preset=None, overrides=None, timeout=None,
+            connection=None, previews=False):
+    """Texture the mesh object ``obj`` from ``prompt`` in place and return it (blocking).
+
+    The object keeps its topology, modifiers, UV maps and materials; it gains a UV map named
+    ``Conjure`` and a new material (in a new slot, given to every face) whose image is the
+    texture (see ``texture_ops``). Arguments and errors as in :func:`generate`; ``obj`` must be
+    a mesh object with faces (else ``ConjureError('bad_object')``).
+    """
+    from . import texture_ops
+
+    prefs = get_prefs()
+    timeout = float(prefs.timeout if timeout is None else timeout)
+    client = connect(connection)
+    request = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+               "preset": preset or prefs.default_preset, "overrides": overrides or {}}
+    request = texture_ops.texture_request(obj, request)
+    try:
+        job = RUNTIME.submit(request, location=(0.0, 0.0, 0.0), connection=connection)
+    except ConjureError:
+        texture_ops.TEXTURE_JOBS.pop(request["job_id"], None)
+        raise
+    return _wait_for_object(job, client, timeout, previews)
+
+
+def _wait_for_object(job, client, timeout, previews):
+    """Pump until ``job``'s result is in the scene; return the object (raises ``ConjureError``)."""
     start = time.monotonic()
     lost_since = None
     try:

@@ -25,6 +25,7 @@ from .protocol import (
     ConnectionInfo,
     ProtocolError,
     Session,
+    encode_mesh,
     new_job_id,
     read_connection_file,
     validate_params,
@@ -303,10 +304,13 @@ class Client:
                     self._unanswered_since = now
 
     # -- public requests ---------------------------------------------------------------------
-    def submit(self, prompt, *, negative_prompt="", seed=None, preset=None, overrides=None, job_id=None):
-        """Queue a generation; returns its ``JobState``. Parameters are validated here first.
+    def submit(self, prompt, *, negative_prompt="", seed=None, preset=None, overrides=None, job_id=None,
+               mesh=None, base_color=None):
+        """Queue a generation (or, with ``mesh``, a texture job); returns its ``JobState``.
 
-        Raises ``ConjureError("invalid_params")`` naming the bad field.
+        ``mesh`` is a ``MeshPayload`` to texture (uploaded with ``encode_mesh``, validated here
+        as strictly as the server will); ``base_color`` its sRGB [r, g, b] start colour or None.
+        Raises ``ConjureError("invalid_params")`` naming the bad field, or the mesh's error code.
         """
         params = {"prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed,
                   "preset": preset or "auto", "overrides": dict(overrides or {})}
@@ -314,10 +318,20 @@ class Client:
             validate_params(params)
         except ProtocolError as e:
             raise ConjureError("invalid_params", e.message) from None
+        content, buffers = {"params": params}, ()
+        if mesh is not None:
+            try:
+                meta, buffers = encode_mesh(mesh)
+            except ProtocolError as e:
+                raise ConjureError(e.code, "the mesh cannot be sent: " + e.message) from None
+            content.update(kind="texture", mesh=meta)
+            if base_color is not None:
+                content["base_color"] = [float(c) for c in base_color]
         job_id = job_id or new_job_id()
         job = self.jobs.get(job_id) or JobState(job_id, params)
+        job.kind = content.get("kind", "generate")
         self.jobs[job_id] = job
-        self._send("submit", {"params": params}, job_id=job_id)
+        self._send("submit", content, job_id=job_id, buffers=buffers)
         self.changed = True
         return job
 

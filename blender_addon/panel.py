@@ -105,6 +105,8 @@ class CONJURE_PT_main(bpy.types.Panel):
             row.operator("conjure.cancel", text="Cancel", icon="CANCEL")
         else:
             row.operator("conjure.generate", text="Generate", icon="PLAY")
+        row = layout.row(align=True)
+        row.operator("conjure.texture_selected", text="Texture Selected", icon="TEXTURE")
         if job is not None:
             self._draw_job(layout, context, job)
         elif pending:
