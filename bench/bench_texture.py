@@ -1,0 +1,120 @@
+"""Texture-job benchmark: uploading a big mesh, and one texture job on the cpu preset.
+
+    python3 bench/bench_texture.py [--faces 200000] [--repeats 5] [--job-steps 40] [--skip-job]
+
+Prints:
+  1. upload of a ~200k-triangle mesh with per-corner UVs to a real ``python -m backend serve``
+     (fast test pipeline): client encode + send + server decode/validate/digest/save + ``accepted``
+     reply, median of N, against a plain ``generate`` submit in the same run (ratio), and the
+     server-side share (``decode_mesh`` + ``validate_upload_mesh`` + digest + ``.npz`` write, in
+     this process);
+  2. one texture job on the ``cpu`` preset with the bundled prior (``run_texture_job`` in this
+     process) on a 12-triangle cube and on a ~5k-triangle sphere: total, UV check/unwrap, refine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.server.client import BackendClient  # noqa: E402
+from backend.server.launcher import ServerProcess  # noqa: E402
+from protocol.mesh import MeshPayload, decode_mesh, encode_mesh, validate_upload_mesh  # noqa: E402
+from tests.texture_meshes import cube, sphere  # noqa: E402
+
+FAKE = "tests.fake_pipeline:run_job"
+QUICK = {"test.steps": 1, "test.step_seconds": 0.0, "test.preview_every": 0}
+
+
+def uv_sphere(min_faces: int) -> MeshPayload:
+    mesh = sphere(min_faces)
+    corner = mesh.positions[mesh.faces.astype(np.int64).reshape(-1)]
+    uvs = np.stack([0.5 + np.arctan2(corner[:, 1], corner[:, 0]) / (2 * np.pi),
+                    0.5 + np.arcsin(np.clip(corner[:, 2], -1, 1)) / np.pi], 1).astype(np.float32)
+    return MeshPayload(positions=mesh.positions, faces=mesh.faces, uvs=uvs)
+
+
+def bench_upload(faces: int, repeats: int) -> None:
+    from backend.server.uploads import TextureUpload, mesh_digest, save_upload
+
+    mesh = uv_sphere(faces)
+    nbytes = mesh.positions.nbytes + mesh.faces.nbytes + mesh.uvs.nbytes
+    print(f"upload: {len(mesh.faces)} triangles, {len(mesh.positions)} vertices, UVs; {nbytes / 1e6:.1f} MB")
+    with tempfile.TemporaryDirectory() as d:
+        srv = ServerProcess(Path(d) / "data", Path(d) / "conn.json", pipeline=FAKE).start()
+        try:
+            with BackendClient(srv.info) as c:
+                params = {"prompt": "a ball", "preset": "cpu", "seed": 1, "overrides": QUICK}
+                plain, up = [], []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    job = c.submit(params, timeout=60)
+                    plain.append(time.perf_counter() - t0)
+                    list(c.events(job, 60))
+                    t0 = time.perf_counter()
+                    job = c.submit(params, mesh=mesh, timeout=60)
+                    up.append(time.perf_counter() - t0)
+                    list(c.events(job, 120))
+        finally:
+            srv.stop()
+    m_up, m_plain = statistics.median(up), statistics.median(plain)
+    print(f"  submit with upload → accepted: median {m_up * 1e3:.0f} ms (min {min(up) * 1e3:.0f}, "
+          f"max {max(up) * 1e3:.0f}) over {repeats}")
+    print(f"  plain generate submit → accepted: median {m_plain * 1e3:.1f} ms; ratio {m_up / m_plain:.1f}x")
+    # the server's share, in this process
+    meta, buffers = encode_mesh(mesh)
+    frames = [memoryview(b).tobytes() if not isinstance(b, np.ndarray) else b.tobytes() for b in buffers]
+    t = []
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            m = validate_upload_mesh(decode_mesh(meta, frames))
+            digest = mesh_digest(m)
+            save_upload(Path(d), TextureUpload(m, digest))
+            t.append(time.perf_counter() - t0)
+    print(f"  server side (decode + validate + sha256 + npz write): median {statistics.median(t) * 1e3:.0f} ms")
+
+
+def bench_job(steps: int) -> None:
+    from backend.pipeline.events import JobContext
+    from backend.pipeline.texture_job import run_texture_job
+    from protocol.params import GenerationParams
+
+    pos, faces = cube()
+    cases = [("cube, 12 triangles, no UVs", MeshPayload(positions=pos, faces=faces)),
+             ("sphere, ~5k triangles, lat-long UVs (overlap-free)", uv_sphere(5000))]
+    for name, mesh in cases:
+        params = GenerationParams(prompt="a blue cube", preset="cpu", seed=1, overrides={"fine.steps": steps})
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            r = run_texture_job(params, mesh, JobContext(out_dir=Path(d)))
+            total = time.perf_counter() - t0
+        i = r.info
+        print(f"texture job, cpu preset, {steps} steps, {name}: {total:.1f} s total (UVs '{i['uv_source']}' "
+              f"{i['seconds_uv']:.1f} s, refine {i['seconds_refine']:.1f} s = "
+              f"{i['seconds_refine'] / max(steps, 1):.2f} s/step), texture {i['texture_resolution']} px")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--faces", type=int, default=200_000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--job-steps", type=int, default=40)
+    ap.add_argument("--skip-job", action="store_true")
+    args = ap.parse_args()
+    bench_upload(args.faces, args.repeats)
+    if not args.skip_job:
+        bench_job(args.job_steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
