@@ -35,11 +35,7 @@ QUICK = {"test.steps": 1, "test.step_seconds": 0.0, "test.preview_every": 0}
 
 
 def uv_sphere(min_faces: int) -> MeshPayload:
-    mesh = sphere(min_faces)
-    corner = mesh.positions[mesh.faces.astype(np.int64).reshape(-1)]
-    uvs = np.stack([0.5 + np.arctan2(corner[:, 1], corner[:, 0]) / (2 * np.pi),
-                    0.5 + np.arcsin(np.clip(corner[:, 2], -1, 1)) / np.pi], 1).astype(np.float32)
-    return MeshPayload(positions=mesh.positions, faces=mesh.faces, uvs=uvs)
+    return sphere(min_faces, uvs=True)
 
 
 def bench_upload(faces: int, repeats: int) -> None:

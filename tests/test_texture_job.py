@@ -14,7 +14,7 @@ from backend.pipeline.events import JobContext, PreviewEvent
 from backend.pipeline.texture_job import choose_uvs, normalising_frame, run_texture_job
 from protocol.mesh import MeshPayload, decode_mesh, encode_mesh
 from protocol.params import GenerationParams
-from tests.texture_meshes import cube, cube_with_uvs
+from tests.texture_meshes import cube, cube_with_uvs, sphere
 
 
 def surface_texels(corner_uvs: np.ndarray, texture_rgba: np.ndarray) -> np.ndarray:
@@ -78,6 +78,9 @@ def test_choose_uvs_keeps_own_and_reunwraps_overlapping():
     assert source.startswith("xatlas") and info["overlap_fraction"] > 0.5
     after = check_uvs(uvs, stacked.positions, stacked.faces, 128)
     assert after.valid and after.overlap_fraction <= MAX_OVERLAP_FRACTION, after
+    ball = sphere(5000, uvs=True)  # lat-long UVs: seamless, overlap-free → kept
+    uvs, source, info = choose_uvs(ball, ball.positions, 256, 2)
+    assert source == "own" and info["overlap_fraction"] == 0.0
 
 
 def test_normalising_frame_fits_the_optimisation_volume():

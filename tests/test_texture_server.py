@@ -151,11 +151,7 @@ def test_malformed_uploads_get_a_clear_error_and_the_server_stays_up(server, cli
 
 
 def test_a_200k_triangle_upload_is_within_the_limits(server, client):
-    mesh = sphere(200_000)
-    corner = mesh.positions[mesh.faces.astype(np.int64).reshape(-1)]
-    uvs = np.stack([0.5 + np.arctan2(corner[:, 1], corner[:, 0]) / (2 * np.pi),
-                    0.5 + np.arcsin(np.clip(corner[:, 2], -1, 1)) / np.pi], 1).astype(np.float32)
-    mesh = MeshPayload(positions=mesh.positions, faces=mesh.faces, uvs=uvs)
+    mesh = sphere(200_000, uvs=True)
     assert len(mesh.faces) >= 200_000
     t0 = time.perf_counter()
     job = client.submit(params(**{"test.steps": 1}), mesh=mesh, timeout=30.0)

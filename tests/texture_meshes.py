@@ -50,8 +50,12 @@ def cube_with_uvs(kind: str = "cells") -> MeshPayload:
     return MeshPayload(positions=pos, faces=faces, uvs=np.clip(uvs, 0, 1))
 
 
-def sphere(min_faces: int) -> MeshPayload:
-    """A UV sphere (lat-long grid) with at least ``min_faces`` triangles, float32 positions."""
+def sphere(min_faces: int, uvs: bool = False) -> MeshPayload:
+    """A UV sphere (lat-long grid) with at least ``min_faces`` triangles, float32 positions.
+
+    ``uvs=True`` adds overlap-free lat-long per-corner UVs (u = column / columns, v = 1 − row /
+    rows; the seam column's far corners get u = 1, so no triangle wraps across the square).
+    """
     n = int(np.ceil(np.sqrt(min_faces / 4.0)))
     rows, cols = n, 2 * n
     theta = np.linspace(0, np.pi, rows + 1)
@@ -62,4 +66,12 @@ def sphere(min_faces: int) -> MeshPayload:
     a, b = idx[:-1], np.roll(idx[:-1], -1, axis=1)
     c, d = idx[1:], np.roll(idx[1:], -1, axis=1)
     faces = np.concatenate([np.stack([a, c, b], -1).reshape(-1, 3), np.stack([b, c, d], -1).reshape(-1, 3)])
-    return MeshPayload(positions=pos.astype(np.float32), faces=faces.astype(np.uint32))
+    corner_uvs = None
+    if uvs:
+        r, k = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        g = lambda rr, kk: np.stack([kk / cols, 1.0 - rr / rows], -1)  # noqa: E731
+        ua, ub, uc, ud = g(r, k), g(r, k + 1), g(r + 1, k), g(r + 1, k + 1)
+        corner_uvs = np.concatenate([np.stack([ua, uc, ub], -2).reshape(-1, 3, 2),
+                                     np.stack([ub, uc, ud], -2).reshape(-1, 3, 2)]).reshape(-1, 2)
+        corner_uvs = corner_uvs.astype(np.float32)
+    return MeshPayload(positions=pos.astype(np.float32), faces=faces.astype(np.uint32), uvs=corner_uvs)
