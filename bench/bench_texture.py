@@ -8,7 +8,10 @@ Prints:
      reply, median of N, against a plain ``generate`` submit in the same run (ratio), and the
      server-side share (``decode_mesh`` + ``validate_upload_mesh`` + digest + ``.npz`` write, in
      this process);
-  2. one texture job on the ``cpu`` preset with the bundled prior (``run_texture_job`` in this
+  2. (``--blender-upload``, bpy 5.0.1 in a child process) the add-on's side of Texture Selected
+     on a 100k-quad grid with a Subdivision-free stack: ``texture_ops.build_upload`` (loop
+     triangles, world transform, corner UVs) and ``encode_mesh``, median of N;
+  3. one texture job on the ``cpu`` preset with the bundled prior (``run_texture_job`` in this
      process) on a 12-triangle cube and on a ~5k-triangle sphere: total, UV check/unwrap, refine.
 """
 
@@ -99,13 +102,44 @@ def bench_job(steps: int) -> None:
               f"{i['seconds_refine'] / max(steps, 1):.2f} s/step), texture {i['texture_resolution']} px")
 
 
+def bench_blender_upload(repeats: int) -> None:
+    """Runs inside a child interpreter that imports bpy (never together with torch)."""
+    import importlib
+
+    import bpy
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    importlib.import_module("addon_utils").enable("blender_addon", default_set=True, handle_error=None)
+    from blender_addon import texture_ops
+    from blender_addon.protocol.mesh import encode_mesh as addon_encode_mesh  # the add-on's vendored copy
+
+    bpy.ops.mesh.primitive_grid_add(x_subdivisions=317, y_subdivisions=317, size=4.0)  # 100k quads
+    obj = bpy.context.active_object
+    n_tri = sum(p.loop_total - 2 for p in obj.data.polygons)
+    times, enc = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        payload, target, _color = texture_ops.build_upload(obj, bpy.context.evaluated_depsgraph_get())
+        t1 = time.perf_counter()
+        addon_encode_mesh(payload)
+        enc.append(time.perf_counter() - t1)
+        times.append(t1 - t0)
+    print(f"Blender side (bpy {bpy.app.version_string}): {len(obj.data.polygons)} quads → {n_tri} triangles "
+          f"with UVs: build_upload median {statistics.median(times) * 1e3:.0f} ms, encode_mesh "
+          f"{statistics.median(enc) * 1e3:.0f} ms (over {repeats})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--faces", type=int, default=200_000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--job-steps", type=int, default=40)
     ap.add_argument("--skip-job", action="store_true")
+    ap.add_argument("--blender-upload", action="store_true", help="only the add-on side (needs bpy)")
     args = ap.parse_args()
+    if args.blender_upload:
+        bench_blender_upload(args.repeats)
+        return 0
     bench_upload(args.faces, args.repeats)
     if not args.skip_job:
         bench_job(args.job_steps)

@@ -17,7 +17,7 @@ from tests.test_addon_support import REPO, BackendProcess
 
 pytestmark = [pytest.mark.blender34, pytest.mark.slow]
 
-STEPS = {"test.steps": 24, "test.step_seconds": 0.15, "test.preview_every": 2}
+STEPS = {"test.steps": 30, "test.step_seconds": 0.25, "test.preview_every": 2}
 
 
 def test_blender34_texture_selected_from_the_panel(tmp_path, artifacts_dir):
