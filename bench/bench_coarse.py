@@ -36,8 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.guidance import load_guidance  # noqa: E402
+from backend.guidance.loss import sds_loss_fn  # noqa: E402
 from backend.mesh.extract import extract_mesh  # noqa: E402
-from backend.pipeline.coarse import run_coarse_stage, sds_loss_fn  # noqa: E402
+from backend.pipeline.coarse import run_coarse_stage  # noqa: E402
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent  # noqa: E402
 from backend.pipeline.presets import get_preset  # noqa: E402
 
@@ -131,8 +132,8 @@ def bench_cpu(steps: int | None, whole: bool, threads: int) -> dict:
     guidance.set_prompt("a red cube")
     render_time = [0.0]
 
-    def loss_fn(render, cams, bg, ratio):
-        return sds_loss_fn(guidance)(render, cams, bg, ratio)
+    def loss_fn(images, cams, bg, ratio):
+        return sds_loss_fn(guidance)(images, cams, bg, ratio)
 
     torch.manual_seed(0)
     w0, c0 = time.perf_counter(), time.process_time()

@@ -25,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -36,15 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backend.guidance.loss import sds_loss_fn  # noqa: E402
 from backend.mesh import rasterize as rz  # noqa: E402
 from backend.mesh.bake import gaussian_color_fn  # noqa: E402
 from backend.pipeline.fine import (  # noqa: E402
-    RefineSettings,
     TexturedMesh,
     prepare_textured_mesh,
     random_camera_fn,
     refine,
-    sds_loss_fn,
 )
 from backend.pipeline.presets import GuidanceConfig, get_preset  # noqa: E402
 
@@ -118,14 +118,13 @@ def bench_steps(preset_name: str, device: torch.device, guidance, steps: int, fa
     batch = int(cfg.batch_size)
     cam_fn = random_camera_fn(batch, cfg.render_resolution, preset.coarse, seed=0, device=device)
     loss_fn = sds_loss_fn(guidance)
-    settings = RefineSettings(steps=1, lr=cfg.lr, vertex_offsets=cfg.vertex_offsets, preview_every=0,
-                              backend="auto")
+    settings = dataclasses.replace(cfg, steps=1, preview_every=0, rasterizer="auto")
     refine(mesh, loss_fn, cam_fn, settings)  # warm-up (kernels, caches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    refine(mesh, loss_fn, cam_fn, RefineSettings(**{**settings.__dict__, "steps": steps}))
+    refine(mesh, loss_fn, cam_fn, dataclasses.replace(settings, steps=steps))
     _sync(device)
     step_s = (time.perf_counter() - t0) / steps
     step_cpu_s = (time.process_time() - c0) / steps
@@ -144,7 +143,7 @@ def bench_steps(preset_name: str, device: torch.device, guidance, steps: int, fa
     images = out.image.detach().clone().requires_grad_(True)
     t0 = time.perf_counter()
     for _ in range(reps):
-        loss_fn(images, cams, 0.5).backward()
+        loss_fn(images, cams, torch.ones(len(cams), 3), 0.5).backward()
     _sync(device)
     guidance_s = (time.perf_counter() - t0) / reps
     t0 = time.perf_counter()

@@ -124,9 +124,9 @@ def fit_config(steps: int) -> CoarseConfig:
 
 
 def reference_loss(shape: str):
-    def loss(render, cameras, background, ratio):
+    def loss(images, cameras, background, ratio):
         target = reference_images(cameras, shape, background)
-        return F.mse_loss(render.image, target) * 10.0
+        return F.mse_loss(images, target) * 10.0
 
     return loss
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from backend.guidance import load_guidance
-from backend.pipeline.coarse import run_coarse_stage, sds_loss_fn
+from backend.guidance.loss import sds_loss_fn
+from backend.pipeline.coarse import run_coarse_stage
 from backend.pipeline.events import Cancelled, JobContext, PreviewEvent, ProgressEvent, ResultEvent
 from backend.pipeline.presets import CoarseConfig, GuidanceConfig
 from backend.pipeline.run import run_job, unknown_words
@@ -39,9 +40,9 @@ def run_stage(folder, seed=0):
     events = []
     grads_finite = []
 
-    def loss_fn(render, cams, bg, ratio):
-        loss = sds_loss_fn(g)(render, cams, bg, ratio)
-        render.image.register_hook(lambda grad: grads_finite.append(bool(torch.isfinite(grad).all())))
+    def loss_fn(images, cams, bg, ratio):
+        loss = sds_loss_fn(g)(images, cams, bg, ratio)
+        images.register_hook(lambda grad: grads_finite.append(bool(torch.isfinite(grad).all())))
         return loss
 
     result = run_coarse_stage(loss_fn, SMALL, JobContext(out_dir=None, emit=events.append),

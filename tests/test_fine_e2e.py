@@ -44,7 +44,10 @@ def test_fine_stage_with_tiny_model_to_glb(tmp_path, tiny_guidance):
                                 "fine.grid_resolution": 40, "fine.face_budget": 1500})
     events = []
     ctx = JobContext(out_dir=tmp_path, emit=events.append)
-    mesh = run_fine_stage(_ball_gaussians(), preset, tiny_guidance, ctx, None)
+    result = run_fine_stage(_ball_gaussians(), preset, tiny_guidance, ctx, None)
+    mesh = result.mesh
+    assert len(result.losses) == 4 and result.info["faces_in"] > 0
+    assert not list(tmp_path.iterdir())  # the stage writes nothing; run.py exports
 
     F = len(mesh.faces)
     assert 200 < F <= 1500

@@ -17,7 +17,8 @@ import trimesh
 from backend.gaussians.cameras import Cameras, orbit_cameras
 from backend.mesh.bake import bake_texture
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
-from backend.pipeline.fine import RefineSettings, prepare_textured_mesh, refine
+from backend.pipeline.fine import prepare_textured_mesh, refine
+from backend.pipeline.presets import FineConfig
 
 HALF = 0.6
 RES = 64
@@ -116,14 +117,14 @@ def test_refinement_recovers_known_texture_from_flat_start():
 
     lookup = {round(float(a), 3): i for i, a in enumerate(train.azimuth_deg * 1000 + train.elevation_deg)}
 
-    def loss_fn(images, cams, step_ratio):
+    def loss_fn(images, cams, backgrounds, step_ratio):
         idx = [lookup[round(float(a), 3)] for a in cams.azimuth_deg * 1000 + cams.elevation_deg]
         return ((images - train_img[idx]) ** 2).mean()
 
     events = []
     ctx = JobContext(out_dir=None, emit=events.append)
     steps = 80
-    refine(mesh, loss_fn, camera_fn, RefineSettings(steps=steps, lr=0.05, preview_every=40, backend="torch"), ctx)
+    refine(mesh, loss_fn, camera_fn, FineConfig(steps=steps, lr=0.05, preview_every=40, rasterizer="torch"), ctx)
     end = psnr(mesh.render(test, backend="torch").image, test_img, test_mask)
     print(f"held-out PSNR: start {start:.2f} dB -> end {end:.2f} dB")
     assert start < 15.0

@@ -14,12 +14,12 @@ from backend.mesh.cleanup import MeshCleanupError, clean_mesh, orient_faces
 from backend.mesh.uv import unwrap
 from backend.pipeline.events import Cancelled, JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.fine import (
-    RefineSettings,
     normal_consistency,
     prepare_textured_mesh,
     refine,
     uniform_laplacian,
 )
+from backend.pipeline.presets import FineConfig
 
 
 def _signed_volume(v, f):
@@ -130,9 +130,9 @@ def test_refine_with_vertex_offsets_and_regularisers():
     cams = orbit_cameras([0.0, 120.0, 240.0], [15.0, 15.0, 15.0], width=32)
     target = torch.zeros(3, 3, 32, 32)
     target[:, 0] = 1.0  # red everywhere (the background stays white → the silhouette wants to grow)
-    settings = RefineSettings(steps=6, lr=0.1, vertex_offsets=True, lr_offsets=1e-2, offset_limit=0.03,
-                              preview_every=0, backend="torch")
-    refine(mesh, lambda im, c, r: ((im - target) ** 2).mean(), lambda s: cams, settings)
+    settings = FineConfig(steps=6, lr=0.1, vertex_offsets=True, lr_offsets=1e-2, offset_limit=0.03,
+                          preview_every=0, rasterizer="torch")
+    refine(mesh, lambda im, c, bg, r: ((im - target) ** 2).mean(), lambda s: cams, settings)
     assert mesh.offsets is not None and mesh.offsets.abs().max() > 0
     assert mesh.offsets.abs().max() <= 0.03 + 1e-6
     assert mesh.texture[..., 0].mean() > 0.55 and mesh.texture[..., 2].mean() < 0.45
@@ -162,7 +162,7 @@ def test_refine_cancels_between_steps():
     ctx = JobContext(out_dir=None, emit=events.append,
                      cancelled=lambda: sum(isinstance(e, ProgressEvent) for e in events) >= 2)
     with pytest.raises(Cancelled):
-        refine(mesh, lambda im, c, r: im.mean(), lambda s: cams, RefineSettings(steps=10, preview_every=1), ctx)
+        refine(mesh, lambda im, c, bg, r: im.mean(), lambda s: cams, FineConfig(steps=10, preview_every=1), ctx)
     assert sum(isinstance(e, ProgressEvent) for e in events) == 2
     assert sum(isinstance(e, PreviewEvent) for e in events) == 2
 

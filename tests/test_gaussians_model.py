@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from backend.gaussians.cameras import orbit_cameras
-from backend.gaussians.densify import Densifier, DensifyConfig
+from backend.gaussians.densify import Densifier
 from backend.gaussians.model import PARAM_NAMES, GaussianModel
+from backend.pipeline.presets import CoarseConfig
 
 
 def test_init_shapes_and_ranges():
@@ -37,7 +38,8 @@ def test_densify_clone_split_prune_keeps_adam_state():
         m.params["log_scales"][:10] = torch.log(torch.tensor(0.08))  # big ones get split
         m.params["opacity_logits"][90:] = -10.0                       # transparent ones get pruned
     opt = m.make_optimizer({n: 1e-3 for n in PARAM_NAMES})
-    dens = Densifier(DensifyConfig(fraction=0.2, max_points=1000, prune_opacity=0.01, split_scale=0.05), len(m))
+    dens = Densifier(CoarseConfig(num_points=100, densify_fraction=0.2, max_points=1000, prune_opacity=0.01,
+                                 split_scale=0.05), len(m))
     cams = orbit_cameras([0.0, 90.0], [10.0, 10.0], 3.0, 49.0, width=32)
     out = m.render(cams, torch.ones(3), backend="torch", retain_means2d=True)
     (out.image * torch.rand_like(out.image)).sum().backward()

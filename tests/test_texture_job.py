@@ -153,10 +153,10 @@ def test_the_texture_starts_from_the_base_colour(tmp_path: Path):
     events = []
     params = GenerationParams(prompt="a cube", preset="cpu", seed=1, overrides={"fine.steps": 0})
     result = run_texture_job(params, mesh, JobContext(out_dir=tmp_path, emit=events.append),
-                             base_color=[0.2, 0.4, 0.8], loss_fn=lambda images, cams, ratio: images.sum())
+                             base_color=[0.2, 0.4, 0.8], loss_fn=lambda images, cams, backgrounds, ratio: images.sum())
     first = next(e for e in events if isinstance(e, PreviewEvent)).mesh
     for tex in (first.texture_rgba, result.mesh.texture_rgba):
         assert np.all(np.abs(tex[..., :3].astype(int) - [51, 102, 204]) <= 1)
     grey = run_texture_job(params, mesh, JobContext(out_dir=tmp_path),
-                           loss_fn=lambda images, cams, ratio: images.sum())
+                           loss_fn=lambda images, cams, backgrounds, ratio: images.sum())
     assert np.all(np.abs(grey.mesh.texture_rgba[..., :3].astype(int) - 128) <= 1)

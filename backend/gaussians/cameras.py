@@ -14,7 +14,6 @@ Frames
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -172,7 +171,3 @@ def view_word(azimuth_deg: float, elevation_deg: float) -> str:
 
 VIEW_WORDS = ("front", "side", "back", "overhead")
 
-
-def fov_to_focal(fovy_deg: float, height: int) -> float:
-    """Focal length in pixels for a vertical field of view."""
-    return height / (2.0 * math.tan(math.radians(fovy_deg) / 2.0))

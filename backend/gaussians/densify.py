@@ -5,36 +5,41 @@ accumulated (pixel units scaled by half the image size as gsplat's default strat
 the views that saw it). At each densify step the ``fraction`` of Gaussians with the largest
 average gradient grow: small ones (max std <= ``split_scale``, world units) are cloned, large ones
 split into two samples of themselves with std / 1.6. Then Gaussians that are nearly transparent
-(opacity < ``prune_opacity``), too large (max std > ``max_scale``) or outside ``bound`` are pruned.
+(opacity < ``prune_opacity``), too large (max std > ``prune_scale``) or outside ``BOUND`` are pruned.
+The settings are read from the coarse stage's config (``CoarseConfig``; see :class:`DensifySettings`).
 Using a fraction instead of an absolute threshold keeps the schedule independent of the loss scale
 (SDS, reference images).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from backend.gaussians.model import PARAM_NAMES, GaussianModel
 from backend.gaussians.render import RenderOutput, quat_to_rotmat
 
+#: Gaussians whose centre leaves [-BOUND, BOUND]^3 (world units) are pruned.
+BOUND = 1.2
+#: Pruning never leaves fewer Gaussians than this.
+MIN_POINTS = 16
 
-@dataclass
-class DensifyConfig:
-    fraction: float = 0.1
-    max_points: int = 50000
-    prune_opacity: float = 0.01
-    split_scale: float = 0.04
-    max_scale: float = 0.5
-    bound: float = 1.2
-    min_points: int = 16
+
+class DensifySettings(Protocol):
+    """The densify/prune fields of ``backend.pipeline.presets.CoarseConfig`` (documented there)."""
+
+    densify_fraction: float
+    max_points: int
+    prune_opacity: float
+    prune_scale: float
+    split_scale: float
 
 
 class Densifier:
     """Accumulates view-space gradients and applies densify/prune to a :class:`GaussianModel`."""
 
-    def __init__(self, config: DensifyConfig, num_points: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, config: DensifySettings, num_points: int, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.reset(num_points, device)
 
@@ -63,7 +68,7 @@ class Densifier:
         n = len(model)
         g = model.activated()
         avg = self.grad_sum / self.count.clamp_min(1.0)
-        budget = max(0, min(int(c.fraction * n), c.max_points - n))
+        budget = max(0, min(int(c.densify_fraction * n), c.max_points - n))
         cloned = split = 0
         if budget > 0 and bool((avg > 0).any()):
             k = min(budget, int((avg > 0).sum()))
@@ -86,9 +91,9 @@ class Densifier:
             keep[to_split] = False
             model.replace(optimizer, keep, extra)
         g = model.activated()
-        prune = (g.opacities < c.prune_opacity) | (g.scales.max(dim=-1).values > c.max_scale)
-        prune |= (g.means.abs() > c.bound).any(dim=-1)
-        if int((~prune).sum()) < c.min_points:  # never wipe out the model
+        prune = (g.opacities < c.prune_opacity) | (g.scales.max(dim=-1).values > c.prune_scale)
+        prune |= (g.means.abs() > BOUND).any(dim=-1)
+        if int((~prune).sum()) < MIN_POINTS:  # never wipe out the model
             prune[:] = False
         pruned = int(prune.sum())
         if pruned:

@@ -10,6 +10,16 @@ eps, the UNet predicts eps_hat on z_t = sqrt(a_t) z + sqrt(1 - a_t) eps with cla
 
 so d loss / d z = grad / B, and the gradient reaches the images through the VAE encoder / the
 resize. ``eps_cond`` uses the view-dependent prompt of each camera ("<prompt>, front view", ...).
+
+Options (``GuidanceConfig``):
+
+* ``t_sampling="dreamtime"``: instead of t ~ U[t_lo, t_hi], a monotonically decreasing,
+  time-prioritised t(step_ratio) (DreamTime, Huang et al. 2023; ``backend.schedule.dreamtime_timestep``)
+  within [t_min, t_max], jittered by ±``t_jitter``.
+* ``sds_form="x0"``: SDS as reconstruction (StableDreamer, Guo et al. 2023): the one-step denoised
+  estimate x0_hat = (z_t − sqrt(1 − a_t)·eps_hat) / sqrt(a_t) (clamped to [−1, 1] for pixel-space
+  models) is a target and loss = 0.5·x0_weight·sum((z − x0_hat)^2) / B; with a decreasing t the
+  target's noise level is annealed.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import torch.nn.functional as F
 from backend.gaussians.cameras import view_word
 from backend.guidance.base import Guidance, GuidanceError
 from backend.guidance.loader import ModelBundle, encode_texts
-from backend.pipeline.schedule import anneal
+from backend.schedule import anneal, dreamtime_timestep
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,16 @@ class DiffusionGuidance(Guidance):
     @property
     def is_latent(self) -> bool:
         return self.bundle.is_latent
+
+    def with_config(self, **changes) -> DiffusionGuidance:
+        """A guidance sharing this one's model and prompt embeddings with ``GuidanceConfig`` fields
+        changed (e.g. the fine stage's own t_max / cfg_scale)."""
+        import copy
+        import dataclasses
+
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **changes)
+        return other
 
     # ------------------------------------------------------------------ prompts
     def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
@@ -145,13 +165,28 @@ class DiffusionGuidance(Guidance):
         cond = self.view_embeddings(azimuth_deg, elevation_deg)
         z = self.encode_images(images.to(self.device))
         lo, hi = self.timestep_range(step_ratio)
-        t = torch.randint(lo, hi + 1, (B,), device=self.device, dtype=torch.long)
+        if self.config.t_sampling == "dreamtime":
+            c = self.config
+            T = self.bundle.num_train_timesteps
+            centre = dreamtime_timestep(step_ratio, c.t_min, c.t_max, c.dreamtime_m1, c.dreamtime_m2,
+                                        c.dreamtime_s1, c.dreamtime_s2) * T
+            jitter = (torch.rand(B) * 2.0 - 1.0) * float(c.t_jitter) * T
+            t = (centre + jitter).round().long().clamp(1, T - 1).to(self.device)
+            lo, hi = int(t.min()), int(t.max())
+        else:
+            t = torch.randint(lo, hi + 1, (B,), device=self.device, dtype=torch.long)
         with torch.no_grad():
             noise = torch.randn_like(z)
             a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
             z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
             eps_hat = self.predict_noise(z_t, t, cond)
-            grad = self.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
+            if self.config.sds_form == "x0":
+                x0 = (z_t - (1.0 - a).sqrt() * eps_hat) / a.sqrt()
+                if not self.is_latent:
+                    x0 = x0.clamp(-1.0, 1.0)
+                grad = float(self.config.x0_weight) * (z.detach() - x0)
+            else:
+                grad = self.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             if self.config.grad_clip > 0:
                 grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)

@@ -65,10 +65,27 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor, backe
     return _impl(backend, rast.device).interpolate(attr, rast, tri)
 
 
+def rasterize_with_db(pos_clip: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int],
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``rasterize`` plus rast_db (B, H, W, 4): (du/dX, du/dY, dv/dX, dv/dY) of the barycentrics per pixel."""
+    return _impl(backend, pos_clip.device).rasterize_with_db(pos_clip, tri, resolution)
+
+
+def interpolate_da(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor, rast_db: torch.Tensor,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``interpolate`` plus (B, H, W, 2C) screen-space derivatives (dX, dY per attribute channel)."""
+    return _impl(backend, rast.device).interpolate_da(attr, rast, tri, rast_db)
+
+
 def texture(tex: torch.Tensor, uv: torch.Tensor, filter_mode: str = "linear", boundary_mode: str = "clamp",
-            backend: str = "auto") -> torch.Tensor:
-    """Sample (B, Ht, Wt, C) textures at (B, H, W, 2) UVs (v = 0 at tex row 0) → (B, H, W, C)."""
-    return _impl(backend, uv.device).texture(tex, uv, filter_mode=filter_mode, boundary_mode=boundary_mode)
+            backend: str = "auto", uv_da: torch.Tensor | None = None,
+            max_mip_level: int | None = None) -> torch.Tensor:
+    """Sample (B, Ht, Wt, C) textures at (B, H, W, 2) UVs (v = 0 at tex row 0) → (B, H, W, C).
+
+    ``filter_mode='linear-mipmap-linear'`` (trilinear over a mip pyramid, as DreamGaussian's mesh
+    renderer) needs ``uv_da`` from :func:`interpolate_da`."""
+    return _impl(backend, uv.device).texture(tex, uv, filter_mode=filter_mode, boundary_mode=boundary_mode,
+                                             uv_da=uv_da, max_mip_level=max_mip_level)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +155,7 @@ def render_mesh(
     backend: str = "auto",
     near: float = DEFAULT_NEAR,
     far: float = DEFAULT_FAR,
+    filter_mode: str = "linear",
 ) -> MeshRender:
     """Render a mesh (textured, vertex-coloured, or plain white) from ``cameras``.
 
@@ -149,18 +167,31 @@ def render_mesh(
         uv: (M, 2) float UVs, origin bottom-left; ``uv_faces`` (F, 3) int indexes them per corner.
         vertex_colors: (V, 3) float in [0, 1], used when no texture is given.
         background: scalar or (3,) colour behind the mesh.
+        filter_mode: texture filter, 'linear' (bilinear) or 'linear-mipmap-linear' (mipmapped with
+            per-pixel UV derivatives, so a texel's gradient reaches it through every pixel whose
+            footprint covers it, as in DreamGaussian's nvdiffrast renderer).
     """
     impl = _impl(backend, verts.device)
     tri = faces.to(device=verts.device, dtype=torch.int32)
     pos = to_clip(verts, cameras.to(verts.device), near, far)
-    rast = impl.rasterize(pos, tri, (cameras.height, cameras.width))
+    mip = texture_map is not None and filter_mode == "linear-mipmap-linear"
+    if mip:
+        rast, rast_db = impl.rasterize_with_db(pos, tri, (cameras.height, cameras.width))
+    else:
+        rast = impl.rasterize(pos, tri, (cameras.height, cameras.width))
     mask = (rast[..., 3:4] > 0).to(verts.dtype)
     if texture_map is not None:
         if uv is None or uv_faces is None:
             raise ValueError("a texture needs uv and uv_faces")
         uv_t = torch.stack([uv[:, 0], 1.0 - uv[:, 1]], dim=-1)  # sample with v = 0 at texture row 0
-        texc = impl.interpolate(uv_t, rast, uv_faces.to(device=verts.device, dtype=torch.int32))
-        color = impl.texture(texture_map.unsqueeze(0), texc, filter_mode="linear", boundary_mode="clamp")
+        uv_tri = uv_faces.to(device=verts.device, dtype=torch.int32)
+        if mip:
+            texc, texd = impl.interpolate_da(uv_t, rast, uv_tri, rast_db)
+            color = impl.texture(texture_map.unsqueeze(0), texc, filter_mode=filter_mode, boundary_mode="clamp",
+                                 uv_da=texd)
+        else:
+            texc = impl.interpolate(uv_t, rast, uv_tri)
+            color = impl.texture(texture_map.unsqueeze(0), texc, filter_mode=filter_mode, boundary_mode="clamp")
     elif vertex_colors is not None:
         color = impl.interpolate(vertex_colors, rast, tri)
     else:

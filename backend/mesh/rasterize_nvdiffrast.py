@@ -65,14 +65,41 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> to
     return out
 
 
+def rasterize_with_db(pos: torch.Tensor, tri: torch.Tensor,
+                      resolution: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rasterize`` plus ``rast_db`` (B, H, W, 4) barycentric screen derivatives (grad_db=True)."""
+    if pos.ndim == 2:
+        pos = pos.unsqueeze(0)
+    ctx = get_context(pos.device)
+    return _dr().rasterize(ctx, pos.float().contiguous(), tri.to(torch.int32).contiguous(),
+                           resolution=[int(resolution[0]), int(resolution[1])], grad_db=True)
+
+
+def interpolate_da(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor,
+                   rast_db: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``interpolate`` plus the attributes' screen-space derivatives (B, H, W, 2C)."""
+    if attr.ndim == 2:
+        attr = attr.unsqueeze(0)
+    return _dr().interpolate(attr.float().contiguous(), rast, tri.to(torch.int32).contiguous(),
+                             rast_db=rast_db, diff_attrs="all")
+
+
 def texture(tex: torch.Tensor, uv: torch.Tensor, filter_mode: str = "linear",
-            boundary_mode: str = "clamp") -> torch.Tensor:
-    """(B, Ht, Wt, C) texture sampled at (B, H, W, 2) UVs (v = 0 is the first texture row)."""
+            boundary_mode: str = "clamp", uv_da: torch.Tensor | None = None,
+            max_mip_level: int | None = None) -> torch.Tensor:
+    """(B, Ht, Wt, C) texture sampled at (B, H, W, 2) UVs (v = 0 is the first texture row);
+    'linear-mipmap-linear' needs ``uv_da`` (B, H, W, 4) (see ``rasterize_torch.texture``)."""
     if tex.ndim == 3:
         tex = tex.unsqueeze(0)
-    if filter_mode not in ("linear", "nearest"):
-        raise ValueError(f"filter_mode must be 'linear' or 'nearest', got {filter_mode!r}")
+    if filter_mode not in ("linear", "nearest", "linear-mipmap-linear"):
+        raise ValueError(f"filter_mode must be 'linear', 'nearest' or 'linear-mipmap-linear', got {filter_mode!r}")
     if tex.shape[0] == 1 and uv.shape[0] > 1:
         tex = tex.expand(uv.shape[0], -1, -1, -1)
+    if filter_mode == "linear-mipmap-linear":
+        if uv_da is None:
+            raise ValueError("filter_mode 'linear-mipmap-linear' needs uv_da (B, H, W, 4)")
+        return _dr().texture(tex.float().contiguous(), uv.float().contiguous(), uv_da=uv_da.float().contiguous(),
+                             filter_mode=filter_mode, boundary_mode=boundary_mode,
+                             max_mip_level=max_mip_level)
     return _dr().texture(tex.float().contiguous(), uv.float().contiguous(), filter_mode=filter_mode,
                          boundary_mode=boundary_mode)

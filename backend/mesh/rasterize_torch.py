@@ -225,16 +225,122 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> to
     return out * mask.unsqueeze(-1).to(out.dtype)
 
 
+def rasterize_with_db(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int],
+                      max_candidates: int = DEFAULT_MAX_CANDIDATES) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rasterize`` plus ``rast_db`` (B, H, W, 4) = (du/dX, du/dY, dv/dX, dv/dY), the screen-space
+    derivatives (per pixel) of the perspective-correct barycentrics, as nvdiffrast's
+    ``rasterize(..., grad_db=True)``. Central differences of the winning triangle's barycentric
+    formula at ±½ pixel (exact for affine maps, second-order accurate under perspective); no gradient
+    flows through ``rast_db``. Zeros in empty pixels."""
+    rast = rasterize(pos, tri, resolution, max_candidates)
+    pos3, H, W = _check_inputs(pos, tri, resolution)
+    B = pos3.shape[0]
+    db = torch.zeros(B, H, W, 4, dtype=rast.dtype, device=rast.device)
+    with torch.no_grad():
+        tid = rast[..., 3].long() - 1
+        pix = torch.nonzero(tid.reshape(-1) >= 0).squeeze(1)
+        if pix.numel() == 0:
+            return rast, db
+        b_idx = pix // (H * W)
+        rem = pix % (H * W)
+        py = (rem // W).to(pos3.dtype) + 0.5
+        px = (rem % W).to(pos3.dtype) + 0.5
+        verts = pos3.detach()[b_idx.unsqueeze(1), tri.long()[tid.reshape(-1)[pix]]]  # (P, 3, 4)
+        vw = verts[..., 3]
+        vx = (verts[..., 0] / vw + 1.0) * (0.5 * W)
+        vy = (verts[..., 1] / vw + 1.0) * (0.5 * H)
+
+        def uv_at(x, y):
+            l0, l1, l2 = _screen_barycentrics(vx, vy, x, y)
+            q0, q1, q2 = l0 / vw[:, 0], l1 / vw[:, 1], l2 / vw[:, 2]
+            qs = q0 + q1 + q2
+            return q0 / qs, q1 / qs
+
+        ux1, vx1 = uv_at(px + 0.5, py)
+        ux0, vx0 = uv_at(px - 0.5, py)
+        uy1, vy1 = uv_at(px, py + 0.5)
+        uy0, vy0 = uv_at(px, py - 0.5)
+        vals = torch.stack([ux1 - ux0, uy1 - uy0, vx1 - vx0, vy1 - vy0], dim=1).to(db.dtype)
+        db = db.reshape(B * H * W, 4).index_put((pix,), vals).reshape(B, H, W, 4)
+    return rast, db
+
+
+def interpolate_da(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor,
+                   rast_db: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``interpolate`` plus the attributes' screen-space derivatives (nvdiffrast's
+    ``interpolate(..., rast_db=rast_db, diff_attrs='all')``): out_da (B, H, W, 2C) ordered
+    (da0/dX, da0/dY, da1/dX, da1/dY, ...). Zeros in empty pixels."""
+    out = interpolate(attr, rast, tri)
+    if attr.ndim == 2:
+        attr = attr.unsqueeze(0)
+    B, H, W, _ = rast.shape
+    tid = rast[..., 3].long() - 1
+    mask = (tid >= 0).unsqueeze(-1)
+    idx = tri.long()[tid.clamp(min=0)]
+    a = attr[0][idx] if attr.shape[0] == 1 else attr[torch.arange(B, device=attr.device).view(B, 1, 1, 1), idx]
+    d0 = a[..., 0, :] - a[..., 2, :]  # (B, H, W, C)
+    d1 = a[..., 1, :] - a[..., 2, :]
+    dX = rast_db[..., 0:1] * d0 + rast_db[..., 2:3] * d1
+    dY = rast_db[..., 1:2] * d0 + rast_db[..., 3:4] * d1
+    da = torch.stack([dX, dY], dim=-1).reshape(B, H, W, -1)
+    return out, da * mask.to(da.dtype)
+
+
+FILTER_MODES = ("linear", "nearest", "linear-mipmap-linear")
+
+
+def mip_lod(uv_da: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H, W) level of detail log2(major axis of the UV footprint, in texels) for
+    ``uv_da`` (du/dX, du/dY, dv/dX, dv/dY) on a ``height`` × ``width`` texture (isotropic
+    trilinear filtering along the footprint's major axis, as nvdiffrast's linear-mipmap-linear)."""
+    ux, uy = uv_da[..., 0] * width, uv_da[..., 1] * width
+    vx, vy = uv_da[..., 2] * height, uv_da[..., 3] * height
+    # eigenvalues of J Jᵀ with J = [[ux, uy], [vx, vy]]
+    a = ux * ux + uy * uy
+    c = vx * vx + vy * vy
+    b = ux * vx + uy * vy
+    major = 0.5 * (a + c) + torch.sqrt((0.25 * (a - c) ** 2 + b * b).clamp(min=0.0))
+    return 0.5 * torch.log2(major.clamp(min=1e-20))
+
+
+def mip_pyramid(img: torch.Tensor, max_mip_level: int | None = None) -> list[torch.Tensor]:
+    """[level 0 = img (B, C, H, W), level 1 (2×2 box filtered), ...] down to 1 texel per side (or
+    ``max_mip_level`` levels below the base)."""
+    levels = [img]
+    while min(levels[-1].shape[-2:]) > 1 and (max_mip_level is None or len(levels) <= max_mip_level):
+        levels.append(F.avg_pool2d(levels[-1], 2, ceil_mode=True))
+    return levels
+
+
+def _sample(img: torch.Tensor, uv: torch.Tensor, filter_mode: str, boundary_mode: str) -> torch.Tensor:
+    """grid_sample of (B, C, Ht, Wt) at (B, H, W, 2) UVs → (B, C, H, W)."""
+    if boundary_mode == "wrap":
+        Ht, Wt = img.shape[-2:]
+        uv = uv - torch.floor(uv)
+        # pad one texel on each side by wrapping, then sample inside the padded image
+        img = torch.cat([img[..., -1:], img, img[..., :1]], dim=3)
+        img = torch.cat([img[..., -1:, :], img, img[..., :1, :]], dim=2)
+        uv = torch.stack([(uv[..., 0] * Wt + 1.0) / (Wt + 2), (uv[..., 1] * Ht + 1.0) / (Ht + 2)], dim=-1)
+    grid = uv * 2.0 - 1.0
+    return F.grid_sample(img, grid.to(img.dtype), mode="nearest" if filter_mode == "nearest" else "bilinear",
+                         padding_mode="border", align_corners=False)
+
+
 def texture(tex: torch.Tensor, uv: torch.Tensor, filter_mode: str = "linear",
-            boundary_mode: str = "clamp") -> torch.Tensor:
+            boundary_mode: str = "clamp", uv_da: torch.Tensor | None = None,
+            max_mip_level: int | None = None) -> torch.Tensor:
     """Sample a texture at per-pixel UVs (nvdiffrast's convention).
 
     Args:
         tex: (B, Ht, Wt, C) or (Ht, Wt, C) float texture (B = 1 broadcasts). Texel (r, c) has its
             centre at uv = ((c + 0.5)/Wt, (r + 0.5)/Ht): v = 0 is the FIRST row of ``tex``.
         uv: (B, H, W, 2) float texture coordinates.
-        filter_mode: 'linear' (bilinear) or 'nearest'.
+        filter_mode: 'linear' (bilinear), 'nearest' or 'linear-mipmap-linear' (trilinear over a
+            2×2-box mip pyramid at the level of detail of ``uv_da``; see :func:`mip_lod`).
         boundary_mode: 'clamp' or 'wrap'.
+        uv_da: (B, H, W, 4) UV derivatives per pixel (du/dX, du/dY, dv/dX, dv/dY), needed by
+            'linear-mipmap-linear' (from :func:`interpolate_da`).
+        max_mip_level: deepest mip level used (None: down to 1 texel).
 
     Returns:
         (B, H, W, C) float.
@@ -244,22 +350,25 @@ def texture(tex: torch.Tensor, uv: torch.Tensor, filter_mode: str = "linear",
     if tex.ndim != 4 or uv.ndim != 4 or uv.shape[-1] != 2:
         raise ValueError(f"tex must be (B, Ht, Wt, C) and uv (B, H, W, 2); got {tuple(tex.shape)}, "
                          f"{tuple(uv.shape)}")
-    if filter_mode not in ("linear", "nearest"):
-        raise ValueError(f"filter_mode must be 'linear' or 'nearest', got {filter_mode!r}")
+    if filter_mode not in FILTER_MODES:
+        raise ValueError(f"filter_mode must be one of {FILTER_MODES}, got {filter_mode!r}")
     if boundary_mode not in ("clamp", "wrap"):
         raise ValueError(f"boundary_mode must be 'clamp' or 'wrap', got {boundary_mode!r}")
     B = uv.shape[0]
     if tex.shape[0] not in (1, B):
         raise ValueError(f"tex batch {tex.shape[0]} does not match uv batch {B}")
     img = tex.permute(0, 3, 1, 2).expand(B, -1, -1, -1)
-    if boundary_mode == "wrap":
-        uv = uv - torch.floor(uv)
-        # pad one texel on each side by wrapping, then sample inside the padded image
-        img = torch.cat([img[..., -1:], img, img[..., :1]], dim=3)
-        img = torch.cat([img[..., -1:, :], img, img[..., :1, :]], dim=2)
-        Ht, Wt = tex.shape[1], tex.shape[2]
-        uv = torch.stack([(uv[..., 0] * Wt + 1.0) / (Wt + 2), (uv[..., 1] * Ht + 1.0) / (Ht + 2)], dim=-1)
-    grid = uv * 2.0 - 1.0
-    out = F.grid_sample(img, grid.to(img.dtype), mode="bilinear" if filter_mode == "linear" else "nearest",
-                        padding_mode="border", align_corners=False)
+    if filter_mode != "linear-mipmap-linear":
+        return _sample(img, uv, filter_mode, boundary_mode).permute(0, 2, 3, 1)
+    if uv_da is None or uv_da.shape[:3] != uv.shape[:3] or uv_da.shape[-1] != 4:
+        raise ValueError("filter_mode 'linear-mipmap-linear' needs uv_da (B, H, W, 4)")
+    levels = mip_pyramid(img, max_mip_level)
+    lod = mip_lod(uv_da, tex.shape[1], tex.shape[2]).clamp(0.0, float(len(levels) - 1))
+    out = None
+    for k, level in enumerate(levels):
+        w = (1.0 - (lod - k).abs()).clamp(min=0.0).unsqueeze(1)  # (B, 1, H, W) hat weights
+        if k > 0 and not bool((w > 0).any()):
+            continue
+        sample = _sample(level, uv, "linear", boundary_mode) * w
+        out = sample if out is None else out + sample
     return out.permute(0, 2, 3, 1)

@@ -1,8 +1,9 @@
 """Coarse stage: optimise 3D Gaussians against a 2D loss on random views, streaming preview meshes.
 
-The loop is loss-agnostic: ``loss_fn(render, cameras, background, step_ratio) -> scalar``. The
-pipeline plugs in Score Distillation Sampling (:func:`sds_loss_fn`); tests plug in a photometric
-loss against reference images of a known shape through the very same loop.
+The loop is loss-agnostic: it takes a ``backend.guidance.loss.LossFn``
+``(images, cameras, backgrounds, step_ratio) -> scalar``, the same type as the fine stage. The
+pipeline plugs in Score Distillation Sampling (``backend.guidance.loss.sds_loss_fn``); tests plug in
+a photometric loss against reference images of a known shape through the very same loop.
 
 Per step: sample ``batch_size`` cameras (``cameras.sample_cameras`` within the preset's ranges) at
 the progressive render resolution, random backgrounds, render, loss, backward, accumulate
@@ -14,37 +15,30 @@ every ``preview_every`` steps and at the end a ``PreviewEvent`` with a vertex-co
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from backend.gaussians.cameras import Cameras, sample_cameras
-from backend.gaussians.densify import Densifier, DensifyConfig
+from backend.gaussians.cameras import sample_cameras
+from backend.gaussians.densify import Densifier
 from backend.gaussians.model import GaussianModel
-from backend.gaussians.render import RenderOutput, resolve_backend
+from backend.gaussians.render import resolve_backend
+from backend.guidance.loss import LossFn
 from backend.mesh.extract import EmptyMeshError, extract_mesh, fit_to_size
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
-from backend.pipeline.schedule import anneal, step_ratio
+from backend.pipeline.presets import CoarseConfig, ShadingConfig
+from backend.pipeline.shading import apply_shading, depth_normals, sample_shading
+from backend.schedule import anneal, step_ratio
 
 log = logging.getLogger(__name__)
-
-LossFn = Callable[[RenderOutput, Cameras, torch.Tensor, float], torch.Tensor]
-
-
-def sds_loss_fn(guidance) -> LossFn:
-    """The SDS loss of a ``Guidance`` as a coarse-stage loss function."""
-
-    def loss(render: RenderOutput, cameras: Cameras, background: torch.Tensor, ratio: float) -> torch.Tensor:
-        return guidance.sds_loss(render.image, cameras.azimuth_deg, cameras.elevation_deg, ratio)
-
-    return loss
 
 
 @dataclass
 class CoarseResult:
-    """What the coarse stage hands on: the Gaussians and a few measurements."""
+    """What the coarse stage hands to the fine stage and to ``run_job``: the optimised Gaussians
+    (world frame, the [-1, 1]^3 volume) and measurements for the job's info."""
 
     gaussians: GaussianModel
     losses: list[float] = field(default_factory=list)
@@ -54,6 +48,12 @@ class CoarseResult:
     first_preview_seconds: float | None = None  # from the stage start
     renderer: str = "torch"
     densify_log: list[dict] = field(default_factory=list)
+
+
+def binary_entropy(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Mean binary entropy −p·log p − (1 − p)·log(1 − p) (nats) of values in [0, 1]."""
+    p = p.clamp(eps, 1.0 - eps)
+    return -(p * p.log() + (1.0 - p) * (1.0 - p).log()).mean()
 
 
 def render_resolution(config, ratio: float) -> int:
@@ -78,16 +78,19 @@ def _lrs(config, ratio: float) -> dict[str, float]:
     }
 
 
-def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, device="cpu",
+def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | None = None, *, device="cpu",
                      generator: torch.Generator | None = None, object_size: float = 1.0,
-                     stage: str = "coarse", init: GaussianModel | None = None) -> CoarseResult:
+                     stage: str = "coarse", init: GaussianModel | None = None,
+                     shading: ShadingConfig | None = None) -> CoarseResult:
     """Run the coarse stage (see module docstring) with a ``CoarseConfig`` and return the Gaussians.
 
     Args:
-        loss_fn: ``(render, cameras, background, step_ratio) -> scalar``.
+        loss_fn: ``(images, cameras, backgrounds, step_ratio) -> scalar`` (``backend.guidance.loss``).
         generator: CPU generator for cameras, backgrounds, initialisation and splits (reproducible).
         object_size: previews are scaled so their largest dimension is this many metres.
         init: start from these Gaussians instead of a random ball.
+        shading: when given, every view is shaded before the loss (DreamFusion;
+            ``backend/pipeline/shading.py``, normals from the rendered depth).
     Raises:
         Cancelled: when ``ctx`` says so (checked before every step).
     """
@@ -99,9 +102,7 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
                                          config.init_scale, config.init_opacity, generator, device)
     model = init
     optimizer = model.make_optimizer(_lrs(config, 0.0))
-    densifier = Densifier(DensifyConfig(fraction=config.densify_fraction, max_points=config.max_points,
-                                        prune_opacity=config.prune_opacity, split_scale=config.split_scale),
-                          len(model), device)
+    densifier = Densifier(config, len(model), device)
     result = CoarseResult(model, renderer=backend)
     steps = int(config.steps)
     t_stage = time.perf_counter()
@@ -125,7 +126,16 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
             group["lr"] = _lrs(config, ratio)[group["name"]]
         densifying = config.densify_from <= ratio <= config.densify_until
         out = model.render(cams, bg, backend=backend, retain_means2d=densifying)
-        loss = loss_fn(out, cams, bg, ratio)
+        images = out.image
+        if shading is not None:
+            draw = sample_shading(cams, shading, generator)
+            normals = depth_normals(out.depth, out.alpha, cams)
+            images = apply_shading(images, out.alpha, bg, normals, draw, shading.ambient, shading.diffuse)
+        loss = loss_fn(images, cams, bg, ratio)
+        if config.opacity_entropy_weight > 0:
+            loss = loss + config.opacity_entropy_weight * binary_entropy(model.activated().opacities)
+        if config.alpha_entropy_weight > 0:
+            loss = loss + config.alpha_entropy_weight * binary_entropy(out.alpha)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"coarse stage: non-finite loss {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -133,6 +143,9 @@ def run_coarse_stage(loss_fn: LossFn, config, ctx: JobContext | None = None, *, 
         if densifying:
             densifier.accumulate(out, res, res)
         optimizer.step()
+        if config.max_scale > 0:
+            with torch.no_grad():
+                model.params["log_scales"].clamp_(max=math.log(config.max_scale))
         if densifying and (step + 1) % config.densify_interval == 0:
             info = densifier.step(model, optimizer, generator)
             info["step"] = step + 1

@@ -9,8 +9,10 @@ Steps (Magic3D's refine stage with DreamGaussian's texture pipeline):
 3. unwrap UVs with xatlas (``backend.mesh.uv``) and bake an initial texture from the Gaussians
    (``backend.mesh.bake``);
 4. optimise the texture (and optionally small vertex offsets, regularised by a Laplacian and a
-   normal-consistency term) with a loss on rasterised renders: SDS through the guidance
-   interface in the pipeline, or any ``loss_fn`` (the reference tests use target images).
+   normal-consistency term) with a loss on rasterised renders: a ``backend.guidance.loss.LossFn``
+   (the coarse stage's type), SDS in the pipeline, target images in the reference tests.
+
+``run_fine_stage`` returns a :class:`FineResult`; ``run.py`` exports it (and the coarse mesh).
 
 Frames: meshes stay in Blender's frame (metres, +Z up, front −Y) in the optimisation volume
 [−1, 1]³; ``run.py`` scales to ``object_size`` when exporting. Images are (B, 3, H, W) in [0, 1]
@@ -24,26 +26,34 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from backend.gaussians.cameras import Cameras, sample_cameras
+from backend.guidance.loss import LossFn, sds_loss_fn
 from backend.mesh import rasterize as rz
 from backend.mesh.bake import ColorFn, bake_texture, gaussian_color_fn
 from backend.mesh.cleanup import clean_mesh
 from backend.mesh.export import compute_vertex_normals
-from backend.mesh.uv import unwrap, uv_from_corners
+from backend.mesh.uv import unwrap
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
+from backend.pipeline.presets import CoarseConfig, FineConfig, ShadingConfig
+from backend.pipeline.shading import apply_shading, face_normals_image, sample_shading
+from backend.schedule import step_ratio
 from protocol.mesh import MeshPayload
+
+if TYPE_CHECKING:
+    from backend.gaussians.model import GaussianModel, Gaussians
 
 log = logging.getLogger(__name__)
 
-#: loss_fn(images (B, 3, H, W) in [0, 1], cameras, step_ratio in [0, 1]) -> scalar tensor
-LossFn = Callable[[torch.Tensor, Cameras, float], torch.Tensor]
 #: camera_fn(step) -> Cameras (image size = the render resolution)
 CameraFn = Callable[[int], Cameras]
+#: textures in preview meshes are area-downsampled to at most this side (pixels)
+PREVIEW_TEXTURE_SIDE = 512
 
 @dataclass
 class TexturedMesh:
@@ -70,11 +80,13 @@ class TexturedMesh:
         return self.positions if self.offsets is None else self.positions + self.offsets
 
     def render(self, cameras: Cameras, background: float | torch.Tensor = 1.0, backend: str = "auto",
-               texture: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> rz.MeshRender:
+               texture: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+               filter_mode: str = "linear") -> rz.MeshRender:
         """Rasterise with the current (or given) texture and positions."""
         return rz.render_mesh(self.deformed if positions is None else positions, self.faces, cameras,
                               texture_map=self.texture if texture is None else texture, uv=self.uv,
-                              uv_faces=self.uv_faces, background=background, backend=backend)
+                              uv_faces=self.uv_faces, background=background, backend=backend,
+                              filter_mode=filter_mode)
 
     def to_payload(self, max_texture_side: int | None = None) -> MeshPayload:
         """MeshPayload (Blender frame) with per-corner UVs, normals and the RGBA8 texture.
@@ -135,25 +147,6 @@ def prepare_textured_mesh(positions: np.ndarray, faces: np.ndarray, color_fn: Co
                         torch.as_tensor(atlas.uv_faces, device=device), tex, None, info)
 
 
-def textured_mesh_from_payload(mesh: MeshPayload, device: torch.device | str = "cpu",
-                               texture_resolution: int | None = None) -> TexturedMesh:
-    """A TexturedMesh from a MeshPayload that already has per-corner UVs (texture kept or flat)."""
-    if mesh.uvs is None:
-        raise ValueError("the mesh has no UVs; use prepare_textured_mesh")
-    uv, uv_faces = uv_from_corners(mesh.uvs)
-    if mesh.texture_rgba is not None:
-        tex = torch.as_tensor(np.asarray(mesh.texture_rgba)[..., :3], dtype=torch.float32) / 255.0
-    else:
-        n = texture_resolution or 256
-        tex = torch.full((n, n, 3), 0.5)
-    device = torch.device(device)
-    return TexturedMesh(
-        torch.as_tensor(np.asarray(mesh.positions), dtype=torch.float32, device=device),
-        torch.as_tensor(np.asarray(mesh.faces).astype(np.int64), device=device),
-        torch.as_tensor(np.asarray(mesh.uvs), dtype=torch.float32, device=device),
-        torch.as_tensor(uv, device=device), torch.as_tensor(uv_faces, device=device), tex.to(device))
-
-
 # ----------------------------------------------------------------------------------------------
 # regularisers for vertex offsets
 
@@ -167,6 +160,13 @@ def uniform_laplacian(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tens
     deg = torch.zeros(V, dtype=vertices.dtype, device=vertices.device).index_add_(
         0, e[:, 0], torch.ones(e.shape[0], dtype=vertices.dtype, device=vertices.device))
     return vertices - summed / deg.clamp(min=1.0).unsqueeze(-1)
+
+
+def texture_tv(texture: torch.Tensor) -> torch.Tensor:
+    """Total-variation smoothness prior on texels: mean squared difference of (H, W, C) neighbours."""
+    dy = (texture[1:] - texture[:-1]).square().mean()
+    dx = (texture[:, 1:] - texture[:, :-1]).square().mean()
+    return dx + dy
 
 
 def face_adjacency(faces: torch.Tensor) -> torch.Tensor:
@@ -195,39 +195,17 @@ def normal_consistency(vertices: torch.Tensor, faces: torch.Tensor, adjacency: t
 # the refinement loop
 
 
-@dataclass
-class RefineSettings:
-    """Loop settings (filled from FineConfig by :func:`refine_settings_from_config`)."""
-
-    steps: int = 300
-    lr: float = 1e-2
-    vertex_offsets: bool = False
-    lr_offsets: float = 1e-4
-    offset_limit: float = 0.05
-    laplacian_weight: float = 1e4
-    normal_weight: float = 1e2
-    preview_every: int = 50
-    preview_texture_side: int = 512
-    background: float = 1.0
-    backend: str = "auto"
-
-
-def refine_settings_from_config(cfg) -> RefineSettings:
-    return RefineSettings(
-        steps=int(cfg.steps), lr=float(cfg.lr), vertex_offsets=bool(cfg.vertex_offsets),
-        lr_offsets=float(cfg.lr_offsets), offset_limit=float(cfg.offset_limit),
-        laplacian_weight=float(cfg.laplacian_weight),
-        normal_weight=float(cfg.normal_weight),
-        preview_every=int(cfg.preview_every), backend=str(cfg.rasterizer),
-    )
-
-
-def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, settings: RefineSettings,
-           ctx: JobContext | None = None, stage: str = "fine") -> TexturedMesh:
+def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: FineConfig,
+           ctx: JobContext | None = None, stage: str = "fine", background: float = 1.0,
+           shading: ShadingConfig | None = None, generator: torch.Generator | None = None) -> TexturedMesh:
     """Optimise ``mesh.texture`` (and offsets when enabled) against ``loss_fn`` on rendered views.
 
+    ``config`` supplies steps, lr, vertex_offsets, lr_offsets, offset_limit, laplacian_weight,
+    normal_weight, preview_every and rasterizer; ``background`` is the grey level behind the mesh.
+    With ``shading`` every view is shaded with face normals before the loss (DreamFusion;
+    ``backend/pipeline/shading.py``; lights drawn from ``generator``), so the texture learns albedo.
     Each step renders ``camera_fn(step)`` with the differentiable rasteriser, evaluates
-    ``loss_fn(images, cameras, step_ratio)`` (+ offset regularisers), and takes an Adam step;
+    ``loss_fn(images, cameras, backgrounds, step_ratio)`` (+ offset regularisers), and takes an Adam step;
     the texture is clamped to [0, 1] and offsets to ±offset_limit. Between steps it calls
     ``ctx.check_cancel()``, emits ``ProgressEvent(stage, step, total)`` and, every
     ``preview_every`` steps and at the end, ``PreviewEvent(stage, step, mesh)``.
@@ -236,28 +214,37 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, settings: R
         the same TexturedMesh, updated in place (texture, offsets) with ``info['loss']`` history.
     """
     texture = mesh.texture.detach().clone().requires_grad_(True)
-    groups = [{"params": [texture], "lr": settings.lr}]
+    groups = [{"params": [texture], "lr": float(config.lr)}]
     offsets = None
     adjacency = None
-    if settings.vertex_offsets:
+    if config.vertex_offsets:
         offsets = torch.zeros_like(mesh.positions, requires_grad=True)
-        groups.append({"params": [offsets], "lr": settings.lr_offsets})
+        groups.append({"params": [offsets], "lr": float(config.lr_offsets)})
         adjacency = face_adjacency(mesh.faces)
     opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-8)
     losses: list[float] = []
-    total = settings.steps
+    total = int(config.steps)
+    backend = str(config.rasterizer)
     for step in range(total):
         if ctx is not None:
             ctx.check_cancel()
-        ratio = step / max(total - 1, 1)
+        ratio = step_ratio(step, total)
         cams = camera_fn(step)
         pos = mesh.positions if offsets is None else mesh.positions + offsets
-        out = mesh.render(cams, background=settings.background, backend=settings.backend,
-                          texture=texture, positions=pos)
-        loss = loss_fn(out.image, cams, ratio)
+        out = mesh.render(cams, background=background, backend=backend, texture=texture, positions=pos,
+                          filter_mode=str(config.texture_filter))
+        backgrounds = torch.full((len(cams), 3), float(background), device=out.image.device)
+        images = out.image
+        if shading is not None:
+            draw = sample_shading(cams, shading, generator)
+            normals = face_normals_image(pos, mesh.faces, out.rast, cams)
+            images = apply_shading(images, out.alpha, backgrounds, normals, draw, shading.ambient, shading.diffuse)
+        loss = loss_fn(images, cams, backgrounds, ratio)
+        if config.tv_weight > 0:
+            loss = loss + config.tv_weight * texture_tv(texture)
         if offsets is not None:
             lap = uniform_laplacian(offsets, mesh.faces).square().sum(-1).mean()
-            loss = loss + settings.laplacian_weight * lap + settings.normal_weight * normal_consistency(
+            loss = loss + config.laplacian_weight * lap + config.normal_weight * normal_consistency(
                 pos, mesh.faces, adjacency)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -265,15 +252,15 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, settings: R
         with torch.no_grad():
             texture.clamp_(0.0, 1.0)
             if offsets is not None:
-                offsets.clamp_(-settings.offset_limit, settings.offset_limit)
+                offsets.clamp_(-config.offset_limit, config.offset_limit)
         losses.append(float(loss.detach()))
         mesh.texture = texture.detach()
         mesh.offsets = None if offsets is None else offsets.detach()
         if ctx is not None:
             ctx.emit(ProgressEvent(stage, step + 1, total, f"loss {losses[-1]:.4g}"))
             last = step == total - 1
-            if last or (settings.preview_every > 0 and (step + 1) % settings.preview_every == 0):
-                ctx.emit(PreviewEvent(stage, step + 1, mesh.to_payload(settings.preview_texture_side)))
+            if last or (config.preview_every > 0 and (step + 1) % config.preview_every == 0):
+                ctx.emit(PreviewEvent(stage, step + 1, mesh.to_payload(PREVIEW_TEXTURE_SIDE)))
     mesh.texture = texture.detach()
     mesh.offsets = None if offsets is None else offsets.detach()
     mesh.info["loss"] = losses
@@ -284,20 +271,23 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, settings: R
 # pipeline entry
 
 
-def sds_loss_fn(guidance) -> LossFn:
-    """Loss through the guidance interface; renders are resized to ``guidance.resolution``."""
-    side = int(guidance.resolution)
+def fine_loss_fn(guidance, cfg: FineConfig) -> LossFn:
+    """SDS through ``guidance`` with the fine stage's own ``t_max`` / ``cfg_scale`` when set
+    (Magic3D's refine stage); shared by :func:`run_fine_stage` and the texture job."""
+    changes = {}
+    if cfg.t_max is not None:
+        g = guidance.config
+        changes.update(t_max=float(cfg.t_max), t_max_end=min(float(g.t_max_end), float(cfg.t_max)),
+                       t_min=min(float(g.t_min), float(cfg.t_max)),
+                       t_min_end=min(float(g.t_min_end), float(cfg.t_max)))
+    if cfg.cfg_scale is not None:
+        changes["cfg_scale"] = float(cfg.cfg_scale)
+    if changes:
+        guidance = guidance.with_config(**changes)
+    return sds_loss_fn(guidance)
 
-    def fn(images: torch.Tensor, cams: Cameras, step_ratio: float) -> torch.Tensor:
-        if images.shape[-1] != side or images.shape[-2] != side:
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False,
-                                   antialias=images.shape[-1] > side)
-        return guidance.sds_loss(images, cams.azimuth_deg, cams.elevation_deg, step_ratio)
 
-    return fn
-
-
-def random_camera_fn(batch: int, resolution: int, coarse_cfg=None, seed: int | None = None,
+def random_camera_fn(batch: int, resolution: int, coarse_cfg: CoarseConfig | None = None, seed: int | None = None,
                      device: torch.device | str = "cpu") -> CameraFn:
     """Random orbit cameras per step, in the coarse stage's sampling ranges when given."""
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 1)
@@ -344,41 +334,35 @@ def extract_surface(gaussians, grid_resolution: int, threshold: float | None = N
     return np.asarray(mesh.positions), np.asarray(mesh.faces).astype(np.int64)
 
 
-def save_coarse_mesh(gaussians, preset, ctx: JobContext, name: str = "coarse") -> dict | None:
-    """Keep the coarse stage's result in the job folder: ``<name>.glb`` with vertex colours.
+@dataclass
+class FineResult:
+    """What the fine stage hands to ``run_job`` for export.
 
-    Meshed like a coarse-only preset (``coarse.mesh_grid`` / ``coarse.mesh_faces``) and scaled to
-    ``preset.object_size``. A failure here is logged, never fatal (the fine result matters more).
+    mesh: MeshPayload in the Blender frame inside the [-1, 1]^3 volume (not yet scaled to
+    ``object_size``) with per-corner UVs, vertex normals and ``texture_rgba``;
+    losses: the refinement loss per step; info: clean-up / UV / bake statistics and timings.
     """
-    if getattr(ctx, "out_dir", None) is None:
-        return None
-    try:
-        from backend.mesh.export import export_mesh
-        from backend.mesh.extract import extract_mesh, fit_to_size
 
-        c = preset.coarse
-        mesh = extract_mesh(gaussians, c.mesh_grid, c.mesh_faces, c.density_threshold)
-        return export_mesh(fit_to_size(mesh, preset.object_size), ctx.out_dir, name)
-    except Exception as exc:  # noqa: BLE001 - best effort, reported in the log
-        log.warning("could not save the coarse mesh: %s", exc)
-        return None
+    mesh: MeshPayload
+    losses: list[float] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
 
-def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
-                   loss_fn: LossFn | None = None, camera_fn: CameraFn | None = None) -> MeshPayload:
+def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: JobContext,
+                   seed: int | None = None, *, loss_fn: LossFn | None = None,
+                   camera_fn: CameraFn | None = None) -> FineResult:
     """Coarse Gaussians → textured, refined mesh (Blender frame, [−1, 1]³ volume).
 
     Args:
-        gaussians: the coarse stage's result (see :func:`gaussian_fields`).
+        gaussians: the coarse stage's result (``CoarseResult.gaussians``; see :func:`gaussian_fields`).
         preset: a ``Preset`` whose ``fine`` section is set.
         guidance: a ``Guidance`` with its prompt already set (used when ``loss_fn`` is None).
         ctx: the job's context (events, cancel).
-        params: the job's ``GenerationParams`` (its seed picks the cameras).
+        seed: the job's seed (picks the cameras).
         loss_fn, camera_fn: overrides for tests and tools.
 
     Returns:
-        MeshPayload with per-corner UVs, vertex normals and ``texture_rgba``. The coarse mesh is
-        also written to ``ctx.out_dir/coarse.glb`` (see :func:`save_coarse_mesh`).
+        :class:`FineResult`; nothing is written to disk here (``run.py`` exports).
     """
     cfg = preset.fine
     if cfg is None:
@@ -388,7 +372,6 @@ def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
     backend = str(cfg.rasterizer)
     rz.resolve_backend(backend, device)  # a bad name or nvdiffrast without CUDA fails before any work
     ctx.emit(ProgressEvent("fine", 0, cfg.steps, "extracting mesh"))
-    save_coarse_mesh(gaussians, preset, ctx)
     positions, faces = extract_surface(gaussians, cfg.grid_resolution, preset.coarse.density_threshold)
     ctx.check_cancel()
     color_fn = gaussian_color_fn(fields["means"], fields["quats"], fields["scales"], fields["opacities"],
@@ -399,14 +382,15 @@ def run_fine_stage(gaussians, preset, guidance, ctx: JobContext, params=None, *,
         bake_dilation=int(cfg.bake_dilation),
         min_component_fraction=float(cfg.min_component_fraction))
     log.info("fine stage mesh: %s", {k: v for k, v in mesh.info.items() if k != "loss"})
-    ctx.emit(PreviewEvent("fine", 0, mesh.to_payload(RefineSettings.preview_texture_side)))
+    ctx.emit(PreviewEvent("fine", 0, mesh.to_payload(PREVIEW_TEXTURE_SIDE)))
     ctx.check_cancel()
     if loss_fn is None:
-        loss_fn = sds_loss_fn(guidance)
+        loss_fn = fine_loss_fn(guidance, cfg)
     if camera_fn is None:
-        seed = getattr(params, "seed", None) if params is not None else None
-        camera_fn = random_camera_fn(int(cfg.batch_size), cfg.render_resolution,
-                                     preset.coarse, seed=seed, device=device)
-    settings = refine_settings_from_config(cfg)
-    refine(mesh, loss_fn, camera_fn, settings, ctx)
-    return mesh.to_payload()
+        camera_fn = random_camera_fn(int(cfg.batch_size), cfg.render_resolution, preset.coarse, seed=seed,
+                                     device=device)
+    shading = preset.shading if preset.shading.fine else None
+    gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 2)
+    refine(mesh, loss_fn, camera_fn, cfg, ctx, shading=shading, generator=gen)
+    info = {k: v for k, v in mesh.info.items() if k != "loss"}
+    return FineResult(mesh.to_payload(), list(mesh.info.get("loss", [])), info)

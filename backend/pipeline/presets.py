@@ -14,7 +14,7 @@ for booleans, ``"none"`` for optional fields, ``"64,256"`` for tuples). A bad pr
 unknown key or a value of the wrong type raises ``ValueError`` naming the key.
 
 Annealed values are stored as ``<name>`` (start) and ``<name>_end`` and evaluated with
-``backend.pipeline.schedule``.
+``backend.schedule``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ class GuidanceConfig:
         weighting: "sds" (w = 1 - alpha_bar_t, threestudio), "uniform" (w = 1) or
             "fantasia3d" (w = sqrt(alpha_bar_t) * (1 - alpha_bar_t)).
         grad_clip: clamp each element of the SDS gradient to ±grad_clip (0 disables).
+        t_sampling: "random" (t ~ U[t_lo, t_hi] of the annealed range) or "dreamtime"
+            (DreamTime, Huang et al. 2023: a monotonically decreasing, time-prioritised t over the
+            run within [t_min, t_max], prior W_p with dreamtime_m1/m2/s1/s2 as fractions of the
+            training timesteps; each view jittered by ±t_jitter).
+        sds_form: "eps" (the SDS gradient w(t)·(eps_hat − eps)) or "x0" (StableDreamer, Guo et al.
+            2023: reconstruction toward the one-step denoised image, x0_weight·(z − x0_hat)).
         fp16: run the UNet/VAE in float16 on CUDA (always float32 on the CPU).
         attention_slicing: trade speed for memory in attention (small GPUs).
         cpu_offload: keep the VAE and text encoder on the CPU; only the UNet lives on the GPU.
@@ -57,6 +63,14 @@ class GuidanceConfig:
     t_anneal: str = "sqrt"
     weighting: str = "sds"
     grad_clip: float = 0.0
+    t_sampling: str = "random"
+    dreamtime_m1: float = 0.8
+    dreamtime_m2: float = 0.5
+    dreamtime_s1: float = 0.3
+    dreamtime_s2: float = 0.1
+    t_jitter: float = 0.0
+    sds_form: str = "eps"
+    x0_weight: float = 1.0
     fp16: bool = True
     attention_slicing: bool = False
     cpu_offload: bool = False
@@ -79,6 +93,7 @@ class CoarseConfig:
         densify_from, densify_until: run fractions between which densify/prune happen every
             densify_interval steps; densify_fraction: fraction of Gaussians (largest view-space
             gradients) cloned/split each time; max_points: cap; prune_opacity: prune below it;
+            prune_scale: prune Gaussians whose largest std exceeds it (world units);
             split_scale: Gaussians with a std above it (world units) are split, smaller ones cloned.
         random_bg_prob: probability of a random background colour per view (white otherwise).
         elevation_range, distance_range, fovy_range: camera sampling ranges (degrees / world units).
@@ -87,6 +102,12 @@ class CoarseConfig:
         mesh_grid, mesh_faces: the same for the final mesh of coarse-only presets.
         density_threshold: iso level of the density grid (sum of opacity-weighted Gaussians).
         renderer: "auto", "gsplat" or "torch".
+        opacity_entropy_weight: weight of the mean binary entropy of the Gaussians' opacities,
+            which drives each opacity to 0 or 1 so half-transparent films and haze go (the opacity
+            regulariser of GaussianDreamer-style / DreamGaussian-style Gaussian SDS); 0 disables.
+        alpha_entropy_weight: the same on the rendered alpha per pixel (a crisp silhouette).
+        max_scale: after every step each Gaussian's std is clamped to at most this (world units);
+            0 disables. Large splats bridge holes and blur the surface.
     """
 
     steps: int = 500
@@ -111,6 +132,7 @@ class CoarseConfig:
     densify_fraction: float = 0.1
     max_points: int = 50000
     prune_opacity: float = 0.01
+    prune_scale: float = 0.5
     split_scale: float = 0.04
     random_bg_prob: float = 0.5
     elevation_range: tuple[float, float] = (-10.0, 45.0)
@@ -123,11 +145,14 @@ class CoarseConfig:
     mesh_faces: int = 50000
     density_threshold: float = 0.5
     renderer: str = "auto"
+    opacity_entropy_weight: float = 0.0
+    alpha_entropy_weight: float = 0.0
+    max_scale: float = 0.0
 
 
 @dataclass
 class FineConfig:
-    """Textured-mesh refinement stage (fields may be added by the fine stage).
+    """Textured-mesh refinement stage.
 
     Attributes:
         steps: optimisation steps; render_resolution: rasterised view size (pixels);
@@ -141,6 +166,16 @@ class FineConfig:
         lr_offsets: vertex-offset learning rate; offset_limit: largest offset per axis (world
         units); laplacian_weight, normal_weight: offset regularisers; rasterizer: "auto",
         "nvdiffrast" or "torch".
+        t_max: when set, the fine stage's SDS timesteps stay at or below this fraction (threestudio's
+            Magic3D refine stage samples t in [0.02, 0.5]: the coarse shape is kept and only detail
+            and colour are refined); None uses the guidance's own range.
+        cfg_scale: the fine stage's classifier-free guidance scale (None: the guidance's).
+        texture_filter: "linear" (bilinear) or "linear-mipmap-linear" (mipmapped, antialiased
+            minification with per-pixel UV derivatives; DreamGaussian's nvdiffrast mesh renderer):
+            a texel then receives the gradient of every pixel whose footprint covers it.
+        tv_weight: weight of a total-variation smoothness prior on the texels (squared differences
+            of neighbouring texels, mean over the texture), against speckle where few pixels
+            constrain a texel.
     """
 
     steps: int = 300
@@ -160,6 +195,35 @@ class FineConfig:
     laplacian_weight: float = 1e4
     normal_weight: float = 1e2
     rasterizer: str = "auto"
+    t_max: float | None = None
+    cfg_scale: float | None = None
+    tv_weight: float = 0.0
+    texture_filter: str = "linear"
+
+
+@dataclass
+class ShadingConfig:
+    """Shading of the rendered views during SDS (DreamFusion, Poole et al. 2022; see
+    ``backend/pipeline/shading.py``): the optimised colour becomes albedo, so the exported texture
+    carries no baked light, and flat faces must be flat to shade evenly.
+
+    Attributes:
+        coarse, fine: shade the Gaussian renders (depth-map normals) / the mesh renders (face normals).
+        ambient, diffuse: shade = ambient + diffuse · max(0, n·l).
+        albedo_prob: probability that a view is rendered unshaded (albedo only);
+        textureless_prob: probability that a view is rendered with a white albedo (shading only).
+        light_elevation_range: light elevation above the horizon (degrees, uniform);
+        light_azimuth_spread: light azimuth = camera azimuth ± this (degrees, uniform).
+    """
+
+    coarse: bool = False
+    fine: bool = False
+    ambient: float = 0.4
+    diffuse: float = 0.6
+    albedo_prob: float = 0.2
+    textureless_prob: float = 0.0
+    light_elevation_range: tuple[float, float] = (20.0, 80.0)
+    light_azimuth_spread: float = 90.0
 
 
 @dataclass
@@ -173,6 +237,7 @@ class Preset:
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
     fine: FineConfig | None = field(default_factory=FineConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    shading: ShadingConfig = field(default_factory=ShadingConfig)
     object_size: float = 1.0
     seed: int | None = None
 
@@ -284,7 +349,15 @@ def validate_preset(preset: Preset) -> None:
         ("guidance.t_anneal", g.t_anneal in ("constant", "linear", "cosine", "sqrt", "step"),
          "must be constant, linear, cosine, sqrt or step"),
         ("guidance.grad_clip", g.grad_clip >= 0, "must be >= 0"),
+        ("guidance.t_sampling", g.t_sampling in ("random", "dreamtime"), "must be random or dreamtime"),
+        ("guidance.sds_form", g.sds_form in ("eps", "x0"), "must be eps or x0"),
+        ("guidance.t_jitter", 0.0 <= g.t_jitter <= 0.5, "must be in [0, 0.5]"),
         ("object_size", preset.object_size > 0, "must be > 0 (metres)"),
+        ("shading.ambient", preset.shading.ambient >= 0, "must be >= 0"),
+        ("shading.diffuse", preset.shading.diffuse >= 0, "must be >= 0"),
+        ("shading.albedo_prob", 0.0 <= preset.shading.albedo_prob + preset.shading.textureless_prob <= 1.0
+         and preset.shading.albedo_prob >= 0 and preset.shading.textureless_prob >= 0,
+         "albedo_prob and textureless_prob must be >= 0 with a sum <= 1"),
     ]
     if preset.fine is not None:
         checks += [

@@ -1,9 +1,12 @@
-"""Pipeline entry point: ``run_job(params, ctx) -> ResultEvent``.
+"""Pipeline entry point: ``run_job(params: GenerationParams, ctx) -> ResultEvent``.
 
 Stages (each reported with ``ProgressEvent``): 'load' (preset, guidance model), 'coarse'
-(Gaussian SDS, previews every N steps), 'fine' (textured mesh, when the preset has one; otherwise
-the coarse Gaussians are meshed with vertex colours), 'export' (GLB + OBJ/MTL/PNG in ``ctx.out_dir``).
-The final mesh is centred and scaled so its largest dimension is ``preset.object_size`` metres.
+(``run_coarse_stage`` → :class:`~backend.pipeline.coarse.CoarseResult`, previews every N steps),
+'fine' (``run_fine_stage`` → :class:`~backend.pipeline.fine.FineResult`, a textured mesh, when the
+preset has one; otherwise the coarse Gaussians are meshed with vertex colours), 'export'.
+This module does all the writing: ``asset.glb`` + OBJ/MTL/PNG in ``ctx.out_dir`` and, when there is
+a fine stage, ``coarse.glb`` (the coarse Gaussians meshed like a coarse-only preset).
+Every exported mesh is centred and scaled so its largest dimension is ``preset.object_size`` metres.
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from backend.pipeline.events import JobContext, ProgressEvent, ResultEvent
-from backend.pipeline.presets import get_preset, preset_to_dict
+from backend.pipeline.presets import Preset, get_preset, preset_to_dict
+from backend.priors import prompt_words
+from protocol.params import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +57,35 @@ def cpu_threads() -> int:
 
 def unknown_words(prompt: str, vocabulary) -> list[str]:
     """Words of ``prompt`` (lower-case letters/digits) that are not in ``vocabulary``."""
-    words = re.findall(r"[a-z0-9]+", prompt.lower())
-    return [w for w in dict.fromkeys(words) if w not in vocabulary]
+    return [w for w in dict.fromkeys(prompt_words(prompt)) if w not in vocabulary]
 
 
-def run_job(params, ctx: JobContext) -> ResultEvent:
-    """Run the whole pipeline for ``params`` (``protocol.params.GenerationParams``)."""
+def export_coarse_mesh(gaussians, preset: Preset, out_dir: Path | None, name: str = "coarse") -> dict | None:
+    """Keep the coarse stage's result in the job folder: ``<name>.glb`` with vertex colours.
+
+    Meshed like a coarse-only preset (``coarse.mesh_grid`` / ``coarse.mesh_faces``) and scaled to
+    ``preset.object_size``. A failure here is logged, never fatal (the fine result matters more).
+    """
+    if out_dir is None:
+        return None
+    try:
+        from backend.mesh.export import export_mesh
+        from backend.mesh.extract import extract_mesh, fit_to_size
+
+        c = preset.coarse
+        mesh = extract_mesh(gaussians, c.mesh_grid, c.mesh_faces, c.density_threshold)
+        return export_mesh(fit_to_size(mesh, preset.object_size), out_dir, name)
+    except Exception as exc:  # noqa: BLE001 - best effort, reported in the log
+        log.warning("could not save the coarse mesh: %s", exc)
+        return None
+
+
+def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
+    """Run the whole pipeline for ``params`` and export the asset into ``ctx.out_dir``."""
     from backend.guidance import load_guidance
+    from backend.guidance.loss import sds_loss_fn
     from backend.mesh.extract import extract_mesh, fit_to_size
-    from backend.pipeline.coarse import run_coarse_stage, sds_loss_fn
+    from backend.pipeline.coarse import run_coarse_stage
 
     t_start = time.perf_counter()
     preset = get_preset(params.preset, dict(params.overrides or {}))
@@ -87,12 +112,15 @@ def run_job(params, ctx: JobContext) -> ResultEvent:
     ctx.check_cancel()
 
     coarse = run_coarse_stage(sds_loss_fn(guidance), preset.coarse, ctx, device=device, generator=generator,
-                              object_size=preset.object_size)
+                              object_size=preset.object_size,
+                              shading=preset.shading if preset.shading.coarse else None)
     ctx.check_cancel()
     if preset.fine is not None:
         from backend.pipeline.fine import run_fine_stage
 
-        mesh = run_fine_stage(coarse.gaussians, preset, guidance, ctx, params)
+        export_coarse_mesh(coarse.gaussians, preset, getattr(ctx, "out_dir", None))
+        fine = run_fine_stage(coarse.gaussians, preset, guidance, ctx, int(seed))
+        mesh = fine.mesh
     else:
         mesh = extract_mesh(coarse.gaussians, preset.coarse.mesh_grid, preset.coarse.mesh_faces,
                             preset.coarse.density_threshold)

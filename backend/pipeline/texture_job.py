@@ -14,9 +14,10 @@ mesh is the user's own (``protocol.mesh.MeshPayload``, Blender frame, metres, va
    (``backend.mesh.uv.unwrap``), which keeps the face order, so UVs stay per uploaded corner.
 3. **Start texture**: the uploaded texture when the own UVs are kept and one was sent, else the
    object's base colour (sRGB 0..1) when given, else neutral grey 0.5.
-4. **Refine**: ``backend.pipeline.fine.refine`` with ``fine.sds_loss_fn`` (the fine stage's SDS
-   texture loop: Magic3D's refine stage, DreamGaussian's texture pipeline) under the preset's
-   ``fine`` settings; previews stream as textured meshes at the uploaded positions.
+4. **Refine**: ``backend.pipeline.fine.refine`` with ``fine.fine_loss_fn`` (the fine stage's SDS
+   texture loop with its own t_max / cfg_scale, shading and texture filter: Magic3D's refine
+   stage, DreamGaussian's texture pipeline) under the preset's ``fine`` settings; previews stream
+   as textured meshes at the uploaded positions.
 5. **Export**: ``textured.glb`` (+ OBJ/MTL/PNG) of the same mesh with its texture.
 """
 
@@ -115,12 +116,11 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
     from backend.mesh.export import compute_vertex_normals, export_mesh
     from backend.mesh.uv import uv_from_corners
     from backend.pipeline.fine import (
-        RefineSettings,
+        PREVIEW_TEXTURE_SIDE,
         TexturedMesh,
+        fine_loss_fn,
         random_camera_fn,
         refine,
-        refine_settings_from_config,
-        sds_loss_fn,
     )
     from backend.pipeline.presets import FineConfig, get_preset, preset_to_dict
     from backend.pipeline.run import cpu_threads, pick_device, seed_everything, unknown_words
@@ -155,7 +155,7 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
                             f"{', '.join(sorted(vocab))}")
             ctx.emit(ProgressEvent("load", 1, 1, "warning: " + warnings[-1]))
         guidance.set_prompt(params.prompt, params.negative_prompt or preset.guidance.negative_prompt)
-        loss_fn = sds_loss_fn(guidance)
+        loss_fn = fine_loss_fn(guidance, cfg)  # the fine stage's own t_max / cfg_scale
     ctx.emit(ProgressEvent("load", 1, 1, description))
     ctx.check_cancel()
 
@@ -180,14 +180,16 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
         corner_uvs=torch.as_tensor(corner_uvs, device=device), uv=torch.as_tensor(uv, device=device),
         uv_faces=torch.as_tensor(uv_faces, device=device), texture=texture.to(device))
     job_ctx = _preview_at_upload(ctx, mesh)
-    job_ctx.emit(PreviewEvent(STAGE, 0, tm.to_payload(RefineSettings.preview_texture_side)))
-    # 4. refine (texture only: vertex offsets off, whatever the preset says)
-    settings = dataclasses.replace(refine_settings_from_config(cfg), vertex_offsets=False)
+    job_ctx.emit(PreviewEvent(STAGE, 0, tm.to_payload(PREVIEW_TEXTURE_SIDE)))
+    # 4. refine (texture only: vertex offsets off, whatever the preset says), as the fine stage does
+    settings = dataclasses.replace(cfg, vertex_offsets=False)
     if camera_fn is None:
         camera_fn = random_camera_fn(int(cfg.batch_size), cfg.render_resolution, preset.coarse, seed=seed,
                                      device=device)
+    shading = preset.shading if preset.shading.fine else None
+    gen = torch.Generator().manual_seed(int(seed) + 2)
     t_refine = time.perf_counter()
-    refine(tm, loss_fn, camera_fn, settings, job_ctx, stage=STAGE)
+    refine(tm, loss_fn, camera_fn, settings, job_ctx, stage=STAGE, shading=shading, generator=gen)
     seconds_refine = time.perf_counter() - t_refine
     ctx.check_cancel()
     # 5. the same mesh with its texture

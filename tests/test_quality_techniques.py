@@ -1,0 +1,163 @@
+"""Issue 12's pipeline techniques: DreamFusion shading, DreamTime schedule, StableDreamer x0 form,
+the fine stage's own timestep range, the texel TV prior and the Gaussian regularisers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import trimesh
+
+from backend.gaussians.cameras import orbit_cameras
+from backend.gaussians.model import GaussianModel
+from backend.pipeline.coarse import binary_entropy, run_coarse_stage
+from backend.pipeline.fine import prepare_textured_mesh, refine, texture_tv
+from backend.pipeline.presets import CoarseConfig, FineConfig, GuidanceConfig, ShadingConfig, get_preset
+from backend.pipeline.shading import (
+    ALBEDO,
+    LIT,
+    TEXTURELESS,
+    ShadingDraw,
+    apply_shading,
+    depth_normals,
+    face_normals_image,
+    sample_shading,
+)
+from backend.schedule import dreamtime_prior, dreamtime_timestep
+
+
+def _sphere_mesh(res=32):
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    return prepare_textured_mesh(sphere.vertices, sphere.faces, None, face_budget=5000, texture_resolution=res,
+                                 backend="torch")
+
+
+def test_mesh_face_normals_face_the_camera_and_shading_scales_the_albedo_gradient():
+    mesh = _sphere_mesh()
+    cams = orbit_cameras([0.0], [0.0], 3.0, 40.0, width=32)
+    tex = torch.full_like(mesh.texture, 0.5).requires_grad_(True)
+    out = mesh.render(cams, background=1.0, backend="torch", texture=tex)
+    n = face_normals_image(mesh.positions, mesh.faces, out.rast, cams)
+    centre = n[0, :, 16, 16]
+    assert centre[1] < -0.9  # camera at -Y: the visible normal points at it
+    light_up = ShadingDraw(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([LIT]))
+    bg = torch.ones(1, 3)
+    lit = apply_shading(out.image, out.alpha, bg, n, light_up, 0.2, 0.8)
+    top, bottom = lit[0, 0, 10, 16], lit[0, 0, 22, 16]
+    assert top > bottom + 0.1  # lit from above: the upper half is brighter
+    assert lit[0, 0, 0, 0] == pytest.approx(1.0)  # the background is never shaded
+    # the albedo gradient is scaled by the shade (DreamFusion: colour becomes albedo)
+    g_lit = torch.autograd.grad(lit.sum(), tex, retain_graph=True)[0]
+    alb = apply_shading(out.image, out.alpha, bg, n, ShadingDraw(light_up.lights, torch.tensor([ALBEDO])), 0.2, 0.8)
+    g_alb = torch.autograd.grad(alb.sum(), tex, retain_graph=True)[0]
+    assert g_alb.sum() > 0 and g_lit.sum() < 0.9 * g_alb.sum()
+    tl = apply_shading(out.image, out.alpha, bg, n, ShadingDraw(light_up.lights, torch.tensor([TEXTURELESS])), 0.2, 0.8)
+    assert tl[0, :, 10, 16].std() < 1e-6 and tl[0, 0, 10, 16] > 0.6  # white albedo: grey shade only
+    assert torch.autograd.grad(tl.sum(), tex)[0].abs().sum() == 0  # shading only: no albedo gradient
+
+
+def test_depth_normals_of_gaussians_follow_the_surface_and_move_the_means():
+    gen = torch.Generator().manual_seed(0)
+    m = GaussianModel.init_random(2500, 0.6, "shell", 0.04, 0.9, gen, "cpu")
+    cams = orbit_cameras([0.0, 90.0], [0.0, 30.0], 3.0, 49.0, width=48)
+    out = m.render(cams, torch.ones(3), backend="torch")
+    n = depth_normals(out.depth, out.alpha, cams)
+    assert torch.allclose(n.norm(dim=1)[out.alpha[:, 0] > 0.5], torch.ones(1), atol=1e-4)
+    assert n[0, 1, 24, 24] < -0.8  # front view: normal towards -Y
+    assert n[0, 2, 10, 24] > n[0, 2, 38, 24] + 0.5  # upper part tilts up, lower part down
+    assert n[1, 0, 24, 24] > 0.5  # right view (camera at +X)
+    draw = ShadingDraw(torch.tensor([[0.0, -1.0, 0.0], [0.0, -1.0, 0.0]]), torch.tensor([LIT, LIT]))
+    img = apply_shading(out.image, out.alpha, torch.ones(2, 3), n, draw, 0.3, 0.7)
+    img.sum().backward()
+    assert m.params["means"].grad is not None and m.params["means"].grad.abs().sum() > 0
+
+
+def test_sample_shading_modes_and_lights_follow_the_config():
+    cams = orbit_cameras(torch.linspace(-180, 180, 400), torch.full((400,), 20.0), width=8)
+    cfg = ShadingConfig(albedo_prob=0.25, textureless_prob=0.25, light_elevation_range=(30.0, 60.0),
+                        light_azimuth_spread=10.0)
+    d = sample_shading(cams, cfg, torch.Generator().manual_seed(0))
+    frac = [(d.modes == k).float().mean().item() for k in (LIT, ALBEDO, TEXTURELESS)]
+    assert abs(frac[0] - 0.5) < 0.08 and abs(frac[1] - 0.25) < 0.08 and abs(frac[2] - 0.25) < 0.08
+    el = torch.rad2deg(torch.asin(d.lights[:, 2]))
+    assert el.min() >= 29.9 and el.max() <= 60.1
+    eye = cams.camera_centers()
+    horiz = torch.nn.functional.normalize(eye[:, :2], dim=-1)
+    lh = torch.nn.functional.normalize(d.lights[:, :2], dim=-1)
+    assert torch.rad2deg(torch.acos((horiz * lh).sum(-1).clamp(-1, 1))).max() < 10.5  # within the spread
+
+
+def test_dreamtime_schedule_is_monotone_and_time_prioritised():
+    ts = [dreamtime_timestep(r / 99, 0.02, 0.98) for r in range(100)]
+    assert all(a >= b for a, b in zip(ts, ts[1:]))  # never increases
+    assert ts[0] > 0.95 and ts[-1] < 0.05
+    # the run spends its steps in proportion to the prior: most of them in [m2, m1] = [0.5, 0.8]
+    mid = sum(0.5 <= t <= 0.8 for t in ts) / len(ts)
+    high = sum(t > 0.8 for t in ts) / len(ts)
+    assert mid > 0.4 and mid > high
+    assert dreamtime_prior(0.65, 0.8, 0.5, 0.3, 0.1) == 1.0
+    assert dreamtime_prior(0.2, 0.8, 0.5, 0.3, 0.1) == pytest.approx(math.exp(-0.09 / 0.02))
+    assert dreamtime_timestep(0.5, 0.3, 0.3) == 0.3
+
+
+@pytest.fixture(scope="module")
+def tiny_pixel(tmp_path_factory):
+    from tests.tiny_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tq") / "pixel", latent=False)
+
+
+def test_dreamtime_sampling_and_x0_form_in_the_guidance(tiny_pixel):
+    from backend.guidance import load_guidance
+
+    g = load_guidance(GuidanceConfig(model=str(tiny_pixel), fp16=False, cfg_scale=5.0, t_sampling="dreamtime",
+                                     sds_form="x0"), "cpu")
+    g.set_prompt("a red cube")
+    ts = []
+    for r in (0.0, 0.5, 1.0):
+        images = torch.rand(2, 3, 32, 32, requires_grad=True)
+        torch.manual_seed(1)
+        g.sds_loss(images, torch.tensor([0.0, 90.0]), torch.tensor([10.0, 10.0]), r).backward()
+        ts.append(int(g.last["t"].max()))
+        assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert ts[0] > ts[1] > ts[2]
+    # x0 form: d loss / d image = 2 * x0_weight * (z - x0_hat) / B with x0_hat clamped to [-1, 1]:
+    # so the gradient is bounded by 2 * 2 / B per element whatever the noise prediction
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    g.sds_loss(images, torch.tensor([0.0, 90.0]), torch.tensor([10.0, 10.0]), 0.0).backward()
+    assert images.grad.abs().max() <= 2.0 + 1e-5
+    fine_g = g.with_config(t_max=0.5, t_max_end=0.5, cfg_scale=2.0)
+    assert fine_g.config.cfg_scale == 2.0 and g.config.cfg_scale == 5.0 and fine_g.unet is g.unet
+    assert fine_g.timestep_range(0.0)[1] <= 500
+
+
+def test_texture_tv_prior_removes_speckle():
+    mesh = _sphere_mesh(res=32)
+    gen = torch.Generator().manual_seed(0)
+    mesh.texture = (0.5 + 0.3 * (torch.rand(32, 32, 3, generator=gen) - 0.5)).clamp(0, 1)
+    before = texture_tv(mesh.texture)
+    assert texture_tv(torch.full((8, 8, 3), 0.3)) == 0
+    cams = orbit_cameras([0.0], [0.0], width=16)
+    refine(mesh, lambda im, c, bg, r: 0.0 * im.sum(), lambda s: cams,
+           FineConfig(steps=20, lr=0.01, tv_weight=10.0, preview_every=0, rasterizer="torch"))
+    assert texture_tv(mesh.texture) < 0.5 * before
+
+
+def test_gaussian_regularisers_entropy_and_scale_limit():
+    assert binary_entropy(torch.tensor([0.5])) == pytest.approx(math.log(2), rel=1e-4)
+    assert binary_entropy(torch.tensor([0.0, 1.0])) < 1e-2
+    cfg = CoarseConfig(steps=6, batch_size=1, num_points=200, render_resolution=16, render_resolution_end=16,
+                       preview_every=0, densify_from=2.0, opacity_entropy_weight=1.0, max_scale=0.02,
+                       init_scale=0.05, renderer="torch")
+    res = run_coarse_stage(lambda im, c, bg, r: (im - 0.5).square().mean(), cfg, generator=torch.Generator().manual_seed(0),
+                           shading=ShadingConfig(coarse=True))
+    assert res.gaussians.activated().scales.max() <= 0.02 + 1e-6
+
+
+def test_cpu_preset_turns_the_techniques_on_and_they_can_be_switched_off():
+    p = get_preset("cpu")
+    off = get_preset("cpu", {"shading.coarse": False, "shading.fine": False, "guidance.t_sampling": "random",
+                             "fine.t_max": "none", "fine.tv_weight": 0})
+    assert off.shading.coarse is False and off.fine.t_max is None and off.fine.tv_weight == 0
+    assert p.fine is not None
