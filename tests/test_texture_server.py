@@ -69,6 +69,8 @@ def test_texture_job_keeps_positions_bit_for_bit_and_streams_textured_previews(s
     assert "textured.glb" in names
     status = client.status(job)
     assert status.content["state"] == "done"
+    listed = {j["job_id"]: j for j in client.list_jobs()}
+    assert listed[job]["kind"] == "texture"
     glb = client.fetch(job, "textured.glb")
     assert glb[:4] == b"glTF"
 

@@ -157,6 +157,7 @@ class JobRecord:
         return {
             "job_id": self.job_id,
             "state": self.state,
+            "kind": self.kind,
             "prompt": self.prompt,
             "preset": self.preset,
             "seed": self.seed,
