@@ -188,11 +188,9 @@ def _texture_material(name, image):
     return mat
 
 
-def apply_texture(obj, target, payload):
-    """Write the ``Conjure`` UV map, the image and a new material onto ``obj`` (see the module doc).
-
-    Returns a dict of what was done (uv_conflicts, material, image, slot).
-    """
+def apply_texture_stages(obj, target, payload, done):
+    """Generator: write the ``Conjure`` UV map, the image and a new material onto ``obj`` in three
+    short stages ('uv', 'image', 'material'); fills ``done`` (uv_conflicts, material, image, slot)."""
     me = obj.data
     if len(me.loops) != target.n_loops or len(me.polygons) != target.n_polys:
         raise ConjureError("topology_changed", "'%s' was edited while it was being textured (it had %d faces, "
@@ -206,8 +204,12 @@ def apply_texture(obj, target, payload):
                                "remove one and texture it again." % obj.name)
     layer.data.foreach_set("uv", uv.ravel())
     me.uv_layers.active = layer  # shown in the UV editor; the render UV map stays the user's
+    done["uv_conflicts"] = conflicts
+    yield "uv"
     name = "Conjure " + importer.object_name_for_prompt(target.prompt or "texture")
     image = importer.make_image(name, payload, pack=True)
+    done["image"] = image.name if image else None
+    yield "image"
     mat = _texture_material(name, image)
     # keep the faces' previous slots, then give every face the new material
     previous = np.empty(len(me.polygons), np.int32)
@@ -221,7 +223,16 @@ def apply_texture(obj, target, payload):
     me.polygons.foreach_set("material_index", np.full(len(me.polygons), slot, np.int32))
     me.update()
     obj[PROP_TEXTURE_JOB] = target.job_id
-    return {"uv_conflicts": conflicts, "material": mat.name, "image": image.name if image else None, "slot": slot}
+    done.update(material=mat.name, slot=slot)
+    yield "material"
+
+
+def apply_texture(obj, target, payload):
+    """All of :func:`apply_texture_stages` at once; returns what was done."""
+    done = {}
+    for _stage in apply_texture_stages(obj, target, payload, done):
+        pass
+    return done
 
 
 class TexturePreviewSlot(importer.PreviewSlot):
@@ -285,7 +296,8 @@ class TextureResultStages:
                 raise ConjureError("object_gone", "the object '%s' was deleted while it was being textured"
                                    % target.object_name, job_id=job.job_id)
             yield "check"
-            done = apply_texture(obj, target, payload)
+            done = {}
+            yield from apply_texture_stages(obj, target, payload, done)
             if done["uv_conflicts"]:
                 job.message = ("%d face corners got two UVs (the backend re-unwrapped an n-gon across charts)"
                                % done["uv_conflicts"])

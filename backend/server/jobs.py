@@ -8,6 +8,7 @@ Data directory (``--data-dir``; default :func:`default_data_dir`)::
             job.json           the job record (prompt, params, seed, preset, timings, versions, state,
                                result files with size + SHA-256, error), rewritten tmp -> fsync -> rename
             preview.npz        the latest preview mesh (written by the worker, tmp -> rename)
+            input_mesh.npz     a texture job's uploaded mesh (written before the job is queued)
             work/              the pipeline's scratch folder (``JobContext.out_dir``)
             result/            finished files (GLB, OBJ, MTL, PNG), moved here tmp -> fsync -> rename
                                before ``result_ready`` is sent
