@@ -112,7 +112,7 @@ def test_texturing_a_cube_blue_keeps_every_vertex(tmp_path: Path):
     assert out.positions.tobytes() == pos.tobytes() and out.faces.tobytes() == faces.tobytes()
     assert result.info["uv_source"].startswith("xatlas")  # no UVs were sent
     previews = [e for e in events if isinstance(e, PreviewEvent)]
-    assert len(previews) >= 2 and all(p.mesh.texture_rgba is not None for p in previews)
+    assert len(previews) == 1 + 8 and all(p.mesh.texture_rgba is not None for p in previews)  # start + 8
     assert all(p.mesh.positions.tobytes() == pos.tobytes() for p in previews)
     texels = surface_texels(out.uvs, out.texture_rgba)
     share_blue = hue_share(texels, 200, 260)

@@ -17,7 +17,8 @@ mesh is the user's own (``protocol.mesh.MeshPayload``, Blender frame, metres, va
 4. **Refine**: ``backend.pipeline.fine.refine`` with ``fine.fine_loss_fn`` (the fine stage's SDS
    texture loop with its own t_max / cfg_scale, shading and texture filter: Magic3D's refine
    stage, DreamGaussian's texture pipeline) under the preset's ``fine`` settings; previews stream
-   as textured meshes at the uploaded positions.
+   as textured meshes at the uploaded positions, about ``PREVIEWS_PER_JOB`` of them (the whole
+   job is this loop) unless ``fine.preview_every`` is overridden.
 5. **Export**: ``textured.glb`` (+ OBJ/MTL/PNG) of the same mesh with its texture.
 """
 
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 TARGET_HALF_EXTENT = 0.7
 #: Side of the coverage grid that measures UV overlap (at most the texture's side).
 UV_CHECK_RESOLUTION = 512
+#: Live previews per texture job (``fine.preview_every`` = steps // this, unless overridden).
+PREVIEWS_PER_JOB = 8
 #: Stage name of the texture job's progress and previews.
 STAGE = "texture"
 
@@ -183,6 +186,9 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
     job_ctx.emit(PreviewEvent(STAGE, 0, tm.to_payload(PREVIEW_TEXTURE_SIDE)))
     # 4. refine (texture only: vertex offsets off, whatever the preset says), as the fine stage does
     settings = dataclasses.replace(cfg, vertex_offsets=False)
+    if "fine.preview_every" not in (params.overrides or {}):
+        # the whole job is this loop: about 8 live previews unless the user asked otherwise
+        settings = dataclasses.replace(settings, preview_every=max(1, int(cfg.steps) // PREVIEWS_PER_JOB))
     if camera_fn is None:
         camera_fn = random_camera_fn(int(cfg.batch_size), cfg.render_resolution, preset.coarse, seed=seed,
                                      device=device)
