@@ -3,8 +3,11 @@
 Upload (main thread, ``build_upload``):
     The object's mesh is triangulated with ``loop_triangles`` and sent in world scale (the object's
     world matrix applied; winding flipped for a mirroring matrix) with per-corner UVs from its
-    active UV map and its base colour (the first material's Principled Base Color, else its
-    viewport colour; linear → sRGB). Which mesh is sent:
+    active UV map and its base colour (the Principled Base Color of the material most faces use, else its
+    viewport colour; linear → sRGB). When that Base Color comes straight from an Image Texture
+    (e.g. an earlier Conjure texture), the image is sent as the start texture with the UV map it
+    reads (its UV Map node's, else the render UV map), so texturing again continues from it (the
+    backend uses it when it keeps those UVs). Which mesh is sent:
 
     * the **evaluated** mesh (modifiers applied) when the modifiers keep the topology (same vertex,
       loop and face counts as the object's own mesh, e.g. deform-only stacks), so what is
@@ -72,13 +75,27 @@ def _linear_to_srgb(c):
     return np.where(c <= 0.0031308, c * 12.92, 1.055 * np.power(c, 1.0 / 2.4) - 0.055)
 
 
+def main_material(obj):
+    """The material most of the object's faces use (None without materials)."""
+    mats = list(getattr(obj.data, "materials", []))
+    if not mats:
+        return None
+    idx = np.empty(len(obj.data.polygons), np.int32)
+    obj.data.polygons.foreach_get("material_index", idx)
+    counts = np.bincount(np.clip(idx, 0, len(mats) - 1), minlength=len(mats)) if len(idx) else np.ones(1)
+    for slot in np.argsort(-counts, kind="stable"):
+        if mats[int(slot)] is not None:
+            return mats[int(slot)]
+    return None
+
+
 def object_base_color(obj):
     """The object's colour as sRGB [r, g, b] in 0..1, or None (the backend then starts from grey).
 
-    The first material's Principled Base Color when it is not driven by a texture, else the
-    material's viewport colour; None without materials.
+    The main material's (:func:`main_material`) Principled Base Color when it is not driven by a
+    texture, else the material's viewport colour; None without materials.
     """
-    mat = next((m for m in getattr(obj.data, "materials", []) if m is not None), None)
+    mat = main_material(obj)
     if mat is None:
         return None
     rgb = None
@@ -92,6 +109,43 @@ def object_base_color(obj):
     if rgb is None:
         rgb = list(mat.diffuse_color)[:3]
     return [float(c) for c in _linear_to_srgb(rgb)]
+
+
+#: Largest side of an existing base-colour image that is sent as the start texture.
+MAX_START_TEXTURE_SIDE = 4096
+
+
+def base_color_image(obj):
+    """(image, UV map name or None) when the main material's Base Color comes straight from an
+    Image Texture node (through a UV Map node, or the default UV map), else None."""
+    mat = main_material(obj)
+    if mat is None or mat.node_tree is None:
+        return None
+    bsdf = importer._principled(mat.node_tree.nodes)
+    if bsdf is None or not bsdf.inputs["Base Color"].is_linked:
+        return None
+    node = bsdf.inputs["Base Color"].links[0].from_node
+    if node.type != "TEX_IMAGE" or node.image is None:
+        return None
+    w, h = node.image.size
+    if not (0 < w <= MAX_START_TEXTURE_SIDE and 0 < h <= MAX_START_TEXTURE_SIDE):
+        return None
+    uv_name = None
+    vec = node.inputs["Vector"]
+    if vec.is_linked:
+        src = vec.links[0].from_node
+        if src.type != "UVMAP":
+            return None  # generated / object coordinates: not a UV texture
+        uv_name = src.uv_map or None
+    return node.image, uv_name
+
+
+def image_rgba8(image):
+    """(H, W, 4) uint8 of ``image``, row 0 at the top (Blender stores rows bottom-up)."""
+    w, h = image.size
+    px = np.empty(w * h * 4, np.float32)
+    image.pixels.foreach_get(px)
+    return np.ascontiguousarray((np.clip(px.reshape(h, w, 4)[::-1], 0, 1) * 255 + 0.5).astype(np.uint8))
 
 
 def _topology_kept(base, evaluated):
@@ -124,7 +178,14 @@ def build_upload(obj, depsgraph=None):
         co = np.empty(len(src.vertices) * 3, np.float32)
         src.vertices.foreach_get("co", co)
         uvs = None
+        start = base_color_image(obj)  # an image texture already on the object: start from it
         layer = src.uv_layers.active
+        if start is not None:
+            layer = src.uv_layers.get(start[1]) if start[1] else next(
+                (u for u in src.uv_layers if u.active_render), layer)
+            if layer is None:
+                start = None
+                layer = src.uv_layers.active
         if layer is not None and len(layer.data) == len(src.loops):
             loop_uv = np.empty(len(src.loops) * 2, np.float32)
             layer.data.foreach_get("uv", loop_uv)
@@ -140,11 +201,12 @@ def build_upload(obj, depsgraph=None):
         corner_loops = corner_loops[:, [0, 2, 1]]
         if uvs is not None:
             uvs = uvs.reshape(-1, 3, 2)[:, [0, 2, 1]].reshape(-1, 2)
+    texture = image_rgba8(start[0]) if start is not None and uvs is not None else None
     payload = MeshPayload(positions=np.ascontiguousarray(world), faces=np.ascontiguousarray(faces, np.uint32),
-                          uvs=None if uvs is None else np.ascontiguousarray(uvs, np.float32))
+                          uvs=None if uvs is None else np.ascontiguousarray(uvs, np.float32), texture_rgba=texture)
     target = TextureTarget(obj.name, base.name, corner_loops.reshape(-1).astype(np.int64), len(base.loops),
                            len(base.polygons), use_eval, "")
-    return payload, target, object_base_color(obj)
+    return payload, target, None if texture is not None else object_base_color(obj)
 
 
 def texture_request(obj, request, depsgraph=None):

@@ -105,6 +105,14 @@ def _body_texture(args):
     got = np.array(out["after"]["uv"]["Conjure"]).reshape(-1, 2)
     out["uv_error"] = float(np.abs(got - expect[np.array(out["after"]["loops"])]).max())
 
+    # texturing again starts from the texture now on the object, through the UV map it reads
+    from blender_addon import texture_ops
+
+    again, _target, color = texture_ops.build_upload(cube)
+    out["again"] = {"texture": list(again.texture_rgba.shape), "color": color,
+                    "texel": again.texture_rgba[0, 0].tolist(),
+                    "uvs_match": bool(np.abs(again.uvs - got[_target.tri_loops]).max() < 1e-6)}
+
     # n-gon caps, no modifiers (the evaluated mesh is sent), through the operator (blocks headless)
     bpy.ops.mesh.primitive_cylinder_add(vertices=12, end_fill_type="NGON", location=(-3, 0, 0))
     cyl = bpy.context.active_object
@@ -153,6 +161,9 @@ def test_texture_selected_keeps_topology_modifiers_uv_maps_and_materials(backend
     assert r["active_uv"] == "Conjure" and r["render_uv"] == "UVMap"
     assert r["previews_applied"] >= 1 and not a["hidden"]
     assert r["objects"] == ["Crate"], "the preview copy is removed"
+    ag = r["again"]
+    assert ag["texture"] == [16, 16, 4] and ag["color"] is None and ag["uvs_match"], ag
+    assert ag["texel"][1] > ag["texel"][0] + 60, ag  # the green texture comes back as the start
     cb, ca = r["cyl_before"], r["cyl_after"]
     assert r["op"] == ["FINISHED"]
     assert ca["sizes"] == cb["sizes"] and max(cb["sizes"]) == 12, "n-gon caps stay"

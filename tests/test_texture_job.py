@@ -160,3 +160,15 @@ def test_the_texture_starts_from_the_base_colour(tmp_path: Path):
     grey = run_texture_job(params, mesh, JobContext(out_dir=tmp_path),
                            loss_fn=lambda images, cams, backgrounds, ratio: images.sum())
     assert np.all(np.abs(grey.mesh.texture_rgba[..., :3].astype(int) - 128) <= 1)
+    # an uploaded texture on UVs that are kept is the start (its own size); on re-unwrapped UVs it is not
+    tex = np.zeros((32, 64, 4), np.uint8)
+    tex[..., 0], tex[..., 3] = np.arange(64, dtype=np.uint8)[None, :] * 4, 255
+    own = MeshPayload(positions=mesh.positions, faces=mesh.faces, uvs=mesh.uvs, texture_rgba=tex)
+    kept = run_texture_job(params, own, JobContext(out_dir=tmp_path),
+                           loss_fn=lambda images, cams, backgrounds, ratio: images.sum())
+    assert np.array_equal(kept.mesh.texture_rgba, tex)
+    stacked = cube_with_uvs("stacked")
+    dropped = run_texture_job(params, MeshPayload(positions=stacked.positions, faces=stacked.faces,
+                                                  uvs=stacked.uvs, texture_rgba=tex),
+                              JobContext(out_dir=tmp_path), loss_fn=lambda images, cams, backgrounds, ratio: images.sum())
+    assert dropped.info["uv_source"] != "own" and dropped.mesh.texture_rgba.shape[:2] == (256, 256)
