@@ -25,30 +25,35 @@ from pathlib import Path
 DEFAULT_PIPELINE = "backend.pipeline.run:run_job"
 
 
-def _parse_value(text: str):
-    """CLI override value: true/false, int, float, or the string itself."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r} must look like section.field=value (e.g. coarse.steps=300)")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ValueError(f"--set {item!r} has an empty key")
-        out[key] = _parse_value(value.strip())
-    return out
+    """``--set KEY=VALUE`` items -> overrides for ``validate_params``, through the one override parser
+    (``protocol.params``): keys of the real pipeline are checked against ``OVERRIDE_SPECS`` (type,
+    range, nearest-key suggestion); other keys (a test pipeline's) keep their literal value
+    (true/false, int, float or text). Raises ``ValueError`` with the parser's message.
+    """
+    from protocol.errors import ProtocolError
+    from protocol.params import (
+        OVERRIDE_SPECS,
+        coerce_overrides,
+        parse_literal,
+        parse_override_text,
+        suggest_key,
+    )
+
+    raw: dict[str, str] = {}
+    try:
+        for item in items or []:
+            if "=" not in item:
+                raise ValueError(f"--set {item!r} must look like section.field=value (e.g. coarse.steps=300)")
+            raw.update(parse_override_text(item))
+        coerce_overrides(raw, unknown="keep", allow_local_paths=True)  # the CLI runs here: local folders ok
+    except ProtocolError as exc:
+        raise ValueError(exc.message) from None
+    sections = {k.split(".", 1)[0] for k in OVERRIDE_SPECS}
+    for key in raw:
+        if key not in OVERRIDE_SPECS and key.split(".", 1)[0] in sections:
+            raise ValueError(suggest_key(key, OVERRIDE_SPECS))  # a real section with a misspelt field
+    return {k: parse_literal(v) for k, v in raw.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,10 +4,10 @@
 
 Prints:
   1. upload of a ~200k-triangle mesh with per-corner UVs to a real ``python -m backend serve``
-     (fast test pipeline): client encode + send + server decode/validate/digest/save + ``accepted``
-     reply, median of N, against a plain ``generate`` submit in the same run (ratio), and the
-     server-side share (``decode_mesh`` + ``validate_upload_mesh`` + digest + ``.npz`` write, in
-     this process);
+     (fast test pipeline): client encode + 1 MiB ``upload`` pieces + submit, server checks/
+     digest/save + ``accepted`` reply, median of N, against a plain ``generate`` submit in the same
+     run (ratio), and the server-side share (SHA-256 + split + ``decode_mesh`` +
+     ``validate_upload_mesh`` + ``.npz`` write, in this process);
   2. (``--blender-upload``, bpy 5.0.1 in a child process) the add-on's side of Texture Selected
      on a 100k-quad grid with a Subdivision-free stack: ``texture_ops.build_upload`` (loop
      triangles, world transform, corner UVs) and ``encode_mesh``, median of N;
@@ -24,13 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.server.client import BackendClient  # noqa: E402
 from backend.server.launcher import ServerProcess  # noqa: E402
-from protocol.mesh import MeshPayload, decode_mesh, encode_mesh, validate_upload_mesh  # noqa: E402
+from protocol.mesh import MeshPayload, pack_upload, unpack_upload, validate_upload_mesh  # noqa: E402
 from tests.texture_meshes import cube, sphere  # noqa: E402
 
 FAKE = "tests.fake_pipeline:run_job"
@@ -42,7 +40,9 @@ def uv_sphere(min_faces: int) -> MeshPayload:
 
 
 def bench_upload(faces: int, repeats: int) -> None:
-    from backend.server.uploads import TextureUpload, mesh_digest, save_upload
+    import hashlib
+
+    from backend.server.uploads import TextureUpload, save_upload, upload_key
 
     mesh = uv_sphere(faces)
     nbytes = mesh.positions.nbytes + mesh.faces.nbytes + mesh.uvs.nbytes
@@ -69,17 +69,17 @@ def bench_upload(faces: int, repeats: int) -> None:
           f"max {max(up) * 1e3:.0f}) over {repeats}")
     print(f"  plain generate submit → accepted: median {m_plain * 1e3:.1f} ms; ratio {m_up / m_plain:.1f}x")
     # the server's share, in this process
-    meta, buffers = encode_mesh(mesh)
-    frames = [memoryview(b).tobytes() if not isinstance(b, np.ndarray) else b.tobytes() for b in buffers]
+    meta, blob = pack_upload(mesh)
     t = []
     with tempfile.TemporaryDirectory() as d:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            m = validate_upload_mesh(decode_mesh(meta, frames))
-            digest = mesh_digest(m)
-            save_upload(Path(d), TextureUpload(m, digest))
+            digest = hashlib.sha256(blob).hexdigest()
+            m = validate_upload_mesh(unpack_upload(meta, blob))
+            save_upload(Path(d), TextureUpload(m, upload_key(meta, digest, None)))
             t.append(time.perf_counter() - t0)
-    print(f"  server side (decode + validate + sha256 + npz write): median {statistics.median(t) * 1e3:.0f} ms")
+    print(f"  server side (sha256 + split + decode + validate + npz write): median "
+          f"{statistics.median(t) * 1e3:.0f} ms")
 
 
 def bench_job(steps: int) -> None:

@@ -25,12 +25,12 @@ from .protocol import (
     ConnectionInfo,
     ProtocolError,
     Session,
-    encode_mesh,
     new_job_id,
     read_connection_file,
     validate_params,
     version_compatible,
 )
+from .protocol.mesh import texture_submit
 
 __all__ = ["Client", "JobState", "ConjureError", "FINAL_STATES"]
 
@@ -318,16 +318,15 @@ class Client:
             validate_params(params)
         except ProtocolError as e:
             raise ConjureError("invalid_params", e.message) from None
-        content, buffers = {"params": params}, ()
-        if mesh is not None:
+        content, buffers, pieces = {"params": params}, (), []
+        if mesh is not None:  # small meshes ride in the submit, larger ones go first in upload pieces
             try:
-                meta, buffers = encode_mesh(mesh)
+                pieces, content, buffers = texture_submit(params, mesh, base_color)
             except ProtocolError as e:
                 raise ConjureError(e.code, "the mesh cannot be sent: " + e.message) from None
-            content.update(kind="texture", mesh=meta)
-            if base_color is not None:
-                content["base_color"] = [float(c) for c in base_color]
         job_id = job_id or new_job_id()
+        for piece, chunk in pieces:  # queued in order; the socket keeps it (non-blocking sends)
+            self._send("upload", piece, chunk, job_id=job_id)
         job = self.jobs.get(job_id) or JobState(job_id, params)
         job.kind = content.get("kind", "generate")
         self.jobs[job_id] = job

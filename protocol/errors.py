@@ -16,6 +16,8 @@ ERROR_CODES: dict[str, str] = {
     "bad_mesh": "a mesh payload is malformed (indices out of range, non-finite floats, ...)",
     "too_large": "a frame, message, count or size exceeds a hard limit",
     "invalid_params": "generation parameters are invalid (the error names the field)",
+    "bad_params": "an override is unknown, of the wrong type or out of its documented range (local parsing; "
+                  "the server answers such a submit with invalid_params)",
     "unknown_msg_type": "the message type is not one of MSG_TYPES",
     "version_mismatch": "the peer speaks another major protocol version",
     "bad_connection_file": "the connection file is missing, unreadable or malformed",
@@ -31,7 +33,12 @@ class ProtocolError(Exception):
         message: human-readable explanation.
         field: for validation errors, the dotted name of the offending field
             (``"prompt"``, ``"overrides.coarse.steps"``, ``"mesh.faces"``); else None.
+        request: set by ``Session.deserialize`` when the message was correctly signed and its
+            header is valid but its content is not: a content-less ``Message`` with the sender's
+            ids, so a server can answer it; else None.
     """
+
+    request = None
 
     def __init__(self, code: str, message: str, field: str | None = None):
         super().__init__(f"{code}: {message}")

@@ -60,6 +60,17 @@ MAX_MESSAGE_BYTES = 1 << 30
 MAX_BUFFER_NDIM = 8
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 MAX_STR_CHARS = 4096
+#: Most bytes in the signed frames of a message a *server* accepts: client requests carry no
+#: buffers, so header + content limits plus a little. Larger ones are dropped before hashing.
+MAX_REQUEST_BYTES = MAX_HEADER_BYTES + MAX_CONTENT_BYTES + 64 * 1024
+#: Largest single frame a server accepts (its socket's ``ZMQ_MAXMSGSIZE``: libzmq drops the peer).
+MAX_REQUEST_FRAME_BYTES = MAX_CONTENT_BYTES + 1024
+
+#: Texture-job uploads larger than one request travel as ``upload`` messages of at most this many
+#: bytes each (one frame; within ``MAX_REQUEST_FRAME_BYTES``), then a ``submit`` that names them.
+UPLOAD_CHUNK_BYTES = 1 << 20
+#: Most bytes of mesh buffers in one texture-job upload (a 1M-triangle mesh with UVs is ~42 MB).
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 
 BUFFER_DTYPES = (
     "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -258,6 +269,14 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
         # kind / mesh / base_color are checked by the receiver's handler with check_submit_upload
         # (so a bad upload gets an error reply instead of being dropped as a malformed message)
     }, True, None),
+    "upload": ({
+        "offset": (_int(0, MAX_UPLOAD_BYTES), True),
+        "total": (_int(1, MAX_UPLOAD_BYTES), True),
+    }, True, "chunk"),
+    "upload_ack": ({
+        "received": (_int(0, MAX_UPLOAD_BYTES), True),
+        "total": (_int(0, MAX_UPLOAD_BYTES), True),
+    }, True, 0),
     "accepted": ({
         "queue_position": (_int(0), True),
         "state": (_STATE, False),
@@ -334,6 +353,9 @@ MSG_TYPES: dict[str, str] = {
     "submit": ("client -> server [job_id]: params (GenerationParams dict), kind? ('generate' | 'texture'), "
                "mesh? + buffers (kind 'texture': the mesh to texture), base_color? [r, g, b(, a)] sRGB 0..1; "
                "idempotent on job_id"),
+    "upload": ("client -> server [job_id]: offset, total; one 'bytes' buffer of at most UPLOAD_CHUNK_BYTES: "
+               "a piece of a texture job's mesh upload, in order"),
+    "upload_ack": "server -> client [job_id]: received, total (bytes of the upload so far)",
     "accepted": "server -> client [job_id]: queue_position, state?, duplicate?",
     "progress": "server -> client [job_id, seq]: stage, step, total, fraction, elapsed, eta?, message?",
     "preview_mesh": "server -> client [job_id, seq]: stage, step, mesh meta (encode_mesh) + buffers",
@@ -375,9 +397,11 @@ def validate_content(msg_type: str, content, job_id=None, buffers=None) -> None:
 def check_submit_upload(content: dict, n_buffers: int) -> str:
     """Check a ``submit``'s job kind and upload fields; return the kind ('generate' | 'texture').
 
-    A texture job carries its mesh (``content.mesh`` + buffers) and may carry ``base_color``
-    ([r, g, b] or [r, g, b, a], sRGB in 0..1); a generate job carries none of these. The mesh
-    itself is checked by ``Message.mesh()`` (``decode_mesh``). Raises ``ProtocolError``.
+    A texture job carries its mesh (``content.mesh`` + buffers, or ``content.mesh`` + ``content.upload``
+    ``{total, sha256}`` naming the bytes sent before in ``upload`` messages, see
+    ``protocol.mesh.pack_upload``) and may carry ``base_color`` ([r, g, b] or [r, g, b, a], sRGB
+    in 0..1); a generate job carries none of these. The mesh itself is checked by
+    ``decode_mesh``. Raises ``ProtocolError``.
     """
     kind = content.get("kind", "generate")
     if kind not in JOB_KINDS:
@@ -386,10 +410,15 @@ def check_submit_upload(content: dict, n_buffers: int) -> str:
         if "mesh" not in content:
             raise _bad("mesh", "submit of kind 'texture' needs a mesh")
         _obj(max_keys=16)(content["mesh"], "mesh")
+        if "upload" in content:
+            _obj({"total": (_int(1, MAX_UPLOAD_BYTES), True),
+                  "sha256": (_str(64, pattern=_HEX64_RE), True)})(content["upload"], "upload")
+            if n_buffers:
+                raise ProtocolError("bad_buffer", "a submit that names an upload carries no buffers")
         if content.get("base_color") is not None:
             _rgb(content["base_color"], "base_color")
         return kind
-    for name in ("mesh", "base_color"):
+    for name in ("mesh", "base_color", "upload"):
         if name in content:
             raise _bad(name, f"a submit of kind {kind!r} takes no {name}")
     if n_buffers:
@@ -600,7 +629,10 @@ class Session:
         routing: True on the server's ROUTER socket: frames start with the routing id.
         replay_guard: a ``ReplayGuard``, or None to build a default one; False disables
             replay checks (tests and benchmarks only).
-        max_message_bytes: most bytes in all signed frames of one message.
+        max_message_bytes: most bytes in all signed frames of one message (sent or received).
+        max_recv_bytes: most bytes in the signed frames of a *received* message (default
+            ``max_message_bytes``; a server uses :data:`MAX_REQUEST_BYTES`). :meth:`recv` stops
+            collecting a message's frames once past it and discards the rest unhashed.
     """
 
     def __init__(
@@ -611,6 +643,7 @@ class Session:
         routing: bool = False,
         replay_guard: ReplayGuard | None | bool = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_recv_bytes: int | None = None,
     ):
         self.signer = Signer(key)
         self.session_id = session_id if session_id is not None else uuid.uuid4().hex
@@ -620,9 +653,12 @@ class Session:
             replay_guard = ReplayGuard()
         self.replay_guard = None if replay_guard is False else replay_guard
         self.max_message_bytes = int(max_message_bytes)
+        self.max_recv_bytes = int(max_recv_bytes) if max_recv_bytes is not None else self.max_message_bytes
         #: client side: the last server session seen; server side: routing id -> client session.
         self.peer_session: str | None = None
         self._client_sessions: OrderedDict[bytes, str] = OrderedDict()
+        #: ZAP "User-Id" of the last message :meth:`recv` read (None without CurveZMQ)
+        self.last_user_id: str | None = None
 
     # -- building ------------------------------------------------------------------------
     def msg(
@@ -719,28 +755,42 @@ class Session:
         if len(signed[1]) > MAX_CONTENT_BYTES:
             raise ProtocolError("too_large", f"content frame is {len(signed[1])} bytes (limit {MAX_CONTENT_BYTES})")
         total = sum(len(v) for v in signed)
-        if total > self.max_message_bytes:
-            raise ProtocolError("too_large", f"message is {total} bytes; the limit is {self.max_message_bytes}")
+        limit = min(self.max_message_bytes, self.max_recv_bytes)
+        if total > limit:
+            raise ProtocolError("too_large", f"message is {total} bytes; the limit is {limit}")
         signature = bytes(views[off + 1][:128])
         self.signer.verify(signature, signed)
         if self.replay_guard is not None:
             self.replay_guard.check_signature(signature)
 
         header = loads_bounded(signed[0], "header", MAX_HEADER_BYTES)
-        _validate_header(header)
+        try:
+            _validate_header(header)
+        except ProtocolError as exc:
+            exc.request = self._answerable(header, signature, routing_id)
+            raise
         if self.replay_guard is not None:
             self.replay_guard.accept(signature, float(header["time"]))
-        content = loads_bounded(signed[1], "content", MAX_CONTENT_BYTES)
-        buffer_views = signed[2:]
-        descriptors = header["buffers"]
-        if len(descriptors) != len(buffer_views):
-            raise ProtocolError(
-                "bad_buffer", f"header describes {len(descriptors)} buffers, message has {len(buffer_views)}"
-            )
-        buffers = [_load_buffer(i, d, v) for i, (d, v) in enumerate(zip(descriptors, buffer_views))]
         msg_type = header["msg_type"]
-        validate_content(msg_type, content, header.get("job_id"),
-                         [b if isinstance(b, np.ndarray) else None for b in buffers])
+        try:
+            content = loads_bounded(signed[1], "content", MAX_CONTENT_BYTES)
+            buffer_views = signed[2:]
+            descriptors = header["buffers"]
+            if len(descriptors) != len(buffer_views):
+                raise ProtocolError(
+                    "bad_buffer", f"header describes {len(descriptors)} buffers, message has {len(buffer_views)}"
+                )
+            buffers = [_load_buffer(i, d, v) for i, (d, v) in enumerate(zip(descriptors, buffer_views))]
+            validate_content(msg_type, content, header.get("job_id"),
+                             [b if isinstance(b, np.ndarray) else None for b in buffers])
+        except ProtocolError as exc:
+            # signed by a key holder with a valid header: the sender can be answered (``exc.request``)
+            exc.request = Message(msg_type=msg_type, msg_id=header["msg_id"], session=header["session"],
+                                  server_session=header.get("server_session"), job_id=header.get("job_id"),
+                                  time=float(header["time"]), version=header["version"], routing_id=routing_id)
+            if self.routing:
+                self._remember_client(routing_id, header["session"])
+            raise
 
         msg = Message(
             msg_type=msg_type,
@@ -803,9 +853,64 @@ class Session:
         ``zmq.Again`` (with ``flags=zmq.NOBLOCK``) passes through; a malformed message
         raises ``ProtocolError`` (the message is consumed).
         """
-        frames = socket.recv_multipart(flags=flags, copy=False)
+        frames = self._recv_frames(socket, flags)
         msg = self.deserialize(frames)
         return msg.routing_id, msg
+
+    def _answerable(self, header, signature: bytes, routing_id) -> Message | None:
+        """For a correctly signed message whose header is invalid: a content-less ``Message`` to
+        answer it by, when its ``msg_id``/``session`` are usable and its time passes the replay
+        guard (so a replayed bad message is not answered twice); else None."""
+        if not isinstance(header, dict):
+            return None
+        msg_id, session, t = header.get("msg_id"), header.get("session"), header.get("time")
+        if not (isinstance(msg_id, str) and _ID_RE.match(msg_id) and isinstance(session, str) and session
+                and _ID_RE.match(session)):
+            return None
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t):
+            return None
+        if self.replay_guard is not None:
+            try:
+                self.replay_guard.accept(signature, float(t))
+            except ProtocolError:
+                return None
+        job_id = header.get("job_id")
+        msg_type = header.get("msg_type")
+        return Message(msg_type=msg_type if isinstance(msg_type, str) else "unknown", msg_id=msg_id,
+                       session=session, job_id=job_id if isinstance(job_id, str) and _JOB_ID_RE.match(job_id)
+                       else None, time=float(t), routing_id=routing_id)
+
+    def _recv_frames(self, socket, flags: int) -> list:
+        """The frames of one multipart message, read one by one; once they pass
+        ``max_recv_bytes`` (or the frame-count limit) the rest are read and dropped without
+        being kept or hashed, and ``ProtocolError("too_large")`` is raised."""
+        import zmq
+
+        off = 1 if self.routing else 0
+        max_frames = off + 4 + MAX_BUFFERS
+        budget = self.max_recv_bytes + 256  # + tag and signature frames
+        first = socket.recv(flags, copy=False)
+        try:  # the ZAP user id (CurveZMQ: the peer's z85 public key), for servers that re-check it
+            self.last_user_id = first.get("User-Id")
+        except (zmq.ZMQError, AttributeError):
+            self.last_user_id = None
+        frames, total, over = [first], 0, None
+        while socket.getsockopt(zmq.RCVMORE):
+            frame = socket.recv(0, copy=False)
+            if over is not None:
+                continue
+            total += len(frame.buffer)
+            if len(frames) >= max_frames:
+                over = f"more than {max_frames} frames"
+            elif total > budget:
+                over = f"more than {self.max_recv_bytes} bytes"
+            if over is not None:
+                frames = []  # freed now; the remaining frames are read and dropped
+                continue
+            frames.append(frame)
+        if over is not None:
+            raise ProtocolError("too_large", f"message has {over}; the limit is {self.max_recv_bytes} bytes")
+        return frames
 
     def configure_socket(self, socket) -> None:
         """Set ``zmq.MAXMSGSIZE`` so libzmq drops oversized frames before Python sees them."""

@@ -134,3 +134,325 @@ def validate_params(data) -> GenerationParams:
     return GenerationParams(
         prompt=prompt, negative_prompt=negative, seed=seed, preset=preset, overrides=dict(overrides)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: the one parser and checker (CLI --set, the add-on's Extra field, the server at
+# submit, benchmarks, and backend.pipeline.presets all go through here).
+# ---------------------------------------------------------------------------------------------
+
+#: Model names a client may send: ``auto``, a bundled/known name (``conjure-solids``) or a Hub id
+#: ``org/name``. Never a filesystem path: no ``..``, no leading ``.``, ``/`` or ``~``, at most one ``/``.
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?\Z")
+
+
+@dataclass(frozen=True)
+class OverrideSpec:
+    """What one override key accepts.
+
+    Attributes:
+        kind: ``"int"``, ``"float"``, ``"bool"``, ``"str"``, ``"choice"`` (one of ``choices``),
+            ``"floats"`` (``length`` comma-separated numbers, low to high, e.g. ``"-10,45"``),
+            ``"model"`` (see :data:`MODEL_ID_RE`) or ``"off"`` (``none``/``off``: disables a section).
+        min, max: inclusive range of a number (each number of ``floats``); None = unbounded.
+        help: one line with the unit.
+        choices: the values of a ``choice``.
+        length: count of numbers of a ``floats``.
+        optional: ``none``/``null`` is accepted and becomes None.
+    """
+
+    kind: str
+    min: float | None = None
+    max: float | None = None
+    help: str = ""
+    choices: tuple[str, ...] = ()
+    length: int = 0
+    optional: bool = False
+
+
+def _i(lo, hi, help_text):
+    return OverrideSpec("int", lo, hi, help_text)
+
+
+def _f(lo, hi, help_text):
+    return OverrideSpec("float", lo, hi, help_text)
+
+
+def _b(help_text):
+    return OverrideSpec("bool", help=help_text)
+
+
+def _c(help_text, *choices):
+    return OverrideSpec("choice", help=help_text, choices=choices)
+
+
+def _pair(lo, hi, help_text):
+    return OverrideSpec("floats", lo, hi, help_text, length=2)
+
+
+_LR = (0.0, 10.0)
+_FACES = (4, 5_000_000)
+
+#: Every override of the real pipeline (``backend.pipeline.presets``: GuidanceConfig, CoarseConfig,
+#: FineConfig, Preset) with its documented range. A backend test checks that this table and the
+#: preset dataclasses list the same keys and types.
+OVERRIDE_SPECS: dict[str, OverrideSpec] = {
+    # guidance
+    "guidance.model": OverrideSpec("model", help="'auto', a known model name or a Hub id like org/name"),
+    "guidance.cfg_scale": _f(0.0, 1000.0, "classifier-free guidance scale"),
+    "guidance.negative_prompt": OverrideSpec("str", help="negative prompt used when the job gives none"),
+    "guidance.t_min": _f(0.0, 1.0, "lowest timestep at the start (fraction of training steps)"),
+    "guidance.t_max": _f(0.0, 1.0, "highest timestep at the start (fraction)"),
+    "guidance.t_min_end": _f(0.0, 1.0, "lowest timestep at the end (fraction)"),
+    "guidance.t_max_end": _f(0.0, 1.0, "highest timestep at the end (fraction)"),
+    "guidance.t_anneal": _c("timestep schedule", "constant", "linear", "cosine", "sqrt", "step"),
+    "guidance.weighting": _c("SDS weighting w(t)", "sds", "uniform", "fantasia3d"),
+    "guidance.grad_clip": _f(0.0, 1e6, "clamp of each SDS gradient element (0 = off)"),
+    "guidance.fp16": _b("float16 UNet/VAE on CUDA"),
+    "guidance.attention_slicing": _b("sliced attention (less memory, slower)"),
+    "guidance.cpu_offload": _b("VAE and text encoder stay on the CPU"),
+    "guidance.view_dependent": _b("append the view direction to the prompt"),
+    # coarse (Gaussian SDS)
+    "coarse.steps": _i(1, 20_000, "optimisation steps"),
+    "coarse.batch_size": _i(1, 64, "views per step"),
+    "coarse.num_points": _i(1, 1_000_000, "initial Gaussians"),
+    "coarse.init_shape": _c("initial cloud", "sphere", "shell"),
+    "coarse.init_radius": _f(0.001, 2.0, "initial ball radius (world units)"),
+    "coarse.init_scale": _f(1e-5, 1.0, "initial Gaussian std (world units)"),
+    "coarse.init_opacity": _f(0.001, 0.999, "initial opacity"),
+    "coarse.render_resolution": _i(8, 2048, "render size at the start (pixels)"),
+    "coarse.render_resolution_end": _i(8, 2048, "render size at the end (pixels)"),
+    "coarse.resolution_ramp_until": _f(0.0, 1.0, "run fraction where the resolution ramp ends"),
+    "coarse.lr_means": _f(*_LR, "position learning rate at the start"),
+    "coarse.lr_means_end": _f(*_LR, "position learning rate at the end"),
+    "coarse.lr_scales": _f(*_LR, "scale learning rate"),
+    "coarse.lr_quats": _f(*_LR, "rotation learning rate"),
+    "coarse.lr_opacities": _f(*_LR, "opacity learning rate"),
+    "coarse.lr_colors": _f(*_LR, "colour learning rate"),
+    "coarse.densify_from": _f(0.0, 1.0, "run fraction where densification starts"),
+    "coarse.densify_until": _f(0.0, 1.0, "run fraction where densification stops"),
+    "coarse.densify_interval": _i(1, 100_000, "steps between densifications"),
+    "coarse.densify_fraction": _f(0.0, 1.0, "fraction of Gaussians cloned/split each time"),
+    "coarse.max_points": _i(1, 5_000_000, "most Gaussians"),
+    "coarse.prune_opacity": _f(0.0, 1.0, "prune Gaussians below this opacity"),
+    "coarse.split_scale": _f(0.0, 10.0, "split Gaussians larger than this std (world units)"),
+    "coarse.random_bg_prob": _f(0.0, 1.0, "probability of a random background"),
+    "coarse.elevation_range": _pair(-90.0, 90.0, "camera elevation low,high (degrees)"),
+    "coarse.distance_range": _pair(0.1, 100.0, "camera distance low,high (world units)"),
+    "coarse.fovy_range": _pair(1.0, 179.0, "vertical field of view low,high (degrees)"),
+    "coarse.preview_every": _i(0, 100_000, "steps between previews (0 = only at the end)"),
+    "coarse.preview_grid": _i(8, 512, "density grid of previews (cells per side)"),
+    "coarse.preview_faces": _i(*_FACES, "face budget of previews"),
+    "coarse.mesh_grid": _i(8, 512, "density grid of the final coarse mesh (cells per side)"),
+    "coarse.mesh_faces": _i(*_FACES, "face budget of the final coarse mesh"),
+    "coarse.density_threshold": _f(1e-6, 1000.0, "iso level of the density grid"),
+    "coarse.renderer": _c("Gaussian renderer", "auto", "gsplat", "torch"),
+    # fine (textured mesh); fine=none turns the stage off
+    "fine": OverrideSpec("off", help="'none' turns the fine stage off"),
+    "fine.steps": _i(0, 20_000, "optimisation steps"),
+    "fine.render_resolution": _i(8, 4096, "rasterised view size (pixels)"),
+    "fine.texture_resolution": _i(8, 8192, "texture side (pixels)"),
+    "fine.grid_resolution": _i(8, 512, "density grid for the starting mesh (cells per side)"),
+    "fine.face_budget": _i(*_FACES, "faces after decimation"),
+    "fine.lr": _f(*_LR, "texture learning rate"),
+    "fine.vertex_offsets": _b("also optimise per-vertex offsets"),
+    "fine.batch_size": _i(1, 64, "views per step"),
+    "fine.preview_every": _i(0, 100_000, "steps between previews (0 = only at the end)"),
+    "fine.uv_padding": _i(0, 64, "empty texels around each chart"),
+    "fine.bake_dilation": _i(0, 256, "texel rings filled beyond the charts"),
+    "fine.min_component_fraction": _f(0.0, 1.0, "keep components with at least this fraction of faces"),
+    "fine.lr_offsets": _f(*_LR, "vertex-offset learning rate"),
+    "fine.offset_limit": _f(0.0, 1.0, "largest vertex offset per axis (world units)"),
+    "fine.laplacian_weight": _f(0.0, 1e9, "Laplacian regulariser weight"),
+    "fine.normal_weight": _f(0.0, 1e9, "normal regulariser weight"),
+    "fine.rasterizer": _c("mesh rasteriser", "auto", "nvdiffrast", "torch"),
+    # whole preset
+    "object_size": _f(0.001, 1000.0, "largest dimension of the asset (metres)"),
+    "seed": OverrideSpec("int", 0, SEED_MAX, "preset seed (none = the job's seed)", optional=True),
+}
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+_NONE = ("none", "null", "off")
+
+
+def _bad(key: str, message: str) -> ProtocolError:
+    return ProtocolError("bad_params", message, field=f"overrides.{key}")
+
+
+def _shown(value) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text[:40] + ("…" if len(text) > 40 else "")) if isinstance(value, str) else text[:40]
+
+
+def parse_override_text(text: str) -> dict[str, str]:
+    """``"coarse.steps=300; fine=none"`` (``;`` or newlines between items, as in the add-on's Extra
+    field and one CLI ``--set``) -> ``{"coarse.steps": "300", "fine": "none"}``. Later items win.
+
+    Raises ``ProtocolError("bad_params")`` for an item without ``=`` or with an empty key.
+    """
+    if not isinstance(text, str):
+        raise ProtocolError("bad_params", f"overrides must be text like coarse.steps=300, got {type(text).__name__}")
+    out: dict[str, str] = {}
+    for item in re.split(r"[;\n]", text):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ProtocolError("bad_params", f"{_shown(item)} must look like section.field=value "
+                                "(e.g. coarse.steps=300)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ProtocolError("bad_params", f"{_shown(item)} has an empty key (e.g. coarse.steps=300)")
+        out[key] = value.strip()
+    return out
+
+
+def parse_literal(text: str):
+    """A value typed into a CLI/text field, for keys without a spec: true/false, int, float or the text."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _number(key: str, value, whole: bool):
+    what = "a whole number" if whole else "a number"
+    if isinstance(value, bool):
+        raise _bad(key, f"{key} must be {what}, got {str(value).lower()}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            num = int(text) if whole and re.fullmatch(r"[+-]?\d+", text) else float(text)
+        except ValueError:
+            raise _bad(key, f"{key} must be {what}, got {_shown(value)}") from None
+    elif isinstance(value, (int, float)):
+        num = value
+    else:
+        raise _bad(key, f"{key} must be {what}, got {type(value).__name__}")
+    if isinstance(num, float) and not math.isfinite(num):
+        raise _bad(key, f"{key} must be a finite number, got {_shown(value)}")
+    if whole:
+        if isinstance(num, float):
+            if not num.is_integer():
+                raise _bad(key, f"{key} must be a whole number, got {_shown(value)}")
+            num = int(num)
+    else:
+        num = float(num)
+    return num
+
+
+def _in_range(key: str, spec: OverrideSpec, num):
+    lo, hi = spec.min, spec.max
+    if (lo is not None and num < lo) or (hi is not None and num > hi):
+        fmt = (lambda x: f"{x:g}") if spec.kind != "int" else (lambda x: str(int(x)))
+        bounds = (f"between {fmt(lo)} and {fmt(hi)}" if lo is not None and hi is not None
+                  else f"at least {fmt(lo)}" if lo is not None else f"at most {fmt(hi)}")
+        raise _bad(key, f"{key} must be {bounds}, got {fmt(num) if spec.kind != 'int' else num}")
+    return num
+
+
+def coerce_value(key: str, value, spec: OverrideSpec, *, allow_local_paths: bool = False):
+    """One override value checked and converted to its spec's Python type (see :func:`coerce_overrides`)."""
+    if spec.optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+        return None
+    kind = spec.kind
+    if kind in ("int", "float"):
+        return _in_range(key, spec, _number(key, value, kind == "int"))
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _bad(key, f"{key} must be true or false, got {_shown(value)}")
+    if kind == "choice":
+        if not isinstance(value, str) or value.strip() not in spec.choices:
+            raise _bad(key, f"{key} must be one of {', '.join(spec.choices)}, got {_shown(value)}")
+        return value.strip()
+    if kind == "floats":
+        items = value
+        if isinstance(value, str):
+            items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(items, (list, tuple)) or len(items) != spec.length:
+            raise _bad(key, f"{key} must be {spec.length} numbers separated by commas (low,high), "
+                       f"got {_shown(value)}")
+        nums = tuple(_in_range(key, spec, _number(key, v, False)) for v in items)
+        if list(nums) != sorted(nums):
+            raise _bad(key, f"{key} must be low,high with low <= high, got {_shown(value)}")
+        return nums
+    if kind == "off":
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            return None
+        raise _bad(key, f"{key} can only be set to none (to turn the stage off), got {_shown(value)}")
+    if not isinstance(value, str):
+        raise _bad(key, f"{key} must be text, got {type(value).__name__}")
+    if len(value) > MAX_OVERRIDE_STR_CHARS or any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
+        raise _bad(key, f"{key} must be at most {MAX_OVERRIDE_STR_CHARS} characters without control characters")
+    if kind == "model":
+        text = value.strip()
+        if allow_local_paths and ("/" in text or text.startswith(("~", "."))) and not MODEL_ID_RE.match(text):
+            return text  # a local folder given on this machine's command line
+        if not MODEL_ID_RE.match(text) or ".." in text:
+            raise _bad(key, f"{key} must be 'auto', a model name or a Hub id like org/name (not a file path), "
+                       f"got {_shown(value)}")
+        return text
+    return value
+
+
+def suggest_key(key: str, known) -> str:
+    """``"unknown setting 'coarse.step'; did you mean coarse.steps?"`` (difflib's nearest keys)."""
+    import difflib
+
+    known = list(known)
+    leaf = key.rsplit(".", 1)[-1]
+    near = [k for k in known if "." in key and k.rsplit(".", 1)[-1] == leaf][:3]  # right name, wrong section
+    if not near:
+        scored = sorted(((difflib.SequenceMatcher(None, key, k).ratio(), k) for k in known), reverse=True)
+        best = scored[0][0] if scored else 0.0
+        near = [k for r, k in scored[:3] if r >= 0.6 and r >= best - 0.03]
+    if near:
+        return f"unknown setting {_shown(key)}; did you mean {' or '.join(near)}?"
+    sections = sorted({k.split(".", 1)[0] for k in known})
+    return f"unknown setting {_shown(key)}; settings start with {', '.join(sections)} (e.g. coarse.steps)"
+
+
+def coerce_overrides(raw: dict, specs: dict[str, OverrideSpec] | None = None, *, unknown: str = "error",
+                     allow_local_paths: bool = False) -> dict:
+    """Check and convert overrides (strings as typed, or JSON values) against ``specs``.
+
+    Args:
+        raw: key -> value (``"300"``, ``300``, ``"true"``, ``"-10,45"``, ...).
+        specs: the table to check against (default :data:`OVERRIDE_SPECS`).
+        unknown: ``"error"`` (unknown keys raise, naming the nearest known keys) or ``"keep"``
+            (returned unchanged, for another pipeline's own keys).
+        allow_local_paths: ``guidance.model`` may be a local folder (the CLI on this machine only;
+            never for values that came from a client over the network).
+
+    Returns:
+        key -> int | float | bool | str | tuple[float, ...] | None.
+
+    Raises:
+        ProtocolError: code ``"bad_params"``, ``field`` ``"overrides.<key>"``, with a message such as
+            ``"coarse.steps must be a whole number, got 'abc'"``.
+    """
+    specs = OVERRIDE_SPECS if specs is None else specs
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad_params", f"overrides must be an object, got {type(raw).__name__}", field="overrides")
+    out = {}
+    for key, value in raw.items():
+        spec = specs.get(key)
+        if spec is None:
+            if unknown == "keep":
+                out[key] = value
+                continue
+            raise ProtocolError("bad_params", suggest_key(str(key), specs), field=f"overrides.{key}")
+        out[key] = coerce_value(key, value, spec, allow_local_paths=allow_local_paths)
+    return out

@@ -15,6 +15,7 @@ Knobs (``params.overrides``):
     test.kill           int step at which the process SIGKILLs itself (-1 = never)
     test.hang           bool, ignore cancellation (never calls ``ctx.check_cancel``)
     test.no_obj         bool, write only the GLB
+    test.nan_info       bool, put NaN and inf into the result's ``info`` (a pipeline bug the server survives)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ KNOBS: dict[str, type] = {
     "test.kill": int,
     "test.hang": bool,
     "test.no_obj": bool,
+    "test.nan_info": bool,
 }
 DEFAULTS = {
     "test.steps": 10,
@@ -51,6 +53,7 @@ DEFAULTS = {
     "test.kill": -1,
     "test.hang": False,
     "test.no_obj": False,
+    "test.nan_info": False,
 }
 PRESETS = ("auto", "draft", "standard", "high", "cpu")
 
@@ -193,6 +196,8 @@ def run_job(params, ctx) -> ResultEvent:
     ctx.emit(ProgressEvent("export", 1, 1, "done"))
     info = {"model": "fake-icosphere", "renderer": "none", "steps": steps,
             "seconds": round(time.perf_counter() - t0, 4), "prompt": params.prompt}
+    if knobs["test.nan_info"]:
+        info.update(loss=float("nan"), best=float("inf"), history=[1.0, float("-inf")])
     return ResultEvent(files=files, mesh=mesh, info=info)
 
 

@@ -11,6 +11,7 @@ import uuid
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import trimesh
 
 from backend.cli import main, parse_sets
@@ -88,7 +89,11 @@ def test_store_recovers_after_a_crash(tmp_path):
     (rdir / "model.glb").write_bytes(b"glTF....")
     rec.results = {"glb": {"name": "model.glb", "size": 8, "sha256": "0" * 64}}
     store.set_state(rec, J.DONE)
-    # simulate a crash: no close(); a torn line at the end of the journal
+    # simulate a crash: no close() (the dead process's data-directory lock goes with it); a torn
+    # line at the end of the journal
+    with pytest.raises(J.DataDirLocked, match=f"pid {os.getpid()}"):  # while held, a second store refuses
+        JobStore(tmp_path).open()
+    store.unlock()
     with open(tmp_path / J.JOURNAL_FILE, "ab") as f:
         f.write(b'{"job_id": "' + ids[2].encode() + b'", "sta')
     again = JobStore(tmp_path).open()

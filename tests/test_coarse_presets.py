@@ -51,9 +51,12 @@ def test_overrides_coerce_types():
 
 @pytest.mark.parametrize("name, overrides, message", [
     ("nope", {}, "unknown preset 'nope'"),
-    ("draft", {"coarse.stepz": 1}, "unknown override key 'coarse.stepz'"),
+    ("draft", {"coarse.stepz": 1}, "unknown setting 'coarse.stepz'; did you mean coarse.steps?"),
     ("draft", {"coarsе.steps": 1}, "is not a section"),
-    ("draft", {"coarse.steps": "many"}, "bad value 'many' for override 'coarse.steps'"),
+    ("draft", {"coarse.steps": "many"}, "coarse.steps must be a whole number, got 'many'"),
+    ("draft", {"coarse.steps": 10**9}, "coarse.steps must be between 1 and 20000, got 1000000000"),
+    ("draft", {"guidance.cfg_scale": "nan"}, "guidance.cfg_scale must be a finite number, got 'nan'"),
+    ("standard", {"fine.grid_resolution": 0}, "fine.grid_resolution must be between 8 and 512, got 0"),
     ("draft", {"coarse.steps": True}, "coarse.steps"),
     ("draft", {"guidance.fp16": "maybe"}, "guidance.fp16"),
     ("draft", {"coarse.elevation_range": "1,2,3"}, "coarse.elevation_range"),
@@ -61,8 +64,8 @@ def test_overrides_coerce_types():
     ("draft", {"guidance.t_min": 0.9, "guidance.t_max": 0.5}, "guidance.t_min"),
     ("draft", {"coarse.renderer": "opengl"}, "coarse.renderer"),
     ("draft", {"object_size": -1}, "object_size"),
-    ("draft", {"name": "x"}, "unknown override key 'name'"),
-    ("draft", {"coarse": 3}, "unknown override key 'coarse'"),
+    ("draft", {"name": "x"}, "unknown setting 'name'"),
+    ("draft", {"coarse": 3}, "unknown setting 'coarse'"),
 ])
 def test_bad_overrides_name_the_key(name, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

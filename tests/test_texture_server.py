@@ -162,3 +162,96 @@ def test_a_200k_triangle_upload_is_within_the_limits(server, client):
     events = list(client.events(job, 60.0))
     assert events[-1].msg_type == "result_ready"
     assert events[-1].mesh().positions.tobytes() == mesh.positions.tobytes()
+
+
+def _pieces(mesh, chunk=4096):
+    import protocol.mesh as pm
+    from protocol.mesh import texture_submit
+
+    old = pm.INLINE_UPLOAD_BYTES
+    pm.INLINE_UPLOAD_BYTES = 0  # force pieces even for a small mesh
+    try:
+        return texture_submit(params(), mesh, None, chunk_bytes=chunk)
+    finally:
+        pm.INLINE_UPLOAD_BYTES = old
+
+
+def _send_upload(client, job_id, pieces):
+    acks = []
+    for content, chunk in pieces:
+        sent = client.send("upload", content, job_id=job_id, buffers=chunk)
+        acks.append(client.next(lambda m, sent=sent: m.job_id == job_id and (
+            m.msg_type == "upload_ack" or m.content.get("in_reply_to") == sent.msg_id), 10.0))
+    return acks
+
+
+@pytest.mark.parametrize("case, code, words", [
+    ("ok", None, None),
+    ("out_of_order", "bad_upload", "no upload was sent"),  # the piece itself: "expected offset"
+    ("bad_sha", "bad_upload", "SHA-256"),
+    ("missing", "bad_upload", "no upload was sent"),
+    ("short", "bad_upload", "the upload has"),
+])
+def test_uploads_in_pieces_are_checked(server, client, case, code, words):
+    mesh = sphere(3000, uvs=True)
+    pieces, content, _ = _pieces(mesh, chunk=32 * 1024)
+    assert len(pieces) > 3
+    job_id = new_job_id()
+    if case == "out_of_order":
+        pieces[1], pieces[2] = pieces[2], pieces[1]
+    if case == "bad_sha":
+        content["upload"]["sha256"] = "0" * 64
+    if case == "missing":
+        pieces = []
+    if case == "short":
+        pieces = pieces[:-1]
+    acks = _send_upload(client, job_id, pieces)
+    if case == "out_of_order":
+        assert acks[1].msg_type == "error" and acks[1].content["code"] == "bad_upload", acks[1].content
+        assert "expected" in acks[1].content["message"]
+    elif pieces:
+        assert all(a.msg_type == "upload_ack" for a in acks)
+        assert acks[-1].content["received"] == (content["upload"]["total"] if case != "short" else
+                                                acks[-1].content["received"])
+    reply = submit_raw_with_id(client, job_id, content, [])
+    if code is None:
+        assert reply.msg_type == "accepted", reply.content
+        events = list(client.events(job_id, 30.0))
+        assert events[-1].msg_type == "result_ready"
+        assert events[-1].mesh().positions.tobytes() == mesh.positions.tobytes()
+    else:
+        assert reply.msg_type == "error" and reply.content["code"] == code, reply.content
+        assert words in reply.content["message"], reply.content["message"]
+    assert client.ping().content["stats"]["worker_ready"]
+
+
+def submit_raw_with_id(client, job_id, content, buffers, timeout=10.0):
+    sent = client.send("submit", content, job_id=job_id, buffers=buffers)
+    return client.next(lambda m: m.job_id == job_id and (
+        m.msg_type == "accepted" or m.content.get("in_reply_to") == sent.msg_id), timeout)
+
+
+def test_upload_store_checks_sizes_before_writing(tmp_path):
+    from backend.server.uploads import UploadStore
+    from protocol import ProtocolError
+    from protocol.messages import MAX_UPLOAD_BYTES
+
+    store = UploadStore(tmp_path / "uploads", max_open=1)
+    with pytest.raises(ProtocolError) as err:
+        store.add("s", "j", 0, MAX_UPLOAD_BYTES + 1, b"x")
+    assert err.value.code == "too_large" and not (tmp_path / "uploads").exists()
+    assert store.add("s", "j", 0, 3, b"ab") == 2
+    with pytest.raises(ProtocolError) as err:
+        store.add("s", "j", 2, 3, b"cd")  # more than announced
+    assert err.value.code == "bad_upload" and "more than" in err.value.message
+    assert not list((tmp_path / "uploads").glob("*.part"))  # a broken upload leaves nothing
+    store.add("s", "j", 0, 3, b"abc")
+    with pytest.raises(ProtocolError) as err:
+        store.add("s", "k", 0, 3, b"abc")
+    assert err.value.code == "too_many_uploads"
+    import hashlib
+
+    assert store.take("s", "j", 3, hashlib.sha256(b"abc").hexdigest()) == b"abc"
+    store.add("s", "k", 0, 3, b"abc")
+    store.expire(now=1e12)  # untouched for longer than the ttl
+    assert not list((tmp_path / "uploads").glob("*.part"))

@@ -9,9 +9,10 @@ submit message (``{"coarse.steps": 300}``)::
 
     preset = get_preset("draft", {"coarse.steps": "300", "guidance.cfg_scale": 50})
 
-Values are coerced to the field's type (strings from the CLI included: ``"true"``/``"false"``
-for booleans, ``"none"`` for optional fields, ``"64,256"`` for tuples). A bad preset name, an
-unknown key or a value of the wrong type raises ``ValueError`` naming the key.
+Values are checked and coerced by the one override parser, ``protocol.params`` (its
+``OVERRIDE_SPECS`` table gives every key's type and documented range; strings from the CLI
+included: ``"true"``/``"false"`` for booleans, ``"none"`` for optional fields, ``"64,256"`` for
+tuples). A bad preset name, an unknown key or a bad value raises ``ValueError`` naming the key.
 
 Annealed values are stored as ``<name>`` (start) and ``<name>_end`` and evaluated with
 ``backend.schedule``.
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from protocol.errors import ProtocolError
+from protocol.params import OVERRIDE_SPECS, coerce_value, parse_override_text, suggest_key
 
 
 @dataclass
@@ -372,14 +374,16 @@ def validate_preset(preset: Preset) -> None:
 
 
 def parse_override(text: str) -> tuple[str, str]:
-    """Split a CLI override ``"coarse.steps=300"`` into ``("coarse.steps", "300")``."""
-    if "=" not in text:
+    """Split a CLI override ``"coarse.steps=300"`` into ``("coarse.steps", "300")``
+    (``protocol.params.parse_override_text``)."""
+    if "=" not in text:  # checked here too: ";" inside a single override is not a separator
         raise ValueError(f"override {text!r} must look like section.field=value (e.g. coarse.steps=300)")
     key, value = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ValueError(f"override {text!r} has an empty key")
-    return key, value.strip()
+    try:
+        parsed = parse_override_text(f"{key}=x")
+    except ProtocolError as exc:
+        raise ValueError(exc.message) from None
+    return next(iter(parsed)), value.strip()
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -426,67 +430,19 @@ def apply_override(preset: Preset, key: str, value: Any) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     leaf = parts[-1]
     if leaf not in fields or (obj is preset and leaf == "name") or dataclasses.is_dataclass(getattr(obj, leaf)):
-        valid = ", ".join(k for k in override_keys(preset) if k.startswith(".".join(parts[:-1])))
-        raise ValueError(f"unknown override key {key!r} for preset {preset.name!r}; valid keys: {valid}")
-    hints = typing.get_type_hints(type(obj))
+        raise ValueError(f"{suggest_key(key, OVERRIDE_SPECS)} (preset {preset.name!r})")
+    spec = OVERRIDE_SPECS.get(key)
+    if spec is None:
+        raise ValueError(f"override {key!r} has no entry in protocol.params.OVERRIDE_SPECS")
     try:
-        coerced = _coerce(value, hints[leaf])
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"bad value {value!r} for override {key!r}: {exc}") from None
+        coerced = coerce_value(key, value, spec, allow_local_paths=True)  # the CLI/local side: paths allowed
+    except ProtocolError as exc:
+        raise ValueError(exc.message) from None
     setattr(obj, leaf, coerced)
 
 
 def _is_none(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off"))
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if _is_none(value) and len(args) < len(typing.get_args(hint)):
-            return None
-        return _coerce(value, args[0])
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"expected {len(args)} comma-separated values")
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
-            return False
-        raise ValueError("expected a boolean (true/false)")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ValueError("expected an integer, got a boolean")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            return int(value.strip())
-        raise ValueError("expected an integer")
-    if hint is float:
-        if isinstance(value, bool):
-            raise ValueError("expected a number, got a boolean")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            return float(value.strip())
-        raise ValueError("expected a number")
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError("expected a string")
-        return value
-    raise ValueError(f"unsupported field type {hint!r}")
 
 
 def preset_to_dict(preset: Preset) -> dict[str, Any]:

@@ -150,18 +150,18 @@ class BackendClient:
         """Submit; returns the job id once ``accepted`` arrives (raises ``BackendError``).
 
         With ``mesh`` (a ``MeshPayload``) the job is a texture job: the mesh is uploaded
-        (``encode_mesh``) with the optional ``base_color`` (3 or 4 sRGB floats in 0..1).
+        (``protocol.mesh.texture_submit``: in the submit, or in ``upload`` pieces before it) with the
+        optional ``base_color`` (3 or 4 sRGB floats in 0..1).
         """
         job_id = job_id or new_job_id()
         content = {"params": params}
         buffers = ()
-        if mesh is not None:
-            from protocol.mesh import encode_mesh
+        if mesh is not None:  # small meshes ride in the submit, larger ones go first in upload pieces
+            from protocol.mesh import texture_submit
 
-            meta, buffers = encode_mesh(mesh)
-            content.update(kind="texture", mesh=meta)
-            if base_color is not None:
-                content["base_color"] = [float(c) for c in base_color]
+            pieces, content, buffers = texture_submit(params, mesh, base_color)
+            for piece, chunk in pieces:
+                self.send("upload", piece, job_id=job_id, buffers=chunk)
         if preview_credits is not None:
             content["preview_credits"] = preview_credits
         sent = self.send("submit", content, job_id=job_id, buffers=buffers)

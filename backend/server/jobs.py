@@ -20,8 +20,12 @@ Nothing in this module knows about sockets or torch.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
 import os
+import shutil
 import time
 import uuid
 from collections import OrderedDict
@@ -46,10 +50,31 @@ WORK_DIR = "work"
 JOB_FILE = "job.json"
 PREVIEW_FILE = "preview.npz"
 JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = "server.lock"
 
 
 class DataDirError(Exception):
     """The data directory cannot be used (not creatable, not writable, a file in the way)."""
+
+
+class DataDirLocked(DataDirError):
+    """Another server holds the data directory's lock."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT (no space or quota left)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def json_safe(obj):
+    """A copy of ``obj`` that strict JSON can encode: NaN and ±inf become None (recursively)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def default_data_dir() -> Path:
@@ -93,18 +118,24 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
+        raise
     if durable:
         fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: dict, durable: bool = True) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), durable)
+    """Strict JSON (NaN/inf become null, see :func:`json_safe`), written with :func:`atomic_write_bytes`."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode(), durable)
 
 
 @dataclass
@@ -141,8 +172,9 @@ class JobRecord:
 
     @classmethod
     def from_json(cls, obj: dict) -> JobRecord:
+        """Build from ``job.json``; non-finite numbers an older server stored become None."""
         names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in obj.items() if k in names})
+        return cls(**{k: json_safe(v) for k, v in obj.items() if k in names})
 
     def params_dict(self) -> dict:
         return {
@@ -182,10 +214,29 @@ class Journal:
         self._f = open(self.path, "ab")
 
     def append(self, job_id: str, state: str, **extra) -> None:
-        line = json.dumps({"t": time.time(), "job_id": job_id, "state": state, **extra}, sort_keys=True)
-        self._f.write(line.encode() + b"\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        """Append one line (flushed, fsynced). On a write error (full disk) the file is cut back to
+        where it was, so no torn line is left for the next append to run into."""
+        line = json.dumps(json_safe({"t": time.time(), "job_id": job_id, "state": state, **extra}),
+                          sort_keys=True, allow_nan=False)
+        end = self._f.tell()
+        try:
+            self._f.write(line.encode() + b"\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError:
+            self._reopen_at(end)
+            raise
+
+    def _reopen_at(self, end: int) -> None:
+        try:
+            self._f.close()  # may fail again flushing the buffer: the data is cut off below anyway
+        except OSError:
+            pass
+        try:
+            os.truncate(self.path, end)
+        except OSError:
+            pass
+        self._f = open(self.path, "ab")
 
     @staticmethod
     def read(path: Path) -> OrderedDict[str, dict]:
@@ -230,6 +281,7 @@ class JobStore:
         self.jobs: OrderedDict[str, JobRecord] = OrderedDict()
         self.journal: Journal | None = None
         self.recovered_interrupted: list[str] = []
+        self._lock_fd: int | None = None
 
     # ---- layout -------------------------------------------------------------------------------
     def job_dir(self, job_id: str) -> Path:
@@ -262,7 +314,9 @@ class JobStore:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
+            probe.unlink(missing_ok=True)
             raise DataDirError(f"data directory {self.data_dir} is not writable: {exc.strerror or exc}") from exc
+        self._lock()  # before recovery: another live server's running jobs are not "interrupted"
         journal_path = self.data_dir / JOURNAL_FILE
         latest = Journal.read(journal_path)
         # job folders whose journal line was lost still count (job.json is the fuller record)
@@ -318,10 +372,56 @@ class JobStore:
                 return False
         return bool(rec.results)
 
+    def _lock(self) -> None:
+        """Exclusive ``flock`` on ``<data dir>/server.lock`` (holds our PID) for the server's lifetime."""
+        path = self.data_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            try:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise DataDirLocked(f"data directory {self.data_dir} is in use by another conjure-backend server "
+                                    f"(pid {holder}); stop that server, or give this one its own --data-dir"
+                                    ) from None
+            raise DataDirError(f"cannot lock data directory {self.data_dir}: {exc.strerror or exc}") from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the lock holds even when the PID cannot be written (full disk)
+        self._lock_fd = fd
+
     def close(self) -> None:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        self.unlock()
+
+    def unlock(self) -> None:
+        """Release the data-directory lock (the kernel does this when the process dies)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def discard_partial(self, job_id: str, results: bool = False) -> None:
+        """After a write failed (full disk): remove the job's ``*.tmp`` files and its scratch folder
+        (and its ``result/`` folder when ``results``: a result whose record could not be written),
+        leaving job.json and every other job as they were."""
+        d = self.job_dir(job_id)
+        for tmp in list(d.glob("*.tmp")) + list((d / RESULT_DIR).glob("*.tmp")):
+            tmp.unlink(missing_ok=True)
+        shutil.rmtree(d / WORK_DIR, ignore_errors=True)
+        if results:
+            shutil.rmtree(d / RESULT_DIR, ignore_errors=True)
+
+    def remove(self, job_id: str) -> None:
+        """Forget a job that could not be created (its folder is deleted)."""
+        self.jobs.pop(job_id, None)
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def add(self, rec: JobRecord) -> None:
         """Create the job folder, write job.json, journal ``queued``."""

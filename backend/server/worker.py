@@ -6,21 +6,19 @@ unpickled here). The worker is long-lived, so the pipeline's model cache stays r
 between jobs (an optional ``warm_up()`` in the pipeline's module runs once before the worker
 reports ready); it is only restarted after a crash, a kill, or a cancel it did not honour.
 
-Server -> worker (pipe):
-    ("run", job_no, job_id, params: dict, work_dir: str, result_dir: str, preview_path: str)
-    ("quit",)
+Server -> worker (pipe): :class:`RunJob` or :class:`Quit`.
 Cancel does not go through the pipe (the pipe is not read while the pipeline runs): the server
 writes the job number to a shared integer, and ``JobContext.cancelled`` compares it.
 
-Worker -> server (pipe):
-    ("ready", pid)
-    ("fatal", message)                              could not import the pipeline; the worker exits
-    ("started", job_no)
-    ("progress", job_no, ProgressEvent)
-    ("preview", job_no, PreviewEvent)
-    ("result", job_no, {"files": {kind: {"name", "size", "sha256"}}, "info": dict, "mesh": MeshPayload})
-    ("cancelled", job_no)
-    ("error", job_no, code, message, retriable: bool, traceback: str)
+Worker -> server (pipe), small frozen dataclasses (see :data:`WorkerMessage`):
+    WorkerReady(pid)
+    WorkerFatal(message)                 could not import the pipeline; the worker exits
+    JobStarted(job_no)
+    JobProgress(job_no, event: ProgressEvent)
+    JobPreview(job_no, event: PreviewEvent)
+    JobResult(job_no, files: {kind: {"name", "size", "sha256"}}, info: dict, mesh: MeshPayload | None)
+    JobCancelled(job_no)
+    JobFailed(job_no, code, message, retriable: bool, traceback: str)
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import importlib
 import importlib.metadata
@@ -39,8 +38,10 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from .jobs import fsync_dir
 
@@ -49,6 +50,93 @@ PREVIEW_WRITE_INTERVAL_S = 0.5
 RESULT_MESH_FILE = "result_mesh.npz"
 #: niceness added to the worker process, so the server's control loop stays responsive on busy CPUs
 WORKER_NICE = 5
+
+
+# ---------------------------------------------------------------- pipe messages (both directions)
+@dataclass(frozen=True)
+class RunJob:
+    """Server -> worker: run one job. Paths are strings (pickled across the pipe)."""
+
+    job_no: int
+    job_id: str
+    params: dict
+    work_dir: str
+    result_dir: str
+    preview_path: str
+
+
+@dataclass(frozen=True)
+class Quit:
+    """Server -> worker: exit after the current job."""
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """The worker imported the pipeline (and ran ``warm_up``)."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class WorkerFatal:
+    """The worker cannot start the pipeline; it exits after sending this."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    job_no: int
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    job_no: int
+    event: Any  # backend.pipeline.events.ProgressEvent
+
+
+@dataclass(frozen=True)
+class JobPreview:
+    job_no: int
+    event: Any  # backend.pipeline.events.PreviewEvent
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Published result: ``files`` maps kind -> {"name", "size", "sha256"}; ``mesh`` a MeshPayload."""
+
+    job_no: int
+    files: dict
+    info: dict
+    mesh: Any = None
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    job_no: int
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    job_no: int
+    code: str
+    message: str
+    retriable: bool
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """Not sent by the worker: the pool reports that the worker process exited (``exitcode``) while
+    running job ``job_no`` (None when idle) or while starting (``starting``)."""
+
+    job_no: int | None
+    exitcode: int | None
+    starting: bool = False
+
+
+WorkerMessage = (WorkerReady | WorkerFatal | JobStarted | JobProgress | JobPreview | JobResult | JobCancelled
+                 | JobFailed | WorkerLost)
 
 
 class PipelineSpecError(ValueError):
@@ -122,11 +210,15 @@ def publish_results(files: dict, work_dir: Path, result_dir: Path) -> dict:
             os.replace(src, dst)
         else:
             tmp = dst.with_name(dst.name + ".tmp")
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                fout.flush()
-                os.fsync(fout.fileno())
-            os.replace(tmp, dst)
+            try:
+                with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+                os.replace(tmp, dst)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         size, digest = sha256_file(dst)
         out[str(kind)] = {"name": dst.name, "size": size, "sha256": digest}
     fsync_dir(result_dir)
@@ -145,9 +237,13 @@ def write_preview_npz(path: Path, mesh) -> None:
         if value is not None:
             arrays[name] = np.frombuffer(value, np.uint8) if name == "texture_png" else np.asarray(value)
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_mesh_npz(path: Path):
@@ -173,9 +269,12 @@ def _snake(name: str) -> str:
 
 def classify_error(exc: BaseException) -> tuple[str, bool]:
     """(error code, retriable) for a failed job. ``ModelNotFoundError`` -> ``model_not_found``;
-    ``ValueError`` -> ``invalid_params``; out of memory -> ``out_of_memory``; else ``pipeline_error``."""
+    ``ValueError`` -> ``invalid_params``; out of memory -> ``out_of_memory``; no space left on the
+    device -> ``disk_full``; else ``pipeline_error``."""
     if _is_oom(exc):
         return "out_of_memory", True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full", True
     name = type(exc).__name__
     if name == "ModelNotFoundError":
         return "model_not_found", False
@@ -228,26 +327,27 @@ def worker_main(conn, cancel_value, pipeline_spec: str) -> None:
     try:
         run_job = load_callable(pipeline_spec)
     except PipelineSpecError as exc:
-        conn.send(("fatal", str(exc)))
+        conn.send(WorkerFatal(str(exc)))
         return
     warm_up = getattr(sys.modules.get(pipeline_spec.split(":", 1)[0]), "warm_up", None)
     if callable(warm_up):
         try:
             warm_up()
         except Exception as exc:  # noqa: BLE001 - reported to the server, which refuses to start
-            conn.send(("fatal", f"the pipeline's warm_up() failed: {type(exc).__name__}: {exc}"))
+            conn.send(WorkerFatal(f"the pipeline's warm_up() failed: {type(exc).__name__}: {exc}"))
             return
-    conn.send(("ready", os.getpid()))
+    conn.send(WorkerReady(os.getpid()))
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             return
-        if msg[0] == "quit":
+        if isinstance(msg, Quit):
             return
-        if msg[0] == "run":
+        if isinstance(msg, RunJob):
             try:
-                _run_one(conn, cancel_value, run_job, *msg[1:])
+                _run_one(conn, cancel_value, run_job, msg.job_no, msg.job_id, msg.params, msg.work_dir,
+                         msg.result_dir, msg.preview_path)
             except (BrokenPipeError, EOFError, OSError):
                 return
 
@@ -265,7 +365,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
 
     def emit(event):
         if isinstance(event, ProgressEvent):
-            conn.send(("progress", job_no, event))
+            conn.send(JobProgress(job_no, event))
         elif isinstance(event, PreviewEvent):
             event = dataclasses.replace(event, mesh=with_edges(event.mesh))  # Blender skips calc_edges
             now = time.monotonic()
@@ -275,7 +375,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
                 pending_preview[0] = None
             else:
                 pending_preview[0] = event.mesh
-            conn.send(("preview", job_no, event))
+            conn.send(JobPreview(job_no, event))
 
     def cancelled() -> bool:
         return cancel_value.value == job_no
@@ -283,7 +383,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
     from backend.pipeline.events import JobContext
 
     ctx = JobContext(out_dir=work_dir, emit=emit, cancelled=cancelled)
-    conn.send(("started", job_no))
+    conn.send(JobStarted(job_no))
     try:
         result = run_pipeline(run_job, params, _make_params, ctx, preview_path.parent)  # generate | texture
         if not isinstance(result, ResultEvent):
@@ -295,9 +395,9 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
         if mesh is not None:
             mesh = with_edges(mesh)
             write_preview_npz(preview_path.with_name(RESULT_MESH_FILE), mesh)
-        conn.send(("result", job_no, {"files": files, "info": _plain(result.info), "mesh": mesh}))
+        conn.send(JobResult(job_no, files, _plain(result.info), mesh))
     except Cancelled:
-        conn.send(("cancelled", job_no))
+        conn.send(JobCancelled(job_no))
     except (BrokenPipeError, EOFError):
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure of a job becomes an error message
@@ -307,13 +407,15 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
                 torch = sys.modules.get("torch")
                 if torch is not None and torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            conn.send(("error", job_no, "out_of_memory",
-                       f"out of memory while running the job ({type(exc).__name__}: {exc}); try a smaller "
-                       "preset such as 'draft', or lower the resolution overrides", True, tb))
+            conn.send(JobFailed(job_no, "out_of_memory",
+                                f"out of memory while running the job ({type(exc).__name__}: {exc}); try a "
+                                "smaller preset such as 'draft', or lower the resolution overrides", True, tb))
         else:
             code, retriable = classify_error(exc)
             text = f"{exc}" if code == "invalid_params" else f"{type(exc).__name__}: {exc}"
-            conn.send(("error", job_no, code, text, retriable, tb))
+            if code == "disk_full":
+                text = f"the disk holding the job folder is full ({exc}); free some space and submit again"
+            conn.send(JobFailed(job_no, code, text, retriable, tb))
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
 
@@ -373,7 +475,7 @@ class WorkerHandle:
 
     def run(self, job_no: int, job_id: str, params: dict, work_dir: Path, result_dir: Path,
             preview_path: Path) -> None:
-        self.conn.send(("run", job_no, job_id, params, str(work_dir), str(result_dir), str(preview_path)))
+        self.conn.send(RunJob(job_no, job_id, params, str(work_dir), str(result_dir), str(preview_path)))
 
     def cancel(self, job_no: int) -> None:
         self.cancel_value.value = job_no
@@ -410,10 +512,10 @@ class WorkerHandle:
         except (EOFError, OSError):
             self.proc.join(1.0)
             raise WorkerDied(self.proc.exitcode) from None
-        if msg[0] == "fatal":
-            raise PipelineSpecError(msg[1])
-        if msg[0] != "ready":
-            raise RuntimeError(f"unexpected first message from the worker: {msg[0]!r}")
+        if isinstance(msg, WorkerFatal):
+            raise PipelineSpecError(msg.message)
+        if not isinstance(msg, WorkerReady):
+            raise RuntimeError(f"unexpected first message from the worker: {type(msg).__name__}")
         self.ready = True
 
     def kill(self) -> None:
@@ -429,6 +531,6 @@ class WorkerHandle:
         if self.proc is None:
             return
         with contextlib.suppress(OSError, ValueError):
-            self.conn.send(("quit",))
+            self.conn.send(Quit())
         self.proc.join(timeout)
         self.kill()
