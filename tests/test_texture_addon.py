@@ -172,5 +172,33 @@ def test_texture_selected_keeps_topology_modifiers_uv_maps_and_materials(backend
     assert r["errors"][1][0] == "bad_object" and "no faces" in r["errors"][1][1]
 
 
+def _body_big(args):
+    import time
+
+    import numpy as np
+
+    bpy = _enable()
+    from blender_addon import api
+
+    bpy.ops.mesh.primitive_grid_add(x_subdivisions=317, y_subdivisions=317, size=4.0)  # 100k quads
+    grid = bpy.context.active_object
+    t0 = time.monotonic()
+    obj = api.texture(grid, "a red floor", preset="cpu", overrides=args["fast"], connection=args["conn"])
+    seconds = time.monotonic() - t0
+    me = obj.data
+    uv = np.empty(len(me.loops) * 2, np.float32)
+    me.uv_layers["Conjure"].data.foreach_get("uv", uv)
+    api.disconnect()
+    return {"triangles": sum(p.loop_total - 2 for p in me.polygons), "seconds": seconds,
+            "uv_range": [float(uv.min()), float(uv.max())], "uv_maps": [u.name for u in me.uv_layers]}
+
+
+def test_texture_selected_uploads_a_200k_triangle_object_in_pieces(backend):
+    r = run_body(__file__, "big", {"conn": str(backend.conn), "fast": FAST}, timeout=180)
+    assert r["triangles"] >= 200_000 and r["uv_maps"] == ["UVMap", "Conjure"]
+    assert r["uv_range"][0] >= 0.0 and r["uv_range"][1] <= 1.0 and r["uv_range"][1] > 0.9
+    print(f"200k-triangle object textured (test pipeline) in {r['seconds']:.1f} s")
+
+
 if __name__ == "__main__":
     body_main(globals())
