@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from backend.gaussians.cameras import Cameras, sample_cameras
 from backend.guidance.loss import LossFn, sds_loss_fn
 from backend.mesh import rasterize as rz
-from backend.mesh.bake import ColorFn, bake_texture, gaussian_color_fn
+from backend.mesh.bake import ColorFn, bake_texture, dilate, gaussian_color_fn, texel_surface_points
 from backend.mesh.cleanup import clean_mesh
 from backend.mesh.export import compute_vertex_normals
 from backend.mesh.uv import unwrap
@@ -63,7 +63,9 @@ class TexturedMesh:
     corner_uvs: (F*3, 2) float32 per-corner UVs (origin bottom-left);
     uv: (M, 2) float32 unique UVs and uv_faces (F, 3) int64 (index buffer for ``interpolate``);
     texture: (H, W, 3) float32 in [0, 1], row 0 at the top;
-    offsets: (V, 3) float32 learned displacement (zeros unless vertex offsets are optimised).
+    offsets: (V, 3) float32 learned displacement (zeros unless vertex offsets are optimised);
+    texel_mask: (H, W) bool texels inside the UV charts (the padding outside is refilled from the
+    nearest chart texel after every refinement step, so mip levels never average in stray padding).
     """
 
     positions: torch.Tensor
@@ -74,6 +76,7 @@ class TexturedMesh:
     texture: torch.Tensor
     offsets: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    texel_mask: torch.Tensor | None = None  # (H, W) bool: texels covered by a chart (None: unknown)
 
     @property
     def deformed(self) -> torch.Tensor:
@@ -140,11 +143,21 @@ def prepare_textured_mesh(positions: np.ndarray, faces: np.ndarray, color_fn: Co
     else:
         tex = torch.full((texture_resolution, texture_resolution, 3), float(default_color), device=device)
         coverage = float("nan")
+        mask = None
     t3 = time.perf_counter()
     info = dict(clean.stats, uv_charts_texels=texture_resolution, atlas_coverage=coverage,
                 seconds_cleanup=t1 - t0, seconds_uv=t2 - t1, seconds_bake=t3 - t2)
     return TexturedMesh(pos, fcs, corner, torch.as_tensor(atlas.uv, device=device),
-                        torch.as_tensor(atlas.uv_faces, device=device), tex, None, info)
+                        torch.as_tensor(atlas.uv_faces, device=device), tex, None, info, mask)
+
+
+def padding_source(mask: torch.Tensor) -> torch.Tensor:
+    """(H, W) int64 flat index of the nearest chart texel for every texel (itself inside a chart)."""
+    from scipy.ndimage import distance_transform_edt
+
+    m = mask.detach().cpu().numpy()
+    _, (rows, cols) = distance_transform_edt(~m, return_indices=True)
+    return torch.as_tensor(rows * m.shape[1] + cols, dtype=torch.int64, device=mask.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +238,9 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
     losses: list[float] = []
     total = int(config.steps)
     backend = str(config.rasterizer)
+    source = None
+    if mesh.texel_mask is not None and bool(mesh.texel_mask.any()) and not bool(mesh.texel_mask.all()):
+        source = padding_source(mesh.texel_mask).reshape(-1)
     for step in range(total):
         if ctx is not None:
             ctx.check_cancel()
@@ -251,6 +267,9 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
         opt.step()
         with torch.no_grad():
             texture.clamp_(0.0, 1.0)
+            if source is not None:  # the padding follows the charts (mipmaps average it in)
+                flat = texture.view(-1, texture.shape[-1])
+                flat.copy_(flat[source])
             if offsets is not None:
                 offsets.clamp_(-config.offset_limit, config.offset_limit)
         losses.append(float(loss.detach()))
@@ -264,6 +283,45 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
     mesh.texture = texture.detach()
     mesh.offsets = None if offsets is None else offsets.detach()
     mesh.info["loss"] = losses
+    return mesh
+
+
+def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours: int = 16,
+                      dilation: int = 16, backend: str = "auto") -> TexturedMesh:
+    """Re-bake the texture through 3D so that both sides of every UV seam agree.
+
+    Each covered texel's surface point (Blender frame) becomes an isotropic Gaussian carrying the
+    texel's colour, with std ``sigma_texels`` × the mean texel size on the surface (world units,
+    from the surface area over the covered texel count); the texture is then baked again from that
+    colour field (:func:`~backend.mesh.bake.gaussian_color_fn`, ``neighbours`` nearest texels) and
+    dilated. Texels on either side of a seam are neighbours in 3D though far apart in UV, so the
+    seam jump becomes an ordinary step between neighbouring texels, and isolated speckles are
+    averaged with their 3D neighbourhood (a Gaussian blur of ~``sigma_texels`` on the surface).
+    The UV-space dilation alone (DreamGaussian, Magic3D) only pads charts; it cannot make the two
+    sides of a seam agree.
+
+    Returns the same mesh with ``texture`` replaced.
+    """
+    H, W = mesh.texture.shape[:2]
+    points, mask = texel_surface_points(mesh.deformed, mesh.faces, mesh.corner_uvs, (H, W), backend)
+    n = int(mask.sum())
+    if n < 4:
+        return mesh
+    pts = points[mask].float()
+    cols = mesh.texture[mask].float()
+    tri = mesh.deformed[mesh.faces]
+    area = 0.5 * torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1).norm(dim=-1).sum()
+    texel = float((area / n).sqrt())
+    ones = torch.ones(n, device=pts.device)
+    quats = torch.zeros(n, 4, device=pts.device)
+    quats[:, 0] = 1.0
+    fn = gaussian_color_fn(pts, quats, torch.full((n, 3), max(texel * sigma_texels, 1e-6), device=pts.device),
+                           ones * 0.99, cols, k=neighbours)
+    tex = torch.zeros_like(mesh.texture)
+    chunk = 65536
+    tex[mask] = torch.cat([fn(pts[i:i + chunk]) for i in range(0, n, chunk)]).clamp(0.0, 1.0)
+    mesh.texture = dilate(tex, mask, dilation)
+    mesh.texel_mask = mask
     return mesh
 
 
@@ -392,5 +450,7 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
     shading = preset.shading if preset.shading.fine else None
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 2)
     refine(mesh, loss_fn, camera_fn, cfg, ctx, shading=shading, generator=gen)
+    if cfg.rebake_sigma > 0:
+        seam_aware_rebake(mesh, float(cfg.rebake_sigma), dilation=int(cfg.bake_dilation), backend=backend)
     info = {k: v for k, v in mesh.info.items() if k != "loss"}
     return FineResult(mesh.to_payload(), list(mesh.info.get("loss", [])), info)

@@ -175,6 +175,9 @@ class FineConfig:
         texture_filter: "linear" (bilinear) or "linear-mipmap-linear" (mipmapped, antialiased
             minification with per-pixel UV derivatives; DreamGaussian's nvdiffrast mesh renderer):
             a texel then receives the gradient of every pixel whose footprint covers it.
+        rebake_sigma: after refinement, re-bake the texture through 3D (each texel a Gaussian of
+            this std in texels on the surface) so both sides of every UV seam agree and lone
+            speckles average out (``fine.seam_aware_rebake``); 0 disables.
         tv_weight: weight of a total-variation smoothness prior on the texels (squared differences
             of neighbouring texels, mean over the texture), against speckle where few pixels
             constrain a texel.
@@ -201,6 +204,7 @@ class FineConfig:
     cfg_scale: float | None = None
     tv_weight: float = 0.0
     texture_filter: str = "linear"
+    rebake_sigma: float = 0.0
 
 
 @dataclass
@@ -244,12 +248,24 @@ class Preset:
     seed: int | None = None
 
 
+#: Issue-12 techniques every preset uses (see ``docs/benchmarks.md`` "Issue 12 — pipeline ablation"):
+#: DreamFusion shading in both stages, DreamTime timesteps, the Magic3D refine stage's t_max 0.5,
+#: DreamGaussian's mipmapped texture lookups and the seam-aware re-bake. Unverified on a GPU with
+#: Stable Diffusion in the session that set them (no GPU was available); measured on the cpu preset.
+def _shading() -> ShadingConfig:
+    return ShadingConfig(coarse=True, fine=True)
+
+
+def _guidance(**kw) -> GuidanceConfig:
+    return GuidanceConfig(t_sampling="dreamtime", **kw)
+
+
 def _draft() -> Preset:
     return Preset(
         name="draft",
         coarse=CoarseConfig(steps=500, batch_size=4, num_points=4000, render_resolution=128,
                             render_resolution_end=256, preview_every=50, mesh_grid=128, mesh_faces=30000),
-        fine=None,
+        fine=None, guidance=_guidance(), shading=_shading(),
     )
 
 
@@ -257,7 +273,9 @@ def _standard() -> Preset:
     return Preset(
         name="standard",
         coarse=CoarseConfig(steps=800, batch_size=4, num_points=5000, preview_every=100),
-        fine=FineConfig(steps=300, render_resolution=512, texture_resolution=1024),
+        fine=FineConfig(steps=300, render_resolution=512, texture_resolution=1024, t_max=0.5,
+                        texture_filter="linear-mipmap-linear", rebake_sigma=1.0),
+        guidance=_guidance(), shading=_shading(),
     )
 
 
@@ -268,7 +286,8 @@ def _high() -> Preset:
                             render_resolution_end=512, max_points=100000, preview_every=150,
                             mesh_grid=192, mesh_faces=100000),
         fine=FineConfig(steps=600, render_resolution=512, texture_resolution=2048, grid_resolution=192,
-                        face_budget=100000),
+                        face_budget=100000, t_max=0.5, texture_filter="linear-mipmap-linear", rebake_sigma=1.0),
+        guidance=_guidance(), shading=_shading(),
     )
 
 
@@ -282,8 +301,10 @@ def _cpu() -> Preset:
                             max_points=3000, split_scale=0.06, preview_every=50, preview_grid=48,
                             preview_faces=5000, mesh_grid=64, mesh_faces=10000),
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
-                        face_budget=5000, lr=2e-2, vertex_offsets=False),
-        guidance=GuidanceConfig(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
+                        face_budget=5000, lr=2e-2, vertex_offsets=False, t_max=0.5,
+                        texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.0),
+        guidance=_guidance(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
+        shading=_shading(),
     )
 
 
@@ -367,6 +388,11 @@ def validate_preset(preset: Preset) -> None:
             ("fine.render_resolution", preset.fine.render_resolution >= 8, "must be >= 8"),
             ("fine.texture_resolution", preset.fine.texture_resolution >= 8, "must be >= 8"),
             ("fine.face_budget", preset.fine.face_budget >= 4, "must be >= 4"),
+            ("fine.texture_filter", preset.fine.texture_filter in ("linear", "linear-mipmap-linear"),
+             "must be linear or linear-mipmap-linear"),
+            ("fine.t_max", preset.fine.t_max is None or 0.0 < preset.fine.t_max <= 1.0, "must be in (0, 1]"),
+            ("fine.tv_weight", preset.fine.tv_weight >= 0, "must be >= 0"),
+            ("fine.rebake_sigma", preset.fine.rebake_sigma >= 0, "must be >= 0"),
         ]
     for key, ok, why in checks:
         if not ok:
