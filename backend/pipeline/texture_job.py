@@ -15,8 +15,9 @@ mesh is the user's own (``protocol.mesh.MeshPayload``, Blender frame, metres, va
 3. **Start texture**: the uploaded texture when the own UVs are kept and one was sent, else the
    object's base colour (sRGB 0..1) when given, else neutral grey 0.5.
 4. **Refine**: ``backend.pipeline.fine.refine`` with ``fine.fine_loss_fn`` (the fine stage's SDS
-   texture loop with its own t_max / cfg_scale, shading and texture filter: Magic3D's refine
-   stage, DreamGaussian's texture pipeline) under the preset's ``fine`` settings; previews stream
+   texture loop with its own t_max / cfg_scale, shading, texture filter and chart padding:
+   Magic3D's refine stage, DreamGaussian's texture pipeline) under the preset's ``fine`` settings,
+   then the fine stage's seam-aware re-bake when ``fine.rebake_sigma`` > 0; previews stream
    as textured meshes at the uploaded positions, about ``PREVIEWS_PER_JOB`` of them (the whole
    job is this loop) unless ``fine.preview_every`` is overridden.
 5. **Export**: ``textured.glb`` (+ OBJ/MTL/PNG) of the same mesh with its texture.
@@ -116,6 +117,7 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
         uploaded positions and faces (the same arrays), per-corner uvs, normals and texture_rgba;
         ``info`` with the UV decision, timings and ``warnings``.
     """
+    from backend.mesh.bake import texel_surface_points
     from backend.mesh.export import compute_vertex_normals, export_mesh
     from backend.mesh.uv import uv_from_corners
     from backend.pipeline.fine import (
@@ -124,6 +126,7 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
         fine_loss_fn,
         random_camera_fn,
         refine,
+        seam_aware_rebake,
     )
     from backend.pipeline.presets import FineConfig, get_preset, preset_to_dict
     from backend.pipeline.run import cpu_threads, pick_device, seed_everything, unknown_words
@@ -182,6 +185,10 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
         positions=torch.as_tensor(norm, device=device), faces=torch.as_tensor(faces, device=device),
         corner_uvs=torch.as_tensor(corner_uvs, device=device), uv=torch.as_tensor(uv, device=device),
         uv_faces=torch.as_tensor(uv_faces, device=device), texture=texture.to(device))
+    # the charts' texels: the padding outside them is refilled from the nearest chart texel after
+    # every step (as in the fine stage), so mip levels never average stray padding in
+    _, tm.texel_mask = texel_surface_points(tm.positions, tm.faces, tm.corner_uvs, tuple(tm.texture.shape[:2]),
+                                            str(cfg.rasterizer))
     job_ctx = _preview_at_upload(ctx, mesh)
     job_ctx.emit(PreviewEvent(STAGE, 0, tm.to_payload(PREVIEW_TEXTURE_SIDE)))
     # 4. refine (texture only: vertex offsets off, whatever the preset says), as the fine stage does
@@ -196,6 +203,8 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
     gen = torch.Generator().manual_seed(int(seed) + 2)
     t_refine = time.perf_counter()
     refine(tm, loss_fn, camera_fn, settings, job_ctx, stage=STAGE, shading=shading, generator=gen)
+    if cfg.rebake_sigma > 0:  # both sides of every UV seam agree, as in the fine stage
+        seam_aware_rebake(tm, float(cfg.rebake_sigma), dilation=int(cfg.bake_dilation), backend=str(cfg.rasterizer))
     seconds_refine = time.perf_counter() - t_refine
     ctx.check_cancel()
     # 5. the same mesh with its texture
