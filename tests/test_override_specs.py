@@ -7,7 +7,15 @@ import typing
 import pytest
 
 from backend.cli import parse_sets
-from backend.pipeline.presets import PRESETS, CoarseConfig, FineConfig, GuidanceConfig, Preset, get_preset
+from backend.pipeline.presets import (
+    PRESETS,
+    CoarseConfig,
+    FineConfig,
+    GuidanceConfig,
+    Preset,
+    ShadingConfig,
+    get_preset,
+)
 from protocol import ProtocolError
 from protocol.params import OVERRIDE_SPECS, coerce_overrides, coerce_value, parse_override_text
 
@@ -17,11 +25,12 @@ _KIND_OF_TYPE = {int: {"int"}, float: {"float"}, bool: {"bool"}, str: {"str", "c
 def _preset_fields() -> dict[str, object]:
     """dotted key -> type hint of every overridable preset field."""
     out = {}
-    for section, cls in (("guidance", GuidanceConfig), ("coarse", CoarseConfig), ("fine", FineConfig)):
+    for section, cls in (("guidance", GuidanceConfig), ("coarse", CoarseConfig), ("fine", FineConfig),
+                         ("shading", ShadingConfig)):
         for name, hint in typing.get_type_hints(cls).items():
             out[f"{section}.{name}"] = hint
     for name, hint in typing.get_type_hints(Preset).items():
-        if name not in ("name", "coarse", "fine", "guidance"):
+        if name not in ("name", "coarse", "fine", "guidance", "shading"):
             out[name] = hint
     return out
 
