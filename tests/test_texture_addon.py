@@ -140,6 +140,24 @@ def _body_texture(args):
         except api.ConjureError as e:
             errors.append([e.code, e.message])
     out["errors"] = errors
+    # a texture job that times out is cancelled: the preview copy goes, the object shows again
+    import time
+
+    slow = dict(args["fast"], **{"test.steps": 400, "test.step_seconds": 0.05})
+    shown_before = RUNTIME.stats["previews_applied"]
+    try:
+        api.texture(cyl, "a slow can", preset="cpu", overrides=slow, connection=conn, timeout=2.0, previews=True)
+        out["timeout"] = None
+    except api.ConjureError as e:
+        out["timeout"] = e.code
+        job = RUNTIME.client.jobs[e.job_id]
+        deadline = time.monotonic() + 10
+        while (job.state != "cancelled" or e.job_id in RUNTIME.slots) and time.monotonic() < deadline:
+            RUNTIME.process(0.05, timeout_ms=20)
+        out["after_cancel"] = {"state": job.state, "hidden": cyl.hide_get(),
+                               "previews": RUNTIME.stats["previews_applied"] - shown_before,
+                               "objects": sorted(o.name for o in bpy.data.objects),
+                               "uv_maps": [u.name for u in cyl.data.uv_layers]}
     api.disconnect()
     return out
 
@@ -170,6 +188,11 @@ def test_texture_selected_keeps_topology_modifiers_uv_maps_and_materials(backend
     assert ca["co"] == cb["co"] and list(ca["uv"]) == ["UVMap", "Conjure"]
     assert r["errors"][0][0] == "bad_object" and "mesh object" in r["errors"][0][1]
     assert r["errors"][1][0] == "bad_object" and "no faces" in r["errors"][1][1]
+    assert r["timeout"] == "timeout"
+    ac = r["after_cancel"]
+    assert ac["previews"] >= 1 and ac["state"] == "cancelled" and not ac["hidden"], ac
+    assert not any("(texturing)" in name for name in ac["objects"]), ac["objects"]
+    assert ac["uv_maps"] == ["UVMap", "Conjure"]  # the earlier texture stays; nothing half-applied
 
 
 def _body_big(args):
