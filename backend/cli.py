@@ -1,7 +1,8 @@
-"""``conjure-backend`` (also ``python -m backend``): serve | generate | jobs | keys.
+"""``conjure-backend`` (also ``python -m backend``): serve | generate | texture | jobs | keys.
 
     conjure-backend serve [--data-dir DIR] [--connection-file PATH] [--bind IP] [--port N] ...
     conjure-backend generate "a prompt" --out chair.glb [--preset P] [--seed N] [--set key=value ...]
+    conjure-backend texture IN.glb|IN.obj "a prompt" --out OUT.glb [--preset P] [--color R,G,B] [--set k=v]
     conjure-backend jobs [--data-dir DIR] [--json]
     conjure-backend keys --dir DIR --client NAME     (CurveZMQ keys for --bind on a network address)
     conjure-backend models list | pull ID | remove ID   (the Hugging Face cache + known-good models)
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=argparse.SUPPRESS)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from backend.texture_cli import add_parser as add_texture_parser
+
+    add_texture_parser(sub)
+
     j = sub.add_parser("jobs", help="list the jobs in the data directory")
     j.add_argument("--data-dir", type=Path, default=None)
     j.add_argument("--json", action="store_true", help="print JSON records")
@@ -133,8 +138,10 @@ def add_model_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"serve": cmd_serve, "generate": cmd_generate, "jobs": cmd_jobs, "keys": cmd_keys,
-                "models": cmd_models, "doctor": cmd_doctor}[args.command](args)
+        from backend.texture_cli import cmd_texture
+
+        return {"serve": cmd_serve, "generate": cmd_generate, "texture": cmd_texture, "jobs": cmd_jobs,
+                "keys": cmd_keys, "models": cmd_models, "doctor": cmd_doctor}[args.command](args)
     except KeyboardInterrupt:
         print("conjure-backend: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""Headless API: ``generate(prompt, ...) -> bpy.types.Object``, blocking.
+"""Headless API: ``generate(prompt, ...)`` and ``texture(obj, prompt, ...)`` -> ``bpy.types.Object``, blocking.
 
 Works where timers never run (``blender -b --python script.py``, bpy as a module): it
 pumps the socket itself until the result is in the scene, and raises ``ConjureError`` on
@@ -15,6 +15,8 @@ default Cube sits at the origin, so the props go beside it)::
         obj = api.generate(prompt, seed=i, size=1.0)
         print(obj.name, obj["conjure_model"], list(obj["conjure_warnings"]) or "no warnings")
     bpy.ops.wm.save_as_mainfile(filepath="props.blend")
+
+    api.texture(bpy.data.objects["Crate"], "a weathered wooden crate", preset="cpu")
 """
 
 import time
@@ -27,7 +29,7 @@ from .prefs_access import get_prefs
 from .properties import SEED_MAX
 from .runtime import RUNTIME
 
-__all__ = ["generate", "ConjureError", "ConjureWarning", "connect", "disconnect"]
+__all__ = ["generate", "texture", "ConjureError", "ConjureWarning", "connect", "disconnect"]
 
 
 class ConjureWarning(UserWarning):
@@ -94,6 +96,36 @@ def generate(prompt, *, negative_prompt="", seed=None, preset=None, overrides=No
     request = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
                "preset": preset or prefs.default_preset or "auto", "overrides": overrides}
     job = RUNTIME.submit(request, location=location, collection=collection, connection=connection)
+    return _wait_for_object(job, client, timeout, previews)
+
+
+def texture(obj, prompt, *, negative_prompt="", seed=None, preset=None, overrides=None, timeout=None,
+            connection=None, previews=False):
+    """Texture the mesh object ``obj`` from ``prompt`` in place and return it (blocking).
+
+    The object keeps its topology, modifiers, UV maps and materials; it gains a UV map named
+    ``Conjure`` and a new material (in a new slot, given to every face) whose image is the
+    texture (see ``texture_ops``). Arguments and errors as in :func:`generate`; ``obj`` must be
+    a mesh object with faces (else ``ConjureError('bad_object')``).
+    """
+    from . import texture_ops
+
+    prefs = get_prefs()
+    timeout = float(prefs.timeout if timeout is None else timeout)
+    client = connect(connection)
+    request = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+               "preset": preset or prefs.default_preset, "overrides": overrides or {}}
+    request = texture_ops.texture_request(obj, request)
+    try:
+        job = RUNTIME.submit(request, location=(0.0, 0.0, 0.0), connection=connection)
+    except ConjureError:
+        texture_ops.TEXTURE_JOBS.pop(request["job_id"], None)
+        raise
+    return _wait_for_object(job, client, timeout, previews)
+
+
+def _wait_for_object(job, client, timeout, previews):
+    """Pump until ``job``'s result is in the scene; return the object (raises ``ConjureError``)."""
     start = time.monotonic()
     lost_since = None
     try:

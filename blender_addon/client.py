@@ -30,6 +30,7 @@ from .protocol import (
     validate_params,
     version_compatible,
 )
+from .protocol.mesh import texture_submit
 
 __all__ = ["Client", "JobState", "ConjureError", "FINAL_STATES"]
 
@@ -417,10 +418,13 @@ class Client:
                     self._unanswered_since = now
 
     # -- public requests ---------------------------------------------------------------------
-    def submit(self, prompt, *, negative_prompt="", seed=None, preset=None, overrides=None, job_id=None):
-        """Queue a generation; returns its ``JobState``. Parameters are validated here first.
+    def submit(self, prompt, *, negative_prompt="", seed=None, preset=None, overrides=None, job_id=None,
+               mesh=None, base_color=None):
+        """Queue a generation (or, with ``mesh``, a texture job); returns its ``JobState``.
 
-        Raises ``ConjureError("invalid_params")`` naming the bad field.
+        ``mesh`` is a ``MeshPayload`` to texture (uploaded with ``encode_mesh``, validated here
+        as strictly as the server will); ``base_color`` its sRGB [r, g, b] start colour or None.
+        Raises ``ConjureError("invalid_params")`` naming the bad field, or the mesh's error code.
         """
         params = {"prompt": prompt, "negative_prompt": negative_prompt or "", "seed": seed,
                   "preset": preset or "auto", "overrides": dict(overrides or {})}
@@ -428,10 +432,19 @@ class Client:
             validate_params(params)
         except ProtocolError as e:
             raise ConjureError("invalid_params", e.message) from None
+        content, buffers, pieces = {"params": params}, (), []
+        if mesh is not None:  # small meshes ride in the submit, larger ones go first in upload pieces
+            try:
+                pieces, content, buffers = texture_submit(params, mesh, base_color)
+            except ProtocolError as e:
+                raise ConjureError(e.code, "the mesh cannot be sent: " + e.message) from None
         job_id = job_id or new_job_id()
+        for piece, chunk in pieces:  # queued in order; the socket keeps it (non-blocking sends)
+            self._send("upload", piece, chunk, job_id=job_id)
         job = self.jobs.get(job_id) or JobState(job_id, params)
+        job.kind = content.get("kind", "generate")
         self.jobs[job_id] = job
-        self._send("submit", {"params": params}, job_id=job_id)
+        self._send("submit", content, job_id=job_id, buffers=buffers)
         self.changed = True
         return job
 

@@ -159,6 +159,8 @@ class CONJURE_PT_main(bpy.types.Panel):
             row.operator("conjure.cancel", text="Cancel", icon="CANCEL")
         else:
             row.operator("conjure.generate", text="Generate", icon="PLAY")
+        row = layout.row(align=True)
+        row.operator("conjure.texture_selected", text="Texture Selected", icon="TEXTURE")
         if pending:
             box = layout.box()
             _wrap(box, "Waiting for the backend to start. The job is sent when it answers.", context,

@@ -17,7 +17,7 @@ from collections import deque
 
 import bpy
 
-from . import importer, thumbnails
+from . import importer, texture_ops, thumbnails
 from .backend_process import LocalBackend
 from .client import Client, ConjureError, load_connection, parse_address
 from .prefs_access import default_connection_file, get_prefs
@@ -379,12 +379,14 @@ class Runtime:
         if slot is None:
             loc, coll_name = self.placement.get(job.job_id, (None, None))
             coll = bpy.data.collections.get(coll_name) if coll_name else None
-            slot = importer.PreviewSlot(job.job_id, importer.object_name_for_prompt(job.prompt),
-                                        location=loc, collection=coll)
+            slot = texture_ops.preview_slot(job, coll) or importer.PreviewSlot(
+                job.job_id, importer.object_name_for_prompt(job.prompt), location=loc, collection=coll)
             self.slots[job.job_id] = slot
         return slot
 
     def _result_stages(self, job, payload):
+        if texture_ops.is_texture_job(job.job_id):  # Texture Selected: map back onto the user's object
+            return texture_ops.TextureResultStages(self, job, payload)
         loc, coll_name = self.placement.get(job.job_id, (None, None))
         coll = None
         if coll_name:

@@ -307,3 +307,101 @@ def decode_mesh(meta: dict, buffers: Iterable[Any]) -> MeshPayload:
         edges=loaded.get("edges"),
         corner_edges=loaded.get("corner_edges"),
     )
+
+
+def validate_upload_mesh(mesh: MeshPayload) -> MeshPayload:
+    """Extra checks for a mesh a client uploads to be textured (after ``decode_mesh``).
+
+    ``decode_mesh`` already enforced the limits, dtypes, shapes, byte lengths, index ranges and
+    finite values; a texture job also needs at least one triangle, and no edges (the backend
+    derives its own). UVs may lie anywhere (the backend checks them and re-unwraps when they are
+    outside 0..1 or overlap). Raises ``ProtocolError("bad_mesh")``.
+    """
+    if len(mesh.faces) == 0:
+        raise _mesh_err("faces", "an uploaded mesh needs at least one triangle")
+    if mesh.edges is not None:
+        raise ProtocolError("bad_mesh", "mesh: an uploaded mesh must not carry edges", field="mesh.edges")
+    return mesh
+
+
+def upload_sizes(meta: dict) -> list[int]:
+    """Byte length of each buffer a mesh ``meta`` describes, in buffer-index order (0, 1, …).
+
+    Only the descriptors are read (known field, dtype, a list of non-negative ints as shape,
+    indices 0..k-1 each once); ``decode_mesh`` checks the rest. Raises ``ProtocolError``.
+    """
+    if not isinstance(meta, dict):
+        raise ProtocolError("bad_mesh", "mesh meta must be an object", field="mesh")
+    sizes: dict[int, int] = {}
+    for name, desc in meta.items():
+        if name not in _FIELDS or not isinstance(desc, dict):
+            raise ProtocolError("bad_mesh", f"mesh: unknown field or bad descriptor {str(name)[:40]!r}", field="mesh")
+        dtype = _FIELDS[name][0]
+        shape, idx = desc.get("shape"), desc.get("buffer")
+        if (not isinstance(shape, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                   for v in shape)):
+            raise _mesh_err(name, "shape must be a list of non-negative ints", "bad_buffer")
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0 or idx in sizes:
+            raise _mesh_err(name, f"buffer index {str(idx)[:20]} is invalid or used twice", "bad_buffer")
+        n = 1 if dtype == "bytes" else np.dtype(dtype).itemsize
+        for v in shape:
+            n *= v  # Python ints: nothing allocated
+        sizes[idx] = n
+    if sorted(sizes) != list(range(len(sizes))):
+        raise ProtocolError("bad_buffer", "mesh: buffer indices must be 0..k-1", field="mesh")
+    return [sizes[i] for i in range(len(sizes))]
+
+
+def pack_upload(mesh: MeshPayload) -> tuple[dict, bytes]:
+    """``(meta, blob)``: ``encode_mesh`` with its buffers concatenated in index order (for uploads
+    sent in ``upload`` pieces; :func:`unpack_upload` is the inverse)."""
+    meta, buffers = encode_mesh(mesh)
+    return meta, b"".join(np.ascontiguousarray(b).tobytes() if isinstance(b, np.ndarray) else bytes(b)
+                          for b in buffers)
+
+
+def unpack_upload(meta: dict, blob) -> MeshPayload:
+    """Split ``blob`` by the sizes ``meta`` describes (checked against its length before anything
+    is made) and ``decode_mesh`` it. Raises ``ProtocolError``."""
+    sizes = upload_sizes(meta)
+    view = memoryview(blob).cast("B")
+    if sum(sizes) != len(view):
+        raise ProtocolError("bad_buffer", f"mesh: the upload has {len(view)} bytes, its meta describes "
+                            f"{sum(sizes)}", field="mesh")
+    buffers, at = [], 0
+    for n in sizes:
+        buffers.append(view[at:at + n])
+        at += n
+    return decode_mesh(meta, buffers)
+
+
+#: Uploads up to this many bytes of buffers ride in the ``submit`` itself; larger ones in pieces.
+INLINE_UPLOAD_BYTES = 256 * 1024
+
+
+def texture_submit(params: dict, mesh: MeshPayload, base_color=None, chunk_bytes: int = 1 << 20
+                   ) -> tuple[list[tuple[dict, list]], dict, list]:
+    """The messages a client sends for a texture job: ``(pieces, submit_content, submit_buffers)``.
+
+    ``pieces`` is a list of ``(upload content, [bytes])`` to send first, in order (empty for a
+    small mesh, whose buffers ride in the submit); then the ``submit``. ``params`` is the
+    ``GenerationParams`` dict; ``base_color`` 3 or 4 sRGB floats in 0..1 or None.
+    """
+    import hashlib
+
+    meta, blob = pack_upload(mesh)
+    content = {"params": params, "kind": "texture", "mesh": meta}
+    if base_color is not None:
+        content["base_color"] = [float(c) for c in base_color]
+    if len(blob) <= INLINE_UPLOAD_BYTES:
+        sizes = upload_sizes(meta)
+        view, at, buffers = memoryview(blob), 0, []
+        for n in sizes:
+            buffers.append(view[at:at + n])
+            at += n
+        return [], content, buffers
+    total = len(blob)
+    pieces = [({"offset": at, "total": total}, [memoryview(blob)[at:at + chunk_bytes]])
+              for at in range(0, total, chunk_bytes)]
+    content["upload"] = {"total": total, "sha256": hashlib.sha256(blob).hexdigest()}
+    return pieces, content, []

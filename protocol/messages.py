@@ -45,7 +45,7 @@ import numpy as np
 
 from .errors import ProtocolError
 from .mesh import MeshPayload, decode_mesh
-from .params import validate_params
+from .params import JOB_KINDS, validate_params
 from .signing import ReplayGuard, Signer, _as_view
 
 if TYPE_CHECKING:
@@ -69,6 +69,12 @@ MAX_STR_CHARS = 4096
 MAX_REQUEST_BYTES = MAX_HEADER_BYTES + MAX_CONTENT_BYTES + 64 * 1024
 #: Largest single frame a server accepts (its socket's ``ZMQ_MAXMSGSIZE``: libzmq drops the peer).
 MAX_REQUEST_FRAME_BYTES = MAX_CONTENT_BYTES + 1024
+
+#: Texture-job uploads larger than one request travel as ``upload`` messages of at most this many
+#: bytes each (one frame; within ``MAX_REQUEST_FRAME_BYTES``), then a ``submit`` that names them.
+UPLOAD_CHUNK_BYTES = 1 << 20
+#: Most bytes of mesh buffers in one texture-job upload (a 1M-triangle mesh with UVs is ~42 MB).
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 
 BUFFER_DTYPES = (
     "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -234,6 +240,13 @@ def _params(v, path):
         raise ProtocolError("invalid_params", e.message, field=field_name) from None
 
 
+def _rgb(v, path):
+    """[r, g, b] or [r, g, b, a], each a number in 0..1."""
+    _list(_num(0.0, 1.0), 4)(v, path)
+    if len(v) < 3:
+        raise _bad(path, f"must have 3 or 4 numbers (r, g, b[, a]), got {len(v)}")
+
+
 _VERSION = _str(16, pattern=_VERSION_RE)
 _STATE = _enum(*JOB_STATES)
 _FILE = _obj({"name": (_str(255, nonempty=True), True), "size": (_int(0), True), "sha256": (_str(64, pattern=_HEX64_RE), False)})
@@ -265,7 +278,19 @@ _SCHEMAS: dict[str, tuple[dict, bool, Any]] = {
         "vocabulary": (_list(_str(64), 4096), False),
         "versions": (_obj(max_keys=32), False),
     }, False, 0),
-    "submit": ({"params": (_params, True)}, True, 0),
+    "submit": ({
+        "params": (_params, True),
+        # kind / mesh / base_color are checked by the receiver's handler with check_submit_upload
+        # (so a bad upload gets an error reply instead of being dropped as a malformed message)
+    }, True, None),
+    "upload": ({
+        "offset": (_int(0, MAX_UPLOAD_BYTES), True),
+        "total": (_int(1, MAX_UPLOAD_BYTES), True),
+    }, True, "chunk"),
+    "upload_ack": ({
+        "received": (_int(0, MAX_UPLOAD_BYTES), True),
+        "total": (_int(0, MAX_UPLOAD_BYTES), True),
+    }, True, 0),
     "accepted": ({
         "queue_position": (_int(0), True),
         "state": (_STATE, False),
@@ -358,7 +383,12 @@ MSG_TYPES: dict[str, str] = {
     "hello_reply": ("server -> client: protocol_version, limits{}, server_version?, presets?, device? "
                     "(\"CPU\" / \"CUDA · <GPU>\"), model? (auto's model id), models? [{id, name, present}], "
                     "vocabulary? (words of a closed-vocabulary default model; empty otherwise), versions? {package: version}"),
-    "submit": "client -> server [job_id]: params (GenerationParams dict); idempotent on job_id",
+    "submit": ("client -> server [job_id]: params (GenerationParams dict), kind? ('generate' | 'texture'), "
+               "mesh? + buffers (kind 'texture': the mesh to texture), base_color? [r, g, b(, a)] sRGB 0..1; "
+               "idempotent on job_id"),
+    "upload": ("client -> server [job_id]: offset, total; one 'bytes' buffer of at most UPLOAD_CHUNK_BYTES: "
+               "a piece of a texture job's mesh upload, in order"),
+    "upload_ack": "server -> client [job_id]: received, total (bytes of the upload so far)",
     "accepted": "server -> client [job_id]: queue_position, state?, duplicate?",
     "progress": "server -> client [job_id, seq]: stage, step, total, fraction, elapsed, eta?, message?",
     "preview_mesh": "server -> client [job_id, seq]: stage, step, mesh meta (encode_mesh) + buffers",
@@ -403,6 +433,38 @@ def validate_content(msg_type: str, content: Any, job_id: str | None = None,
         if rule == "chunk":
             if len(buffers) != 1 or isinstance(buffers[0], np.ndarray):
                 raise ProtocolError("bad_buffer", f"{msg_type} carries exactly one 'bytes' buffer")
+
+
+def check_submit_upload(content: dict, n_buffers: int) -> str:
+    """Check a ``submit``'s job kind and upload fields; return the kind ('generate' | 'texture').
+
+    A texture job carries its mesh (``content.mesh`` + buffers, or ``content.mesh`` + ``content.upload``
+    ``{total, sha256}`` naming the bytes sent before in ``upload`` messages, see
+    ``protocol.mesh.pack_upload``) and may carry ``base_color`` ([r, g, b] or [r, g, b, a], sRGB
+    in 0..1); a generate job carries none of these. The mesh itself is checked by
+    ``decode_mesh``. Raises ``ProtocolError``.
+    """
+    kind = content.get("kind", "generate")
+    if kind not in JOB_KINDS:
+        raise _bad("kind", f"must be one of {', '.join(JOB_KINDS)}, got {str(kind)[:40]!r}")
+    if kind == "texture":
+        if "mesh" not in content:
+            raise _bad("mesh", "submit of kind 'texture' needs a mesh")
+        _obj(max_keys=16)(content["mesh"], "mesh")
+        if "upload" in content:
+            _obj({"total": (_int(1, MAX_UPLOAD_BYTES), True),
+                  "sha256": (_str(64, pattern=_HEX64_RE), True)})(content["upload"], "upload")
+            if n_buffers:
+                raise ProtocolError("bad_buffer", "a submit that names an upload carries no buffers")
+        if content.get("base_color") is not None:
+            _rgb(content["base_color"], "base_color")
+        return kind
+    for name in ("mesh", "base_color", "upload"):
+        if name in content:
+            raise _bad(name, f"a submit of kind {kind!r} takes no {name}")
+    if n_buffers:
+        raise ProtocolError("bad_buffer", f"a submit of kind {kind!r} carries no buffers, got {n_buffers}")
+    return kind
 
 
 # ---------------------------------------------------------------------------------------

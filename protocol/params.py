@@ -19,6 +19,8 @@ PRESET_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 #: Override keys: dotted preset paths such as ``coarse.steps`` (1..6 identifiers).
 OVERRIDE_KEY_RE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*){0,5}\Z")
 PARAM_FIELDS = ("prompt", "negative_prompt", "seed", "preset", "overrides")
+#: Job kinds a ``submit`` may name (content ``kind``): make a new asset, or texture an uploaded mesh.
+JOB_KINDS = ("generate", "texture")
 
 
 @dataclass

@@ -217,3 +217,47 @@ def run_job(params, ctx) -> ResultEvent:
     if knobs["test.nan_info"]:
         info.update(loss=float("nan"), best=float("inf"), history=[1.0, float("-inf")])
     return ResultEvent(files=files, mesh=mesh, info=info)
+
+
+def run_texture(params, mesh, ctx, base_color=None) -> ResultEvent:
+    """Toy texture job (same signature as ``backend.pipeline.run.run_texture``).
+
+    Keeps the uploaded positions and faces (the same arrays), gives every corner a UV from a
+    simple planar projection, and paints a flat texture that moves from ``base_color`` (or grey)
+    towards the colour word of the prompt, with a textured preview per step. Writes a real GLB.
+    """
+    from backend.mesh.export import export_mesh
+    from protocol.mesh import MeshPayload
+
+    knobs = check_params(params.preset, params.overrides)
+    steps = knobs["test.steps"]
+    words = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
+    target = next((np.array(c, np.float32) for w, c in words.items() if w in params.prompt.lower()),
+                  np.array((128, 128, 128), np.float32))
+    start = np.array(base_color[:3], np.float32) * 255 if base_color is not None else np.full(3, 128, np.float32)
+    pos = np.asarray(mesh.positions, np.float64)
+    lo, hi = pos.min(0), pos.max(0)
+    planar = ((pos[:, :2] - lo[:2]) / np.maximum(hi[:2] - lo[:2], 1e-9)).astype(np.float32)
+    uvs = np.clip(planar[np.asarray(mesh.faces, np.int64).reshape(-1)], 0, 1)
+
+    def textured(frac):
+        rgb = (start + (target - start) * frac + 0.5).astype(np.uint8)
+        tex = np.empty((16, 16, 4), np.uint8)
+        tex[..., :3] = rgb
+        tex[..., 3] = 255
+        return MeshPayload(positions=mesh.positions, faces=mesh.faces, uvs=uvs, texture_rgba=tex)
+
+    ctx.emit(ProgressEvent("load", 1, 1, "fake texture model ready"))
+    for step in range(steps):
+        ctx.check_cancel()
+        _step(knobs["test.step_seconds"], knobs["test.busy"])
+        if step == knobs["test.crash"]:
+            raise RuntimeError(f"fake texture job crashed on purpose at step {step}")
+        ctx.emit(ProgressEvent("texture", step + 1, steps, f"step {step + 1}"))
+        every = knobs["test.preview_every"]
+        if every > 0 and (step + 1) % every == 0:
+            ctx.emit(PreviewEvent("texture", step + 1, textured((step + 1) / steps)))
+    result = textured(1.0)
+    files = export_mesh(result, ctx.out_dir, "textured")
+    return ResultEvent(files=files, mesh=result, info={"kind": "texture", "uv_source": "planar",
+                                                       "prompt": params.prompt})

@@ -113,6 +113,8 @@ CONTENT = {
     "fetch_result": st.fixed_dictionaries({"offset": nonneg, "length": st.integers(1, 16 * 2**20)},
                                           optional={"name": ident}),
     "result_chunk": st.fixed_dictionaries({"name": ident, "offset": nonneg, "size": nonneg, "eof": st.booleans()}),
+    "upload": st.fixed_dictionaries({"offset": st.integers(0, 2**29), "total": st.integers(1, 2**29)}),
+    "upload_ack": st.fixed_dictionaries({"received": st.integers(0, 2**29), "total": st.integers(0, 2**29)}),
     "cancel": opt(reason=text),
     "cancelled": opt(message=text),
     "error": st.fixed_dictionaries(
@@ -161,7 +163,7 @@ def messages(draw, msg_type):
         meta, bufs = encode_mesh(mesh, base_index=len(extra))
         content["mesh"] = meta
         buffers = [*extra, *bufs]
-    elif msg_type == "result_chunk":
+    elif msg_type in ("result_chunk", "upload"):
         buffers = [draw(st.binary(max_size=200))]
     return msg_type, content, job_id, seq, buffers, mesh
 

@@ -336,6 +336,22 @@ def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours:
 # pipeline entry
 
 
+def fine_loss_fn(guidance, cfg: FineConfig) -> LossFn:
+    """SDS through ``guidance`` with the fine stage's own ``t_max`` / ``cfg_scale`` when set
+    (Magic3D's refine stage); shared by :func:`run_fine_stage` and the texture job."""
+    changes = {}
+    if cfg.t_max is not None:
+        g = guidance.config
+        changes.update(t_max=float(cfg.t_max), t_max_end=min(float(g.t_max_end), float(cfg.t_max)),
+                       t_min=min(float(g.t_min), float(cfg.t_max)),
+                       t_min_end=min(float(g.t_min_end), float(cfg.t_max)))
+    if cfg.cfg_scale is not None:
+        changes["cfg_scale"] = float(cfg.cfg_scale)
+    if changes:
+        guidance = guidance.with_config(**changes)
+    return sds_loss_fn(guidance)
+
+
 def random_camera_fn(batch: int, resolution: int, coarse_cfg: CoarseConfig | None = None, seed: int | None = None,
                      device: torch.device | str = "cpu") -> CameraFn:
     """Random orbit cameras per step, in the coarse stage's sampling ranges when given."""
@@ -434,17 +450,7 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
     ctx.emit(PreviewEvent("fine", 0, mesh.to_payload(PREVIEW_TEXTURE_SIDE)))
     ctx.check_cancel()
     if loss_fn is None:
-        changes = {}
-        if cfg.t_max is not None:
-            g = guidance.config
-            changes.update(t_max=float(cfg.t_max), t_max_end=min(float(g.t_max_end), float(cfg.t_max)),
-                           t_min=min(float(g.t_min), float(cfg.t_max)),
-                           t_min_end=min(float(g.t_min_end), float(cfg.t_max)))
-        if cfg.cfg_scale is not None:
-            changes["cfg_scale"] = float(cfg.cfg_scale)
-        if changes:
-            guidance = guidance.with_config(**changes)
-        loss_fn = sds_loss_fn(guidance)
+        loss_fn = fine_loss_fn(guidance, cfg)
     if camera_fn is None:
         camera_fn = random_camera_fn(int(cfg.batch_size), cfg.render_resolution, preset.coarse, seed=seed,
                                      device=device)

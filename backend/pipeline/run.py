@@ -173,3 +173,10 @@ def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
     if warnings:
         info.setdefault("warnings", []).extend(warnings)
     return ResultEvent(files=files, mesh=mesh, info=info)
+
+
+def run_texture(params, mesh, ctx: JobContext, base_color=None) -> ResultEvent:
+    """Texture job entry (job kind ``texture``): see ``backend.pipeline.texture_job``."""
+    from backend.pipeline.texture_job import run_texture_job
+
+    return run_texture_job(params, mesh, ctx, base_color=base_color)

@@ -146,13 +146,25 @@ class BackendClient:
         return self.request("ping", {"token": token}, expect=("pong",), timeout=timeout)
 
     def submit(self, params: dict, job_id: str | None = None, *, preview_credits: int | None = None,
-               timeout: float = 5.0) -> str:
-        """Submit; returns the job id once ``accepted`` arrives (raises ``BackendError``)."""
+               timeout: float = 5.0, mesh=None, base_color=None) -> str:
+        """Submit; returns the job id once ``accepted`` arrives (raises ``BackendError``).
+
+        With ``mesh`` (a ``MeshPayload``) the job is a texture job: the mesh is uploaded
+        (``protocol.mesh.texture_submit``: in the submit, or in ``upload`` pieces before it) with the
+        optional ``base_color`` (3 or 4 sRGB floats in 0..1).
+        """
         job_id = job_id or new_job_id()
         content = {"params": params}
+        buffers = ()
+        if mesh is not None:  # small meshes ride in the submit, larger ones go first in upload pieces
+            from protocol.mesh import texture_submit
+
+            pieces, content, buffers = texture_submit(params, mesh, base_color)
+            for piece, chunk in pieces:
+                self.send("upload", piece, job_id=job_id, buffers=chunk)
         if preview_credits is not None:
             content["preview_credits"] = preview_credits
-        sent = self.send("submit", content, job_id=job_id)
+        sent = self.send("submit", content, job_id=job_id, buffers=buffers)
 
         def match(m):
             if m.job_id != job_id:

@@ -20,6 +20,7 @@ from . import jobs as J
 from .jobs import JobRecord
 from .records import list_entry, status_content
 from .streams import DEFAULT_PREVIEW_CREDITS, Subscription
+from .uploads import UploadStore, read_upload, save_upload
 from .worker import package_versions
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 #: most bytes one result_chunk carries (a client asking for more gets this much; it pulls the rest).
 #: With the socket's SNDHWM this bounds what a peer that never reads can pin in the server.
 MAX_FETCH_BYTES = 1 << 20
-CAPABILITIES = ["attach", "fetch_result", "preview_credits", "stats", "models"]
+CAPABILITIES = ["attach", "fetch_result", "preview_credits", "stats", "models", "texture", "upload"]
 
 
 class RequestHandlers:
@@ -40,6 +41,7 @@ class RequestHandlers:
         self.delivery = server.delivery
         self.jobs = server.supervisor
         self.config = server.config
+        self.uploads = UploadStore(self.store.data_dir / "uploads")  # texture-job upload pieces
 
     def dispatch(self, msg) -> None:
         """Run ``on_<msg_type>``; every failure becomes an ``error`` reply to the sender."""
@@ -136,10 +138,13 @@ class RequestHandlers:
         job_id = msg.job_id
         params = validate_params(msg.content["params"])
         rec = self.store.get(job_id)
+        # texture jobs: the mesh, validated (ProtocolError -> error reply); see uploads.py
+        upload = read_upload(msg, self.uploads, existing=rec is not None)
         if rec is not None:
             same = (rec.prompt == params.prompt and rec.negative_prompt == params.negative_prompt
                     and rec.preset == params.preset and rec.overrides == params.overrides
-                    and (params.seed is None or params.seed == rec.seed))
+                    and (params.seed is None or params.seed == rec.seed)
+                    and (rec.upload or {}).get("sha256") == (upload.sha256 if upload else None))
             if not same:
                 d.error(msg.session, "job_id_conflict",
                         f"job {job_id} already exists with other parameters; use a new job id",
@@ -173,8 +178,12 @@ class RequestHandlers:
         rec = JobRecord(job_id=job_id, prompt=params.prompt, negative_prompt=params.negative_prompt, seed=seed,
                         preset=params.preset, overrides=dict(params.overrides), pipeline=self.config.pipeline,
                         versions=package_versions())
+        if upload is not None:
+            rec.kind, rec.upload = "texture", upload.summary()
         try:
             self.store.add(rec)
+            if upload is not None:
+                save_upload(self.store.job_dir(job_id), upload)
         except OSError as exc:  # full disk: refuse the job, keep nothing of it
             self.store.remove(job_id)
             full = J.is_disk_full(exc)
@@ -189,6 +198,21 @@ class RequestHandlers:
         self._grant(msg, sub)
         d.append(rec, stream, "accepted", {"queue_position": ahead, "state": "queued"})
         self.jobs.maybe_start()
+
+    def on_upload(self, msg):
+        """One piece of a texture job's mesh upload (see ``uploads.UploadStore``) -> ``upload_ack``."""
+        try:
+            received = self.uploads.add(msg.session, msg.job_id, msg.content["offset"], msg.content["total"],
+                                        msg.buffers[0])
+        except OSError as exc:
+            full = J.is_disk_full(exc)
+            self.delivery.error(msg.session, "disk_full" if full else "storage_error",
+                                "the disk holding the data directory is full" if full
+                                else f"the upload cannot be stored: {exc.strerror or exc}",
+                                job_id=msg.job_id, retriable=True, in_reply_to=msg.msg_id)
+            return
+        self.delivery.send(msg.session, "upload_ack", {"received": received, "total": msg.content["total"]},
+                           job_id=msg.job_id)
 
     def on_cancel(self, msg):
         d = self.delivery

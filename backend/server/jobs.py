@@ -9,6 +9,7 @@ Data directory (``--data-dir``; default :func:`default_data_dir`)::
                                result files with size + SHA-256, error), rewritten atomically
                                (backend.fsutil: tmp -> fsync -> rename -> fsync folder)
             preview.npz        the latest preview mesh (written by the worker, tmp -> rename)
+            input_mesh.npz     a texture job's uploaded mesh (written before the job is queued)
             work/              the pipeline's scratch folder (``JobContext.out_dir``)
             result/            finished files (GLB, OBJ, MTL, PNG), moved here tmp -> fsync -> rename
                                before ``result_ready`` is sent
@@ -126,6 +127,9 @@ class JobRecord:
     last_seq: int = 0
     #: the worker that ran it: {"name", "kind" ("local" | "ray"), "host", "gpu", "pid"}
     worker: dict | None = None
+    #: 'generate' or 'texture'; a texture job's upload summary (sha256, vertices, faces, base_color)
+    kind: str = "generate"
+    upload: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -177,6 +181,7 @@ class JobRecord:
         return {
             "job_id": self.job_id,
             "state": self.state,
+            "kind": self.kind,
             "prompt": self.prompt,
             "preset": self.preset,
             "seed": self.seed,

@@ -26,6 +26,7 @@ from . import jobs as J
 from .jobs import JobQueue, JobRecord, JobStore, json_safe
 from .records import result_content
 from .streams import Delivery
+from .uploads import worker_params
 from .worker import (
     JobCancelled,
     JobFailed,
@@ -319,7 +320,8 @@ class JobSupervisor:
                 content = self._storage_failure(rec, exc)
                 self.delivery.append(rec, self.delivery.ensure_stream(rec), "error", content, final=True)
                 continue
-            self.pool.submit(RunJob(self.job_no, job_id, rec.params_dict(), str(self.store.work_dir(job_id)),
+            params = worker_params(rec.params_dict(), rec.kind, rec.upload)  # + kind/base_color for texture jobs
+            self.pool.submit(RunJob(self.job_no, job_id, params, str(self.store.work_dir(job_id)),
                                     str(self.store.result_dir(job_id)),
                                     str(self.store.job_dir(job_id) / J.PREVIEW_FILE)))
             rec.worker = self.pool.placement(self.job_no)  # which worker (host, GPU) runs it

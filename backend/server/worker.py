@@ -347,6 +347,8 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
     from backend.mesh.topology import with_edges
     from backend.pipeline.events import Cancelled, PreviewEvent, ProgressEvent, ResultEvent
 
+    from .uploads import run_pipeline
+
     work_dir, result_dir, preview_path = Path(work_dir), Path(result_dir), Path(preview_path)
     work_dir.mkdir(parents=True, exist_ok=True)
     last_preview_write = [0.0]
@@ -374,7 +376,7 @@ def _run_one(conn, cancel_value, run_job, job_no, job_id, params, work_dir, resu
     ctx = JobContext(out_dir=work_dir, emit=emit, cancelled=cancelled)
     conn.send(JobStarted(job_no))
     try:
-        result = run_job(_make_params(params), ctx)
+        result = run_pipeline(run_job, params, _make_params, ctx, preview_path.parent)  # generate | texture
         if not isinstance(result, ResultEvent):
             raise TypeError(f"the pipeline returned {type(result).__name__}, not a ResultEvent")
         if pending_preview[0] is not None:
