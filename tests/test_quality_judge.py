@@ -243,3 +243,30 @@ def _flat(rgb) -> np.ndarray:
     tex[..., :3] = np.round(np.asarray(rgb) * 255)
     tex[..., 3] = 255
     return tex
+
+
+def test_bench_judges_saved_runs_and_writes_reports(tmp_path):
+    """bench_quality's judging half on a saved run (the generating half is the real pipeline)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parent.parent / "bench/bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = tmp_path / "runs" / "a_red_cube_s0"
+    run.mkdir(parents=True)
+    bench.save_mesh_npz(ref("cube", "red"), run / "mesh.npz")
+    (run / "run.json").write_text(json.dumps({"prompt": "a red cube", "seed": 0, "seconds": 42.0, "overrides": {}}))
+    rows = bench.judge_folder(tmp_path, sheets=True)
+    assert len(rows) == 1 and rows[0]["report"].passed
+    assert (tmp_path / "sheets" / "a_red_cube_s0.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["summary"]["runs_passing_all"] == 1 and data["median_seconds"] == 42.0
+    assert "| a red cube | 0 | 42 |" in (tmp_path / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--prompts", "12", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        bench.main(["--set", "nonsense", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        bench.main(["--set", "fine.stepz=3", "--out", str(tmp_path / "x")])
