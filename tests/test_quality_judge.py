@@ -164,6 +164,10 @@ def test_glb_round_trip_gives_the_same_verdict(tmp_path):
     for key in ("iou", "hole", "components", "colour", "speckle"):
         va, vb = a.value(key), b.value(key)
         assert va == pytest.approx(vb, abs=0.01) if isinstance(va, float) else va == vb, key
+    from backend.quality.judge import main
+
+    assert main([str(files["glb"]), "an orange torus"]) == 0  # the command line: exit 0 on pass
+    assert main([str(files["glb"]), "a blue torus"]) == 1
 
 
 @pytest.mark.slow
