@@ -61,7 +61,7 @@ def test_white_and_black_references_pass():
 
 # ------------------------------------------------------------------------------ broken inputs
 def test_a_blob_is_not_a_cube():
-    rep = judge_mesh(ref("sphere", "red"), "cube", "red")
+    rep = judge_mesh(ref("sphere", "blue"), "cube", "blue")
     assert "iou" in failures(rep)
     assert rep.value("iou") < 0.75  # best yaw 45°: still far below the cube's 0.80
     assert failures(rep) == {"iou"}
