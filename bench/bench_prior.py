@@ -1,5 +1,10 @@
 """Text to 3D with the bundled conjure-solids prior through the full pipeline (slow; not run in CI).
 
+Its verdict is relative (best of six solids, no minimum IoU) and never looks at the texture; the
+strict asset judge with absolute thresholds is ``bench/bench_quality.py`` (``backend/quality``).
+This script remains for the prior's own 2D evaluation (``--prior-only``) and comparison with
+older figures.
+
     python bench/bench_prior.py                 # 12 prompts, cpu preset, prints a table
     python bench/bench_prior.py --prompts 4 --preset cpu --seed 0
     python bench/bench_prior.py --prior-only    # only the 2D evaluation of the prior (every pair)

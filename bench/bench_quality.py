@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -121,7 +122,7 @@ def judge_folder(out: Path, only: list[tuple[str, int]] | None = None, sheets: b
         md += [r["report"].to_markdown(), "", f"![{r['run']}]({r['sheet']})" if r["sheet"] else "", ""]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.json").write_text(json.dumps(
-        {"summary": summary(reports), "median_seconds": (sorted(seconds)[len(seconds) // 2] if seconds else None),
+        {"summary": summary(reports), "median_seconds": statistics.median(seconds) if seconds else None,
          "runs": [dict({k: v for k, v in r.items() if k != "report"}, judge=r["report"].to_dict()) for r in rows]},
         indent=1))
     print(f"\nwrote {out / 'report.md'}, {out / 'report.json'} and {len(rows)} contact sheets in {out / 'sheets'}")
@@ -143,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from backend.cli import parse_sets
+    from backend.pipeline.presets import get_preset
 
     try:
         overrides = parse_sets(args.sets)
+        get_preset(args.preset, overrides)  # unknown preset / key / value: refuse before any run
         prompts = select_prompts(args.prompts)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as e:

@@ -61,7 +61,7 @@ def test_white_and_black_references_pass():
 
 # ------------------------------------------------------------------------------ broken inputs
 def test_a_blob_is_not_a_cube():
-    rep = judge_mesh(ref("sphere", "red"), "cube", "red")
+    rep = judge_mesh(ref("sphere", "blue"), "cube", "blue")
     assert "iou" in failures(rep)
     assert rep.value("iou") < 0.75  # best yaw 45°: still far below the cube's 0.80
     assert failures(rep) == {"iou"}
@@ -164,6 +164,10 @@ def test_glb_round_trip_gives_the_same_verdict(tmp_path):
     for key in ("iou", "hole", "components", "colour", "speckle"):
         va, vb = a.value(key), b.value(key)
         assert va == pytest.approx(vb, abs=0.01) if isinstance(va, float) else va == vb, key
+    from backend.quality.judge import main
+
+    assert main([str(files["glb"]), "an orange torus"]) == 0  # the command line: exit 0 on pass
+    assert main([str(files["glb"]), "a blue torus"]) == 1
 
 
 @pytest.mark.slow
@@ -243,3 +247,30 @@ def _flat(rgb) -> np.ndarray:
     tex[..., :3] = np.round(np.asarray(rgb) * 255)
     tex[..., 3] = 255
     return tex
+
+
+def test_bench_judges_saved_runs_and_writes_reports(tmp_path):
+    """bench_quality's judging half on a saved run (the generating half is the real pipeline)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parent.parent / "bench/bench_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = tmp_path / "runs" / "a_red_cube_s0"
+    run.mkdir(parents=True)
+    bench.save_mesh_npz(ref("cube", "red"), run / "mesh.npz")
+    (run / "run.json").write_text(json.dumps({"prompt": "a red cube", "seed": 0, "seconds": 42.0, "overrides": {}}))
+    rows = bench.judge_folder(tmp_path, sheets=True)
+    assert len(rows) == 1 and rows[0]["report"].passed
+    assert (tmp_path / "sheets" / "a_red_cube_s0.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["summary"]["runs_passing_all"] == 1 and data["median_seconds"] == 42.0
+    assert "| a red cube | 0 | 42 |" in (tmp_path / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--prompts", "12", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        bench.main(["--set", "nonsense", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        bench.main(["--set", "fine.stepz=3", "--out", str(tmp_path / "x")])

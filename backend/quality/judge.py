@@ -6,6 +6,8 @@
     report = judge_file("asset.glb", "a red cube")         # GLB / OBJ / mesh.npz
     report.passed, report.failures, report.to_markdown(), report.to_dict()
 
+    python -m backend.quality.judge asset.glb "a red cube" [--json] [--sheet sheet.png]   # exit 1 on fail
+
 Every threshold is absolute (``THRESHOLDS``, the targets of issue 12 §3); no "best of six", no
 relative margins between candidate solids. Measures (``backend.quality.report.Measure`` keys):
 
@@ -213,3 +215,31 @@ def load_mesh(path: str | Path) -> MeshPayload:
 def judge_file(path: str | Path, prompt: str, **kwargs) -> QualityReport:
     """Judge a GLB / OBJ / mesh.npz against ``prompt``."""
     return judge_prompt(load_mesh(path), prompt, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m backend.quality.judge ASSET "a red cube" [--json] [--sheet sheet.png]``; exit 0 on pass, 1 on fail."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m backend.quality.judge", description="Judge an asset strictly.")
+    ap.add_argument("asset", type=Path, help="GLB, OBJ or mesh.npz")
+    ap.add_argument("prompt", help="the prompt it was made from (names the intended solid and colour)")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--sheet", type=Path, default=None, help="also write a contact sheet PNG here")
+    args = ap.parse_args(argv)
+    try:
+        mesh = load_mesh(args.asset)
+        report = judge_prompt(mesh, args.prompt)
+    except (OSError, ValueError) as exc:
+        ap.error(str(exc))
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.to_markdown())
+    if args.sheet is not None:
+        from backend.quality.contact_sheet import write_contact_sheet
+
+        write_contact_sheet(mesh, args.sheet, report, args.prompt)
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
