@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_addon_support import BackendProcess, body_main, have_bpy, run_body
+from tests.addon_support import BackendProcess, body_main, have_bpy, run_body
 
 pytestmark = pytest.mark.skipif(not have_bpy(), reason="bpy 5.0.1 not installed")
 

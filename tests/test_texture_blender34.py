@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.test_addon_blender34 import install_addon
-from tests.test_addon_support import REPO, BackendProcess
+from tests.addon_support import REPO, BackendProcess
 
 pytestmark = [pytest.mark.blender34, pytest.mark.slow]
 
