@@ -18,9 +18,9 @@ bl_info = {
 import bpy  # noqa: E402
 from bpy.app.handlers import persistent  # noqa: E402
 
-from . import operators, panel, preferences, properties, runtime, texture_ops, thumbnails  # noqa: E402
+from . import operators, panel, preferences, properties, runtime, thumbnails  # noqa: E402
 
-_MODULES = (properties, preferences, operators, texture_ops, panel, runtime, thumbnails)
+_MODULES = (properties, preferences, operators, panel, runtime, thumbnails)
 
 
 @persistent

@@ -35,7 +35,6 @@ Previews:
 
 import bpy
 import numpy as np
-from bpy.props import StringProperty
 
 from . import importer
 from .client import ConjureError
@@ -374,73 +373,3 @@ class TextureResultStages:
 
 def is_texture_job(job_id):
     return job_id in TEXTURE_JOBS
-
-
-class CONJURE_OT_texture_selected(bpy.types.Operator):
-    """Texture the active mesh object from the prompt (its topology, modifiers, UV maps and materials stay)"""
-
-    bl_idname = "conjure.texture_selected"
-    bl_label = "Texture Selected"
-    bl_options = {"REGISTER"}
-
-    object_name: StringProperty(default="", options={"SKIP_SAVE"})
-
-    @classmethod
-    def poll(cls, context):
-        obj = context.active_object
-        return context.scene is not None and hasattr(context.scene, "conjure") and obj is not None \
-            and obj.type == "MESH"
-
-    def execute(self, context):
-        from .operators import _report_error
-        from .preferences import get_prefs
-        from .properties import settings_to_request
-        from .runtime import RUNTIME
-
-        prefs = get_prefs(context)
-        obj = bpy.data.objects.get(self.object_name) if self.object_name else context.active_object
-        try:
-            request = settings_to_request(context.scene.conjure, prefs.default_preset)
-            if bpy.app.background:
-                from . import api
-
-                api.texture(obj, **request)
-                self.report({"INFO"}, "Conjure: textured %s" % obj.name)
-                return {"FINISHED"}
-            request = texture_request(obj, request)
-        except ConjureError as e:
-            return _report_error(self, e)
-        try:
-            RUNTIME.ensure_client(prefs)
-        except ConjureError as e:
-            if e.action == "start_backend" and prefs.mode == "LOCAL" and prefs.auto_start:
-                try:
-                    RUNTIME.start_backend(prefs)
-                except ConjureError as e2:
-                    return _report_error(self, e2)
-                RUNTIME.pending_request = (request, (0.0, 0.0, 0.0), importer.default_collection().name)
-                self.report({"INFO"}, "Conjure: starting the backend; the job is sent when it answers")
-                return {"FINISHED"}
-            TEXTURE_JOBS.pop(request["job_id"], None)
-            return _report_error(self, e)
-        try:
-            RUNTIME.submit(request, location=(0.0, 0.0, 0.0), collection=context.collection)
-        except ConjureError as e:
-            TEXTURE_JOBS.pop(request["job_id"], None)
-            return _report_error(self, e)
-        RUNTIME.error = None
-        self.report({"INFO"}, "Conjure: texturing '%s' with '%s'" % (obj.name, request["prompt"]))
-        return {"FINISHED"}
-
-
-classes = (CONJURE_OT_texture_selected,)
-
-
-def register():
-    for cls in classes:
-        bpy.utils.register_class(cls)
-
-
-def unregister():
-    for cls in reversed(classes):
-        bpy.utils.unregister_class(cls)

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.test_addon_blender34 import install_addon
 from tests.addon_support import REPO, BackendProcess
+from tests.test_addon_blender34 import install_addon
 
 pytestmark = [pytest.mark.blender34, pytest.mark.slow]
 
