@@ -46,7 +46,7 @@ def test_mesh_face_normals_face_the_camera_and_shading_scales_the_albedo_gradien
     lit = apply_shading(out.image, out.alpha, bg, n, light_up, 0.2, 0.8)
     top, bottom = lit[0, 0, 10, 16], lit[0, 0, 22, 16]
     assert top > bottom + 0.1  # lit from above: the upper half is brighter
-    assert float(lit[0, 0, 0, 0]) == pytest.approx(1.0)  # the background is never shaded
+    assert float(lit[0, 0, 0, 0].detach()) == pytest.approx(1.0)  # the background is never shaded
     # the albedo gradient is scaled by the shade (DreamFusion: colour becomes albedo)
     g_lit = torch.autograd.grad(lit.sum(), tex, retain_graph=True)[0]
     alb = apply_shading(out.image, out.alpha, bg, n, ShadingDraw(light_up.lights, torch.tensor([ALBEDO])), 0.2, 0.8)
@@ -65,7 +65,9 @@ def test_depth_normals_of_gaussians_follow_the_surface_and_move_the_means():
     n = depth_normals(out.depth, out.alpha, cams)
     assert torch.allclose(n.norm(dim=1)[out.alpha[:, 0] > 0.5], torch.ones(1), atol=1e-4)
     assert n[0, 1, 24, 24] < -0.8  # front view: normal towards -Y
-    assert n[0, 2, 10, 24] > n[0, 2, 38, 24] + 0.5  # upper part tilts up, lower part down
+    rows = torch.nonzero(out.alpha[0, 0, :, 24] > 0.5).squeeze(1)
+    top, bottom = int(rows.min()) + 3, int(rows.max()) - 3
+    assert float(n[0, 2, top, 24]) > 0.3 and float(n[0, 2, bottom, 24]) < -0.3  # upper part tilts up, lower down
     assert n[1, 0, 24, 24] > 0.5  # right view (camera at +X)
     draw = ShadingDraw(torch.tensor([[0.0, -1.0, 0.0], [0.0, -1.0, 0.0]]), torch.tensor([LIT, LIT]))
     img = apply_shading(out.image, out.alpha, torch.ones(2, 3), n, draw, 0.3, 0.7)
