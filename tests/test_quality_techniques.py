@@ -231,3 +231,19 @@ def test_chart_padding_follows_the_charts_during_refinement():
     flat = mesh.texture.reshape(-1, 3)
     src = padding_source(mesh.texel_mask).reshape(-1)
     assert torch.equal(flat, flat[src])  # every padding texel holds its nearest chart texel's colour
+
+
+def test_extrapolated_texel_points_lie_beyond_the_chart_edges_on_the_surface():
+    from backend.mesh.bake import texel_surface_points, texel_surface_points_extrapolated
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    mesh = prepare_textured_mesh(sphere.vertices, sphere.faces, None, face_budget=5000, texture_resolution=64,
+                                 backend="torch")
+    pts, mask = texel_surface_points(mesh.positions, mesh.faces, mesh.corner_uvs, 64, backend="torch")
+    ext, emask = texel_surface_points_extrapolated(mesh.positions, mesh.faces, mesh.corner_uvs, 64, reach=2,
+                                                   backend="torch")
+    assert bool((emask >= mask).all()) and int(emask.sum()) > int(mask.sum()) * 1.2
+    torch.testing.assert_close(ext[mask], pts[mask])
+    extra = ext[emask & ~mask]
+    r = extra.norm(dim=-1)
+    assert (r - 0.6).abs().max() < 0.06  # just beyond an edge of the (flat-faced) sphere, on its surface
