@@ -258,8 +258,8 @@ def test_barycentric_and_uv_derivatives_match_finite_differences():
     fd_y = (out[0, 1:, :-1] - out[0, :-1, :-1])[ok]  # one row down
     d = da[0, :-1, :-1][ok]
     assert ok.sum() > 500
-    torch.testing.assert_close(d[:, [0, 2]], fd_x, atol=2e-3, rtol=0.05)
-    torch.testing.assert_close(d[:, [1, 3]], fd_y, atol=2e-3, rtol=0.05)
+    torch.testing.assert_close(d[:, [0, 2]], fd_x, atol=5e-3, rtol=0.05)
+    torch.testing.assert_close(d[:, [1, 3]], fd_y, atol=5e-3, rtol=0.05)
     assert (da[0][~inside] == 0).all()
 
 
