@@ -46,7 +46,7 @@ def test_mesh_face_normals_face_the_camera_and_shading_scales_the_albedo_gradien
     lit = apply_shading(out.image, out.alpha, bg, n, light_up, 0.2, 0.8)
     top, bottom = lit[0, 0, 10, 16], lit[0, 0, 22, 16]
     assert top > bottom + 0.1  # lit from above: the upper half is brighter
-    assert float(lit[0, 0, 0, 0]) == pytest.approx(1.0)  # the background is never shaded
+    assert float(lit[0, 0, 0, 0].detach()) == pytest.approx(1.0)  # the background is never shaded
     # the albedo gradient is scaled by the shade (DreamFusion: colour becomes albedo)
     g_lit = torch.autograd.grad(lit.sum(), tex, retain_graph=True)[0]
     alb = apply_shading(out.image, out.alpha, bg, n, ShadingDraw(light_up.lights, torch.tensor([ALBEDO])), 0.2, 0.8)
@@ -65,7 +65,9 @@ def test_depth_normals_of_gaussians_follow_the_surface_and_move_the_means():
     n = depth_normals(out.depth, out.alpha, cams)
     assert torch.allclose(n.norm(dim=1)[out.alpha[:, 0] > 0.5], torch.ones(1), atol=1e-4)
     assert n[0, 1, 24, 24] < -0.8  # front view: normal towards -Y
-    assert n[0, 2, 10, 24] > n[0, 2, 38, 24] + 0.5  # upper part tilts up, lower part down
+    rows = torch.nonzero(out.alpha[0, 0, :, 24] > 0.5).squeeze(1)
+    top, bottom = int(rows.min()) + 3, int(rows.max()) - 3
+    assert float(n[0, 2, top, 24]) > 0.3 and float(n[0, 2, bottom, 24]) < -0.3  # upper part tilts up, lower down
     assert n[1, 0, 24, 24] > 0.5  # right view (camera at +X)
     draw = ShadingDraw(torch.tensor([[0.0, -1.0, 0.0], [0.0, -1.0, 0.0]]), torch.tensor([LIT, LIT]))
     img = apply_shading(out.image, out.alpha, torch.ones(2, 3), n, draw, 0.3, 0.7)
@@ -160,6 +162,7 @@ def test_cpu_preset_turns_the_techniques_on_and_they_can_be_switched_off():
     assert p.shading.coarse and p.shading.fine and p.guidance.t_sampling == "dreamtime"
     assert p.fine.t_max == 0.5 and p.fine.texture_filter == "linear-mipmap-linear"
     assert p.fine.tv_weight > 0 and p.fine.rebake_sigma > 0
+    assert p.coarse.opacity_entropy_weight == 0 and p.coarse.max_scale == 0  # off: see docs/benchmarks.md
     off = get_preset("cpu", {"shading.coarse": False, "shading.fine": False, "guidance.t_sampling": "random",
                              "fine.t_max": "none", "fine.tv_weight": 0, "fine.texture_filter": "linear",
                              "fine.rebake_sigma": 0})
@@ -228,3 +231,19 @@ def test_chart_padding_follows_the_charts_during_refinement():
     flat = mesh.texture.reshape(-1, 3)
     src = padding_source(mesh.texel_mask).reshape(-1)
     assert torch.equal(flat, flat[src])  # every padding texel holds its nearest chart texel's colour
+
+
+def test_extrapolated_texel_points_lie_beyond_the_chart_edges_on_the_surface():
+    from backend.mesh.bake import texel_surface_points, texel_surface_points_extrapolated
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    mesh = prepare_textured_mesh(sphere.vertices, sphere.faces, None, face_budget=5000, texture_resolution=64,
+                                 backend="torch")
+    pts, mask = texel_surface_points(mesh.positions, mesh.faces, mesh.corner_uvs, 64, backend="torch")
+    ext, emask = texel_surface_points_extrapolated(mesh.positions, mesh.faces, mesh.corner_uvs, 64, reach=2,
+                                                   backend="torch")
+    assert bool((emask >= mask).all()) and int(emask.sum()) > int(mask.sum()) * 1.2
+    torch.testing.assert_close(ext[mask], pts[mask])
+    extra = ext[emask & ~mask]
+    r = extra.norm(dim=-1)
+    assert (r - 0.6).abs().max() < 0.06  # just beyond an edge of the (flat-faced) sphere, on its surface

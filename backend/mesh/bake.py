@@ -48,6 +48,54 @@ def texel_surface_points(positions: torch.Tensor, faces: torch.Tensor, corner_uv
     return points, rast[0, ..., 3] > 0
 
 
+def texel_surface_points_extrapolated(positions: torch.Tensor, faces: torch.Tensor, corner_uvs: torch.Tensor,
+                                      resolution: int | tuple[int, int], reach: int = 2,
+                                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`texel_surface_points` plus the padding texels within ``reach`` texels of a chart.
+
+    A padding texel takes the triangle of its nearest covered texel and extends that triangle's
+    (affine) UV → 3D map to its own centre, so it gets the 3D point just beyond the chart's edge:
+    the neighbouring face across the seam. Bilinear samples at a chart border then read colours of
+    the right place in 3D on both sides of a seam (a seam-aware bake).
+
+    Returns:
+        points (H, W, 3) and mask (H, W) bool of the texels that have a point.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
+    device = positions.device
+    uv = corner_uvs.to(device=device, dtype=torch.float32)
+    nF = faces.shape[0]
+    clip = torch.stack([uv[:, 0] * 2.0 - 1.0, 1.0 - uv[:, 1] * 2.0, torch.zeros_like(uv[:, 0]),
+                        torch.ones_like(uv[:, 0])], dim=1)
+    tri = torch.arange(nF * 3, device=device, dtype=torch.int32).reshape(nF, 3)
+    rast = rz.rasterize(clip, tri, (H, W), backend=backend)[0]
+    corner_pos = positions[faces.long().reshape(-1)].float()
+    points = rz.interpolate(corner_pos, rast[None], tri, backend=backend)[0]
+    covered = rast[..., 3] > 0
+    dist, (rows, cols) = distance_transform_edt(~covered.cpu().numpy(), return_indices=True)
+    near = torch.as_tensor((dist > 0) & (dist <= reach), device=device)
+    if bool(near.any()):
+        rr = torch.as_tensor(rows, device=device)[near]
+        cc = torch.as_tensor(cols, device=device)[near]
+        fid = rast[rr, cc, 3].long() - 1
+        # texel centre of each padding texel in UV (origin bottom-left)
+        pr, pc = torch.nonzero(near, as_tuple=True)
+        u = (pc.float() + 0.5) / W
+        v = 1.0 - (pr.float() + 0.5) / H
+        t_uv = uv.reshape(nF, 3, 2)[fid]  # (P, 3, 2)
+        a, b, c = t_uv[:, 0], t_uv[:, 1], t_uv[:, 2]
+        den = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+        den = torch.where(den.abs() < 1e-12, torch.full_like(den, 1e-12), den)
+        l1 = ((u - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (v - a[:, 1])) / den
+        l2 = ((b[:, 0] - a[:, 0]) * (v - a[:, 1]) - (u - a[:, 0]) * (b[:, 1] - a[:, 1])) / den
+        l0 = 1.0 - l1 - l2
+        p3 = corner_pos.reshape(nF, 3, 3)[fid]
+        points[pr, pc] = l0[:, None] * p3[:, 0] + l1[:, None] * p3[:, 1] + l2[:, None] * p3[:, 2]
+    return points, covered | near
+
+
 def dilate(texture: torch.Tensor, mask: torch.Tensor, iterations: int = 8) -> torch.Tensor:
     """Seam dilation: every uncovered texel within ``iterations`` texels of a chart takes the
     colour of its nearest covered texel (Euclidean distance transform); texels farther away get

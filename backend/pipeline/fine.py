@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from backend.gaussians.cameras import Cameras, sample_cameras
 from backend.guidance.loss import LossFn, sds_loss_fn
 from backend.mesh import rasterize as rz
-from backend.mesh.bake import ColorFn, bake_texture, dilate, gaussian_color_fn, texel_surface_points
+from backend.mesh.bake import (
+    ColorFn,
+    bake_texture,
+    dilate,
+    gaussian_color_fn,
+    texel_surface_points,
+    texel_surface_points_extrapolated,
+)
 from backend.mesh.cleanup import clean_mesh
 from backend.mesh.export import compute_vertex_normals
 from backend.mesh.uv import unwrap
@@ -316,6 +323,9 @@ def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours:
         return mesh
     pts = points[mask].float()
     cols = mesh.texture[mask].float()
+    # texels just outside the charts get the 3D point beyond the chart edge (across the seam)
+    ext_points, ext_mask = texel_surface_points_extrapolated(mesh.deformed, mesh.faces, mesh.corner_uvs, (H, W),
+                                                             reach=2, backend=backend)
     tri = mesh.deformed[mesh.faces]
     area = 0.5 * torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1).norm(dim=-1).sum()
     texel = float((area / n).sqrt())
@@ -326,8 +336,9 @@ def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours:
                            ones * 0.99, cols, k=neighbours)
     tex = torch.zeros_like(mesh.texture)
     chunk = 65536
-    tex[mask] = torch.cat([fn(pts[i:i + chunk]) for i in range(0, n, chunk)]).clamp(0.0, 1.0)
-    mesh.texture = dilate(tex, mask, dilation)
+    query = ext_points[ext_mask].float()
+    tex[ext_mask] = torch.cat([fn(query[i:i + chunk]) for i in range(0, query.shape[0], chunk)]).clamp(0.0, 1.0)
+    mesh.texture = dilate(tex, ext_mask, dilation)
     mesh.texel_mask = mask
     return mesh
 

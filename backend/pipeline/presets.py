@@ -307,7 +307,7 @@ def _cpu() -> Preset:
                             preview_faces=5000, mesh_grid=64, mesh_faces=10000),
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
                         face_budget=5000, lr=2e-2, vertex_offsets=False, t_max=0.5,
-                        texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.0),
+                        texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5),
         guidance=_guidance(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
         shading=_shading(),
     )
