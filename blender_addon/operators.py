@@ -22,6 +22,32 @@ def _report_error(op, err):
     return {"CANCELLED"}
 
 
+def _submit_or_start_backend(op, context, prefs, request, location):
+    """Submit ``request`` (placed at ``location``); with no backend and auto-start on, start one and
+    keep the request pending (sent when it answers). Returns ``(job, waiting)``: the job, or None
+    after reporting an error; ``waiting`` is True when the request waits for the backend."""
+    try:
+        RUNTIME.ensure_client(prefs)
+    except ConjureError as e:
+        if e.action == "start_backend" and prefs.mode == "LOCAL" and prefs.auto_start:
+            try:
+                RUNTIME.start_backend(prefs)
+            except ConjureError as e2:
+                _report_error(op, e2)
+                return None, False
+            # the client connects as soon as the backend wrote its connection file
+            RUNTIME.pending_request = (request, location, importer.default_collection().name)
+            op.report({"INFO"}, "Conjure: starting the backend; the job is sent when it answers")
+            return None, True
+        _report_error(op, e)
+        return None, False
+    try:
+        return RUNTIME.submit(request, location=location, collection=context.collection), False
+    except ConjureError as e:
+        _report_error(op, e)
+        return None, False
+
+
 class CONJURE_OT_generate(bpy.types.Operator):
     """Generate a textured mesh from the prompt; previews appear at the 3D cursor while it runs"""
 
@@ -50,25 +76,10 @@ class CONJURE_OT_generate(bpy.types.Operator):
                 return _report_error(self, e)
             self.report({"INFO"}, "Conjure: created %s" % obj.name)
             return {"FINISHED"}
-        try:
-            RUNTIME.ensure_client(prefs)
-        except ConjureError as e:
-            if e.action == "start_backend" and prefs.mode == "LOCAL" and prefs.auto_start:
-                try:
-                    RUNTIME.start_backend(prefs)
-                except ConjureError as e2:
-                    return _report_error(self, e2)
-                # the client connects as soon as the backend wrote its connection file
-                RUNTIME.pending_request = (request, tuple(context.scene.cursor.location),
-                                           importer.default_collection().name)
-                self.report({"INFO"}, "Conjure: starting the backend; the job is sent when it answers")
-                return {"FINISHED"}
-            return _report_error(self, e)
-        try:
-            job = RUNTIME.submit(request, location=tuple(context.scene.cursor.location),
-                                 collection=context.collection)
-        except ConjureError as e:
-            return _report_error(self, e)
+        location = tuple(context.scene.cursor.location)
+        job, waiting = _submit_or_start_backend(self, context, prefs, request, location)
+        if job is None:
+            return {"FINISHED"} if waiting else {"CANCELLED"}
         RUNTIME.error = None
         self.report({"INFO"}, "Conjure: generating '%s' (seed %s)" % (job.prompt, request["seed"]))
         return {"FINISHED"}
@@ -283,24 +294,12 @@ class CONJURE_OT_texture_selected(bpy.types.Operator):
             request = texture_ops.texture_request(obj, request)
         except ConjureError as e:
             return _report_error(self, e)
-        try:
-            RUNTIME.ensure_client(prefs)
-        except ConjureError as e:
-            if e.action == "start_backend" and prefs.mode == "LOCAL" and prefs.auto_start:
-                try:
-                    RUNTIME.start_backend(prefs)
-                except ConjureError as e2:
-                    return _report_error(self, e2)
-                RUNTIME.pending_request = (request, (0.0, 0.0, 0.0), importer.default_collection().name)
-                self.report({"INFO"}, "Conjure: starting the backend; the job is sent when it answers")
+        job, waiting = _submit_or_start_backend(self, context, prefs, request, (0.0, 0.0, 0.0))
+        if job is None:
+            if waiting:
                 return {"FINISHED"}
             texture_ops.TEXTURE_JOBS.pop(request["job_id"], None)
-            return _report_error(self, e)
-        try:
-            RUNTIME.submit(request, location=(0.0, 0.0, 0.0), collection=context.collection)
-        except ConjureError as e:
-            texture_ops.TEXTURE_JOBS.pop(request["job_id"], None)
-            return _report_error(self, e)
+            return {"CANCELLED"}
         RUNTIME.error = None
         self.report({"INFO"}, "Conjure: texturing '%s' with '%s'" % (obj.name, request["prompt"]))
         return {"FINISHED"}
