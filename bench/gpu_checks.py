@@ -331,8 +331,9 @@ def texture_flip() -> None:
 @guarded("densify-stats")
 def densify_stats() -> None:
     from backend.gaussians.cameras import orbit_cameras
-    from backend.gaussians.densify import Densifier, DensifyConfig
+    from backend.gaussians.densify import Densifier
     from backend.gaussians.render import render_gaussians
+    from backend.pipeline.presets import CoarseConfig
 
     g = torch.Generator().manual_seed(3)
     n = 2000 if not CPU else 400
@@ -349,7 +350,7 @@ def densify_stats() -> None:
         mm = m.clone().requires_grad_(True)
         out = render_gaussians(mm, q, s, o, c, cams4, torch.ones(3, device=DEV), backend=be, retain_means2d=True)
         ((out.image - target) ** 2).mean().backward()
-        d = Densifier(DensifyConfig(), n, DEV)
+        d = Densifier(CoarseConfig(), n, DEV)
         d.accumulate(out, side, side)
         avg = d.grad_sum / d.count.clamp_min(1)
         stats[be] = (avg, int(out.visible.sum()), mm.grad)

@@ -220,7 +220,8 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "guidance.fp16": _b("float16 UNet/VAE on CUDA"),
     "guidance.attention_slicing": _b("sliced attention (less memory, slower)"),
     "guidance.cpu_offload": _b("models wait on the CPU and visit the GPU for their forward pass (diffusers model offload)"),
-    "guidance.vae": _c("image encoder: the model's own VAE or TAESD (madebyollin/taesd, draft)", "model", "taesd"),
+    "guidance.vae": OverrideSpec("model", help="image encoder: 'model' (the model's own VAE), 'taesd' "
+                                 "(madebyollin/taesd, draft) or a Hub id holding an AutoencoderTiny"),
     "guidance.view_dependent": _b("append the view direction to the prompt"),
     # coarse (Gaussian SDS)
     "coarse.steps": _i(1, 20_000, "optimisation steps"),

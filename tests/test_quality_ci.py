@@ -3,8 +3,9 @@ bundled prior, seed 0) on two prompts, judged by the strict judge with its absol
 
 The full benchmark (12 prompts × 3 seeds, contact sheets) is ``bench/bench_quality.py``. Each run
 takes 1.5-4 minutes on a loaded 2-core machine, hence ``slow``. Today's pipeline does not meet the
-targets (baseline in docs/benchmarks.md, "Issue 12"): the cube fails IoU, speckle and seams, the
-torus also its hole; the mark below goes when the pipeline meets them.
+targets (docs/benchmarks.md, "Issue 12 — pipeline ablation"): the cube misses IoU and the seam
+ratio, the torus also its hole. The measures it does meet are asserted strictly; the full check
+stays ``xfail`` until the pipeline meets every target.
 """
 
 from __future__ import annotations
@@ -14,16 +15,33 @@ import pytest
 from backend.quality.judge import judge_prompt
 
 CI_PROMPTS = ("a red cube", "an orange torus")
+#: measures today's cpu preset meets on both prompts (docs/benchmarks.md, "Issue 12 — pipeline
+#: ablation"): asserted strictly, so a regression fails CI; the rest stay under the xfail below
+MET_TODAY = ("speckle", "colour", "components")
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 12 targets not yet met")
-@pytest.mark.parametrize("prompt", CI_PROMPTS)
-def test_cpu_preset_asset_meets_the_quality_targets(prompt, tmp_path):
+@pytest.fixture(scope="module", params=CI_PROMPTS)
+def judged(request, tmp_path_factory):
+    """(prompt, QualityReport) of one real cpu-preset run at seed 0, shared by the tests below."""
     from backend.pipeline.events import JobContext
     from backend.pipeline.run import run_job
     from protocol.params import GenerationParams
 
-    result = run_job(GenerationParams(prompt=prompt, preset="cpu", seed=0), JobContext(out_dir=tmp_path))
-    report = judge_prompt(result.mesh, prompt)
+    prompt = request.param
+    out = tmp_path_factory.mktemp("quality")
+    result = run_job(GenerationParams(prompt=prompt, preset="cpu", seed=0), JobContext(out_dir=out))
+    return prompt, judge_prompt(result.mesh, prompt)
+
+
+@pytest.mark.slow
+def test_cpu_preset_asset_keeps_the_targets_it_meets(judged):
+    prompt, report = judged
+    broken = [key for key in MET_TODAY if key in report.failures]
+    assert not broken, f"{prompt}: {broken}\n{report.to_markdown()}"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="issue 12 targets not yet met (IoU, torus hole, seam ratio)")
+def test_cpu_preset_asset_meets_the_quality_targets(judged):
+    prompt, report = judged
     assert report.passed, report.to_markdown()
