@@ -136,6 +136,12 @@ def orbit_cameras(
     return Cameras(look_at_viewmats(eye), intrinsics(fov, width, height), width, height, az, el, dist)
 
 
+def as_range(values) -> tuple[float, float]:
+    """``(lo, hi)`` floats from a two-item sequence (a preset's list or tuple), as ``sample_cameras`` takes."""
+    lo, hi = values
+    return float(lo), float(hi)
+
+
 def sample_cameras(
     batch: int,
     width: int,

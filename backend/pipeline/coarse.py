@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.gaussians.cameras import sample_cameras
+from backend.gaussians.cameras import as_range, sample_cameras
 from backend.gaussians.densify import Densifier
 from backend.gaussians.model import GaussianModel
 from backend.gaussians.render import resolve_backend
@@ -79,7 +79,8 @@ def _lrs(config, ratio: float) -> dict[str, float]:
     }
 
 
-def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | None = None, *, device="cpu",
+def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | None = None, *,
+                     device: torch.device | str = "cpu",
                      generator: torch.Generator | None = None, object_size: float = 1.0,
                      stage: str = "coarse", init: GaussianModel | None = None,
                      shading: ShadingConfig | None = None) -> CoarseResult:
@@ -120,8 +121,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         t0 = time.perf_counter()
         ratio = step_ratio(step, steps)
         res = render_resolution(config, ratio)
-        cams = sample_cameras(config.batch_size, res, generator, elevation_range=tuple(config.elevation_range),
-                              distance_range=tuple(config.distance_range), fovy_range=tuple(config.fovy_range),
+        cams = sample_cameras(config.batch_size, res, generator, elevation_range=as_range(config.elevation_range),
+                              distance_range=as_range(config.distance_range), fovy_range=as_range(config.fovy_range),
                               device=device)
         bg = random_backgrounds(config.batch_size, config.random_bg_prob, generator, device)
         for group in optimizer.param_groups:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.gaussians.cameras import Cameras, sample_cameras
+from backend.gaussians.cameras import Cameras, as_range, sample_cameras
 from backend.guidance.loss import LossFn, sds_loss_fn
 from backend.mesh import rasterize as rz
 from backend.mesh.bake import (
@@ -164,7 +164,7 @@ def padding_source(mask: torch.Tensor) -> torch.Tensor:
     from scipy.ndimage import distance_transform_edt
 
     m = mask.detach().cpu().numpy()
-    _, (rows, cols) = distance_transform_edt(~m, return_indices=True)
+    rows, cols = distance_transform_edt(~m, return_distances=False, return_indices=True)  # type: ignore[misc]
     return torch.as_tensor(rows * m.shape[1] + cols, dtype=torch.int64, device=mask.device)
 
 
@@ -268,6 +268,7 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
         if config.tv_weight > 0:
             loss = loss + config.tv_weight * texture_tv(texture)
         if offsets is not None:
+            assert adjacency is not None  # built with the offsets above
             lap = uniform_laplacian(offsets, mesh.faces).square().sum(-1).mean()
             loss = loss + config.laplacian_weight * lap + config.normal_weight * normal_consistency(
                 pos, mesh.faces, adjacency)
@@ -369,8 +370,8 @@ def random_camera_fn(batch: int, resolution: int, coarse_cfg: CoarseConfig | Non
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 1)
     kw = {}
     if coarse_cfg is not None:
-        kw = dict(elevation_range=tuple(coarse_cfg.elevation_range), distance_range=tuple(coarse_cfg.distance_range),
-                  fovy_range=tuple(coarse_cfg.fovy_range))
+        kw = dict(elevation_range=as_range(coarse_cfg.elevation_range),
+                  distance_range=as_range(coarse_cfg.distance_range), fovy_range=as_range(coarse_cfg.fovy_range))
 
     def fn(step: int) -> Cameras:
         return sample_cameras(batch, resolution, generator=gen, device=device, **kw)

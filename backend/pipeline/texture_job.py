@@ -158,7 +158,7 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
         unknown = unknown_words(params.prompt, vocab) if vocab else []
         if unknown:
             warnings.append(f"the prior does not know the word(s) {', '.join(unknown)}; it only knows: "
-                            f"{', '.join(sorted(vocab))}")
+                            f"{', '.join(sorted(vocab or ()))}")
             ctx.emit(ProgressEvent("load", 1, 1, "warning: " + warnings[-1]))
         guidance.set_prompt(params.prompt, params.negative_prompt or preset.guidance.negative_prompt)
         loss_fn = fine_loss_fn(guidance, cfg)  # the fine stage's own t_max / cfg_scale
@@ -187,7 +187,7 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
         uv_faces=torch.as_tensor(uv_faces, device=device), texture=texture.to(device))
     # the charts' texels: the padding outside them is refilled from the nearest chart texel after
     # every step (as in the fine stage), so mip levels never average stray padding in
-    _, tm.texel_mask = texel_surface_points(tm.positions, tm.faces, tm.corner_uvs, tuple(tm.texture.shape[:2]),
+    _, tm.texel_mask = texel_surface_points(tm.positions, tm.faces, tm.corner_uvs, (int(tm.texture.shape[0]), int(tm.texture.shape[1])),
                                             str(cfg.rasterizer))
     job_ctx = _preview_at_upload(ctx, mesh)
     job_ctx.emit(PreviewEvent(STAGE, 0, tm.to_payload(PREVIEW_TEXTURE_SIDE)))
