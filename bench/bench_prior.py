@@ -26,21 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-#: 12 prompts: every shape twice, every colour at least once.
-PROMPTS = [
-    ("a red cube", "cube", "red"),
-    ("a blue sphere", "sphere", "blue"),
-    ("a green cylinder", "cylinder", "green"),
-    ("a yellow cone", "cone", "yellow"),
-    ("an orange torus", "torus", "orange"),
-    ("a purple pyramid", "pyramid", "purple"),
-    ("a white cube", "cube", "white"),
-    ("a black sphere", "sphere", "black"),
-    ("a red cylinder", "cylinder", "red"),
-    ("a blue cone", "cone", "blue"),
-    ("a yellow torus", "torus", "yellow"),
-    ("a green pyramid", "pyramid", "green"),
-]
+from backend.quality.prompts import BENCH_PROMPTS
+
+PROMPTS = list(BENCH_PROMPTS)
 
 
 def run_prompts(prompts, preset: str, seed: int, overrides: dict | None = None) -> list[dict]:

@@ -99,6 +99,28 @@ def checker_texture(h=64, w=32):
     return tex
 
 
+def enable_addon():
+    """Inside a bpy body: factory settings, then the repository's add-on enabled; returns ``bpy``."""
+    import importlib
+
+    import bpy
+
+    addon_utils = importlib.import_module("addon_utils")  # on the path once bpy is imported
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    addon_utils.enable("blender_addon", default_set=True, handle_error=None)
+    return bpy
+
+
+def backend_process(tmp_path):
+    """Fixture body (``backend = pytest.fixture(backend_process)``): a started fake-pipeline backend
+    in ``tmp_path/data``, stopped afterwards."""
+    b = BackendProcess(tmp_path / "data")
+    b.data_dir.mkdir()
+    b.start()
+    yield b
+    b.stop()
+
+
 class BackendProcess:
     """A real ``python -m backend serve`` with the fake pipeline, in a temp data dir."""
 

@@ -8,36 +8,18 @@ import time
 
 import pytest
 
-from tests.addon_support import BackendProcess, body_main, have_bpy, run_body
+from tests.addon_support import backend_process, body_main, enable_addon, have_bpy, run_body
 
 pytestmark = pytest.mark.skipif(not have_bpy(), reason="bpy 5.0.1 not installed")
 
 FAST = {"test.steps": 6, "test.step_seconds": 0.02, "test.preview_every": 2, "test.subdivisions": 3}
 
 
-@pytest.fixture()
-def backend(tmp_path):
-    b = BackendProcess(tmp_path / "data")
-    b.data_dir.mkdir()
-    b.start()
-    yield b
-    b.stop()
-
-
-def _enable():
-    import importlib
-
-    import bpy
-
-    addon_utils = importlib.import_module("addon_utils")  # on the path once bpy is imported
-
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    addon_utils.enable("blender_addon", default_set=True, handle_error=None)
-    return bpy
+backend = pytest.fixture(backend_process)
 
 
 def _body_api(args):
-    bpy = _enable()
+    bpy = enable_addon()
     from blender_addon import api
     from blender_addon.runtime import RUNTIME
 
@@ -140,7 +122,7 @@ def _body_restart(args):
     import json
     import sys
 
-    bpy = _enable()
+    bpy = enable_addon()
     from blender_addon import api
     from blender_addon.runtime import RUNTIME
 
@@ -257,7 +239,7 @@ def test_make_props_example_fills_a_scene(backend, tmp_path):
 def _body_local(args):
     import sys
 
-    bpy = _enable()
+    bpy = enable_addon()
     from blender_addon import api
     from blender_addon.prefs_access import get_prefs
     from blender_addon.runtime import RUNTIME
@@ -305,7 +287,7 @@ def test_unreachable_backend_raises_clear_error(tmp_path):
 def _body_unreachable(args):
     import os
 
-    _enable()
+    enable_addon()
     from blender_addon import api
     from blender_addon.api import ConjureError
     from protocol import ConnectionInfo, write_connection_file

@@ -12,31 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.addon_support import REPO, BackendProcess, body_main, have_bpy, run_body
+from tests.addon_support import (
+    REPO,
+    backend_process,
+    body_main,
+    enable_addon,
+    have_bpy,
+    run_body,
+)
 
 pytestmark = pytest.mark.skipif(not have_bpy(), reason="bpy 5.0.1 not installed")
 
 FAST = {"test.steps": 6, "test.step_seconds": 0.02, "test.preview_every": 2, "test.subdivisions": 3}
 
 
-@pytest.fixture()
-def backend(tmp_path):
-    b = BackendProcess(tmp_path / "data")
-    b.data_dir.mkdir()
-    b.start()
-    yield b
-    b.stop()
-
-
-def _enable():
-    import importlib
-
-    import bpy
-
-    addon_utils = importlib.import_module("addon_utils")
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    addon_utils.enable("blender_addon", default_set=True, handle_error=None)
-    return bpy
+backend = pytest.fixture(backend_process)
 
 
 def _pump_until(cond, seconds):
@@ -54,7 +44,7 @@ def _body_result(args):
 
     import numpy as np
 
-    bpy = _enable()
+    bpy = enable_addon()
     from blender_addon import api
     from blender_addon.runtime import RUNTIME
 
@@ -108,7 +98,7 @@ def _body_states(args):
     import os
     import signal
 
-    _enable()
+    enable_addon()
     from blender_addon import api
     from blender_addon.runtime import RUNTIME
 
@@ -168,7 +158,7 @@ def test_busy_is_slow_not_gone_and_cancel_is_neutral(backend):
 
 # --------------------------------------------------------------------------------------------
 def _body_progress(args):
-    _enable()
+    enable_addon()
     from blender_addon import api
     from blender_addon.runtime import RUNTIME
 
@@ -198,7 +188,7 @@ def test_progress_wording_and_one_bar(backend):
 def _body_history(args):
     import os
 
-    _enable()
+    enable_addon()
     from blender_addon import api, thumbnails
     from blender_addon.runtime import RUNTIME
 
@@ -260,7 +250,7 @@ def test_history_dates_durations_thumbnail_refresh_and_delete(backend):
 def _body_start(args):
     import sys
 
-    _enable()
+    enable_addon()
     from blender_addon.backend_process import LocalBackend
     from blender_addon.client import ConjureError
     from blender_addon.prefs_access import get_prefs

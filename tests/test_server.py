@@ -16,10 +16,9 @@ import pytest
 import zmq
 
 from backend.server.client import BackendClient, BackendError
-from backend.server.launcher import ServerProcess
 from protocol import Session, new_job_id
+from tests.server_support import backend_client, fake_server
 
-FAKE = "tests.fake_pipeline:run_job"
 QUICK = {"test.steps": 4, "test.step_seconds": 0.005, "test.preview_every": 1, "test.no_obj": True}
 
 
@@ -33,19 +32,10 @@ def rss_bytes(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("server")
-    srv = ServerProcess(d / "data", d / "conn.json", pipeline=FAKE,
-                        args=["--queue-limit", "64", "--cancel-timeout", "1.0"]).start()
-    yield srv
-    code = srv.stop()
-    assert code == 0, srv.log()
+    yield from fake_server(tmp_path_factory, "server", ["--queue-limit", "64", "--cancel-timeout", "1.0"])
 
 
-@pytest.fixture
-def client(server):
-    c = BackendClient(server.info)
-    yield c
-    c.close()
+client = pytest.fixture(backend_client)
 
 
 def params(prompt="a test ball", **overrides):

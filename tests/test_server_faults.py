@@ -22,8 +22,8 @@ from backend.server.launcher import REPO_ROOT, ServerProcess
 from protocol import PROTOCOL_VERSION, new_job_id
 from protocol.messages import PROTOCOL_TAG, dumps
 from protocol.signing import Signer
+from tests.server_support import FAKE, backend_client, fake_server
 
-FAKE = "tests.fake_pipeline:run_job"
 QUICK = {"test.steps": 3, "test.step_seconds": 0.005, "test.preview_every": 0, "test.no_obj": True}
 
 
@@ -42,19 +42,10 @@ def proc_status(pid: int, field: str) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
-    srv = ServerProcess(d / "data", d / "conn.json", pipeline=FAKE,
-                        args=["--queue-limit", "64", "--cancel-timeout", "1.0"]).start()
-    yield srv
-    code = srv.stop()
-    assert code == 0, srv.log()
+    yield from fake_server(tmp_path_factory, "faults", ["--queue-limit", "64", "--cancel-timeout", "1.0"])
 
 
-@pytest.fixture
-def client(server):
-    c = BackendClient(server.info)
-    yield c
-    c.close()
+client = pytest.fixture(backend_client)
 
 
 def alive(srv) -> bool:

@@ -6,31 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.addon_support import BackendProcess, body_main, have_bpy, run_body
+from tests.addon_support import backend_process, body_main, enable_addon, have_bpy, run_body
 
 pytestmark = pytest.mark.skipif(not have_bpy(), reason="bpy 5.0.1 not installed")
 
 FAST = {"test.steps": 3, "test.step_seconds": 0.02, "test.preview_every": 1}
 
 
-@pytest.fixture()
-def backend(tmp_path):
-    b = BackendProcess(tmp_path / "data")
-    b.data_dir.mkdir()
-    b.start()
-    yield b
-    b.stop()
-
-
-def _enable():
-    import importlib
-
-    import bpy
-
-    addon_utils = importlib.import_module("addon_utils")
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    addon_utils.enable("blender_addon", default_set=True, handle_error=None)
-    return bpy
+backend = pytest.fixture(backend_process)
 
 
 def _snapshot(obj):
@@ -57,7 +40,7 @@ def _snapshot(obj):
 def _body_texture(args):
     import numpy as np
 
-    bpy = _enable()
+    bpy = enable_addon()
     from blender_addon import api
     from blender_addon.runtime import RUNTIME
 
@@ -200,7 +183,7 @@ def _body_big(args):
 
     import numpy as np
 
-    bpy = _enable()
+    bpy = enable_addon()
     from blender_addon import api
 
     bpy.ops.mesh.primitive_grid_add(x_subdivisions=317, y_subdivisions=317, size=4.0)  # 100k quads

@@ -11,30 +11,20 @@ import time
 import numpy as np
 import pytest
 
-from backend.server.client import BackendClient
-from backend.server.launcher import ServerProcess
 from protocol import new_job_id
 from protocol.mesh import MeshPayload, encode_mesh
+from tests.server_support import backend_client, fake_server
 from tests.texture_meshes import cube_with_uvs, sphere
 
-FAKE = "tests.fake_pipeline:run_job"
 QUICK = {"test.steps": 3, "test.step_seconds": 0.005, "test.preview_every": 1}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("texture-server")
-    srv = ServerProcess(d / "data", d / "conn.json", pipeline=FAKE, args=["--queue-limit", "16"]).start()
-    yield srv
-    code = srv.stop()
-    assert code == 0, srv.log()
+    yield from fake_server(tmp_path_factory, "texture-server", ["--queue-limit", "16"])
 
 
-@pytest.fixture
-def client(server):
-    c = BackendClient(server.info)
-    yield c
-    c.close()
+client = pytest.fixture(backend_client)
 
 
 def params(prompt="a blue cube", **overrides):
