@@ -60,6 +60,20 @@ def install_addon(scripts_dir: Path) -> str:
     return "conjure"
 
 
+def session_result(tmp_path, out, artifacts_dir, name: str) -> dict:
+    """After a window session: its screenshots and log copied to ``artifacts/`` (``<name>_session.log``),
+    its ``result.json`` read (also kept as ``<name>_result.json``); the session reported no errors."""
+    for png in out.glob("*.png"):
+        shutil.copy(png, artifacts_dir / png.name)
+    shutil.copy(tmp_path / "blender.log", artifacts_dir / f"{name}_session.log")
+    result_file = out / "result.json"
+    assert result_file.exists(), (tmp_path / "blender.log").read_text()[-5000:]
+    r = json.loads(result_file.read_text())
+    (artifacts_dir / f"{name}_result.json").write_text(json.dumps(r, indent=1))
+    assert not r["errors"], r["errors"]
+    return r
+
+
 def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_dir):
     data = tmp_path / "data"
     data.mkdir()
@@ -107,14 +121,7 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
     finally:
         backend.stop()
         log.close()
-    for png in out.glob("*.png"):
-        shutil.copy(png, artifacts_dir / png.name)
-    shutil.copy(tmp_path / "blender.log", artifacts_dir / "blender34_session.log")
-    result_file = out / "result.json"
-    assert result_file.exists(), (tmp_path / "blender.log").read_text()[-5000:]
-    r = json.loads(result_file.read_text())
-    (artifacts_dir / "blender34_result.json").write_text(json.dumps(r, indent=1))
-    assert not r["errors"], r["errors"]
+    r = session_result(tmp_path, out, artifacts_dir, "blender34")
     assert r.get("done")
     assert r["tab_found"], "the Conjure tab was not found in the sidebar"
     # before any backend: what to run, why a local one did not start, and a job that waits for one

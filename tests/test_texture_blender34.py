@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 
 import pytest
 
 from tests.addon_support import REPO, BackendProcess
-from tests.test_addon_blender34 import install_addon
+from tests.test_addon_blender34 import install_addon, session_result
 
 pytestmark = [pytest.mark.blender34, pytest.mark.slow]
 
@@ -50,14 +49,7 @@ def test_blender34_texture_selected_from_the_panel(tmp_path, artifacts_dir):
     finally:
         backend.stop()
         log.close()
-    for png in out.glob("*.png"):
-        shutil.copy(png, artifacts_dir / png.name)
-    shutil.copy(tmp_path / "blender.log", artifacts_dir / "blender34_texture_session.log")
-    result_file = out / "result.json"
-    assert result_file.exists(), (tmp_path / "blender.log").read_text()[-5000:]
-    r = json.loads(result_file.read_text())
-    (artifacts_dir / "blender34_texture_result.json").write_text(json.dumps(r, indent=1))
-    assert not r["errors"], r["errors"]
+    r = session_result(tmp_path, out, artifacts_dir, "blender34_texture")
     assert r.get("done") and r.get("tab_found") and r["poll_in_panel"]
     assert r["operator"] == ["FINISHED"]
     assert r["job"]["state"] == "done" and r["job"]["imported"] == "Cube", r["job"]
