@@ -146,11 +146,13 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
     # (llvmpipe then takes over a second per redraw) a job sees only a dozen ticks, each one
     # catching up on a second of messages, and wall-clock figures measure the machine, not the
     # add-on: the pump's work per tick is checked on its CPU time with a margin over the 4 ms budget
-    # (the wall-clock p99 target lives in bench/bench_import.py), the loss deadline allows for the
+    # when there are enough ticks for a p99 (the wall-clock target lives in bench/bench_import.py;
+    # its pump figure is on by default), the loss deadline allows for the
     # loop's period, and the figures are kept in artifacts/blender34_result.json.
     healthy = j1["loop_gap_median_s"] < 0.1 and j1["ticks"] >= 100
     assert j1["previews_applied"] >= (3 if healthy else 1) and j1["draws"] >= 5, j1
-    assert j1["tick_cpu_p99_ms"] < 10.0, j1
+    if healthy:  # a p99 needs ~100 ticks; a starved loop's dozen ticks give only their maximum
+        assert j1["tick_cpu_p99_ms"] < 10.0, j1
     assert j1["location"] == pytest.approx([1.0, -1.0, 0.5]) and j1["selected"] and j1["active"]
     assert j1["prop_seed"] == 1234 and j1["faces"] == 5120
     assert abs(j1["min_z"]) < 1e-4  # the base rests on the cursor
