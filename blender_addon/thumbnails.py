@@ -5,13 +5,15 @@ shows it through ``bpy.utils.previews``. Main thread only, like everything that 
 
 import os
 import tempfile
+import time
 
 import bpy.utils.previews
 
 from .fsutil import atomic_write_bytes
 
 THUMBNAIL_NAME = "thumbnail.png"
-_STATE = {"previews": None, "failed": set()}
+RETRY_AFTER_S = 10.0  # a failed fetch (backend restarting, reply lost) is tried again after this
+_STATE = {"previews": None, "failed": {}}  # failed: job id -> time.monotonic() of the failure
 
 
 def cache_dir():
@@ -49,7 +51,10 @@ def icon_id(client, item):
     path = os.path.join(cache_dir(), job_id + ".png")
     if os.path.exists(path):
         return pcoll.load(job_id, path, "IMAGE").icon_id
-    if client is None or job_id in _STATE["failed"] or client.fetching(job_id, THUMBNAIL_NAME):
+    failed_at = _STATE["failed"].get(job_id)
+    if failed_at is not None and time.monotonic() - failed_at < RETRY_AFTER_S:
+        return 0
+    if client is None or client.fetching(job_id, THUMBNAIL_NAME):
         return 0
     meta = (item.get("results") or {}).get("thumbnail") or {}
     if client.state != "connected" or not meta.get("size"):
@@ -57,8 +62,9 @@ def icon_id(client, item):
 
     def done(data):
         if isinstance(data, Exception):
-            _STATE["failed"].add(job_id)
+            _STATE["failed"][job_id] = time.monotonic()
             return
+        _STATE["failed"].pop(job_id, None)
         atomic_write_bytes(path, data, durable=False)  # a cache: atomic is enough
         client.changed = True
 

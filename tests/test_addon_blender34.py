@@ -169,6 +169,7 @@ def test_blender34_window_panel_previews_loss_and_recovery(tmp_path, artifacts_d
     assert r["job2"]["error"] == "interrupted"
     assert r["resubmit"] == {"new_id": True, "state": "done", "object": "a slow stone tower", "seed": 1234}
     assert r["cancel_lines"] == ["Cancelling…", "Cancelled"] and r["cancel_state"] == "cancelled"
+    assert r["job3_listed"], r["history"]  # the refresh after job 3 lists it as done
     assert r["thumbs_loaded"] >= 3 and all(h["created"] and h["duration_s"] is not None
                                            for h in r["history_items"] if h["thumbnail"])
     assert r.get("deleted")
