@@ -248,6 +248,8 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.prune_opacity": _f(0.0, 1.0, "prune Gaussians below this opacity"),
     "coarse.split_scale": _f(0.0, 10.0, "split Gaussians larger than this std (world units)"),
     "coarse.random_bg_prob": _f(0.0, 1.0, "probability of a random background"),
+    "coarse.background": _c("background behind the Gaussians: solid colours or learned (DreamFusion)", "solid", "learned"),
+    "coarse.lr_background": _f(0.0, 1.0, "learning rate of the learned background"),
     "coarse.elevation_range": _pair(-90.0, 90.0, "camera elevation low,high (degrees)"),
     "coarse.distance_range": _pair(0.1, 100.0, "camera distance low,high (world units)"),
     "coarse.fovy_range": _pair(1.0, 179.0, "vertical field of view low,high (degrees)"),
@@ -288,6 +290,7 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "fine.tv_weight": _f(0.0, 1e9, "weight of the texel total-variation prior"),
     "fine.texture_filter": _c("texture sampling", "linear", "linear-mipmap-linear"),
     "fine.rebake_sigma": _f(0.0, 100.0, "seam-aware re-bake blur (texels; 0 = off)"),
+    "fine.random_bg_prob": _f(0.0, 1.0, "probability of a random background colour per fine view"),
     # shading (DreamFusion) during SDS
     "shading.coarse": _b("shade the Gaussian renders during SDS"),
     "shading.fine": _b("shade the mesh renders during SDS"),

@@ -27,6 +27,7 @@ from backend.gaussians.model import GaussianModel
 from backend.gaussians.render import resolve_backend
 from backend.guidance.loss import LossFn
 from backend.mesh.extract import EmptyMeshError, extract_mesh, fit_to_size
+from backend.pipeline.background import EnvironmentBackground, composite_backgrounds
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.losslog import LossLog
 from backend.pipeline.presets import CoarseConfig, ShadingConfig
@@ -105,6 +106,12 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
     model = init
     optimizer = model.make_optimizer(_lrs(config, 0.0))
     densifier = Densifier(config, len(model), device)
+    environment = env_optimizer = None
+    if config.background == "learned":
+        environment = EnvironmentBackground(device=device)
+        env_optimizer = torch.optim.Adam(environment.parameters(), lr=float(config.lr_background))
+    elif config.background != "solid":
+        raise ValueError(f"coarse.background must be 'solid' or 'learned', got {config.background!r}")
     result = CoarseResult(model, renderer=backend)
     steps = int(config.steps)
     t_stage = time.perf_counter()
@@ -124,26 +131,39 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         cams = sample_cameras(config.batch_size, res, generator, elevation_range=as_range(config.elevation_range),
                               distance_range=as_range(config.distance_range), fovy_range=as_range(config.fovy_range),
                               device=device)
-        bg = random_backgrounds(config.batch_size, config.random_bg_prob, generator, device)
         for group in optimizer.param_groups:
             group["lr"] = _lrs(config, ratio)[group["name"]]
         densifying = config.densify_from <= ratio <= config.densify_until
-        out = model.render(cams, bg, backend=backend, retain_means2d=densifying)
-        images = out.image
+        if environment is None:
+            bg = random_backgrounds(config.batch_size, config.random_bg_prob, generator, device)
+            out = model.render(cams, bg, backend=backend, retain_means2d=densifying)
+            images = out.image
+        else:  # DreamFusion's learned background, a random solid colour for some views
+            use_random = (torch.rand(config.batch_size, generator=generator) < config.random_bg_prob).to(device)
+            colours = torch.rand(config.batch_size, 3, generator=generator).to(device)
+            out = model.render(cams, torch.zeros(config.batch_size, 3, device=device), backend=backend,
+                               retain_means2d=densifying)
+            images, bg = composite_backgrounds(out.image, out.alpha, environment(cams), colours, use_random)
         if shading is not None:
             draw = sample_shading(cams, shading, generator)
             normals = depth_normals(out.depth, out.alpha, cams)
             images = apply_shading(images, out.alpha, bg, normals, draw, shading.ambient, shading.diffuse)
+        if bg.dim() == 4:
+            bg = bg.mean(dim=(2, 3))  # the loss type's (B, 3) backgrounds
         loss = loss_fn(images, cams, bg, ratio)
         if config.opacity_entropy_weight > 0:
             loss = loss + config.opacity_entropy_weight * binary_entropy(model.activated().opacities)
         if config.alpha_entropy_weight > 0:
             loss = loss + config.alpha_entropy_weight * binary_entropy(out.alpha)
         optimizer.zero_grad(set_to_none=True)
+        if env_optimizer is not None:
+            env_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if densifying:
             densifier.accumulate(out, res, res)
         optimizer.step()
+        if env_optimizer is not None:
+            env_optimizer.step()
         if config.max_scale > 0:
             with torch.no_grad():
                 model.params["log_scales"].clamp_(max=math.log(config.max_scale))

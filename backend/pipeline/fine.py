@@ -216,6 +216,19 @@ def normal_consistency(vertices: torch.Tensor, faces: torch.Tensor, adjacency: t
 # the refinement loop
 
 
+def view_backgrounds(views: int, grey: float, random_prob: float, generator: torch.Generator | None,
+                     device: torch.device | str) -> torch.Tensor:
+    """(views, 3) background colours in [0, 1]: a uniformly random colour with probability
+    ``random_prob``, the grey level ``grey`` otherwise (DreamFusion's random background
+    augmentation, as threestudio's ``random_aug``; the coarse stage's ``random_backgrounds``). With a
+    fixed white background an object whose albedo is near white has no silhouette in the render."""
+    bgs = torch.full((views, 3), float(grey))
+    if random_prob > 0:
+        use = torch.rand(views, 1, generator=generator) < random_prob
+        bgs = torch.where(use, torch.rand(views, 3, generator=generator), bgs)
+    return bgs.to(device)
+
+
 def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: FineConfig,
            ctx: JobContext | None = None, stage: str = "fine", background: float = 1.0,
            shading: ShadingConfig | None = None, generator: torch.Generator | None = None) -> TexturedMesh:
@@ -256,10 +269,11 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
         ratio = step_ratio(step, total)
         cams = camera_fn(step)
         pos = mesh.positions if offsets is None else mesh.positions + offsets
-        out = mesh.render(cams, background=background, backend=backend, texture=texture, positions=pos,
+        out = mesh.render(cams, background=0.0, backend=backend, texture=texture, positions=pos,
                           filter_mode=str(config.texture_filter))
-        backgrounds = torch.full((len(cams), 3), float(background), device=out.image.device)
-        images = out.image
+        backgrounds = view_backgrounds(len(cams), float(background), float(config.random_bg_prob), generator,
+                                       out.image.device)
+        images = out.image + backgrounds.view(-1, 3, 1, 1) * (1.0 - out.alpha)
         if shading is not None:
             draw = sample_shading(cams, shading, generator)
             normals = face_normals_image(pos, mesh.faces, out.rast, cams)

@@ -115,6 +115,10 @@ class CoarseConfig:
         alpha_entropy_weight: the same on the rendered alpha per pixel (a crisp silhouette).
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
             0 disables. Large splats bridge holes and blur the surface.
+        background: "solid" (white, or a random colour with ``random_bg_prob``) or "learned"
+            (DreamFusion's environment background, optimised by ray direction at ``lr_background``;
+            a random solid colour still replaces it with ``random_bg_prob``;
+            ``backend/pipeline/background.py``).
     """
 
     steps: int = 500
@@ -155,6 +159,8 @@ class CoarseConfig:
     opacity_entropy_weight: float = 0.0
     alpha_entropy_weight: float = 0.0
     max_scale: float = 0.0
+    background: str = "solid"
+    lr_background: float = 1e-2
 
 
 @dataclass
@@ -186,6 +192,8 @@ class FineConfig:
         tv_weight: weight of a total-variation smoothness prior on the texels (squared differences
             of neighbouring texels, mean over the texture), against speckle where few pixels
             constrain a texel.
+        random_bg_prob: probability that a view's background is a random colour instead of white
+            (DreamFusion's background augmentation; ``fine.view_backgrounds``).
     """
 
     steps: int = 300
@@ -210,6 +218,7 @@ class FineConfig:
     tv_weight: float = 0.0
     texture_filter: str = "linear"
     rebake_sigma: float = 0.0
+    random_bg_prob: float = 0.0
 
 
 @dataclass

@@ -120,14 +120,14 @@ def apply_shading(image: torch.Tensor, alpha: torch.Tensor, backgrounds: torch.T
     """Shade composited renders: ``colour · (ambient + diffuse · max(0, n·l)) + (1 − α)·bg``.
 
     Args:
-        image: (B, 3, H, W) in [0, 1], composited over ``backgrounds`` (B, 3).
+        image: (B, 3, H, W) in [0, 1], composited over ``backgrounds`` (B, 3) or per pixel (B, 3, H, W).
         alpha: (B, 1, H, W) coverage; normals: (B, 3, H, W) world unit normals.
         draw: per-view lights and modes (ALBEDO views are returned unshaded, TEXTURELESS views
             use a white albedo).
     Returns:
         (B, 3, H, W) shaded images (differentiable w.r.t. image, alpha and normals).
     """
-    bg = backgrounds.view(-1, 3, 1, 1).to(image)
+    bg = (backgrounds if backgrounds.dim() == 4 else backgrounds.view(-1, 3, 1, 1)).to(image)
     behind = (1.0 - alpha) * bg
     colour = image - behind
     modes = draw.modes.view(-1, 1, 1, 1)

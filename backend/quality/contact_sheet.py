@@ -131,7 +131,9 @@ def header_lines(report) -> list[tuple[str, bool | None]]:
         if m.key in ("voxel_components",):
             continue
         text = f"{m.key} {m.value_text()}" + (f" ({m.target})" if m.passed is not None else "")
-        for a, b in (("≥", ">="), ("≤", "<="), ("≈", "~"), ("×", "x")):
+        if m.value is None and m.detail:  # e.g. tunnels of an open surface ("—" has no glyph)
+            text = f"{m.key} {m.detail}"
+        for a, b in (("≥", ">="), ("≤", "<="), ("≈", "~"), ("×", "x"), ("—", "-")):
             text = text.replace(a, b)
         out.append((text, m.passed))
     return out
