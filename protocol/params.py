@@ -250,6 +250,7 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.random_bg_prob": _f(0.0, 1.0, "probability of a random background"),
     "coarse.background": _c("background behind the Gaussians: solid colours or learned (DreamFusion)", "solid", "learned"),
     "coarse.lr_background": _f(0.0, 1.0, "learning rate of the learned background"),
+    "coarse.opacity_reset_every": _i(0, 100000, "steps between opacity resets (3DGS; 0 = off)"),
     "coarse.elevation_range": _pair(-90.0, 90.0, "camera elevation low,high (degrees)"),
     "coarse.distance_range": _pair(0.1, 100.0, "camera distance low,high (world units)"),
     "coarse.fovy_range": _pair(1.0, 179.0, "vertical field of view low,high (degrees)"),

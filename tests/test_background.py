@@ -69,9 +69,9 @@ def test_coarse_stage_with_a_learned_background_optimises_it_and_the_gaussians()
     Gaussians, explains the backdrop), and the stage runs end to end with shading."""
     from backend.pipeline.presets import ShadingConfig
 
-    cfg = CoarseConfig(steps=40, batch_size=2, num_points=150, render_resolution=12, render_resolution_end=12,
+    cfg = CoarseConfig(steps=20, batch_size=2, num_points=150, render_resolution=12, render_resolution_end=12,
                        preview_every=0, densify_from=2.0, renderer="torch", background="learned",
-                       random_bg_prob=0.0, lr_background=0.1)
+                       random_bg_prob=0.0, lr_background=0.2)
     seen = []
 
     def loss(images, cams, bgs, ratio):

@@ -69,3 +69,18 @@ def test_state_dict_roundtrip():
         assert torch.equal(m.params[n], m2.params[n])
     m3 = GaussianModel.from_gaussians(m.activated().detach())
     assert torch.allclose(m3.activated().opacities, m.activated().opacities, atol=1e-5)
+
+
+def test_opacity_reset_lowers_every_opacity_and_clears_its_adam_moments():
+    """3D Gaussian Splatting's opacity reset: opacities ≤ the ceiling, moments zeroed, others untouched."""
+    model = GaussianModel.init_random(50, 0.5, "sphere", 0.03, 0.9, torch.Generator().manual_seed(0), "cpu")
+    opt = model.make_optimizer({n: 1e-2 for n in model.params})
+    (model.activated().opacities.sum() + model.params["means"].square().sum()).backward()
+    opt.step()
+    means = model.params["means"].detach().clone()
+    model.reset_opacity(opt, ceiling=0.05)
+    assert float(model.activated().opacities.max()) <= 0.05 + 1e-6
+    state = opt.state[model.params["opacity_logits"]]
+    assert float(state["exp_avg"].abs().max()) == 0.0 and float(state["exp_avg_sq"].abs().max()) == 0.0
+    assert float(opt.state[model.params["means"]]["exp_avg_sq"].abs().max()) > 0.0
+    assert torch.equal(model.params["means"].detach(), means)

@@ -125,6 +125,19 @@ class GaussianModel:
         groups = [{"params": [self.params[n]], "lr": float(lrs[n]), "name": n} for n in PARAM_NAMES]
         return torch.optim.Adam(groups, eps=1e-15)
 
+    @torch.no_grad()
+    def reset_opacity(self, optimizer: torch.optim.Adam | None, ceiling: float = 0.05) -> None:
+        """Lower every opacity to at most ``ceiling`` and clear its Adam moments (3D Gaussian
+        Splatting's opacity reset, Kerbl et al. 2023 §5.2): Gaussians the loss needs grow back, the
+        rest (films, floaters) stay faint and are pruned."""
+        logits = self.params["opacity_logits"]
+        logits.clamp_(max=_logit(ceiling))
+        if optimizer is not None:
+            state = optimizer.state.get(logits)
+            if state:
+                state["exp_avg"].zero_()
+                state["exp_avg_sq"].zero_()
+
     def replace(self, optimizer: torch.optim.Adam | None, keep: torch.Tensor,
                 extra: dict[str, torch.Tensor] | None = None) -> None:
         """Keep rows ``keep`` (bool (N,) or indices) and append ``extra`` rows to every parameter,

@@ -167,6 +167,9 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         if config.max_scale > 0:
             with torch.no_grad():
                 model.params["log_scales"].clamp_(max=math.log(config.max_scale))
+        if (config.opacity_reset_every > 0 and (step + 1) % config.opacity_reset_every == 0
+                and ratio <= config.densify_until):
+            model.reset_opacity(optimizer)
         if densifying and (step + 1) % config.densify_interval == 0:
             info = densifier.step(model, optimizer, generator)
             info["step"] = step + 1

@@ -104,6 +104,8 @@ class CoarseConfig:
             split_scale: Gaussians with a std above it (world units) are split, smaller ones cloned.
         random_bg_prob: probability of a random background colour per view (white otherwise).
         elevation_range, distance_range, fovy_range: camera sampling ranges (degrees / world units).
+            Elevations reach 80° (DreamFusion samples −10°…90°): views from high above are what
+            show a hole or a top face; with a 45° ceiling a torus's hole stayed filled by a film.
         preview_every: emit a preview mesh every N steps (0 = only at the end);
         preview_grid, preview_faces: density-grid resolution / face budget of previews;
         mesh_grid, mesh_faces: the same for the final mesh of coarse-only presets.
@@ -115,6 +117,9 @@ class CoarseConfig:
         alpha_entropy_weight: the same on the rendered alpha per pixel (a crisp silhouette).
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
             0 disables. Large splats bridge holes and blur the surface.
+        opacity_reset_every: every this many steps (while densifying is still allowed) lower all
+            opacities to 0.05 (3D Gaussian Splatting's opacity reset, Kerbl et al. 2023), so films
+            and floaters the prior does not need fade and are pruned; 0 disables.
         background: "solid" (white, or a random colour with ``random_bg_prob``) or "learned"
             (DreamFusion's environment background, optimised by ray direction at ``lr_background``;
             a random solid colour still replaces it with ``random_bg_prob``;
@@ -146,7 +151,7 @@ class CoarseConfig:
     prune_scale: float = 0.5
     split_scale: float = 0.04
     random_bg_prob: float = 0.5
-    elevation_range: tuple[float, float] = (-10.0, 45.0)
+    elevation_range: tuple[float, float] = (-10.0, 80.0)
     distance_range: tuple[float, float] = (2.8, 3.4)
     fovy_range: tuple[float, float] = (45.0, 55.0)
     preview_every: int = 100
@@ -159,6 +164,7 @@ class CoarseConfig:
     opacity_entropy_weight: float = 0.0
     alpha_entropy_weight: float = 0.0
     max_scale: float = 0.0
+    opacity_reset_every: int = 0
     background: str = "solid"
     lr_background: float = 1e-2
 
@@ -263,9 +269,11 @@ class Preset:
 
 
 #: Issue-12 techniques every preset uses (see ``docs/benchmarks.md`` "Issue 12 — pipeline ablation"):
-#: DreamFusion shading in both stages, DreamTime timesteps, the Magic3D refine stage's t_max 0.5,
-#: DreamGaussian's mipmapped texture lookups and the seam-aware re-bake. Unverified on a GPU with
-#: Stable Diffusion in the session that set them (no GPU was available); measured on the cpu preset.
+#: DreamFusion shading in both stages and its −10°…80° elevations, DreamTime timesteps, the Magic3D
+#: refine stage's t_max 0.5, DreamGaussian's mipmapped texture lookups and the seam-aware re-bake;
+#: the cpu preset also learns its background (DreamFusion) and randomises the fine stage's.
+#: Unverified on a GPU with Stable Diffusion in the sessions that set them (no GPU was available);
+#: measured on the cpu preset.
 def _shading() -> ShadingConfig:
     return ShadingConfig(coarse=True, fine=True)
 
@@ -313,10 +321,11 @@ def _cpu() -> Preset:
                             render_resolution=32, render_resolution_end=48, resolution_ramp_until=0.5,
                             lr_means=2e-3, lr_means_end=1e-4, densify_interval=40, densify_fraction=0.1,
                             max_points=3000, split_scale=0.06, preview_every=50, preview_grid=48,
-                            preview_faces=5000, mesh_grid=64, mesh_faces=10000),
+                            preview_faces=5000, mesh_grid=64, mesh_faces=10000, background="learned"),
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
                         face_budget=5000, lr=2e-2, vertex_offsets=False, t_max=0.5,
-                        texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5),
+                        texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5,
+                        random_bg_prob=0.5),
         guidance=_guidance(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
         shading=_shading(),
     )
