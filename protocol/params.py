@@ -288,9 +288,6 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "fine.tv_weight": _f(0.0, 1e9, "weight of the texel total-variation prior"),
     "fine.texture_filter": _c("texture sampling", "linear", "linear-mipmap-linear"),
     "fine.rebake_sigma": _f(0.0, 100.0, "seam-aware re-bake blur (texels; 0 = off)"),
-    "fine.smooth_iterations": _i(0, 1000, "Taubin smoothing passes on the extracted surface (0 = off)"),
-    "fine.smooth_lambda": _f(0.0, 1.0, "Taubin smoothing shrink factor λ"),
-    "fine.smooth_mu": _f(0.0, 1.0, "Taubin smoothing inflate factor μ (> λ)"),
     # shading (DreamFusion) during SDS
     "shading.coarse": _b("shade the Gaussian renders during SDS"),
     "shading.fine": _b("shade the mesh renders during SDS"),

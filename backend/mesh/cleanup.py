@@ -9,7 +9,6 @@ Steps of :func:`clean_mesh`:
 2. keep the largest connected component plus every component with at least
    ``min_component_fraction`` of the faces (floaters from the density grid go);
 3. fill small holes (trimesh's ``fill_holes``: triangles and quads) where possible;
-   optionally Taubin λ|μ smoothing of the full-resolution surface (:func:`taubin_smooth`);
 4. make the winding consistent per component and orient it outward (positive signed volume
    for closed components, normals pointing away from the component centre otherwise);
 5. decimate to ``face_budget`` faces with fast-simplification (quadric edge collapse), then
@@ -150,23 +149,6 @@ def orient_faces(positions: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return faces
 
 
-def taubin_smooth(mesh: trimesh.Trimesh, iterations: int, lamb: float = 0.5, mu: float = 0.53) -> trimesh.Trimesh:
-    """Taubin λ|μ smoothing (Taubin 1995, "A signal processing approach to fair surface design"), in place.
-
-    Each of ``iterations`` passes moves every vertex by ``lamb`` × its uniform Laplacian (towards the
-    mean of its edge neighbours: shrinks) and then by ``-mu`` × the new Laplacian (away: inflates).
-    With 0 < λ < μ and 1/λ − 1/μ ≈ 0.1 the pair is a low-pass filter whose pass band is flat: the
-    high-frequency bumps that marching cubes and a few thousand Gaussians leave on a surface are
-    damped while the low frequencies (the overall shape and its size) are kept, unlike plain
-    Laplacian smoothing, which shrinks the surface towards its centroid. Positions in the mesh's own
-    units; the connectivity is unchanged. Uses ``trimesh.smoothing.filter_taubin`` (its ``nu`` is μ).
-    """
-    if iterations <= 0 or len(mesh.faces) == 0:
-        return mesh
-    trimesh.smoothing.filter_taubin(mesh, lamb=float(lamb), nu=float(mu), iterations=2 * int(iterations))
-    return mesh
-
-
 def decimate(positions: np.ndarray, faces: np.ndarray, face_budget: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadric decimation to at most ~``face_budget`` faces (no-op when already within budget)."""
     if len(faces) <= face_budget:
@@ -179,12 +161,8 @@ def decimate(positions: np.ndarray, faces: np.ndarray, face_budget: int) -> tupl
 
 
 def clean_mesh(positions: np.ndarray, faces: np.ndarray, face_budget: int | None = None,
-               min_component_fraction: float = 0.02, fill_holes: bool = True, smooth_iterations: int = 0,
-               smooth_lambda: float = 0.5, smooth_mu: float = 0.53) -> CleanMesh:
+               min_component_fraction: float = 0.02, fill_holes: bool = True) -> CleanMesh:
     """Run the clean-up pipeline (module docstring) and return a :class:`CleanMesh`.
-
-    ``smooth_iterations`` λ|μ pairs of :func:`taubin_smooth` (0 = none) run on the full-resolution
-    surface before decimation, so the decimator keeps the smoothed shape, not the bumps.
 
     Raises:
         MeshCleanupError: empty input or nothing left after removing degenerate faces.
@@ -205,8 +183,6 @@ def clean_mesh(positions: np.ndarray, faces: np.ndarray, face_budget: int | None
     stats["faces_components"] = int(len(mesh.faces))
     if fill_holes and not mesh.is_watertight:
         trimesh.repair.fill_holes(mesh)
-    if smooth_iterations > 0:
-        taubin_smooth(mesh, smooth_iterations, smooth_lambda, smooth_mu)
     mesh = orient_outward(mesh)
     if face_budget is not None:
         pts, tris = decimate(mesh.vertices, mesh.faces, face_budget)

@@ -4,8 +4,8 @@ Steps (Magic3D's refine stage with DreamGaussian's texture pipeline):
 
 1. extract a mesh from the Gaussians' density grid at ``FineConfig.grid_resolution``
    (``backend.mesh.extract``, the coarse stage's extractor);
-2. clean it up (largest components, holes, optional Taubin λ|μ smoothing, winding, outward normals)
-   and decimate it to ``FineConfig.face_budget`` (``backend.mesh.cleanup``);
+2. clean it up (largest components, holes, winding, outward normals) and decimate it to
+   ``FineConfig.face_budget`` (``backend.mesh.cleanup``);
 3. unwrap UVs with xatlas (``backend.mesh.uv``) and bake an initial texture from the Gaussians
    (``backend.mesh.bake``);
 4. optimise the texture (and optionally small vertex offsets, regularised by a Laplacian and a
@@ -128,19 +128,15 @@ def prepare_textured_mesh(positions: np.ndarray, faces: np.ndarray, color_fn: Co
                           face_budget: int, texture_resolution: int, uv_padding: int = 2,
                           device: torch.device | str = "cpu", backend: str = "auto",
                           bake_dilation: int = 16, min_component_fraction: float = 0.02,
-                          default_color: float = 0.5, smooth_iterations: int = 0, smooth_lambda: float = 0.5,
-                          smooth_mu: float = 0.53) -> TexturedMesh:
-    """Clean-up (with optional Taubin smoothing) → decimation → xatlas UVs → baked texture (flat
-    ``default_color`` if no color_fn).
+                          default_color: float = 0.5) -> TexturedMesh:
+    """Clean-up → decimation → xatlas UVs → baked texture (flat ``default_color`` if no color_fn).
 
     Args:
         positions: (N, 3) Blender-frame vertices; faces: (F, 3) ints (an extracted surface).
         color_fn: (P, 3) points → (P, 3) colours in [0, 1], or None for a flat texture.
     """
     t0 = time.perf_counter()
-    clean = clean_mesh(positions, faces, face_budget=face_budget, min_component_fraction=min_component_fraction,
-                       smooth_iterations=int(smooth_iterations), smooth_lambda=float(smooth_lambda),
-                       smooth_mu=float(smooth_mu))
+    clean = clean_mesh(positions, faces, face_budget=face_budget, min_component_fraction=min_component_fraction)
     t1 = time.perf_counter()
     atlas = unwrap(clean.positions, clean.faces, resolution=texture_resolution, padding=uv_padding)
     t2 = time.perf_counter()
@@ -461,8 +457,7 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
         positions, faces, color_fn, face_budget=cfg.face_budget, texture_resolution=cfg.texture_resolution,
         uv_padding=int(cfg.uv_padding), device=device, backend=backend,
         bake_dilation=int(cfg.bake_dilation),
-        min_component_fraction=float(cfg.min_component_fraction), smooth_iterations=int(cfg.smooth_iterations),
-        smooth_lambda=float(cfg.smooth_lambda), smooth_mu=float(cfg.smooth_mu))
+        min_component_fraction=float(cfg.min_component_fraction))
     log.info("fine stage mesh: %s", {k: v for k, v in mesh.info.items() if k != "loss"})
     ctx.emit(PreviewEvent("fine", 0, mesh.to_payload(PREVIEW_TEXTURE_SIDE)))
     ctx.check_cancel()

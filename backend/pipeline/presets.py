@@ -183,11 +183,6 @@ class FineConfig:
         rebake_sigma: after refinement, re-bake the texture through 3D (each texel a Gaussian of
             this std in texels on the surface) so both sides of every UV seam agree and lone
             speckles average out (``fine.seam_aware_rebake``); 0 disables.
-        smooth_iterations: λ|μ passes of Taubin smoothing (Taubin 1995, "A signal processing approach to
-            fair surface design"; ``backend.mesh.cleanup.taubin_smooth``) on the extracted surface
-            before decimation: a non-shrinking low-pass filter that damps the marching-cubes /
-            Gaussian bumps and keeps the shape's size; 0 disables. smooth_lambda, smooth_mu: the
-            shrink and inflate factors (0 < λ < μ, 1/λ − 1/μ ≈ 0.1).
         tv_weight: weight of a total-variation smoothness prior on the texels (squared differences
             of neighbouring texels, mean over the texture), against speckle where few pixels
             constrain a texel.
@@ -215,9 +210,6 @@ class FineConfig:
     tv_weight: float = 0.0
     texture_filter: str = "linear"
     rebake_sigma: float = 0.0
-    smooth_iterations: int = 0
-    smooth_lambda: float = 0.5
-    smooth_mu: float = 0.53
 
 
 @dataclass
@@ -408,8 +400,6 @@ def validate_preset(preset: Preset) -> None:
             ("fine.t_max", preset.fine.t_max is None or 0.0 < preset.fine.t_max <= 1.0, "must be in (0, 1]"),
             ("fine.tv_weight", preset.fine.tv_weight >= 0, "must be >= 0"),
             ("fine.rebake_sigma", preset.fine.rebake_sigma >= 0, "must be >= 0"),
-            ("fine.smooth_mu", preset.fine.smooth_iterations == 0 or 0 < preset.fine.smooth_lambda < preset.fine.smooth_mu,
-             "need 0 < fine.smooth_lambda < fine.smooth_mu (Taubin's λ|μ; otherwise the filter shrinks)"),
         ]
     for key, ok, why in checks:
         if not ok:
