@@ -1,5 +1,6 @@
 """Issue 12's pipeline techniques: DreamFusion shading, DreamTime schedule, StableDreamer x0 form,
-the fine stage's own timestep range, the texel TV prior and the Gaussian regularisers."""
+the fine stage's own timestep range, the texel TV prior, the Gaussian regularisers and Magic3D's
+vertex offsets."""
 
 from __future__ import annotations
 
@@ -165,9 +166,11 @@ def test_cpu_preset_turns_the_techniques_on_and_they_can_be_switched_off():
     assert p.coarse.opacity_entropy_weight == 0 and p.coarse.max_scale == 0  # off: see docs/benchmarks.md
     assert p.coarse.elevation_range == (-10.0, 80.0) and p.coarse.background == "learned"
     assert p.fine.random_bg_prob == 0.5
+    assert p.fine.vertex_offsets and p.fine.normal_weight > 0 and p.coarse.density_threshold < 0.5  # geometry
     off = get_preset("cpu", {"shading.coarse": False, "shading.fine": False, "guidance.t_sampling": "random",
                              "fine.t_max": "none", "fine.tv_weight": 0, "fine.texture_filter": "linear",
-                             "fine.rebake_sigma": 0})
+                             "fine.rebake_sigma": 0, "fine.vertex_offsets": False, "coarse.density_threshold": 0.5})
+    assert off.fine.vertex_offsets is False and off.coarse.density_threshold == 0.5
     assert off.shading.coarse is False and off.fine.t_max is None and off.fine.tv_weight == 0
     with pytest.raises(ValueError, match="shading.albedo_prob"):
         get_preset("cpu", {"shading.albedo_prob": 0.8, "shading.textureless_prob": 0.5})
@@ -249,3 +252,41 @@ def test_extrapolated_texel_points_lie_beyond_the_chart_edges_on_the_surface():
     extra = ext[emask & ~mask]
     r = extra.norm(dim=-1)
     assert (r - 0.6).abs().max() < 0.06  # just beyond an edge of the (flat-faced) sphere, on its surface
+
+
+
+def test_vertex_offsets_with_normal_consistency_flatten_a_noisy_plane_without_shrinking_it():
+    """Magic3D's geometry refinement: per-vertex offsets regularised by normal consistency (and a
+    Laplacian on the offsets) take the bumps off a flat face; the face keeps its size."""
+    import numpy as np
+
+    n = 17
+    xs = np.linspace(-0.6, 0.6, n)
+    gx, gy = np.meshgrid(xs, xs, indexing="ij")
+    rng = np.random.default_rng(0)
+    verts = np.stack([gx.ravel(), gy.ravel(), 0.03 * rng.uniform(-1.0, 1.0, n * n)], 1)
+    idx = np.arange(n * n).reshape(n, n)
+    a, b, c, d = idx[:-1, :-1].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel(), idx[:-1, 1:].ravel()
+    faces = np.concatenate([np.stack([a, b, c], 1), np.stack([a, c, d], 1)])
+    mesh = prepare_textured_mesh(verts, faces, None, face_budget=5000, texture_resolution=32, backend="torch")
+
+    def bumps(p):  # spread of the interior vertices' heights about their mean plane
+        p = p.numpy()
+        inner = (np.abs(p[:, :2]) < 0.55).all(1)
+        return float(p[inner, 2].std())
+
+    before = bumps(mesh.positions)
+    cams = orbit_cameras([30.0, 210.0], [60.0, 60.0], width=32)
+    cfg = FineConfig(steps=40, vertex_offsets=True, lr=0.0, lr_offsets=3e-3, offset_limit=0.05,
+                     laplacian_weight=1e4, normal_weight=1e3, preview_every=0, rasterizer="torch")
+    refine(mesh, lambda im, c, bg, r: 0.0 * im.sum(), lambda s: cams, cfg)
+    after = bumps(mesh.deformed)
+    assert after < 0.5 * before, (before, after)
+    # the face keeps its place and size inside its border (an open border's last ring may stretch a
+    # little: tilting its triangles flat moves it outward; extracted surfaces are closed)
+    p0, p1 = mesh.positions.numpy(), mesh.deformed.numpy()
+    inner = (np.abs(p0[:, :2]) < 0.45).all(1)
+    assert np.abs(p1[inner, :2] - p0[inner, :2]).mean() < 0.01
+    assert abs(p1[inner, 2].mean() - p0[inner, 2].mean()) < 0.005
+    spread = p1[inner, :2].max(0) - p1[inner, :2].min(0)
+    assert np.all(np.abs(spread - (p0[inner, :2].max(0) - p0[inner, :2].min(0))) < 0.03), spread

@@ -270,12 +270,30 @@ class Preset:
 
 #: Issue-12 techniques every preset uses (see ``docs/benchmarks.md`` "Issue 12 — pipeline ablation"):
 #: DreamFusion shading in both stages and its −10°…80° elevations, DreamTime timesteps, the Magic3D
-#: refine stage's t_max 0.5, DreamGaussian's mipmapped texture lookups and the seam-aware re-bake;
-#: the cpu preset also learns its background (DreamFusion) and randomises the fine stage's.
-#: Unverified on a GPU with Stable Diffusion in the sessions that set them (no GPU was available);
-#: measured on the cpu preset.
+#: refine stage's t_max 0.5, DreamGaussian's mipmapped texture lookups and the seam-aware re-bake; the
+#: fine presets also refine the geometry (Magic3D vertex offsets, ``_geometry``) from a surface at
+#: ``SURFACE_LEVEL``; the cpu preset also learns its background (DreamFusion) and randomises the fine
+#: stage's. Unverified on a GPU with Stable Diffusion in the sessions that set them (no GPU was
+#: available); measured on the cpu preset.
 def _shading() -> ShadingConfig:
     return ShadingConfig(coarse=True, fine=True)
+
+
+#: Iso level of the summed Gaussian density for the meshes of the presets (``coarse.density_threshold``).
+#: SDS leaves many half-transparent Gaussians (the cpu preset's median opacity is ~0.5, a quarter
+#: below 0.1) whose stacks render as a solid face, and so look solid to the prior, while their summed
+#: density at any one point stays under 0.5: the 0.5 level set then shows dents and lumps the renders
+#: never had. Measured on the cpu preset (docs/benchmarks.md "Geometry (session 2)"): 0.15 raised IoU
+#: on 5 of 6 solids (+0.02..+0.07; the cone −0.02). Unverified on a GPU with Stable Diffusion.
+SURFACE_LEVEL = 0.15
+
+
+def _geometry() -> dict:
+    """Magic3D's refine-stage geometry (Lin et al. 2023, "Magic3D: High-Resolution Text-to-3D Content
+    Creation", §4.2): per-vertex offsets optimised under SDS on the shaded renders, with a Laplacian on
+    the offsets and normal consistency between neighbouring faces. Measured on the cpu preset with the
+    lower surface level (docs/benchmarks.md "Geometry (session 2)"); unverified on a GPU."""
+    return dict(vertex_offsets=True, lr_offsets=3e-3, offset_limit=0.05, laplacian_weight=1e4, normal_weight=1e3)
 
 
 def _guidance(**kw) -> GuidanceConfig:
@@ -294,9 +312,10 @@ def _draft() -> Preset:
 def _standard() -> Preset:
     return Preset(
         name="standard",
-        coarse=CoarseConfig(steps=800, batch_size=4, num_points=5000, preview_every=100),
+        coarse=CoarseConfig(steps=800, batch_size=4, num_points=5000, preview_every=100,
+                            density_threshold=SURFACE_LEVEL),
         fine=FineConfig(steps=300, render_resolution=512, texture_resolution=1024, t_max=0.5,
-                        texture_filter="linear-mipmap-linear", rebake_sigma=1.0),
+                        texture_filter="linear-mipmap-linear", rebake_sigma=1.0, **_geometry()),
         guidance=_guidance(), shading=_shading(),
     )
 
@@ -306,9 +325,10 @@ def _high() -> Preset:
         name="high",
         coarse=CoarseConfig(steps=1500, batch_size=4, num_points=5000, render_resolution=256,
                             render_resolution_end=512, max_points=100000, preview_every=150,
-                            mesh_grid=192, mesh_faces=100000),
+                            mesh_grid=192, mesh_faces=100000, density_threshold=SURFACE_LEVEL),
         fine=FineConfig(steps=600, render_resolution=512, texture_resolution=2048, grid_resolution=192,
-                        face_budget=100000, t_max=0.5, texture_filter="linear-mipmap-linear", rebake_sigma=1.0),
+                        face_budget=100000, t_max=0.5, texture_filter="linear-mipmap-linear", rebake_sigma=1.0,
+                        **_geometry()),
         guidance=_guidance(), shading=_shading(),
     )
 
@@ -321,11 +341,12 @@ def _cpu() -> Preset:
                             render_resolution=32, render_resolution_end=48, resolution_ramp_until=0.5,
                             lr_means=2e-3, lr_means_end=1e-4, densify_interval=40, densify_fraction=0.1,
                             max_points=3000, split_scale=0.06, preview_every=50, preview_grid=48,
-                            preview_faces=5000, mesh_grid=64, mesh_faces=10000, background="learned"),
+                            preview_faces=5000, mesh_grid=64, mesh_faces=10000, background="learned",
+                            density_threshold=SURFACE_LEVEL),
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
-                        face_budget=5000, lr=2e-2, vertex_offsets=False, t_max=0.5,
+                        face_budget=5000, lr=2e-2, t_max=0.5,
                         texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5,
-                        random_bg_prob=0.5),
+                        random_bg_prob=0.5, **_geometry()),
         guidance=_guidance(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
         shading=_shading(),
     )
