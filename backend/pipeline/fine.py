@@ -316,7 +316,7 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
 
 
 def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours: int = 16,
-                      dilation: int = 16, backend: str = "auto") -> TexturedMesh:
+                      dilation: int = 16, backend: str = "auto", passes: int = 1) -> TexturedMesh:
     """Re-bake the texture through 3D so that both sides of every UV seam agree.
 
     Each covered texel's surface point (Blender frame) becomes an isotropic Gaussian carrying the
@@ -329,8 +329,19 @@ def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours:
     The UV-space dilation alone (DreamGaussian, Magic3D) only pads charts; it cannot make the two
     sides of a seam agree.
 
+    ``passes`` > 1 repeats the re-bake on its own result: the first pass's border texels come from
+    the refined texture's charts, which still disagree a little across seams; a second pass bakes
+    them from the already consistent field (on the cpu preset the seam ratio fell ~20 %, see
+    docs/benchmarks.md).
+
     Returns the same mesh with ``texture`` replaced.
     """
+    for _ in range(max(1, int(passes))):
+        _rebake_once(mesh, sigma_texels, neighbours, dilation, backend)
+    return mesh
+
+
+def _rebake_once(mesh: TexturedMesh, sigma_texels: float, neighbours: int, dilation: int, backend: str) -> TexturedMesh:
     H, W = mesh.texture.shape[:2]
     points, mask = texel_surface_points(mesh.deformed, mesh.faces, mesh.corner_uvs, (H, W), backend)
     n = int(mask.sum())
@@ -484,6 +495,7 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 2)
     refine(mesh, loss_fn, camera_fn, cfg, ctx, shading=shading, generator=gen)
     if cfg.rebake_sigma > 0:
-        seam_aware_rebake(mesh, float(cfg.rebake_sigma), dilation=int(cfg.bake_dilation), backend=backend)
+        seam_aware_rebake(mesh, float(cfg.rebake_sigma), dilation=int(cfg.bake_dilation), backend=backend,
+                          passes=int(cfg.rebake_passes))
     info = {k: v for k, v in mesh.info.items() if k != "loss"}
     return FineResult(mesh.to_payload(), list(mesh.info.get("loss", [])), info)

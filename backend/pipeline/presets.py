@@ -198,6 +198,7 @@ class FineConfig:
         tv_weight: weight of a total-variation smoothness prior on the texels (squared differences
             of neighbouring texels, mean over the texture), against speckle where few pixels
             constrain a texel.
+        rebake_passes: how many times the seam-aware re-bake runs (each pass on the last one's result).
         random_bg_prob: probability that a view's background is a random colour instead of white
             (DreamFusion's background augmentation; ``fine.view_backgrounds``).
     """
@@ -224,6 +225,7 @@ class FineConfig:
     tv_weight: float = 0.0
     texture_filter: str = "linear"
     rebake_sigma: float = 0.0
+    rebake_passes: int = 1
     random_bg_prob: float = 0.0
 
 
@@ -346,7 +348,7 @@ def _cpu() -> Preset:
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
                         face_budget=5000, lr=2e-2, t_max=0.5,
                         texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5,
-                        random_bg_prob=0.5, **_geometry()),
+                        rebake_passes=2, random_bg_prob=0.5, **_geometry()),
         guidance=_guidance(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
         shading=_shading(),
     )

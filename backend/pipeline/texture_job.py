@@ -204,7 +204,8 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
     t_refine = time.perf_counter()
     refine(tm, loss_fn, camera_fn, settings, job_ctx, stage=STAGE, shading=shading, generator=gen)
     if cfg.rebake_sigma > 0:  # both sides of every UV seam agree, as in the fine stage
-        seam_aware_rebake(tm, float(cfg.rebake_sigma), dilation=int(cfg.bake_dilation), backend=str(cfg.rasterizer))
+        seam_aware_rebake(tm, float(cfg.rebake_sigma), dilation=int(cfg.bake_dilation), backend=str(cfg.rasterizer),
+                          passes=int(cfg.rebake_passes))
     seconds_refine = time.perf_counter() - t_refine
     ctx.check_cancel()
     # 5. the same mesh with its texture
