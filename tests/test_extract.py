@@ -98,3 +98,25 @@ def test_fit_to_size():
     assert abs(float(lo[2])) < 1e-6  # base on z = 0: the origin is the bottom centre
     with pytest.raises(ValueError, match="metres"):
         fit_to_size(mesh, 0.0)
+
+
+def test_a_hollow_shell_is_meshed_as_its_outside_only():
+    """Gaussians on a spherical shell leave a hollow inside: one outer surface, no hidden inner shell."""
+    import trimesh
+
+    from backend.mesh.extract import fill_cavities
+
+    n = 2500
+    dirs = torch.nn.functional.normalize(torch.randn(n, 3, generator=torch.Generator().manual_seed(1)), dim=-1)
+    shell = Gaussians(0.55 * dirs, torch.tensor([1.0, 0, 0, 0]).expand(n, 4).clone(), torch.full((n, 3), 0.04),
+                      torch.full((n,), 0.9), torch.full((n, 3), 0.5))
+    vol, _ = density_grid(shell, 48, 1.0, with_color=True)
+    assert vol[24, 24, 24] < 0.05 and vol.max() > 0.5  # hollow inside
+    filled = fill_cavities(vol, 0.5)
+    assert filled[24, 24, 24] > 0.5 and np.array_equal(filled[vol >= 0.5], vol[vol >= 0.5])
+    assert filled[0, 0, 0] == vol[0, 0, 0]  # the outside is untouched
+    mesh = extract_mesh(shell, grid_resolution=48, face_budget=20000, threshold=0.5)
+    tm = trimesh.Trimesh(mesh.positions, mesh.faces.astype(np.int64), process=True)
+    assert len(tm.split(only_watertight=False)) == 1
+    r = np.linalg.norm(mesh.positions, axis=1)
+    assert r.min() > 0.45  # no inner surface near the centre
