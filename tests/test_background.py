@@ -7,9 +7,13 @@ import pytest
 import torch
 
 from backend.gaussians.cameras import orbit_cameras
-from backend.pipeline.background import EnvironmentBackground, composite_backgrounds, ray_directions
+from backend.pipeline.background import (
+    EnvironmentBackground,
+    composite_backgrounds,
+    ray_directions,
+    view_backgrounds,
+)
 from backend.pipeline.coarse import run_coarse_stage
-from backend.pipeline.fine import view_backgrounds
 from backend.pipeline.presets import CoarseConfig, get_preset
 
 

@@ -67,6 +67,28 @@ class EnvironmentBackground(torch.nn.Module):
         return torch.sigmoid(out)
 
 
+def draw_random_colours(views: int, prob: float, generator: torch.Generator | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which views get a random solid background and which colour: ((views,) bool drawn with
+    probability ``prob``, (views, 3) uniform colours in [0, 1]), both from ``generator`` on the CPU
+    (DreamFusion's background augmentation, threestudio's ``random_aug``)."""
+    use = torch.rand(views, generator=generator) < prob
+    return use, torch.rand(views, 3, generator=generator)
+
+
+def view_backgrounds(views: int, grey: float, random_prob: float, generator: torch.Generator | None,
+                     device: torch.device | str) -> torch.Tensor:
+    """(views, 3) solid background colours: a random colour with probability ``random_prob``
+    (:func:`draw_random_colours`), the grey level ``grey`` otherwise; nothing is drawn when
+    ``random_prob`` is 0. Used by the fine stage: with a fixed white background an object whose
+    albedo is near white has no silhouette in the render."""
+    bgs = torch.full((views, 3), float(grey))
+    if random_prob > 0:
+        use, colours = draw_random_colours(views, random_prob, generator)
+        bgs = torch.where(use[:, None], colours, bgs)
+    return bgs.to(device)
+
+
 def composite_backgrounds(premultiplied: torch.Tensor, alpha: torch.Tensor, environment: torch.Tensor,
                           random_colours: torch.Tensor, use_random: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Put a background behind renders made over black.

@@ -27,7 +27,7 @@ from backend.gaussians.model import GaussianModel
 from backend.gaussians.render import resolve_backend
 from backend.guidance.loss import LossFn
 from backend.mesh.extract import EmptyMeshError, extract_mesh, fit_to_size
-from backend.pipeline.background import EnvironmentBackground, composite_backgrounds
+from backend.pipeline.background import EnvironmentBackground, composite_backgrounds, draw_random_colours
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.losslog import LossLog
 from backend.pipeline.presets import CoarseConfig, ShadingConfig
@@ -139,11 +139,11 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
             out = model.render(cams, bg, backend=backend, retain_means2d=densifying)
             images = out.image
         else:  # DreamFusion's learned background, a random solid colour for some views
-            use_random = (torch.rand(config.batch_size, generator=generator) < config.random_bg_prob).to(device)
-            colours = torch.rand(config.batch_size, 3, generator=generator).to(device)
+            use_random, colours = draw_random_colours(config.batch_size, config.random_bg_prob, generator)
             out = model.render(cams, torch.zeros(config.batch_size, 3, device=device), backend=backend,
                                retain_means2d=densifying)
-            images, bg = composite_backgrounds(out.image, out.alpha, environment(cams), colours, use_random)
+            images, bg = composite_backgrounds(out.image, out.alpha, environment(cams), colours.to(device),
+                                               use_random.to(device))
         if shading is not None:
             draw = sample_shading(cams, shading, generator)
             normals = depth_normals(out.depth, out.alpha, cams)

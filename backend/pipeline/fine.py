@@ -46,6 +46,7 @@ from backend.mesh.bake import (
 from backend.mesh.cleanup import clean_mesh
 from backend.mesh.export import compute_vertex_normals
 from backend.mesh.uv import unwrap
+from backend.pipeline.background import view_backgrounds
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.losslog import LossLog
 from backend.pipeline.presets import CoarseConfig, FineConfig, ShadingConfig
@@ -214,19 +215,6 @@ def normal_consistency(vertices: torch.Tensor, faces: torch.Tensor, adjacency: t
 
 # ----------------------------------------------------------------------------------------------
 # the refinement loop
-
-
-def view_backgrounds(views: int, grey: float, random_prob: float, generator: torch.Generator | None,
-                     device: torch.device | str) -> torch.Tensor:
-    """(views, 3) background colours in [0, 1]: a uniformly random colour with probability
-    ``random_prob``, the grey level ``grey`` otherwise (DreamFusion's random background
-    augmentation, as threestudio's ``random_aug``; the coarse stage's ``random_backgrounds``). With a
-    fixed white background an object whose albedo is near white has no silhouette in the render."""
-    bgs = torch.full((views, 3), float(grey))
-    if random_prob > 0:
-        use = torch.rand(views, 1, generator=generator) < random_prob
-        bgs = torch.where(use, torch.rand(views, 3, generator=generator), bgs)
-    return bgs.to(device)
 
 
 def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: FineConfig,

@@ -200,7 +200,7 @@ class FineConfig:
             constrain a texel.
         rebake_passes: how many times the seam-aware re-bake runs (each pass on the last one's result).
         random_bg_prob: probability that a view's background is a random colour instead of white
-            (DreamFusion's background augmentation; ``fine.view_backgrounds``).
+            (DreamFusion's background augmentation; ``background.view_backgrounds``).
     """
 
     steps: int = 300
