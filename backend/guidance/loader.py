@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from backend import camera_conditioning
 from backend.guidance.base import GuidanceError, ModelNotFoundError
 from backend.models.cache import hub_cache_dir, hub_offline, snapshot_path
 from backend.models.catalogue import BUNDLED_MODEL, DEFAULT_GPU_MODEL, TAESD_MODEL, pull_command
@@ -111,6 +112,7 @@ class ModelBundle:
     warnings: list[str] = field(default_factory=list)   # plain lines for the job's warnings
     embed_cache: dict[str, torch.Tensor] = field(default_factory=dict)  # text -> (1, L, D) on CPU
     encode_calls: int = 0                 # text-encoder forward passes (for tests/logs)
+    camera_encoding: str | None = None    # camera-conditioned UNet (``backend.camera_conditioning``), else None
 
     @property
     def is_latent(self) -> bool:
@@ -241,6 +243,21 @@ def _load_taesd(choice: str, dtype: torch.dtype) -> torch.nn.Module:
         raise _from_pretrained_errors(source, folder, exc) from exc
 
 
+def _camera_encoding(model: str, folder: Path | None, local: dict) -> str | None:
+    """The camera encoding a model declares (``camera_conditioning.json`` beside ``model_index.json``;
+    MVDream-style camera conditioning), None for text-only models such as Stable Diffusion."""
+    if folder is not None:
+        return camera_conditioning.read_declaration(folder)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        path = hf_hub_download(model, camera_conditioning.CAMERA_CONDITIONING_FILE, **local)
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+    return camera_conditioning.parse_declaration(Path(path).read_text(), f"{model}/{camera_conditioning.CAMERA_CONDITIONING_FILE}")
+
+
 def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, offload: bool,
                    vae_choice: str = "model") -> ModelBundle:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -273,6 +290,8 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, offload
         vae = vae_kl = None
         if latent:
             vae_kl = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **local)
+        camera = _camera_encoding(model, folder, local)
+        camera_conditioning.check_unet(unet, camera, source)
     except (OSError, ValueError) as exc:
         raise _from_pretrained_errors(model, folder, exc) from exc
     except Exception as exc:  # huggingface_hub raises its own error classes when offline
@@ -312,11 +331,11 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, offload
         vae=vae, alphas_cumprod=alphas, num_train_timesteps=int(scheduler.config.num_train_timesteps),
         prediction_type=str(scheduler.config.get("prediction_type", "epsilon")), resolution=resolution,
         vocabulary=_load_vocabulary(folder), vae_device=device if vae is not None else None, offload=offload,
-        vae_kind=vae_kind, warnings=warnings,
+        vae_kind=vae_kind, warnings=warnings, camera_encoding=camera,
     )
-    log.info("loaded %s model %s on %s (%s), resolution %d%s%s", "latent" if latent else "pixel-space", model,
+    log.info("loaded %s model %s on %s (%s), resolution %d%s%s%s", "latent" if latent else "pixel-space", model,
              device, dtype, resolution, ", TAESD encoder" if vae_kind == "taesd" else "",
-             ", model CPU offload" if offload else "")
+             ", model CPU offload" if offload else "", f", camera-conditioned ({camera})" if camera else "")
     return bundle
 
 

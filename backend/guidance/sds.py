@@ -10,6 +10,9 @@ eps, the UNet predicts eps_hat on z_t = sqrt(a_t) z + sqrt(1 - a_t) eps with cla
 
 so d loss / d z = grad / B, and the gradient reaches the images through the VAE encoder / the
 resize. ``eps_cond`` uses the view-dependent prompt of each camera ("<prompt>, front view", ...).
+A camera-conditioned model (MVDream-style, ``backend.camera_conditioning``; the bundle's
+``camera_encoding``) also gets each view's own camera, in both the conditional and the
+unconditional pass, so every view is denoised towards the same 3D orientation.
 
 For latent models the VAE encoder's backward runs inside ``sds_loss`` (a vector-Jacobian product on
 a detached copy of the images), so the encoder's activations are freed before the renderer's
@@ -35,6 +38,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from backend.camera_conditioning import encode_cameras
 from backend.guidance.base import Guidance, GuidanceError
 from backend.guidance.loader import ModelBundle, encode_texts, on_compute_device
 from backend.schedule import anneal, dreamtime_timestep
@@ -170,15 +174,26 @@ class DiffusionGuidance(Guidance):
             return a.sqrt() * (1.0 - a)
         raise GuidanceError(f"unknown SDS weighting {self.config.weighting!r}")
 
-    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """CFG noise prediction (B, C, h, w) float32 for noisy inputs ``z_t`` at timesteps ``t``."""
+    def camera_labels(self, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torch.Tensor | None:
+        """(B, D) camera vectors for a camera-conditioned model (``backend.camera_conditioning``), else None."""
+        encoding = self.bundle.camera_encoding
+        if encoding is None:
+            return None
+        return encode_cameras(encoding, azimuth_deg.detach(), elevation_deg.detach()).to(self.device, self.bundle.dtype)
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                      camera: torch.Tensor | None = None) -> torch.Tensor:
+        """CFG noise prediction (B, C, h, w) float32 for noisy inputs ``z_t`` at timesteps ``t``;
+        ``camera`` (B, D): the views' camera vectors for a camera-conditioned model (both passes)."""
         B = z_t.shape[0]
         unet = self.bundle.unet
         dtype = self.bundle.dtype
         uncond = self._uncond.expand(B, -1, -1)
         model_in = torch.cat([z_t, z_t], dim=0).to(dtype)
+        labels = None if camera is None else torch.cat([camera, camera], dim=0)
         with on_compute_device(self.bundle, unet):
-            out = unet(model_in, torch.cat([t, t], dim=0), encoder_hidden_states=torch.cat([cond, uncond], 0)).sample
+            out = unet(model_in, torch.cat([t, t], dim=0), encoder_hidden_states=torch.cat([cond, uncond], 0),
+                       class_labels=labels).sample
         out = out.float()
         a = self.bundle.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)
         zz = torch.cat([z_t, z_t], dim=0).float()
@@ -198,6 +213,7 @@ class DiffusionGuidance(Guidance):
             raise GuidanceError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         B = images.shape[0]
         cond = self.view_embeddings(azimuth_deg, elevation_deg)
+        camera = self.camera_labels(azimuth_deg, elevation_deg)
         x = images.to(self.device)
         latent = self.is_latent
         lo, hi = self.timestep_range(step_ratio)
@@ -214,7 +230,7 @@ class DiffusionGuidance(Guidance):
                 noise = torch.randn_like(z)
                 a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
                 z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
-                eps_hat = self.predict_noise(z_t, t, cond)
+                eps_hat = self.predict_noise(z_t, t, cond, camera)
                 if self.config.sds_form == "x0":
                     x0 = (z_t - (1.0 - a).sqrt() * eps_hat) / a.sqrt()
                     if not latent:

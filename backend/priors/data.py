@@ -134,6 +134,8 @@ class Batch:
     captions: list[str]
     shape_idx: torch.Tensor  # (B,) int64 into SHAPES
     colour_idx: torch.Tensor  # (B,) int64 into COLOUR_NAMES
+    azimuth: torch.Tensor  # (B,) float32 degrees, the view's camera (``backend.gaussians.cameras``)
+    elevation: torch.Tensor  # (B,) float32 degrees
 
 
 def sample_batch(
@@ -160,7 +162,7 @@ def sample_batch(
         if u[k, 2] < p_view:
             view = view_word(float(bank.azimuth[si[k], vi[k]]), float(bank.elevation[si[k], vi[k]]))
         caps.append(caption(shape, colour, view))
-    return Batch(rgb.permute(0, 3, 1, 2).contiguous(), caps, si, ci)
+    return Batch(rgb.permute(0, 3, 1, 2).contiguous(), caps, si, ci, bank.azimuth[si, vi], bank.elevation[si, vi])
 
 
 def all_prompts(with_views: bool = True) -> list[str]:

@@ -188,6 +188,10 @@ def judge_shapes(images: torch.Tensor) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- prior evaluation
+#: (azimuth, elevation) degrees for each view word (``backend.gaussians.cameras.view_word``'s bins).
+VIEW_CAMERAS = {"front": (0.0, 15.0), "side": (90.0, 15.0), "back": (180.0, 15.0), "overhead": (0.0, 70.0)}
+
+
 def evaluate_prior(model_dir: str | Path = BUNDLED_PRIOR_DIR, pairs: list[tuple[str, str]] | None = None,
                    samples_per_pair: int = 2, steps: int = 30, cfg: float = 3.0, seed: int = 0,
                    view: str | None = None, chunk: int = 48, eta: float = 1.0) -> dict:
@@ -195,6 +199,9 @@ def evaluate_prior(model_dir: str | Path = BUNDLED_PRIOR_DIR, pairs: list[tuple[
 
     ``steps``/``cfg``/``eta``: the sampler; the default ``eta`` 1 is ancestral sampling (DDIM with
     eta 1 = the model's own DDPM sampler on a 30-step schedule); ``eta`` 0 is deterministic DDIM.
+
+    A camera-conditioned model sees each sample from a random camera of the data's range (seeded),
+    or from the view word's camera when ``view`` is given.
 
     Returns ``{"rows": [(shape, colour, judged_shape, judged_colour)], "colour_acc", "shape_acc",
     "both_acc", "seconds"}``.
@@ -204,12 +211,19 @@ def evaluate_prior(model_dir: str | Path = BUNDLED_PRIOR_DIR, pairs: list[tuple[
     if pairs is None:
         pairs = [(s, c) for s in SHAPES for c in COLOUR_NAMES]
     jobs = [(s, c) for s, c in pairs for _ in range(samples_per_pair)]
+    g = torch.Generator().manual_seed(seed)
+    if view is None:
+        az = (torch.rand(len(jobs), generator=g) * 360.0 - 180.0).tolist()
+        el = (torch.rand(len(jobs), generator=g) * 55.0 - 10.0).tolist()
+        cameras = list(zip(az, el))
+    else:
+        cameras = [VIEW_CAMERAS[view]] * len(jobs)
     t0 = time.time()
     images = []
     for i in range(0, len(jobs), chunk):
         part = jobs[i:i + chunk]
         images.append(sample_images(model_dir, [caption(s, c, view) for s, c in part], steps=steps, cfg=cfg,
-                                    seed=seed + i, eta=eta))
+                                    seed=seed + i, eta=eta, cameras=cameras[i:i + chunk]))
     imgs = torch.cat(images)
     shapes = judge_shapes(imgs)
     rows = [(s, c, js, judge_colour(img)) for (s, c), js, img in zip(jobs, shapes, imgs)]

@@ -8,6 +8,7 @@ Layout written by ``save_model(folder, ...)`` (what ``backend.guidance`` loads w
     text_encoder/  CLIPTextModel (tiny: hidden 64, 2 layers)
     tokenizer/     CLIPTokenizer (word-level vocabulary of the closed world, see ``tokenizer``)
     scheduler/     DDPMScheduler (1000 steps, squaredcos_cap_v2, epsilon prediction)
+    camera_conditioning.json  only for a camera-conditioned UNet (``backend.camera_conditioning``)
     vocabulary.json  {"shapes": [...], "colours": [...], "views": [...], "filler": [...]}
 
 There is deliberately no ``vae/``: the guidance treats that as a pixel-space model.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from backend import camera_conditioning
 from backend.priors import FILLER_WORDS, VOCABULARY
 from backend.priors.tokenizer import BOS, EOS, build_vocab, write_tokenizer
 
@@ -36,11 +38,16 @@ class SolidsModel:
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object
+    camera_encoding: str | None = None  # ``backend.camera_conditioning`` encoding, None: text only
 
 
-def make_unet(resolution: int = RESOLUTION):
+def make_unet(resolution: int = RESOLUTION, camera_dim: int | None = None):
+    """The UNet; with ``camera_dim`` it also embeds a (B, camera_dim) camera vector into the timestep
+    embedding (``class_embed_type="projection"``, MVDream's camera conditioning)."""
     from diffusers import UNet2DConditionModel
 
+    camera = {} if camera_dim is None else {"class_embed_type": "projection",
+                                            "projection_class_embeddings_input_dim": int(camera_dim)}
     return UNet2DConditionModel(
         sample_size=resolution,
         in_channels=3,
@@ -57,7 +64,29 @@ def make_unet(resolution: int = RESOLUTION):
         # every ResNet block sees the global colour/shape words, not only the 8x8 cross-attention
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
+        **camera,
     )
+
+
+def add_camera_conditioning(unet: torch.nn.Module, encoding: str, seed: int = 0) -> torch.nn.Module:
+    """A copy of a text-only ``unet`` with a camera embedding whose output layer starts at zero, so the
+    new model predicts exactly what the old one did until fine-tuning teaches it the camera (MVDream
+    fine-tunes a pretrained text-to-image UNet the same way). The embedding's input layer is drawn
+    from ``seed`` (the global RNG is left as it was)."""
+    if getattr(unet.config, "class_embed_type", None) is not None:
+        raise ValueError("the UNet already has a class embedding")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = {**{k: v for k, v in unet.config.items() if not k.startswith("_")}, "class_embed_type": "projection",
+                  "projection_class_embeddings_input_dim": camera_conditioning.ENCODINGS[encoding]}
+        new = type(unet).from_config(config)
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("class_embedding.") for k in missing):
+        raise ValueError(f"UNet layouts differ: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        new.class_embedding.linear_2.weight.zero_()
+        new.class_embedding.linear_2.bias.zero_()
+    return new.to(next(unet.parameters()).device).train(unet.training)
 
 
 def make_text_encoder():
@@ -123,6 +152,11 @@ def save_model(folder: str | Path, model: SolidsModel) -> Path:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     vocab = {**{k: list(v) for k, v in VOCABULARY.items()}, "filler": list(FILLER_WORDS)}
     (folder / "vocabulary.json").write_text(json.dumps(vocab, indent=1) + "\n")
+    declared = folder / camera_conditioning.CAMERA_CONDITIONING_FILE
+    if model.camera_encoding is not None:
+        camera_conditioning.write_declaration(folder, model.camera_encoding)
+    elif declared.exists():
+        declared.unlink()
     return folder
 
 
@@ -138,7 +172,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Solids
     te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").to(device).eval()
     tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    return SolidsModel(unet, te, tok, sched)
+    encoding = camera_conditioning.read_declaration(folder)
+    camera_conditioning.check_unet(unet, encoding, str(folder))
+    return SolidsModel(unet, te, tok, sched, encoding)
 
 
 def encode_prompts(model: SolidsModel, prompts: list[str], device: str | torch.device = "cpu") -> torch.Tensor:

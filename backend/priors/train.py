@@ -7,12 +7,15 @@ Defaults (documented in ``TrainConfig``) are sized for 2 CPU cores: 6000 steps o
 UNet and the text encoder train jointly on epsilon-MSE with Min-SNR weighting (gamma 5: a step at
 timestep t counts min(SNR_t, 5) / SNR_t, so the noisy steps that decide colour and shape are not
 drowned by the nearly clean ones) and 10 % empty captions (classifier-free guidance dropout); an
-exponential moving average (EMA) of the weights is what gets saved. Three phases: ``steps`` at a
+exponential moving average (EMA) of the weights is what gets saved. Four phases: ``steps`` at a
 constant ``lr`` (after warm-up), then ``phase2_steps`` restarted from the EMA weights with a fresh
-AdamW at ``phase2_lr`` and a new data seed, then ``phase3_steps`` the same way at ``phase3_lr``. No
+AdamW at ``phase2_lr`` and a new data seed, then ``phase3_steps`` the same way at ``phase3_lr``, then
+``camera_steps`` of camera conditioning (MVDream, Shi et al. 2023; ``backend.camera_conditioning``):
+the UNet gains a camera embedding whose output starts at zero and every image is shown with its
+view's camera, the same restart at ``camera_lr`` (``camera_steps=0`` leaves a text-only model). No
 phase depends on its own length, so the checkpoint at step k of a phase equals the end of a run whose
 phase has k steps, and ``--resume DIR --resume-phase K`` continues bit-identically from a folder
-saved at the end of phase K-1. A checkpoint of the EMA weights is written into ``--out`` every
+saved at the end of phase K-1 (the bundled weights of the text-only model were the end of phase 3). A checkpoint of the EMA weights is written into ``--out`` every
 ``--save-every`` steps (with ``train_state.json``), so a run stopped early still leaves a complete,
 loadable model folder. Uses CUDA when available (same seeds; results differ only numerically).
 """
@@ -33,9 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backend.camera_conditioning import encode_cameras
 from backend.priors import BUNDLED_PRIOR_DIR
 from backend.priors.data import build_geometry_bank, sample_batch
-from backend.priors.model import RESOLUTION, SolidsModel, new_model, save_model
+from backend.priors.model import RESOLUTION, SolidsModel, add_camera_conditioning, new_model, save_model
 
 
 @dataclass
@@ -62,6 +66,11 @@ class TrainConfig:
     phase3_steps: int = 1500
     phase3_lr: float = 2.5e-4
     phase3_warmup: int = 20
+    # phase 4: camera conditioning (MVDream), the same restart with a zero-initialised camera embedding
+    camera_steps: int = 2500
+    camera_lr: float = 4e-4
+    camera_warmup: int = 50
+    camera_encoding: str = "orbit-sincos"
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -104,11 +113,15 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     ema_loss, history = None, []
     out.mkdir(parents=True, exist_ok=True)
     t_train = time.time()
-    total = cfg.steps + cfg.phase2_steps + cfg.phase3_steps
+    total = cfg.steps + cfg.phase2_steps + cfg.phase3_steps + cfg.camera_steps
     phase = 1
+    camera_phase = 4
+
+    def camera_encoding() -> str | None:
+        return cfg.camera_encoding if phase >= camera_phase else None
 
     def checkpoint(step: int) -> None:
-        save_model(out, SolidsModel(ema_unet, ema_te, tok, sched))
+        save_model(out, SolidsModel(ema_unet, ema_te, tok, sched, camera_encoding()))
         state = {"step": step, "phase": phase, "config": asdict(cfg), "ema_loss": ema_loss,
                  "train_seconds": round(seconds_before + time.time() - t_train, 1),
                  "total_seconds": round(time.time() - t0 + resumed_seconds, 1), "loss_history": history,
@@ -129,7 +142,9 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             emb = te(ids_for(b.captions))[0]
-            pred = unet(xt, t, emb).sample
+            encoding = camera_encoding()
+            cams = None if encoding is None else encode_cameras(encoding, b.azimuth, b.elevation).to(device)
+            pred = unet(xt, t, emb, class_labels=cams).sample
             if cfg.min_snr_gamma > 0:
                 snr = (a / (1 - a)).view(-1)
                 weight = snr.clamp(max=cfg.min_snr_gamma) / snr
@@ -156,10 +171,11 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
                 checkpoint(step)
 
     # phases: (first step, last step, peak lr, warm-up, data seed)
-    ends = [cfg.steps, cfg.steps + cfg.phase2_steps, total]
+    ends = [cfg.steps, cfg.steps + cfg.phase2_steps, cfg.steps + cfg.phase2_steps + cfg.phase3_steps, total]
     phases = [(1, ends[0], cfg.lr, cfg.warmup, cfg.seed + 1),
               (ends[0] + 1, ends[1], cfg.phase2_lr, cfg.phase2_warmup, cfg.seed + 2),
-              (ends[1] + 1, ends[2], cfg.phase3_lr, cfg.phase3_warmup, cfg.seed + 3)]
+              (ends[1] + 1, ends[2], cfg.phase3_lr, cfg.phase3_warmup, cfg.seed + 3),
+              (ends[2] + 1, ends[3], cfg.camera_lr, cfg.camera_warmup, cfg.seed + 4)]
     resumed_seconds = seconds_before = 0.0
     first_phase = 1
     if resume is not None:
@@ -167,8 +183,8 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        if resume_phase not in (2, 3):
-            raise ValueError(f"--resume-phase must be 2 or 3, got {resume_phase}")
+        if resume_phase not in (2, 3, 4):
+            raise ValueError(f"--resume-phase must be 2, 3 or 4, got {resume_phase}")
         state = json.loads((Path(resume) / "train_state.json").read_text())
         want = ends[resume_phase - 2]
         if state.get("step") != want or state.get("config", {}).get("seed") != cfg.seed:
@@ -186,6 +202,14 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
         if phase < first_phase or last < first:
             continue
         start_step = first
+        if phase == camera_phase:  # MVDream: a zero-initialised camera embedding on the trained UNet
+            ema_unet = add_camera_conditioning(ema_unet, cfg.camera_encoding, seed=cfg.seed + 4).eval()
+            for p in ema_unet.parameters():
+                p.requires_grad_(False)
+            unet = copy.deepcopy(ema_unet).train()
+            for p in unet.parameters():
+                p.requires_grad_(True)
+            params = list(unet.parameters()) + list(te.parameters())
         if phase > 1:  # restart the raw weights from the EMA, fresh optimiser
             unet.load_state_dict(ema_unet.state_dict())
             te.load_state_dict(ema_te.state_dict())
@@ -207,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", type=Path, default=None,
                     help="a model folder saved at the end of phase (--resume-phase - 1): skip the earlier "
                          "phases and continue from it (bit-identical to the uninterrupted run)")
-    ap.add_argument("--resume-phase", type=int, default=2, help="the phase that --resume starts (2 or 3)")
+    ap.add_argument("--resume-phase", type=int, default=2, help="the phase that --resume starts (2, 3 or 4)")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
 
