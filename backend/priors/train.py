@@ -12,7 +12,8 @@ constant ``lr`` (after warm-up), then ``phase2_steps`` restarted from the EMA we
 AdamW at ``phase2_lr`` and a new data seed, then ``phase3_steps`` the same way at ``phase3_lr``, then
 ``camera_steps`` of camera conditioning (MVDream, Shi et al. 2023; ``backend.camera_conditioning``):
 the UNet gains a camera embedding whose output starts at zero and every image is shown with its
-view's camera, the same restart at ``camera_lr`` (``camera_steps=0`` leaves a text-only model). No
+view's camera, the same restart at ``camera_lr`` (off by default, ``camera_steps=0``: the bundled model is
+text-only; see docs/benchmarks.md "Camera conditioning (session 3)"). No
 phase depends on its own length, so the checkpoint at step k of a phase equals the end of a run whose
 phase has k steps, and ``--resume DIR --resume-phase K`` continues bit-identically from a folder
 saved at the end of phase K-1 (the bundled weights of the text-only model were the end of phase 3). A checkpoint of the EMA weights is written into ``--out`` every
@@ -67,10 +68,10 @@ class TrainConfig:
     phase3_lr: float = 2.5e-4
     phase3_warmup: int = 20
     # phase 4: camera conditioning (MVDream), the same restart with a zero-initialised camera embedding
-    camera_steps: int = 2500
+    camera_steps: int = 0  # off: 2500 steps did not teach the bundled model the camera (docs/benchmarks.md)
     camera_lr: float = 4e-4
     camera_warmup: int = 50
-    camera_encoding: str = "orbit-sincos"
+    camera_encoding: str = "orbit-sincos"  # "none": phase 4 is one more text-only phase (the ablation)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -118,7 +119,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     camera_phase = 4
 
     def camera_encoding() -> str | None:
-        return cfg.camera_encoding if phase >= camera_phase else None
+        return cfg.camera_encoding if phase >= camera_phase and cfg.camera_encoding != "none" else None
 
     def checkpoint(step: int) -> None:
         save_model(out, SolidsModel(ema_unet, ema_te, tok, sched, camera_encoding()))
@@ -202,7 +203,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
         if phase < first_phase or last < first:
             continue
         start_step = first
-        if phase == camera_phase:  # MVDream: a zero-initialised camera embedding on the trained UNet
+        if phase == camera_phase and camera_encoding() is not None:  # MVDream: a zero-initialised camera embedding on the trained UNet
             ema_unet = add_camera_conditioning(ema_unet, cfg.camera_encoding, seed=cfg.seed + 4).eval()
             for p in ema_unet.parameters():
                 p.requires_grad_(False)
