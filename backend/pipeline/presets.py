@@ -180,6 +180,9 @@ class FineConfig:
         rate; vertex_offsets: also optimise per-vertex offsets.
         batch_size: views rendered per step; preview_every: emit a textured preview every N steps
         (0 = only at the end); uv_padding: empty texels around each xatlas chart;
+        uv_fill: refit xatlas's charts into exactly one atlas (padding exact in texels), best of three
+            chart variants, stretched per axis to span the square (``backend.mesh.uv``; about 2 s more
+            xatlas time on a 5k-face mesh); False: xatlas's own atlas normalised to the square;
         bake_dilation: texel rings filled beyond the charts when baking;
         min_component_fraction: clean-up keeps components with at least this fraction of faces;
         lr_offsets: vertex-offset learning rate; offset_limit: largest offset per axis (world
@@ -213,6 +216,7 @@ class FineConfig:
     batch_size: int = 4
     preview_every: int = 50
     uv_padding: int = 2
+    uv_fill: bool = True
     bake_dilation: int = 16
     min_component_fraction: float = 0.02
     lr_offsets: float = 1e-4
