@@ -69,6 +69,15 @@ class UVAtlas:
 #: "Atlas utilisation (session 3)"): no single variant is best on every mesh.
 CHART_VARIANTS: tuple[dict[str, float], ...] = ({}, {"max_iterations": 2}, {"normal_deviation_weight": 4.0})
 
+#: Meshes with more faces only get the first variant: building charts costs ~0.3 s for the cpu preset's
+#: 5k faces but ~20 s for 50k (measured on the 2-core CPU), and every variant builds them again.
+VARIANTS_MAX_FACES = 10_000
+
+#: Brute-force placement (xatlas ``PackOptions.bruteForce``) only up to this atlas side: ~15 ms a
+#: packing at 256², ~1.7 s at 1024² with 50k faces (against 0.23 s placed at random), and the scale
+#: scan packs about a dozen times.
+BRUTE_FORCE_MAX_RESOLUTION = 512
+
 #: Largest factor by which ``fill_square`` stretches one axis of the packed layout (texels per metre
 #: along that axis grow by up to this much; nothing ever shrinks, padding only widens).
 MAX_FILL_STRETCH = 2.0
@@ -97,7 +106,7 @@ def _generate(positions: np.ndarray, faces: np.ndarray, resolution: int, padding
     pack.texels_per_unit = float(texels_per_unit)
     pack.bilinear = True
     pack.blockAlign = False
-    pack.bruteForce = uv_mesh  # the final packing: best position for every chart (~15 ms at 256²)
+    pack.bruteForce = uv_mesh and resolution <= BRUTE_FORCE_MAX_RESOLUTION  # only the final packing
     atlas.generate(chart, pack)
     return atlas
 
@@ -152,20 +161,21 @@ def _xatlas(positions: np.ndarray, faces: np.ndarray, resolution: int, padding: 
             fill: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run xatlas in this process → (vmapping (M,), indices (F, 3), uvs (M, 2)) in one atlas.
 
-    ``fill`` (the default): for each of ``CHART_VARIANTS`` the charts are fitted into exactly one
-    resolution² atlas (``_fit_charts``) and stretched to fill it (``fill_square``); the layout that
-    covers the most texels (``atlas_use``) wins. ``fill=False`` (or when nothing fits) is the packing
+    ``fill`` (the default): for each of ``CHART_VARIANTS`` (only the first above ``VARIANTS_MAX_FACES``
+    faces) the charts are fitted into exactly one resolution² atlas (``_fit_charts``) and stretched to
+    fill it (``fill_square``); the layout that covers the most texels (``atlas_use``) wins. ``fill=False`` (or when nothing fits) is the packing
     of session 2: xatlas's own estimate, its w × h atlas normalised to [0, 1]².
     """
     best, best_area = None, -1.0
     if fill:
-        for variant in CHART_VARIANTS:
+        variants = CHART_VARIANTS if len(faces) <= VARIANTS_MAX_FACES else CHART_VARIANTS[:1]
+        for variant in variants:
             fitted = _fit_charts(_generate(positions, faces, resolution, padding, 0.0, variant), resolution, padding)
             if fitted is None:
                 continue
             vmapping, indices, uvs = fitted
             uvs = fill_square(uvs, indices, resolution, padding)
-            area = atlas_use(uvs, indices, resolution)
+            area = atlas_use(uvs, indices, resolution) if len(variants) > 1 else 0.0
             if area > best_area:
                 best, best_area = (vmapping, indices, uvs), area
         if best is not None:
