@@ -277,6 +277,7 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "fine.batch_size": _i(1, 64, "views per step"),
     "fine.preview_every": _i(0, 100_000, "steps between previews (0 = only at the end)"),
     "fine.uv_padding": _i(0, 64, "empty texels around each chart"),
+    "fine.uv_fill": _b("refit the UV charts into one atlas with exact padding and stretch them to fill it"),
     "fine.bake_dilation": _i(0, 256, "texel rings filled beyond the charts"),
     "fine.min_component_fraction": _f(0.0, 1.0, "keep components with at least this fraction of faces"),
     "fine.lr_offsets": _f(*_LR, "vertex-offset learning rate"),

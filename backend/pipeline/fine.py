@@ -126,7 +126,7 @@ class TexturedMesh:
 
 
 def prepare_textured_mesh(positions: np.ndarray, faces: np.ndarray, color_fn: ColorFn | None, *,
-                          face_budget: int, texture_resolution: int, uv_padding: int = 2,
+                          face_budget: int, texture_resolution: int, uv_padding: int = 2, uv_fill: bool = True,
                           device: torch.device | str = "cpu", backend: str = "auto",
                           bake_dilation: int = 16, min_component_fraction: float = 0.02,
                           default_color: float = 0.5) -> TexturedMesh:
@@ -139,7 +139,7 @@ def prepare_textured_mesh(positions: np.ndarray, faces: np.ndarray, color_fn: Co
     t0 = time.perf_counter()
     clean = clean_mesh(positions, faces, face_budget=face_budget, min_component_fraction=min_component_fraction)
     t1 = time.perf_counter()
-    atlas = unwrap(clean.positions, clean.faces, resolution=texture_resolution, padding=uv_padding)
+    atlas = unwrap(clean.positions, clean.faces, resolution=texture_resolution, padding=uv_padding, fill=uv_fill)
     t2 = time.perf_counter()
     device = torch.device(device)
     pos = torch.as_tensor(clean.positions, dtype=torch.float32, device=device)
@@ -154,7 +154,7 @@ def prepare_textured_mesh(positions: np.ndarray, faces: np.ndarray, color_fn: Co
         coverage = float("nan")
         mask = None
     t3 = time.perf_counter()
-    info = dict(clean.stats, uv_charts_texels=texture_resolution, atlas_coverage=coverage,
+    info = dict(clean.stats, uv_charts_texels=texture_resolution, atlas_coverage=coverage, uv_method=atlas.method,
                 seconds_cleanup=t1 - t0, seconds_uv=t2 - t1, seconds_bake=t3 - t2)
     return TexturedMesh(pos, fcs, corner, torch.as_tensor(atlas.uv, device=device),
                         torch.as_tensor(atlas.uv_faces, device=device), tex, None, info, mask)
@@ -468,7 +468,7 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
                                  fields["colors"])
     mesh = prepare_textured_mesh(
         positions, faces, color_fn, face_budget=cfg.face_budget, texture_resolution=cfg.texture_resolution,
-        uv_padding=int(cfg.uv_padding), device=device, backend=backend,
+        uv_padding=int(cfg.uv_padding), uv_fill=bool(cfg.uv_fill), device=device, backend=backend,
         bake_dilation=int(cfg.bake_dilation),
         min_component_fraction=float(cfg.min_component_fraction))
     log.info("fine stage mesh: %s", {k: v for k, v in mesh.info.items() if k != "loss"})

@@ -180,6 +180,10 @@ class FineConfig:
         rate; vertex_offsets: also optimise per-vertex offsets.
         batch_size: views rendered per step; preview_every: emit a textured preview every N steps
         (0 = only at the end); uv_padding: empty texels around each xatlas chart;
+        uv_fill: refit xatlas's charts into exactly one atlas (padding exact in texels), best of three
+            chart variants (one above 10k faces), stretched per axis to span the square
+            (``backend.mesh.uv``; xatlas time about 0.5 → 2.5 s at 5k faces and 256², 23 → 29 s at 50k
+            faces and 1024²); False: xatlas's own atlas normalised to the square;
         bake_dilation: texel rings filled beyond the charts when baking;
         min_component_fraction: clean-up keeps components with at least this fraction of faces;
         lr_offsets: vertex-offset learning rate; offset_limit: largest offset per axis (world
@@ -213,6 +217,7 @@ class FineConfig:
     batch_size: int = 4
     preview_every: int = 50
     uv_padding: int = 2
+    uv_fill: bool = True
     bake_dilation: int = 16
     min_component_fraction: float = 0.02
     lr_offsets: float = 1e-4

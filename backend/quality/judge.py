@@ -31,7 +31,9 @@ relative margins between candidate solids. Measures (``backend.quality.report.Me
 
 Shown for information (no target in issue 12): ``tunnels`` (genus of the closed surface),
 ``voxel_components``, ``lit`` (mean luma of up-facing over down-facing surface, > 1 when light is
-baked into the albedo), ``luma`` (mean luma over the luma of the prompt colour's albedo).
+baked into the albedo), ``luma`` (mean luma over the luma of the prompt colour's albedo), ``atlas``
+(fraction of atlas texels whose centre lies in a UV chart, ``texture.chart_mask``; its detail gives
+``texture.texel_density``: median texels per metre, the p90/p10 spread and the texel aspect).
 
 Frames: MeshPayload conventions (metres, +Z up, per-corner UVs with a bottom-left origin, texture
 row 0 at the top). GLB/OBJ files (glTF's +Y up) are turned back to +Z up by ``load_mesh``.
@@ -169,8 +171,13 @@ def judge_mesh(mesh: MeshPayload, shape: str, colour: str | None = None, prompt:
                                 None if np.isnan(ratio) else bool(ratio <= THRESHOLDS["seam_ratio_max"]),
                                 f"seam {sj['seam']:.1f}/255 over {sj['seam_edges']} edges, "
                                 f"interior {sj['interior']:.1f}/255"))
+        dens = T.texel_density(pos, faces, uv3, tex.shape[0], tex.shape[1])
+        measures.append(Measure("atlas", "atlas use (texels in a chart / all)", float(mask.mean()), "", None,
+                                f"{dens['median']:.0f} texels/m, spread p90/p10 {dens['spread']:.2f}, "
+                                f"texel aspect {dens['anisotropy']:.2f}"))
         info.update(atlas_coverage=float(mask.mean()), texture_size=list(tex.shape[:2]), seam_jump=sj["seam"],
-                    interior_jump=sj["interior"])
+                    interior_jump=sj["interior"], texel_density=dens["median"], texel_density_spread=dens["spread"],
+                    texel_anisotropy=dens["anisotropy"])
     info["judge_seconds"] = time.perf_counter() - t0
     return QualityReport(prompt, shape, colour, measures, info)
 

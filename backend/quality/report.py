@@ -104,7 +104,7 @@ def _jsonable(x):
 RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("iou", "IoU"), ("hole", "hole"), ("apex", "apex"), ("components", "comp."), ("colour", "colour"),
     ("value", "V"), ("speckle", "speckle /255"), ("seam", "seam ×"), ("tunnels", "tunnels"),
-    ("lit", "top/bottom"),
+    ("lit", "top/bottom"), ("atlas", "atlas use"),
 )
 
 

@@ -9,6 +9,11 @@ are reported in 8-bit units (/255).
   sees, independent of how much atlas area each chart got and never touching the padding).
 * ``chart_mask`` — texels whose centre lies inside some face's UV triangle (the charts, padding
   excluded).
+* ``texel_density`` — texels per metre of surface (√(UV area in texels / 3D area) per face): the
+  area-weighted median, the spread (90th over 10th percentile; 1 = every part of the surface gets the
+  same detail) and the mean anisotropy (larger over smaller singular value of the 3D → texel map;
+  1 = square texels).
+* ``min_chart_gap`` — fewest empty texels between two UV charts (the padding the packing kept).
 * ``speckle`` — mean absolute deviation of chart texels from their 3×3 median, over texels whose
   whole 3×3 neighbourhood lies in the charts (so padding never enters a median).
 * ``seam_jumps`` — colour jump across UV seams versus across interior edges: for every mesh edge
@@ -131,6 +136,84 @@ def chart_mask(corner_uvs: np.ndarray, H: int, W: int) -> np.ndarray:
     inside = ok & (l1 >= eps) & (l2 >= eps) & (1 - l1 - l2 >= eps)
     mask[rr[inside], cc[inside]] = True
     return mask
+
+
+def texel_density(positions: np.ndarray, faces: np.ndarray, corner_uvs: np.ndarray, H: int, W: int) -> dict:
+    """Texel density of a UV layout on an H×W texture (module docstring).
+
+    positions (N, 3) metres, faces (F, 3), corner_uvs (F*3, 2) or (F, 3, 2). Faces with no area in
+    3D or in UV are skipped. Returns {"median": texels/m, "spread": p90/p10, "anisotropy": mean σ1/σ2,
+    area-weighted}; NaNs when no face counts.
+    """
+    P = np.asarray(positions, dtype=np.float64)[np.asarray(faces, dtype=np.int64)]
+    U = np.asarray(corner_uvs, dtype=np.float64).reshape(-1, 3, 2) * np.array([W, H], dtype=np.float64)
+    e1, e2 = P[:, 1] - P[:, 0], P[:, 2] - P[:, 0]
+    len1 = np.linalg.norm(e1, axis=1)
+    area3 = 0.5 * np.linalg.norm(np.cross(e1, e2), axis=1)
+    # the triangle in its own plane: first edge along x
+    x = e1 / np.maximum(len1, 1e-30)[:, None]
+    e2x = (e2 * x).sum(1)
+    e2y = np.linalg.norm(e2 - e2x[:, None] * x, axis=1)
+    ok = (area3 > 1e-14) & (len1 > 1e-12) & (e2y > 1e-12)
+    du1, du2 = U[ok, 1] - U[ok, 0], U[ok, 2] - U[ok, 0]
+    # J maps plane coordinates to texels: J @ (len1, 0) = du1, J @ (e2x, e2y) = du2
+    c0 = du1 / len1[ok, None]
+    c1 = (du2 - e2x[ok, None] * c0) / e2y[ok, None]
+    J = np.stack([c0, c1], axis=2)  # (K, 2, 2)
+    sv = np.linalg.svd(J, compute_uv=False)
+    keep = sv[:, 1] > 1e-12
+    if not keep.any():
+        return {"median": float("nan"), "spread": float("nan"), "anisotropy": float("nan")}
+    w = area3[ok][keep]
+    dens = np.sqrt(sv[keep, 0] * sv[keep, 1])
+    order = np.argsort(dens)
+    cw = np.cumsum(w[order]) / w.sum()
+
+    def q(p: float) -> float:
+        return float(dens[order][min(int(np.searchsorted(cw, p)), len(order) - 1)])
+
+    return {"median": q(0.5), "spread": q(0.9) / max(q(0.1), 1e-12),
+            "anisotropy": float((sv[keep, 0] / sv[keep, 1] * w).sum() / w.sum())}
+
+
+def chart_labels(corner_uvs: np.ndarray) -> np.ndarray:
+    """(F,) chart id of every face: faces sharing a UV point (corner_uvs (F*3, 2), welded at 1e-6) are
+    in one chart (meshes loaded from GLB repeat vertices, so UV indices alone split charts)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    _, uv_faces = np.unique(np.round(corner_uvs.reshape(-1, 2) * 1e6).astype(np.int64), axis=0, return_inverse=True)
+    uv_faces = uv_faces.reshape(-1, 3)
+    F, M = len(uv_faces), int(uv_faces.max()) + 1
+    rows = np.repeat(np.arange(F), 3)
+    g = coo_matrix((np.ones(3 * F), (rows, uv_faces.reshape(-1) + F)), shape=(F + M, F + M))
+    return connected_components(g, directed=False)[1][:F]
+
+
+def min_chart_gap(corner_uvs: np.ndarray, res: int, ss: int = 4, most: int = 8) -> int:
+    """Fewest empty texels between two charts of a res² atlas (``most`` when none is closer).
+
+    A texel is a chart's when the chart touches it (``chart_mask`` at ``ss``× the resolution, pooled);
+    distances are Chebyshev, so 2·p means each chart kept its padding of p texels; 0 also when two
+    charts share a texel.
+    """
+    from scipy import ndimage
+
+    uv3 = corner_uvs.reshape(-1, 3, 2)
+    lab = chart_labels(corner_uvs)
+    owner = np.full((res, res), -1, np.int64)
+    for c in np.unique(lab):
+        touched = chart_mask(uv3[lab == c], res * ss, res * ss).reshape(res, ss, res, ss).any((1, 3))
+        if (owner[touched] >= 0).any():
+            return 0
+        owner[touched] = c
+    fg = owner >= 0
+    for r in range(1, most + 1):
+        hi = ndimage.maximum_filter(owner, size=2 * r + 1, mode="constant", cval=-1)
+        lo = ndimage.minimum_filter(np.where(fg, owner, 1 << 40), size=2 * r + 1, mode="constant", cval=1 << 40)
+        if ((hi[fg] != owner[fg]) | (lo[fg] != owner[fg])).any():
+            return r - 1
+    return most
 
 
 def speckle(tex: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
