@@ -293,6 +293,7 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "fine.texture_filter": _c("texture sampling", "linear", "linear-mipmap-linear"),
     "fine.rebake_sigma": _f(0.0, 100.0, "seam-aware re-bake blur (texels; 0 = off)"),
     "fine.rebake_passes": _i(1, 8, "seam-aware re-bake passes"),
+    "fine.rebake_reunwrap": _b("unwrap the offset geometry again before the seam-aware re-bake"),
     "fine.random_bg_prob": _f(0.0, 1.0, "probability of a random background colour per fine view"),
     # shading (DreamFusion) during SDS
     "shading.coarse": _b("shade the Gaussian renders during SDS"),

@@ -293,3 +293,30 @@ def test_vertex_offsets_with_normal_consistency_flatten_a_noisy_plane_without_sh
     assert abs(p1[inner, 2].mean() - p0[inner, 2].mean()) < 0.005
     spread = p1[inner, :2].max(0) - p1[inner, :2].min(0)
     assert np.all(np.abs(spread - (p0[inner, :2].max(0) - p0[inner, :2].min(0))) < 0.03), spread
+
+
+def test_rebake_with_reunwrap_unshears_the_texels_and_keeps_the_colour_on_the_surface():
+    """Offsets that shear the surface after the first unwrap stretch its texels; re-unwrapping before
+    the seam-aware re-bake gives square texels again, and every surface point keeps its colour."""
+    from backend.mesh.bake import bake_texture
+    from backend.pipeline.fine import seam_aware_rebake
+    from backend.quality.texture import texel_density
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    res = 128
+    mesh = prepare_textured_mesh(sphere.vertices, sphere.faces, None, face_budget=5000, texture_resolution=res,
+                                 backend="torch")
+    field = lambda p: torch.stack([0.5 + 0.4 * p[:, 0], 0.5 + 0.4 * p[:, 2], 0.5 + 0.4 * p[:, 1]], -1)  # noqa: E731
+    mesh.texture, _ = bake_texture(mesh.positions, mesh.faces, mesh.corner_uvs, field, res, backend="torch")
+    shear = torch.tensor([[1.0, 0.0, 1.2], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # x += 1.2 z
+    mesh.offsets = mesh.positions @ shear.T - mesh.positions
+    moved = lambda p: field(p @ torch.linalg.inv(shear).T)  # noqa: E731  (colour rides with the surface)
+
+    def aspect(m):
+        return texel_density(m.deformed.numpy(), m.faces.numpy(), m.corner_uvs.numpy(), res, res)["anisotropy"]
+
+    sheared = aspect(mesh)
+    seam_aware_rebake(mesh, 1.0, backend="torch", reunwrap=dict(resolution=res, padding=2, isolate=False))
+    assert aspect(mesh) < 1.3 < sheared
+    expected, mask = bake_texture(mesh.deformed, mesh.faces, mesh.corner_uvs, moved, res, backend="torch")
+    assert (mesh.texture - expected)[mask].abs().mean() < 0.02

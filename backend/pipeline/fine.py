@@ -304,7 +304,8 @@ def refine(mesh: TexturedMesh, loss_fn: LossFn, camera_fn: CameraFn, config: Fin
 
 
 def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours: int = 16,
-                      dilation: int = 16, backend: str = "auto", passes: int = 1) -> TexturedMesh:
+                      dilation: int = 16, backend: str = "auto", passes: int = 1,
+                      reunwrap: dict | None = None) -> TexturedMesh:
     """Re-bake the texture through 3D so that both sides of every UV seam agree.
 
     Each covered texel's surface point (Blender frame) becomes an isotropic Gaussian carrying the
@@ -322,21 +323,42 @@ def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours:
     them from the already consistent field (on the cpu preset the seam ratio fell ~20 %, see
     docs/benchmarks.md).
 
-    Returns the same mesh with ``texture`` replaced.
+    ``reunwrap`` (``unwrap`` keywords: resolution, padding, fill): the refined geometry is unwrapped
+    again before the first pass, which bakes the refined texture's colour field into the new atlas.
+    Vertex offsets (Magic3D) move the vertices after the first unwrap and shear the texels on the
+    surface (texel aspect 1.7–2.7 on cpu outputs against ≤ 1.3 for a fresh unwrap).
+
+    Returns the same mesh with ``texture`` (and with ``reunwrap`` the UVs) replaced.
     """
+    source = None
+    if reunwrap is not None:
+        H, W = mesh.texture.shape[:2]
+        points, mask = texel_surface_points(mesh.deformed, mesh.faces, mesh.corner_uvs, (H, W), backend)
+        source = (points[mask].float(), mesh.texture[mask].float())
+        atlas = unwrap(mesh.deformed.detach().cpu().numpy(), mesh.faces.cpu().numpy(), **reunwrap)
+        device = mesh.positions.device
+        mesh.corner_uvs = torch.as_tensor(atlas.corner_uvs, dtype=torch.float32, device=device)
+        mesh.uv = torch.as_tensor(atlas.uv, device=device)
+        mesh.uv_faces = torch.as_tensor(atlas.uv_faces, device=device)
+        mesh.info["rebake_uv_method"] = atlas.method
     for _ in range(max(1, int(passes))):
-        _rebake_once(mesh, sigma_texels, neighbours, dilation, backend)
+        _rebake_once(mesh, sigma_texels, neighbours, dilation, backend, source)
+        source = None
     return mesh
 
 
-def _rebake_once(mesh: TexturedMesh, sigma_texels: float, neighbours: int, dilation: int, backend: str) -> TexturedMesh:
+def _rebake_once(mesh: TexturedMesh, sigma_texels: float, neighbours: int, dilation: int, backend: str,
+                 source: tuple[torch.Tensor, torch.Tensor] | None = None) -> TexturedMesh:
+    """One re-bake; ``source`` = (P, 3) surface points and (P, 3) colours of another layout's texels
+    (default: this mesh's own covered texels)."""
     H, W = mesh.texture.shape[:2]
     points, mask = texel_surface_points(mesh.deformed, mesh.faces, mesh.corner_uvs, (H, W), backend)
-    n = int(mask.sum())
-    if n < 4:
+    if source is None:
+        source = (points[mask].float(), mesh.texture[mask].float())
+    pts, cols = source
+    n = int(pts.shape[0])
+    if n < 4 or not bool(mask.any()):
         return mesh
-    pts = points[mask].float()
-    cols = mesh.texture[mask].float()
     # texels just outside the charts get the 3D point beyond the chart edge (across the seam)
     ext_points, ext_mask = texel_surface_points_extrapolated(mesh.deformed, mesh.faces, mesh.corner_uvs, (H, W),
                                                              reach=2, backend=backend)
@@ -483,7 +505,9 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 2)
     refine(mesh, loss_fn, camera_fn, cfg, ctx, shading=shading, generator=gen)
     if cfg.rebake_sigma > 0:
+        reunwrap = (dict(resolution=int(cfg.texture_resolution), padding=int(cfg.uv_padding), fill=bool(cfg.uv_fill))
+                    if cfg.rebake_reunwrap and cfg.vertex_offsets else None)
         seam_aware_rebake(mesh, float(cfg.rebake_sigma), dilation=int(cfg.bake_dilation), backend=backend,
-                          passes=int(cfg.rebake_passes))
+                          passes=int(cfg.rebake_passes), reunwrap=reunwrap)
     info = {k: v for k, v in mesh.info.items() if k != "loss"}
     return FineResult(mesh.to_payload(), list(mesh.info.get("loss", [])), info)

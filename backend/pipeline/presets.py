@@ -203,6 +203,8 @@ class FineConfig:
             of neighbouring texels, mean over the texture), against speckle where few pixels
             constrain a texel.
         rebake_passes: how many times the seam-aware re-bake runs (each pass on the last one's result).
+        rebake_reunwrap: with vertex offsets, unwrap the refined geometry again before the re-bake (the
+            offsets shear the first unwrap's texels; ``fine.seam_aware_rebake``).
         random_bg_prob: probability that a view's background is a random colour instead of white
             (DreamFusion's background augmentation; ``background.view_backgrounds``).
     """
@@ -231,6 +233,7 @@ class FineConfig:
     texture_filter: str = "linear"
     rebake_sigma: float = 0.0
     rebake_passes: int = 1
+    rebake_reunwrap: bool = False
     random_bg_prob: float = 0.0
 
 
