@@ -165,7 +165,7 @@ def test_cpu_preset_turns_the_techniques_on_and_they_can_be_switched_off():
     assert p.fine.tv_weight > 0 and p.fine.rebake_sigma > 0
     assert p.coarse.opacity_entropy_weight == 0 and p.coarse.max_scale == 0  # off: see docs/benchmarks.md
     assert p.coarse.elevation_range == (-10.0, 80.0) and p.coarse.background == "learned"
-    assert p.fine.random_bg_prob == 0.5
+    assert p.fine.random_bg_prob == 0.5 and p.fine.rebake_reunwrap
     assert p.fine.vertex_offsets and p.fine.normal_weight > 0 and p.coarse.density_threshold < 0.5  # geometry
     off = get_preset("cpu", {"shading.coarse": False, "shading.fine": False, "guidance.t_sampling": "random",
                              "fine.t_max": "none", "fine.tv_weight": 0, "fine.texture_filter": "linear",

@@ -282,8 +282,8 @@ class Preset:
 #: DreamFusion shading in both stages and its −10°…80° elevations, DreamTime timesteps, the Magic3D
 #: refine stage's t_max 0.5, DreamGaussian's mipmapped texture lookups and the seam-aware re-bake; the
 #: fine presets also refine the geometry (Magic3D vertex offsets, ``_geometry``) from a surface at
-#: ``SURFACE_LEVEL``; the cpu preset also learns its background (DreamFusion) and randomises the fine
-#: stage's. Unverified on a GPU with Stable Diffusion in the sessions that set them (no GPU was
+#: ``SURFACE_LEVEL``; the cpu preset also learns its background (DreamFusion), randomises the fine
+#: stage's and unwraps the offset geometry again before its re-bake. Unverified on a GPU with Stable Diffusion in the sessions that set them (no GPU was
 #: available); measured on the cpu preset.
 def _shading() -> ShadingConfig:
     return ShadingConfig(coarse=True, fine=True)
@@ -356,7 +356,7 @@ def _cpu() -> Preset:
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
                         face_budget=5000, lr=2e-2, t_max=0.5,
                         texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5,
-                        rebake_passes=2, random_bg_prob=0.5, **_geometry()),
+                        rebake_passes=2, rebake_reunwrap=True, random_bg_prob=0.5, **_geometry()),
         guidance=_guidance(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
         shading=_shading(),
     )
