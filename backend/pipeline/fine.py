@@ -10,7 +10,9 @@ Steps (Magic3D's refine stage with DreamGaussian's texture pipeline):
    (``backend.mesh.bake``);
 4. optimise the texture (and optionally small vertex offsets, regularised by a Laplacian and a
    normal-consistency term) with a loss on rasterised renders: a ``backend.guidance.loss.LossFn``
-   (the coarse stage's type), SDS in the pipeline, target images in the reference tests.
+   (the coarse stage's type), SDS in the pipeline, target images in the reference tests;
+5. re-bake the texture through 3D so UV seams agree (``seam_aware_rebake``), on new UVs of the
+   refined geometry when ``FineConfig.rebake_reunwrap`` (the offsets shear the first unwrap).
 
 ``run_fine_stage`` returns a :class:`FineResult`; ``run.py`` exports it (and the coarse mesh).
 
