@@ -146,7 +146,7 @@ def prepare_textured_mesh(positions: np.ndarray, faces: np.ndarray, color_fn: Co
     device = torch.device(device)
     pos = torch.as_tensor(clean.positions, dtype=torch.float32, device=device)
     fcs = torch.as_tensor(clean.faces, dtype=torch.int64, device=device)
-    corner = torch.as_tensor(atlas.corner_uvs, dtype=torch.float32, device=device)
+    corner, uv, uv_faces = uv_tensors(atlas, device)
     if color_fn is not None:
         tex, mask = bake_texture(pos, fcs, corner, color_fn, texture_resolution,
                                  dilate_iterations=bake_dilation, backend=backend)
@@ -158,8 +158,14 @@ def prepare_textured_mesh(positions: np.ndarray, faces: np.ndarray, color_fn: Co
     t3 = time.perf_counter()
     info = dict(clean.stats, uv_charts_texels=texture_resolution, atlas_coverage=coverage, uv_method=atlas.method,
                 seconds_cleanup=t1 - t0, seconds_uv=t2 - t1, seconds_bake=t3 - t2)
-    return TexturedMesh(pos, fcs, corner, torch.as_tensor(atlas.uv, device=device),
-                        torch.as_tensor(atlas.uv_faces, device=device), tex, None, info, mask)
+    return TexturedMesh(pos, fcs, corner, uv, uv_faces, tex, None, info, mask)
+
+
+def uv_tensors(atlas, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ``backend.mesh.uv.UVAtlas`` as TexturedMesh fields on ``device``: corner_uvs (F*3, 2)
+    float32, uv (M, 2) and uv_faces (F, 3)."""
+    return (torch.as_tensor(atlas.corner_uvs, dtype=torch.float32, device=device),
+            torch.as_tensor(atlas.uv, device=device), torch.as_tensor(atlas.uv_faces, device=device))
 
 
 def padding_source(mask: torch.Tensor) -> torch.Tensor:
@@ -338,10 +344,7 @@ def seam_aware_rebake(mesh: TexturedMesh, sigma_texels: float = 1.0, neighbours:
         points, mask = texel_surface_points(mesh.deformed, mesh.faces, mesh.corner_uvs, (H, W), backend)
         source = (points[mask].float(), mesh.texture[mask].float())
         atlas = unwrap(mesh.deformed.detach().cpu().numpy(), mesh.faces.cpu().numpy(), **reunwrap)
-        device = mesh.positions.device
-        mesh.corner_uvs = torch.as_tensor(atlas.corner_uvs, dtype=torch.float32, device=device)
-        mesh.uv = torch.as_tensor(atlas.uv, device=device)
-        mesh.uv_faces = torch.as_tensor(atlas.uv_faces, device=device)
+        mesh.corner_uvs, mesh.uv, mesh.uv_faces = uv_tensors(atlas, mesh.positions.device)
         mesh.info["rebake_uv_method"] = atlas.method
     for _ in range(max(1, int(passes))):
         _rebake_once(mesh, sigma_texels, neighbours, dilation, backend, source)
