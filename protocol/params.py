@@ -212,8 +212,10 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "guidance.dreamtime_s1": _f(0.0, 1.0, "DreamTime prior: first mode width (fraction)"),
     "guidance.dreamtime_s2": _f(0.0, 1.0, "DreamTime prior: second mode width (fraction)"),
     "guidance.t_jitter": _f(0.0, 0.5, "per-view timestep jitter (fraction)"),
-    "guidance.sds_form": _c("SDS gradient form: eps, or x0 (StableDreamer reconstruction)", "eps", "x0"),
-    "guidance.x0_weight": _f(0.0, 1000.0, "weight of the x0-form SDS loss"),
+    "guidance.sds_form": _c("SDS gradient form: eps, x0 (StableDreamer reconstruction) or multistep "
+                            "(DreamGaussian's multi-step denoised target)", "eps", "x0", "multistep"),
+    "guidance.x0_weight": _f(0.0, 1000.0, "weight of the x0-form and multistep SDS losses"),
+    "guidance.denoise_steps": _i(1, 50, "DDIM steps of the multistep SDS target (UNet passes per view)"),
     "guidance.t_anneal": _c("timestep schedule", "constant", "linear", "cosine", "sqrt", "step"),
     "guidance.weighting": _c("SDS weighting w(t)", "sds", "uniform", "fantasia3d"),
     "guidance.grad_clip": _f(0.0, 1e6, "clamp of each SDS gradient element (0 = off)"),

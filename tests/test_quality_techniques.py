@@ -320,3 +320,51 @@ def test_rebake_with_reunwrap_unshears_the_texels_and_keeps_the_colour_on_the_su
     assert aspect(mesh) < 1.3 < sheared
     expected, mask = bake_texture(mesh.deformed, mesh.faces, mesh.corner_uvs, moved, res, backend="torch")
     assert (mesh.texture - expected)[mask].abs().mean() < 0.02
+
+
+def test_multistep_target_is_ddim_and_one_step_is_the_x0_form(tiny_pixel):
+    """DreamGaussian's multi-step denoised target: ``denoise`` is deterministic DDIM (checked against
+    diffusers' DDIMScheduler on the same noise predictions), one step is exactly the x0 form, and the
+    multistep SDS loss pulls the image toward that target (gradient = 2·w·(z − x0)/B, bounded)."""
+    from diffusers import DDIMScheduler
+
+    from backend.guidance import load_guidance
+
+    g = load_guidance(GuidanceConfig(model=str(tiny_pixel), fp16=False, cfg_scale=5.0, sds_form="multistep",
+                                     denoise_steps=3), "cpu")
+    g.set_prompt("a red cube")
+    az, el = torch.tensor([0.0, 90.0]), torch.tensor([10.0, 10.0])
+    cond = g.view_embeddings(az, el)
+    gen = torch.Generator().manual_seed(3)
+    z_t = torch.randn(2, 3, 32, 32, generator=gen)
+    t = torch.tensor([600, 600])
+    calls = []
+    real_predict = g.predict_noise
+
+    def counted(x, tt, c, cam=None):
+        calls.append(int(tt[0]))
+        return real_predict(x, tt, c, cam)
+
+    g.predict_noise = counted
+    with torch.no_grad():
+        eps0 = g.predict_noise(z_t, t, cond)
+        ours = g.denoise(z_t, t, eps0, cond, None, 3)
+    assert calls == [600, 400, 200]  # one UNet pass per DDIM step, evenly spaced from t to 0
+    sched = DDIMScheduler(num_train_timesteps=g.bundle.num_train_timesteps, beta_schedule="linear",
+                          clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False)
+    sched.alphas_cumprod = g.bundle.alphas_cumprod.cpu().double().float()
+    sched.set_timesteps(5)  # 1000 / 5 = 200 apart: 800, 600, 400, 200, 0
+    x = z_t
+    with torch.no_grad():
+        for tt in (600, 400, 200):
+            out = sched.step(real_predict(x, torch.tensor([tt, tt]), cond), tt, x, eta=0.0, use_clipped_model_output=True)
+            x, ref = out.prev_sample, out.pred_original_sample
+    assert torch.allclose(ours, ref, atol=1e-4)
+    with torch.no_grad():
+        one = g.denoise(z_t, t, eps0, cond, None, 1)
+    assert torch.allclose(one, g.x0_estimate(z_t, t, eps0))
+    assert not torch.allclose(one, ours, atol=1e-3)  # more steps: a different (sampled) target
+    g.predict_noise = real_predict
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    g.sds_loss(images, az, el, 0.3).backward()
+    assert torch.isfinite(images.grad).all() and 0 < images.grad.abs().max() <= 2.0 + 1e-5

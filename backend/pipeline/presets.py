@@ -48,7 +48,10 @@ class GuidanceConfig:
             run within [t_min, t_max], prior W_p with dreamtime_m1/m2/s1/s2 as fractions of the
             training timesteps; each view jittered by ±t_jitter).
         sds_form: "eps" (the SDS gradient w(t)·(eps_hat − eps)) or "x0" (StableDreamer, Guo et al.
-            2023: reconstruction toward the one-step denoised image, x0_weight·(z − x0_hat)).
+            2023: reconstruction toward the one-step denoised image, x0_weight·(z − x0_hat)) or
+            "multistep" (DreamGaussian, Tang et al. 2023, stage 2: toward the image denoised from t by
+            ``denoise_steps`` DDIM steps, x0_weight·(z − x0)).
+        denoise_steps: DDIM steps of the multistep form (UNet passes per view and step).
         fp16: run the UNet/VAE in float16 on CUDA (always float32 on the CPU).
         attention_slicing: sliced attention; ignored where PyTorch SDPA exists (it would only be slower).
         cpu_offload: diffusers-style model offload: the models rest in CPU memory and each moves to the
@@ -77,6 +80,7 @@ class GuidanceConfig:
     t_jitter: float = 0.0
     sds_form: str = "eps"
     x0_weight: float = 1.0
+    denoise_steps: int = 4
     fp16: bool = True
     attention_slicing: bool = False
     cpu_offload: bool = False
@@ -429,7 +433,7 @@ def validate_preset(preset: Preset) -> None:
         ("guidance.vae", isinstance(g.vae, str) and bool(g.vae.strip()),
          "must be model, taesd, or a hub id / folder holding an AutoencoderTiny"),
         ("guidance.t_sampling", g.t_sampling in ("random", "dreamtime"), "must be random or dreamtime"),
-        ("guidance.sds_form", g.sds_form in ("eps", "x0"), "must be eps or x0"),
+        ("guidance.sds_form", g.sds_form in ("eps", "x0", "multistep"), "must be eps, x0 or multistep"),
         ("guidance.t_jitter", 0.0 <= g.t_jitter <= 0.5, "must be in [0, 0.5]"),
         ("object_size", preset.object_size > 0, "must be > 0 (metres)"),
         ("shading.ambient", preset.shading.ambient >= 0, "must be >= 0"),
