@@ -291,6 +291,8 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
                                "the guidance's)", optional=True),
     "fine.cfg_scale": OverrideSpec("float", 0.0, 1000.0, "fine-stage guidance scale (none = the guidance's)",
                                    optional=True),
+    "fine.sds_form": OverrideSpec("choice", help="fine-stage SDS form: eps, x0 or multistep (DreamGaussian's "
+                                  "stage 2; none = the guidance's)", choices=("eps", "x0", "multistep"), optional=True),
     "fine.tv_weight": _f(0.0, 1e9, "weight of the texel total-variation prior"),
     "fine.texture_filter": _c("texture sampling", "linear", "linear-mipmap-linear"),
     "fine.rebake_sigma": _f(0.0, 100.0, "seam-aware re-bake blur (texels; 0 = off)"),

@@ -368,3 +368,25 @@ def test_multistep_target_is_ddim_and_one_step_is_the_x0_form(tiny_pixel):
     images = torch.rand(2, 3, 32, 32, requires_grad=True)
     g.sds_loss(images, az, el, 0.3).backward()
     assert torch.isfinite(images.grad).all() and 0 < images.grad.abs().max() <= 2.0 + 1e-5
+
+
+def test_fine_stage_takes_its_own_sds_form(tiny_pixel):
+    """``fine.sds_form`` (DreamGaussian's stage 2 on the textured mesh) changes only the fine stage's guidance."""
+    from backend.guidance import load_guidance
+    from backend.pipeline.fine import fine_loss_fn
+
+    g = load_guidance(GuidanceConfig(model=str(tiny_pixel), fp16=False, cfg_scale=5.0), "cpu")
+    g.set_prompt("a red cube")
+    seen = []
+    real = g.with_config
+
+    def spy(**changes):
+        other = real(**changes)
+        seen.append(other.config)
+        return other
+
+    g.with_config = spy
+    fine_loss_fn(g, FineConfig(sds_form="multistep", t_max=0.5))
+    assert seen[-1].sds_form == "multistep" and seen[-1].t_max == 0.5 and g.config.sds_form == "eps"
+    fine_loss_fn(g, FineConfig(sds_form=None, t_max=None, cfg_scale=None))
+    assert len(seen) == 1  # nothing to change: the guidance's own form

@@ -389,8 +389,8 @@ def _rebake_once(mesh: TexturedMesh, sigma_texels: float, neighbours: int, dilat
 
 
 def fine_loss_fn(guidance, cfg: FineConfig) -> LossFn:
-    """SDS through ``guidance`` with the fine stage's own ``t_max`` / ``cfg_scale`` when set
-    (Magic3D's refine stage); shared by :func:`run_fine_stage` and the texture job."""
+    """SDS through ``guidance`` with the fine stage's own ``t_max`` / ``cfg_scale`` (Magic3D's refine
+    stage) and ``sds_form`` (DreamGaussian's stage 2: ``"multistep"``) when set; shared by :func:`run_fine_stage` and the texture job."""
     changes = {}
     if cfg.t_max is not None:
         g = guidance.config
@@ -399,6 +399,8 @@ def fine_loss_fn(guidance, cfg: FineConfig) -> LossFn:
                        t_min_end=min(float(g.t_min_end), float(cfg.t_max)))
     if cfg.cfg_scale is not None:
         changes["cfg_scale"] = float(cfg.cfg_scale)
+    if cfg.sds_form is not None:
+        changes["sds_form"] = str(cfg.sds_form)
     if changes:
         guidance = guidance.with_config(**changes)
     return sds_loss_fn(guidance)

@@ -197,6 +197,8 @@ class FineConfig:
             Magic3D refine stage samples t in [0.02, 0.5]: the coarse shape is kept and only detail
             and colour are refined); None uses the guidance's own range.
         cfg_scale: the fine stage's classifier-free guidance scale (None: the guidance's).
+        sds_form: the fine stage's SDS form (None: the guidance's); "multistep" is DreamGaussian's stage 2
+            (Tang et al. 2023): the texture (and offsets) pulled toward multi-step denoised renders.
         texture_filter: "linear" (bilinear) or "linear-mipmap-linear" (mipmapped, antialiased
             minification with per-pixel UV derivatives; DreamGaussian's nvdiffrast mesh renderer):
             a texel then receives the gradient of every pixel whose footprint covers it.
@@ -233,6 +235,7 @@ class FineConfig:
     rasterizer: str = "auto"
     t_max: float | None = None
     cfg_scale: float | None = None
+    sds_form: str | None = None
     tv_weight: float = 0.0
     texture_filter: str = "linear"
     rebake_sigma: float = 0.0
@@ -434,6 +437,8 @@ def validate_preset(preset: Preset) -> None:
          "must be model, taesd, or a hub id / folder holding an AutoencoderTiny"),
         ("guidance.t_sampling", g.t_sampling in ("random", "dreamtime"), "must be random or dreamtime"),
         ("guidance.sds_form", g.sds_form in ("eps", "x0", "multistep"), "must be eps, x0 or multistep"),
+        ("fine.sds_form", preset.fine is None or preset.fine.sds_form in (None, "eps", "x0", "multistep"),
+         "must be none, eps, x0 or multistep"),
         ("guidance.t_jitter", 0.0 <= g.t_jitter <= 0.5, "must be in [0, 0.5]"),
         ("object_size", preset.object_size > 0, "must be > 0 (metres)"),
         ("shading.ambient", preset.shading.ambient >= 0, "must be >= 0"),
