@@ -4,6 +4,8 @@
     python bench/bench_geometry.py coarse --prompts "a red cube,a yellow cone" --seeds 0 --out bench_out/geo
     # 2. run the fine stage (extraction → clean-up → UVs → bake → refine → re-bake) on them, with overrides
     python bench/bench_geometry.py fine --out bench_out/geo --tag taubin --set fine.smooth_iterations=10
+    # or judge the coarse shapes alone: the preset's extraction (grid, faces, iso level), no fine stage
+    python bench/bench_geometry.py extract --out bench_out/geo
 
 The coarse stage is the same call ``backend.pipeline.run.run_job`` makes (same seed, same RNG
 draws, same preset), so a ``fine`` row differs from a full ``generate`` run only by the global
@@ -109,6 +111,33 @@ def run_fine(path: Path, preset_name: str, overrides: dict, out: Path, sheets: b
     return row
 
 
+def run_extract(path: Path, preset_name: str, overrides: dict) -> dict:
+    """The coarse Gaussians' own mesh (the fine stage's extraction settings, no refinement), judged:
+    what the coarse stage alone gives, for ablations of coarse settings without the fine stage's noise."""
+    import torch
+
+    from backend.gaussians.model import GaussianModel
+    from backend.mesh.extract import extract_mesh, fit_to_size
+    from backend.pipeline.presets import get_preset
+    from backend.quality.judge import judge_prompt
+
+    saved = torch.load(path, weights_only=False)
+    rec = saved["record"]
+    preset = get_preset(preset_name, dict(rec.get("overrides") or {}, **overrides))
+    fine = preset.fine
+    grid = fine.grid_resolution if fine is not None else preset.coarse.mesh_grid
+    faces = fine.face_budget if fine is not None else preset.coarse.mesh_faces
+    gaussians = GaussianModel.from_state_dict(saved["state"]).activated().detach()
+    mesh = extract_mesh(gaussians, grid_resolution=grid, face_budget=faces, threshold=preset.coarse.density_threshold)
+    report = judge_prompt(fit_to_size(mesh, preset.object_size), rec["prompt"])
+    m = {x.key: x.value for x in report.measures}
+    return {"prompt": rec["prompt"], "seed": int(rec["seed"]), "tag": "extract", "overrides": rec.get("overrides"),
+            "fine_seconds": 0.0, "coarse_seconds": rec["coarse_seconds"], "iou": m.get("iou"),
+            "components": m.get("components"), "hole": m.get("hole"), "apex": m.get("apex"),
+            "tunnels": m.get("tunnels"), "seam": None, "failures": [f for f in report.failures
+                                                                    if f in ("iou", "hole", "apex", "components")]}
+
+
 def fmt(row: dict) -> str:
     def f(v, p=3):
         return "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
@@ -120,7 +149,7 @@ def fmt(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("coarse", "fine"))
+    ap.add_argument("what", choices=("coarse", "fine", "extract"))
     ap.add_argument("--prompts", default="a red cube,a blue sphere,a green cylinder,a yellow cone,"
                                          "an orange torus,a purple pyramid")
     ap.add_argument("--seeds", default="0")
@@ -146,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 rec = run_coarse(prompt, seed, args.preset, overrides, coarse_dir)
                 print(f"coarse {prompt!r} seed {seed}: {rec['coarse_seconds']:.0f} s "
                       f"(+{rec['load_seconds']:.0f} s load), {rec['gaussians']} Gaussians", flush=True)
+            elif args.what == "extract":
+                print(fmt(run_extract(coarse_dir / f"{slug(prompt)}_s{seed}.pt", args.preset, overrides)), flush=True)
             else:
                 path = coarse_dir / f"{slug(prompt)}_s{seed}.pt"
                 row = run_fine(path, args.preset, overrides, args.out / args.tag, sheets=not args.no_sheets)
