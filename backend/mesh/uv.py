@@ -151,8 +151,8 @@ def fill_square(uvs: np.ndarray, indices: np.ndarray, resolution: int, padding: 
 
 def atlas_use(uvs: np.ndarray, indices: np.ndarray, resolution: int) -> float:
     """Fraction of the resolution² texels whose centre lies in some UV triangle (overlaps count once,
-    so a folded chart is not rewarded; ``backend.quality.texture.chart_mask``)."""
-    from backend.quality.texture import chart_mask
+    so a folded chart is not rewarded; ``backend.mesh.uv_check.chart_mask``)."""
+    from backend.mesh.uv_check import chart_mask
 
     return float(chart_mask(uvs[indices], resolution, resolution).mean())
 

@@ -146,3 +146,36 @@ def check_uvs(corner_uvs: np.ndarray | None, positions: np.ndarray, faces: np.nd
         return UVCheck(False, f"UV triangles overlap on {overlap:.1%} of the covered texels (stacked or "
                        "mirrored charts)", True, overlap, coverage, degenerate, R)
     return UVCheck(True, "", True, overlap, coverage, degenerate, R)
+
+
+def chart_mask(corner_uvs: np.ndarray, H: int, W: int) -> np.ndarray:
+    """(H, W) bool: texels whose centre lies inside some UV triangle (corner_uvs (F, 3, 2)), edges and
+    corners included (``coverage_counts`` counts strictly inside, so a centre on a shared edge counts for
+    neither triangle there); the chart mask of the packer's ``atlas_use`` and of the quality judge."""
+    uv = np.asarray(corner_uvs, dtype=np.float64).reshape(-1, 3, 2)
+    X = uv[..., 0] * W - 0.5           # texel-centre coordinates: column c at x = c
+    Y = (1.0 - uv[..., 1]) * H - 0.5   # row r at y = r
+    c0 = np.clip(np.ceil(X.min(1)), 0, W).astype(np.int64)
+    c1 = np.clip(np.floor(X.max(1)), -1, W - 1).astype(np.int64)
+    r0 = np.clip(np.ceil(Y.min(1)), 0, H).astype(np.int64)
+    r1 = np.clip(np.floor(Y.max(1)), -1, H - 1).astype(np.int64)
+    nc, nr = np.maximum(c1 - c0 + 1, 0), np.maximum(r1 - r0 + 1, 0)
+    count = nc * nr
+    mask = np.zeros((H, W), dtype=bool)
+    total = int(count.sum())
+    if not total:
+        return mask
+    f = np.repeat(np.arange(len(uv)), count)
+    k = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
+    cc = c0[f] + k % nc[f]
+    rr = r0[f] + k // nc[f]
+    ax, ay, bx, by, cx, cy = X[f, 0], Y[f, 0], X[f, 1], Y[f, 1], X[f, 2], Y[f, 2]
+    d = (by - cy) * (ax - cx) + (cx - bx) * (ay - cy)
+    ok = np.abs(d) > 1e-12
+    d = np.where(ok, d, 1.0)
+    l1 = ((by - cy) * (cc - cx) + (cx - bx) * (rr - cy)) / d
+    l2 = ((cy - ay) * (cc - cx) + (ax - cx) * (rr - cy)) / d
+    eps = -1e-9
+    inside = ok & (l1 >= eps) & (l2 >= eps) & (1 - l1 - l2 >= eps)
+    mask[rr[inside], cc[inside]] = True
+    return mask

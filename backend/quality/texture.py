@@ -8,7 +8,7 @@ are reported in 8-bit units (/255).
 * ``surface_samples`` — area-weighted random points on the faces (what a viewer of the surface
   sees, independent of how much atlas area each chart got and never touching the padding).
 * ``chart_mask`` — texels whose centre lies inside some face's UV triangle (the charts, padding
-  excluded).
+  excluded; defined in ``backend.mesh.uv_check``, shared with the packer).
 * ``texel_density`` — texels per metre of surface (√(UV area in texels / 3D area) per face): the
   area-weighted median, the spread (90th over 10th percentile; 1 = every part of the surface gets the
   same detail) and the mean anisotropy (larger over smaller singular value of the 3D → texel map;
@@ -32,6 +32,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
+
+from backend.mesh.uv_check import chart_mask  # the packer's and the judge's chart mask
 
 #: Jumps below this (8-bit units) are quantisation; the seam ratio floors both jumps here.
 JUMP_FLOOR = 1.0
@@ -105,37 +107,6 @@ def sample_surface_colour(mesh, fid: np.ndarray, bary: np.ndarray) -> np.ndarray
         f = np.asarray(mesh.faces, dtype=np.int64)[fid]
         return np.einsum("mk,mkj->mj", bary, vc[f])
     return None
-
-
-def chart_mask(corner_uvs: np.ndarray, H: int, W: int) -> np.ndarray:
-    """(H, W) bool: texels whose centre lies inside some UV triangle (corner_uvs (F, 3, 2))."""
-    uv = np.asarray(corner_uvs, dtype=np.float64).reshape(-1, 3, 2)
-    X = uv[..., 0] * W - 0.5           # texel-centre coordinates: column c at x = c
-    Y = (1.0 - uv[..., 1]) * H - 0.5   # row r at y = r
-    c0 = np.clip(np.ceil(X.min(1)), 0, W).astype(np.int64)
-    c1 = np.clip(np.floor(X.max(1)), -1, W - 1).astype(np.int64)
-    r0 = np.clip(np.ceil(Y.min(1)), 0, H).astype(np.int64)
-    r1 = np.clip(np.floor(Y.max(1)), -1, H - 1).astype(np.int64)
-    nc, nr = np.maximum(c1 - c0 + 1, 0), np.maximum(r1 - r0 + 1, 0)
-    count = nc * nr
-    mask = np.zeros((H, W), dtype=bool)
-    total = int(count.sum())
-    if not total:
-        return mask
-    f = np.repeat(np.arange(len(uv)), count)
-    k = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-    cc = c0[f] + k % nc[f]
-    rr = r0[f] + k // nc[f]
-    ax, ay, bx, by, cx, cy = X[f, 0], Y[f, 0], X[f, 1], Y[f, 1], X[f, 2], Y[f, 2]
-    d = (by - cy) * (ax - cx) + (cx - bx) * (ay - cy)
-    ok = np.abs(d) > 1e-12
-    d = np.where(ok, d, 1.0)
-    l1 = ((by - cy) * (cc - cx) + (cx - bx) * (rr - cy)) / d
-    l2 = ((cy - ay) * (cc - cx) + (ax - cx) * (rr - cy)) / d
-    eps = -1e-9
-    inside = ok & (l1 >= eps) & (l2 >= eps) & (1 - l1 - l2 >= eps)
-    mask[rr[inside], cc[inside]] = True
-    return mask
 
 
 def texel_density(positions: np.ndarray, faces: np.ndarray, corner_uvs: np.ndarray, H: int, W: int) -> dict:
