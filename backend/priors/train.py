@@ -2,21 +2,26 @@
 
     python -m backend.priors.train --out backend/priors/weights/conjure-solids
 
-Defaults (documented in ``TrainConfig``) are sized for 2 CPU cores: 6000 steps of batch 16, about
-65 min of wall time with ``torch.set_num_threads(1)`` while another job used the second core. The
+Defaults (documented in ``TrainConfig``) are sized for 2 CPU cores: 8500 steps of batch 16, about
+90 min of wall time with ``torch.set_num_threads(1)`` while another job used the second core (65 min
+for the first 6000 steps, 24 for phase 4). The
 UNet and the text encoder train jointly on epsilon-MSE with Min-SNR weighting (gamma 5: a step at
 timestep t counts min(SNR_t, 5) / SNR_t, so the noisy steps that decide colour and shape are not
 drowned by the nearly clean ones) and 10 % empty captions (classifier-free guidance dropout); an
 exponential moving average (EMA) of the weights is what gets saved. Four phases: ``steps`` at a
 constant ``lr`` (after warm-up), then ``phase2_steps`` restarted from the EMA weights with a fresh
 AdamW at ``phase2_lr`` and a new data seed, then ``phase3_steps`` the same way at ``phase3_lr``, then
-``camera_steps`` of camera conditioning (MVDream, Shi et al. 2023; ``backend.camera_conditioning``):
+``phase4_steps`` the same way at ``phase4_lr``. With ``camera_encoding`` set (e.g. "orbit-sincos"),
+phase 4 is camera conditioning instead (MVDream, Shi et al. 2023; ``backend.camera_conditioning``):
 the UNet gains a camera embedding whose output starts at zero and every image is shown with its
-view's camera, the same restart at ``camera_lr`` (off by default, ``camera_steps=0``: the bundled model is
-text-only; see docs/benchmarks.md "Camera conditioning (session 3)"). No
+view's camera. The bundled model is text-only ("none"): its phase 4 is one more text-only phase
+(2500 steps: cubes and pyramids come out boxier in 3D; 2500 steps of camera conditioning did not
+teach the model the camera; docs/benchmarks.md "Camera conditioning and a longer prior run (session 3)"
+and "Issue 12 — after (session 4)"). No
 phase depends on its own length, so the checkpoint at step k of a phase equals the end of a run whose
 phase has k steps, and ``--resume DIR --resume-phase K`` continues bit-identically from a folder
-saved at the end of phase K-1 (the bundled weights of the text-only model were the end of phase 3). A checkpoint of the EMA weights is written into ``--out`` every
+saved at the end of phase K-1 (the bundled weights are phase 4 resumed from the earlier 6000-step bundled
+model, the end of phase 3: ``--resume DIR --resume-phase 4``, 24 min). A checkpoint of the EMA weights is written into ``--out`` every
 ``--save-every`` steps (with ``train_state.json``), so a run stopped early still leaves a complete,
 loadable model folder. Uses CUDA when available (same seeds; results differ only numerically).
 """
@@ -67,11 +72,11 @@ class TrainConfig:
     phase3_steps: int = 1500
     phase3_lr: float = 2.5e-4
     phase3_warmup: int = 20
-    # phase 4: camera conditioning (MVDream), the same restart with a zero-initialised camera embedding
-    camera_steps: int = 0  # off: 2500 steps did not teach the bundled model the camera (docs/benchmarks.md)
-    camera_lr: float = 4e-4
-    camera_warmup: int = 50
-    camera_encoding: str = "orbit-sincos"  # "none": phase 4 is one more text-only phase (the ablation)
+    # phase 4: the same restart again; text-only, or camera conditioning (MVDream) with a camera_encoding
+    phase4_steps: int = 2500
+    phase4_lr: float = 4e-4
+    phase4_warmup: int = 50
+    camera_encoding: str = "none"  # "orbit-sincos": phase 4 adds a zero-initialised camera embedding
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -114,7 +119,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     ema_loss, history = None, []
     out.mkdir(parents=True, exist_ok=True)
     t_train = time.time()
-    total = cfg.steps + cfg.phase2_steps + cfg.phase3_steps + cfg.camera_steps
+    total = cfg.steps + cfg.phase2_steps + cfg.phase3_steps + cfg.phase4_steps
     phase = 1
     camera_phase = 4
 
@@ -176,7 +181,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     phases = [(1, ends[0], cfg.lr, cfg.warmup, cfg.seed + 1),
               (ends[0] + 1, ends[1], cfg.phase2_lr, cfg.phase2_warmup, cfg.seed + 2),
               (ends[1] + 1, ends[2], cfg.phase3_lr, cfg.phase3_warmup, cfg.seed + 3),
-              (ends[2] + 1, ends[3], cfg.camera_lr, cfg.camera_warmup, cfg.seed + 4)]
+              (ends[2] + 1, ends[3], cfg.phase4_lr, cfg.phase4_warmup, cfg.seed + 4)]
     resumed_seconds = seconds_before = 0.0
     first_phase = 1
     if resume is not None:
