@@ -63,6 +63,17 @@ def run_coarse(prompt: str, seed: int, preset_name: str, overrides: dict, out: P
     return rec
 
 
+def load_saved(path: Path, preset_name: str, overrides: dict):
+    """(saved dict, its record, the preset) for a ``coarse`` output: the record's overrides, then ``overrides``."""
+    import torch
+
+    from backend.pipeline.presets import get_preset
+
+    saved = torch.load(path, weights_only=False)
+    rec = saved["record"]
+    return saved, rec, get_preset(preset_name, dict(rec.get("overrides") or {}, **overrides))
+
+
 def run_fine(path: Path, preset_name: str, overrides: dict, out: Path, sheets: bool = True) -> dict:
     """The fine stage on saved Gaussians, then ``fit_to_size`` and the judge (+ contact sheet)."""
     import torch
@@ -72,14 +83,11 @@ def run_fine(path: Path, preset_name: str, overrides: dict, out: Path, sheets: b
     from backend.mesh.extract import fit_to_size
     from backend.pipeline.events import JobContext
     from backend.pipeline.fine import run_fine_stage
-    from backend.pipeline.presets import get_preset
     from backend.pipeline.run import cpu_threads, seed_everything
     from backend.quality.judge import judge_prompt
 
-    saved = torch.load(path, weights_only=False)
-    rec = saved["record"]
+    saved, rec, preset = load_saved(path, preset_name, overrides)
     prompt, seed = rec["prompt"], int(rec["seed"])
-    preset = get_preset(preset_name, dict(rec.get("overrides") or {}, **overrides))
     torch.set_num_threads(cpu_threads())
     guidance = load_guidance(preset.guidance, torch.device("cpu"))
     guidance.set_prompt(prompt, preset.guidance.negative_prompt)
@@ -112,18 +120,14 @@ def run_fine(path: Path, preset_name: str, overrides: dict, out: Path, sheets: b
 
 
 def run_extract(path: Path, preset_name: str, overrides: dict) -> dict:
-    """The coarse Gaussians' own mesh (the fine stage's extraction settings, no refinement), judged:
-    what the coarse stage alone gives, for ablations of coarse settings without the fine stage's noise."""
-    import torch
-
+    """The coarse Gaussians' own mesh, judged: ``extract_mesh`` at the fine stage's grid, face budget and
+    the coarse iso level (no clean-up, no refinement), so coarse settings can be compared without the
+    fine stage's noise."""
     from backend.gaussians.model import GaussianModel
     from backend.mesh.extract import extract_mesh, fit_to_size
-    from backend.pipeline.presets import get_preset
     from backend.quality.judge import judge_prompt
 
-    saved = torch.load(path, weights_only=False)
-    rec = saved["record"]
-    preset = get_preset(preset_name, dict(rec.get("overrides") or {}, **overrides))
+    saved, rec, preset = load_saved(path, preset_name, overrides)
     fine = preset.fine
     grid = fine.grid_resolution if fine is not None else preset.coarse.mesh_grid
     faces = fine.face_budget if fine is not None else preset.coarse.mesh_faces

@@ -352,7 +352,7 @@ def test_multistep_target_is_ddim_and_one_step_is_the_x0_form(tiny_pixel):
     assert calls == [600, 400, 200]  # one UNet pass per DDIM step, evenly spaced from t to 0
     sched = DDIMScheduler(num_train_timesteps=g.bundle.num_train_timesteps, beta_schedule="linear",
                           clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False)
-    sched.alphas_cumprod = g.bundle.alphas_cumprod.cpu().double().float()
+    sched.alphas_cumprod = g.bundle.alphas_cumprod.cpu()
     sched.set_timesteps(5)  # 1000 / 5 = 200 apart: 800, 600, 400, 200, 0
     x = z_t
     with torch.no_grad():

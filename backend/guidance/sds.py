@@ -228,18 +228,15 @@ class DiffusionGuidance(Guidance):
         prediction already made at ``t`` (reused as the first step's). Used by ``sds_form="multistep"``."""
         steps = max(int(steps), 1)
         x, t_k, eps = z_t, t, eps_hat
-        for k in range(1, steps + 1):
+        for k in range(1, steps):
             x0 = self.x0_estimate(x, t_k, eps)
-            if k == steps:
-                return x0
             a = self.bundle.alphas_cumprod[t_k].view(-1, 1, 1, 1)
             eps = (x - a.sqrt() * x0) / (1.0 - a).sqrt()  # consistent with a clamped x0 (as diffusers' DDIM)
-            t_next = (t.float() * (1.0 - k / steps)).round().long().clamp_min(1)
-            a_next = self.bundle.alphas_cumprod[t_next].view(-1, 1, 1, 1)
+            t_k = (t.float() * (1.0 - k / steps)).round().long().clamp_min(1)
+            a_next = self.bundle.alphas_cumprod[t_k].view(-1, 1, 1, 1)
             x = a_next.sqrt() * x0 + (1.0 - a_next).sqrt() * eps
-            t_k = t_next
             eps = self.predict_noise(x, t_k, cond, camera)
-        return x  # unreachable: the loop returns at k == steps
+        return self.x0_estimate(x, t_k, eps)
 
     def sds_loss(self, images: torch.Tensor, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor,
                  step_ratio: float) -> torch.Tensor:
