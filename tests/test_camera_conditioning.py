@@ -146,3 +146,11 @@ def test_training_phase_four_adds_the_camera_and_resumes_bit_identically(tmp_pat
     a = load_file(tmp_path / "whole" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_refuses_an_unknown_camera_encoding_before_it_starts(tmp_path):
+    from backend.priors.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="unknown camera encoding 'sincos'"):
+        train(TrainConfig(camera_encoding="sincos"), tmp_path / "never", log=lambda *_: None)
+    assert not (tmp_path / "never").exists()  # refused before the geometry bank or any checkpoint

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.camera_conditioning import encode_cameras
+from backend.camera_conditioning import ENCODINGS, encode_cameras
 from backend.priors import BUNDLED_PRIOR_DIR
 from backend.priors.data import build_geometry_bank, sample_batch
 from backend.priors.model import RESOLUTION, SolidsModel, add_camera_conditioning, new_model, save_model
@@ -86,6 +86,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, resume_phase: int = 2) -> dict:
+    if cfg.camera_encoding != "none" and cfg.camera_encoding not in ENCODINGS:  # before hours of phases 1-3
+        raise ValueError(f"unknown camera encoding {cfg.camera_encoding!r}; known: none, {', '.join(ENCODINGS)}")
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
