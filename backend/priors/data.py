@@ -62,15 +62,17 @@ class GeometryBank:
         return int(self.coverage.shape[1])
 
 
-def sample_view_params(n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """(azimuth, elevation, distance, fovy) tensors (n,) for data views, degrees / metres."""
+def sample_view_params(n: int, g: torch.Generator,
+                       high_fraction: float = HIGH_ELEVATION_FRACTION) -> tuple[torch.Tensor, ...]:
+    """(azimuth, elevation, distance, fovy) tensors (n,) for data views, degrees / metres; a
+    ``high_fraction`` of the elevations is drawn from 45°-85° instead of ``ELEVATION_RANGE``."""
 
     def u(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=g)
 
     az = u(*AZIMUTH_RANGE)
     el = u(*ELEVATION_RANGE)
-    high = torch.rand(n, generator=g) < HIGH_ELEVATION_FRACTION
+    high = torch.rand(n, generator=g) < high_fraction
     el = torch.where(high, u(45.0, 85.0), el)
     return az, el, u(*DATA_DISTANCE_RANGE), u(*FOVY_RANGE)
 
@@ -78,10 +80,13 @@ def sample_view_params(n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
 def build_geometry_bank(
     views_per_shape: int, resolution: int, seed: int = 0, supersample: int = 3,
     cache_dir: str | Path | None = "/tmp/conjure_solids_cache", chunk: int = 50,
+    high_elevation_fraction: float = HIGH_ELEVATION_FRACTION,
 ) -> GeometryBank:
-    """Render every shape from ``views_per_shape`` random cameras (cached on disk when ``cache_dir``)."""
+    """Render every shape from ``views_per_shape`` random cameras (cached on disk when ``cache_dir``);
+    ``high_elevation_fraction`` of them from 45°-85° above the horizon (``sample_view_params``)."""
+    high = "" if high_elevation_fraction == HIGH_ELEVATION_FRACTION else f"|high{high_elevation_fraction}"
     key = hashlib.sha1(
-        f"v2|{views_per_shape}|{resolution}|{seed}|{supersample}|{SHAPES}|{DEFAULT_LIGHT}".encode()
+        f"v2|{views_per_shape}|{resolution}|{seed}|{supersample}|{SHAPES}|{DEFAULT_LIGHT}{high}".encode()
     ).hexdigest()[:12]
     path = Path(cache_dir) / f"bank_{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
@@ -91,7 +96,7 @@ def build_geometry_bank(
     covs, shs, azs, els = [], [], [], []
     base_light = torch.tensor(DEFAULT_LIGHT)
     for shape in SHAPES:
-        az, el, dist, fov = sample_view_params(views_per_shape, g)
+        az, el, dist, fov = sample_view_params(views_per_shape, g, high_elevation_fraction)
         light = torch.nn.functional.normalize(base_light + 0.25 * torch.randn(views_per_shape, 3, generator=g), dim=-1)
         light[:, 2] = light[:, 2].abs().clamp(min=0.3)  # the light stays above the horizon
         c_all, s_all = [], []

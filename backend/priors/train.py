@@ -44,7 +44,7 @@ import torch
 
 from backend.camera_conditioning import ENCODINGS, encode_cameras
 from backend.priors import BUNDLED_PRIOR_DIR
-from backend.priors.data import build_geometry_bank, sample_batch
+from backend.priors.data import HIGH_ELEVATION_FRACTION, build_geometry_bank, sample_batch
 from backend.priors.model import RESOLUTION, SolidsModel, add_camera_conditioning, new_model, save_model
 
 
@@ -76,6 +76,12 @@ class TrainConfig:
     phase4_steps: int = 2500
     phase4_lr: float = 4e-4
     phase4_warmup: int = 50
+    # phase 5: one more restart from the EMA at a lower learning rate (0 steps: no phase 5)
+    phase5_steps: int = 0
+    phase5_lr: float = 1.5e-4
+    phase5_warmup: int = 50
+    # phase 5's data: this fraction of the views from 45-85 deg elevation (phases 1-4: HIGH_ELEVATION_FRACTION)
+    phase5_high_elevation_fraction: float = HIGH_ELEVATION_FRACTION
     camera_encoding: str = "none"  # "orbit-sincos": phase 4 adds a zero-initialised camera embedding
 
 
@@ -121,7 +127,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     ema_loss, history = None, []
     out.mkdir(parents=True, exist_ok=True)
     t_train = time.time()
-    total = cfg.steps + cfg.phase2_steps + cfg.phase3_steps + cfg.phase4_steps
+    total = cfg.steps + cfg.phase2_steps + cfg.phase3_steps + cfg.phase4_steps + cfg.phase5_steps
     phase = 1
     camera_phase = 4
 
@@ -179,11 +185,13 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
                 checkpoint(step)
 
     # phases: (first step, last step, peak lr, warm-up, data seed)
-    ends = [cfg.steps, cfg.steps + cfg.phase2_steps, cfg.steps + cfg.phase2_steps + cfg.phase3_steps, total]
+    ends = [cfg.steps, cfg.steps + cfg.phase2_steps, cfg.steps + cfg.phase2_steps + cfg.phase3_steps,
+            total - cfg.phase5_steps, total]
     phases = [(1, ends[0], cfg.lr, cfg.warmup, cfg.seed + 1),
               (ends[0] + 1, ends[1], cfg.phase2_lr, cfg.phase2_warmup, cfg.seed + 2),
               (ends[1] + 1, ends[2], cfg.phase3_lr, cfg.phase3_warmup, cfg.seed + 3),
-              (ends[2] + 1, ends[3], cfg.phase4_lr, cfg.phase4_warmup, cfg.seed + 4)]
+              (ends[2] + 1, ends[3], cfg.phase4_lr, cfg.phase4_warmup, cfg.seed + 4),
+              (ends[3] + 1, ends[4], cfg.phase5_lr, cfg.phase5_warmup, cfg.seed + 5)]
     resumed_seconds = seconds_before = 0.0
     first_phase = 1
     if resume is not None:
@@ -191,8 +199,8 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        if resume_phase not in (2, 3, 4):
-            raise ValueError(f"--resume-phase must be 2, 3 or 4, got {resume_phase}")
+        if resume_phase not in (2, 3, 4, 5):
+            raise ValueError(f"--resume-phase must be 2, 3, 4 or 5, got {resume_phase}")
         state = json.loads((Path(resume) / "train_state.json").read_text())
         want = ends[resume_phase - 2]
         if state.get("step") != want or state.get("config", {}).get("seed") != cfg.seed:
@@ -222,6 +230,10 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
             unet.load_state_dict(ema_unet.state_dict())
             te.load_state_dict(ema_te.state_dict())
             opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
+        if phase == 5 and cfg.phase5_high_elevation_fraction != HIGH_ELEVATION_FRACTION:
+            bank = build_geometry_bank(cfg.views_per_shape, cfg.resolution, seed=cfg.seed,
+                                       high_elevation_fraction=cfg.phase5_high_elevation_fraction)
+            log(f"phase 5 data: {cfg.phase5_high_elevation_fraction:.0%} of the views from 45-85 deg elevation")
         t_train = time.time()
         run(first, last, peak, warm, torch.Generator().manual_seed(data_seed))
         seconds_before += time.time() - t_train
@@ -239,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", type=Path, default=None,
                     help="a model folder saved at the end of phase (--resume-phase - 1): skip the earlier "
                          "phases and continue from it (bit-identical to the uninterrupted run)")
-    ap.add_argument("--resume-phase", type=int, default=2, help="the phase that --resume starts (2, 3 or 4)")
+    ap.add_argument("--resume-phase", type=int, default=2, help="the phase that --resume starts (2 to 5)")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
 
