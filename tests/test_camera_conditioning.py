@@ -122,7 +122,7 @@ def test_sds_passes_each_views_camera_to_a_camera_conditioned_model(tiny_models,
 def _train(out, resume=None, camera_steps=3, views=6):
     from backend.priors.train import TrainConfig, train
 
-    cfg = TrainConfig(steps=2, phase2_steps=1, phase3_steps=1, phase4_steps=camera_steps, batch=4, warmup=1,
+    cfg = TrainConfig(steps=2, phase2_steps=1, phase3_steps=1, phase4_steps=camera_steps, phase5_steps=0, batch=4, warmup=1,
                       phase2_warmup=1, phase3_warmup=1, phase4_warmup=1, camera_encoding="orbit-sincos",
                       views_per_shape=views, save_every=100, log_every=100)
     train(cfg, out, log=lambda *_: None, resume=resume, resume_phase=4)

@@ -2,16 +2,21 @@
 
     python -m backend.priors.train --out backend/priors/weights/conjure-solids
 
-Defaults (documented in ``TrainConfig``) are sized for 2 CPU cores: 8500 steps of batch 16, about
-90 min of wall time with ``torch.set_num_threads(1)`` while another job used the second core (65 min
-for the first 6000 steps, 24 for phase 4). The
+Defaults (documented in ``TrainConfig``) are sized for 2 CPU cores: 11500 steps of batch 16, about
+two hours of wall time with ``torch.set_num_threads(1)`` while another job used the second core (65 min
+for the first 6000 steps, 24 for phase 4, 26 for phase 5). The
 UNet and the text encoder train jointly on epsilon-MSE with Min-SNR weighting (gamma 5: a step at
 timestep t counts min(SNR_t, 5) / SNR_t, so the noisy steps that decide colour and shape are not
 drowned by the nearly clean ones) and 10 % empty captions (classifier-free guidance dropout); an
-exponential moving average (EMA) of the weights is what gets saved. Four phases: ``steps`` at a
+exponential moving average (EMA) of the weights is what gets saved. Five phases: ``steps`` at a
 constant ``lr`` (after warm-up), then ``phase2_steps`` restarted from the EMA weights with a fresh
 AdamW at ``phase2_lr`` and a new data seed, then ``phase3_steps`` the same way at ``phase3_lr``, then
-``phase4_steps`` the same way at ``phase4_lr``. With ``camera_encoding`` set (e.g. "orbit-sincos"),
+``phase4_steps`` the same way at ``phase4_lr``, then ``phase5_steps`` at ``phase5_lr`` on views of which
+``phase5_high_elevation_fraction`` (40 %, phases 1-4: 12 %) look from 45-85 deg above the horizon: the
+SDS cameras of every preset reach 80 deg (uniform over -10..80 deg, 39 % above 45 deg), so phase 5 teaches
+the prior the views SDS asks it about most often and it knew least (tori keep open holes, cones and
+cubes come out truer; docs/benchmarks.md "The prior's camera mix, a fifth training phase, and
+densification (session 5)"). With ``camera_encoding`` set (e.g. "orbit-sincos"),
 phase 4 is camera conditioning instead (MVDream, Shi et al. 2023; ``backend.camera_conditioning``):
 the UNet gains a camera embedding whose output starts at zero and every image is shown with its
 view's camera. The bundled model is text-only ("none"): its phase 4 is one more text-only phase
@@ -20,8 +25,8 @@ teach the model the camera; docs/benchmarks.md "Camera conditioning and a longer
 and "Issue 12 — after (session 4)"). No
 phase depends on its own length, so the checkpoint at step k of a phase equals the end of a run whose
 phase has k steps, and ``--resume DIR --resume-phase K`` continues bit-identically from a folder
-saved at the end of phase K-1 (the bundled weights are phase 4 resumed from the earlier 6000-step bundled
-model, the end of phase 3: ``--resume DIR --resume-phase 4``, 24 min). A checkpoint of the EMA weights is written into ``--out`` every
+saved at the end of phase K-1 (the bundled weights are phase 5 resumed from session 4's 8500-step bundled
+model, the end of phase 4: ``--resume DIR --resume-phase 5``, 26 min). A checkpoint of the EMA weights is written into ``--out`` every
 ``--save-every`` steps (with ``train_state.json``), so a run stopped early still leaves a complete,
 loadable model folder. Uses CUDA when available (same seeds; results differ only numerically).
 """
@@ -76,12 +81,12 @@ class TrainConfig:
     phase4_steps: int = 2500
     phase4_lr: float = 4e-4
     phase4_warmup: int = 50
-    # phase 5: one more restart from the EMA at a lower learning rate (0 steps: no phase 5)
-    phase5_steps: int = 0
+    # phase 5: one more restart from the EMA at a lower learning rate, on its own camera mix
+    phase5_steps: int = 3000
     phase5_lr: float = 1.5e-4
     phase5_warmup: int = 50
     # phase 5's data: this fraction of the views from 45-85 deg elevation (phases 1-4: HIGH_ELEVATION_FRACTION)
-    phase5_high_elevation_fraction: float = HIGH_ELEVATION_FRACTION
+    phase5_high_elevation_fraction: float = 0.4
     camera_encoding: str = "none"  # "orbit-sincos": phase 4 adds a zero-initialised camera embedding
 
 
