@@ -154,3 +154,12 @@ def test_training_refuses_an_unknown_camera_encoding_before_it_starts(tmp_path):
     with pytest.raises(ValueError, match="unknown camera encoding 'sincos'"):
         train(TrainConfig(camera_encoding="sincos"), tmp_path / "never", log=lambda *_: None)
     assert not (tmp_path / "never").exists()  # refused before the geometry bank or any checkpoint
+
+
+def test_training_refuses_to_resume_after_the_camera_phase_with_a_camera(tmp_path):
+    from backend.priors.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="resume at phase 4"):
+        train(TrainConfig(camera_encoding="orbit-sincos"), tmp_path / "never", log=lambda *_: None,
+              resume=tmp_path / "phase4", resume_phase=5)
+    assert not (tmp_path / "never").exists()

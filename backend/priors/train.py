@@ -99,6 +99,9 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, resume_phase: int = 2) -> dict:
     if cfg.camera_encoding != "none" and cfg.camera_encoding not in ENCODINGS:  # before hours of phases 1-3
         raise ValueError(f"unknown camera encoding {cfg.camera_encoding!r}; known: none, {', '.join(ENCODINGS)}")
+    if resume is not None and resume_phase > 4 and cfg.camera_encoding != "none":  # phase 4 adds the embedding
+        raise ValueError(f"--resume-phase {resume_phase} with a camera encoding: resume at phase 4 "
+                         "(the phase that adds the camera embedding) or earlier")
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
