@@ -90,6 +90,23 @@ class TrainConfig:
     camera_encoding: str = "none"  # "orbit-sincos": phase 4 adds a zero-initialised camera embedding
 
 
+#: The phase that adds the camera embedding when ``camera_encoding`` is set (MVDream).
+CAMERA_PHASE = 4
+
+
+def phase_schedule(cfg: TrainConfig) -> list[tuple[int, int, float, int, int]]:
+    """(first step, last step, peak lr, warm-up steps, data seed) of phases 1-5; steps count from 1
+    across phases, so a phase's last step is the sum of its and the earlier phases' lengths."""
+    specs = [(cfg.steps, cfg.lr, cfg.warmup), (cfg.phase2_steps, cfg.phase2_lr, cfg.phase2_warmup),
+             (cfg.phase3_steps, cfg.phase3_lr, cfg.phase3_warmup), (cfg.phase4_steps, cfg.phase4_lr, cfg.phase4_warmup),
+             (cfg.phase5_steps, cfg.phase5_lr, cfg.phase5_warmup)]
+    schedule, end = [], 0
+    for k, (steps, lr, warmup) in enumerate(specs, start=1):
+        schedule.append((end + 1, end + steps, lr, warmup, cfg.seed + k))
+        end += steps
+    return schedule
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -99,8 +116,8 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, resume_phase: int = 2) -> dict:
     if cfg.camera_encoding != "none" and cfg.camera_encoding not in ENCODINGS:  # before hours of phases 1-3
         raise ValueError(f"unknown camera encoding {cfg.camera_encoding!r}; known: none, {', '.join(ENCODINGS)}")
-    if resume is not None and resume_phase > 4 and cfg.camera_encoding != "none":  # phase 4 adds the embedding
-        raise ValueError(f"--resume-phase {resume_phase} with a camera encoding: resume at phase 4 "
+    if resume is not None and resume_phase > CAMERA_PHASE and cfg.camera_encoding != "none":
+        raise ValueError(f"--resume-phase {resume_phase} with a camera encoding: resume at phase {CAMERA_PHASE} "
                          "(the phase that adds the camera embedding) or earlier")
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -135,12 +152,12 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     ema_loss, history = None, []
     out.mkdir(parents=True, exist_ok=True)
     t_train = time.time()
-    total = cfg.steps + cfg.phase2_steps + cfg.phase3_steps + cfg.phase4_steps + cfg.phase5_steps
+    phases = phase_schedule(cfg)
+    total = phases[-1][1]
     phase = 1
-    camera_phase = 4
 
     def camera_encoding() -> str | None:
-        return cfg.camera_encoding if phase >= camera_phase and cfg.camera_encoding != "none" else None
+        return cfg.camera_encoding if phase >= CAMERA_PHASE and cfg.camera_encoding != "none" else None
 
     def checkpoint(step: int) -> None:
         save_model(out, SolidsModel(ema_unet, ema_te, tok, sched, camera_encoding()))
@@ -192,14 +209,6 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
             if step % cfg.save_every == 0 or step == last:
                 checkpoint(step)
 
-    # phases: (first step, last step, peak lr, warm-up, data seed)
-    ends = [cfg.steps, cfg.steps + cfg.phase2_steps, cfg.steps + cfg.phase2_steps + cfg.phase3_steps,
-            total - cfg.phase5_steps, total]
-    phases = [(1, ends[0], cfg.lr, cfg.warmup, cfg.seed + 1),
-              (ends[0] + 1, ends[1], cfg.phase2_lr, cfg.phase2_warmup, cfg.seed + 2),
-              (ends[1] + 1, ends[2], cfg.phase3_lr, cfg.phase3_warmup, cfg.seed + 3),
-              (ends[2] + 1, ends[3], cfg.phase4_lr, cfg.phase4_warmup, cfg.seed + 4),
-              (ends[3] + 1, ends[4], cfg.phase5_lr, cfg.phase5_warmup, cfg.seed + 5)]
     resumed_seconds = seconds_before = 0.0
     first_phase = 1
     if resume is not None:
@@ -207,10 +216,10 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        if resume_phase not in (2, 3, 4, 5):
-            raise ValueError(f"--resume-phase must be 2, 3, 4 or 5, got {resume_phase}")
+        if not 2 <= resume_phase <= len(phases):
+            raise ValueError(f"--resume-phase must be 2 to {len(phases)}, got {resume_phase}")
         state = json.loads((Path(resume) / "train_state.json").read_text())
-        want = ends[resume_phase - 2]
+        want = phases[resume_phase - 2][1]  # the last step of the phase before
         if state.get("step") != want or state.get("config", {}).get("seed") != cfg.seed:
             raise ValueError(f"{resume} is not the end of phase {resume_phase - 1} of this configuration "
                              f"(step {state.get('step')} != {want} or another seed)")
@@ -226,7 +235,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
         if phase < first_phase or last < first:
             continue
         start_step = first
-        if phase == camera_phase and camera_encoding() is not None:  # MVDream: a zero-initialised camera embedding on the trained UNet
+        if phase == CAMERA_PHASE and camera_encoding() is not None:  # MVDream: a zero-initialised camera embedding on the trained UNet
             ema_unet = add_camera_conditioning(ema_unet, cfg.camera_encoding, seed=cfg.seed + 4).eval()
             for p in ema_unet.parameters():
                 p.requires_grad_(False)
