@@ -120,10 +120,14 @@ class CoarseConfig:
             regulariser of GaussianDreamer-style / DreamGaussian-style Gaussian SDS); 0 disables.
         alpha_entropy_weight: the same on the rendered alpha per pixel (a crisp silhouette).
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
-            0 disables. Large splats bridge holes and blur the surface.
+            0 disables. Large splats bridge holes and blur the surface. Measured on the cpu preset without
+            densification (docs/benchmarks.md, session 6): 0.08 opens a torus's hole, and costs the pyramid,
+            whose flat faces are a few splats 0.3 wide.
         opacity_reset_every: every this many steps (while densifying is still allowed) lower all
             opacities to 0.05 (3D Gaussian Splatting's opacity reset, Kerbl et al. 2023), so films
-            and floaters the prior does not need fade and are pruned; 0 disables.
+            and floaters the prior does not need fade and are pruned; 0 disables. Measured on the cpu
+            preset (docs/benchmarks.md, session 6): a third fewer Gaussians and less haze without
+            densification; with the densifier on it half-closes a torus's hole.
         background: "solid" (white, or a random colour with ``random_bg_prob``) or "learned"
             (DreamFusion's environment background, optimised by ray direction at ``lr_background``;
             a random solid colour still replaces it with ``random_bg_prob``;
