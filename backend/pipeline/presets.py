@@ -126,8 +126,8 @@ class CoarseConfig:
         opacity_reset_every: every this many steps (while densifying is still allowed) lower all
             opacities to 0.05 (3D Gaussian Splatting's opacity reset, Kerbl et al. 2023), so films
             and floaters the prior does not need fade and are pruned; 0 disables. Measured on the cpu
-            preset (docs/benchmarks.md, session 6): a third fewer Gaussians and less haze without
-            densification; with the densifier on it half-closes a torus's hole.
+            preset (docs/benchmarks.md, session 6): without densification it prunes 15–60 % of 3000
+            Gaussians; with the densifier on it half-closes a torus's hole.
         background: "solid" (white, or a random colour with ``random_bg_prob``) or "learned"
             (DreamFusion's environment background, optimised by ray direction at ``lr_background``;
             a random solid colour still replaces it with ``random_bg_prob``;
