@@ -124,6 +124,7 @@ def run_extract(path: Path, preset_name: str, overrides: dict) -> dict:
     the coarse iso level (no clean-up, no refinement), so coarse settings can be compared without the
     fine stage's noise."""
     from backend.gaussians.model import GaussianModel
+    from backend.mesh.carve import carve_views_for
     from backend.mesh.extract import extract_mesh, fit_to_size
     from backend.quality.judge import judge_prompt
 
@@ -132,7 +133,8 @@ def run_extract(path: Path, preset_name: str, overrides: dict) -> dict:
     grid = fine.grid_resolution if fine is not None else preset.coarse.mesh_grid
     faces = fine.face_budget if fine is not None else preset.coarse.mesh_faces
     gaussians = GaussianModel.from_state_dict(saved["state"]).activated().detach()
-    mesh = extract_mesh(gaussians, grid_resolution=grid, face_budget=faces, threshold=preset.coarse.density_threshold)
+    mesh = extract_mesh(gaussians, grid_resolution=grid, face_budget=faces, threshold=preset.coarse.density_threshold,
+                        carve=carve_views_for(preset.coarse))
     report = judge_prompt(fit_to_size(mesh, preset.object_size), rec["prompt"])
     m = {x.key: x.value for x in report.measures}
     return {"prompt": rec["prompt"], "seed": int(rec["seed"]), "tag": "extract", "overrides": rec.get("overrides"),

@@ -267,6 +267,7 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.opacity_entropy_weight": _f(0.0, 1e6, "weight of the Gaussians' opacity entropy"),
     "coarse.alpha_entropy_weight": _f(0.0, 1e6, "weight of the rendered alpha's entropy"),
     "coarse.max_scale": _f(0.0, 100.0, "clamp each Gaussian's std to this after every step (0 = off; world units)"),
+    "coarse.fill_unseen": _b("mesh as solid what none of the stage's cameras saw empty (space carving)"),
     # fine (textured mesh); fine=none turns the stage off
     "fine": OverrideSpec("off", help="'none' turns the fine stage off"),
     "fine.steps": _i(0, 20_000, "optimisation steps"),

@@ -231,15 +231,15 @@ def test_contact_sheet_shows_the_object(tmp_path):
     from backend.quality.contact_sheet import BACKGROUND, render_views, write_contact_sheet
 
     m = ref("cube", "red")
-    front, top = render_views(m, (("front", 0.0, 20.0), ("top", 0.0, 90.0)), size=64)
-    for img in (front, top):
+    front, top, bottom = render_views(m, (("front", 0.0, 20.0), ("top", 0.0, 90.0), ("bottom", 0.0, -90.0)), size=64)
+    for img in (front, top, bottom):
         fg = np.abs(img.astype(float) / 255 - BACKGROUND).sum(-1) > 0.1
         assert 0.2 < fg.mean() < 0.8
         col = img[fg].mean(0)
         assert col[0] > 2 * col[1] and col[0] > 2 * col[2]  # the texture's red shows
     path = write_contact_sheet(m, tmp_path / "s.png", judge_mesh(m, "cube", "red"), "a red cube", size=64)
     w, h = Image.open(path).size
-    assert w == 6 * 64 and h > 64
+    assert w == 7 * 64 and h > 64
 
 
 def _flat(rgb) -> np.ndarray:

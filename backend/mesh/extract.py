@@ -8,7 +8,8 @@ evaluated Gaussian by Gaussian on the grid cells inside each one's 3-sigma box (
 with the same box size, so memory stays bounded) and scattered into the grid; ``evaluate_gaussians``
 is the exact point-wise form (points in spatially coherent blocks), used by tests and small queries.
 Enclosed pockets below the threshold are filled first (``fill_cavities``: no hidden inner
-shells). The iso-surface ``d = threshold`` (marching cubes, scikit-image) is kept to its largest connected
+shells), and with ``carve`` also the cells no camera of the optimisation saw empty
+(``backend.mesh.carve``: the hollow under an object seen only from above). The iso-surface ``d = threshold`` (marching cubes, scikit-image) is kept to its largest connected
 components, decimated to a face budget (fast-simplification) and coloured per vertex with the
 density-weighted mean colour of the Gaussians (a colour grid splatted alongside, sampled trilinearly).
 
@@ -206,7 +207,7 @@ def fill_cavities(vol: np.ndarray, level: float) -> np.ndarray:
 
 def extract_mesh(gaussians, grid_resolution: int = 64, face_budget: int = 20000, threshold: float = 0.5,
                  bound: float = 1.0, min_component_fraction: float = 0.1, max_components: int = 4,
-                 with_colors: bool = True) -> MeshPayload:
+                 with_colors: bool = True, carve=None) -> MeshPayload:
     """Mesh the Gaussians' density iso-surface (see module docstring).
 
     Args:
@@ -216,6 +217,8 @@ def extract_mesh(gaussians, grid_resolution: int = 64, face_budget: int = 20000,
         threshold: iso level; lowered to half the maximum density when the density never reaches it.
         min_component_fraction, max_components: keep at most ``max_components`` connected
             components with at least this fraction of the largest one's faces.
+        carve: a ``backend.mesh.carve.CarveViews``: cells that none of its views shows to be empty
+            are filled before meshing (space carving by the optimisation's cameras); None: off.
     Returns:
         MeshPayload with positions (N,3) float32 (world units), faces (F,3) uint32 CCW from outside,
         normals (N,3) float32 and colors (N,4) uint8 (sRGB, alpha 255).
@@ -236,6 +239,10 @@ def extract_mesh(gaussians, grid_resolution: int = 64, face_budget: int = 20000,
         level = 0.5 * peak
         log.info("density peak %.3f below threshold %.3f; meshing at %.3f", peak, threshold, level)
     vol = fill_cavities(vol, level)
+    if carve is not None:
+        from backend.mesh.carve import fill_unseen, unseen_cells
+
+        vol = fill_unseen(vol, level, unseen_cells(g, carve, grid_resolution, bound))
     h = 2.0 * bound / grid_resolution
     padded = np.pad(vol, 1, mode="constant", constant_values=0.0)
     verts, faces, _, _ = marching_cubes(padded, level=level, spacing=(h, h, h), allow_degenerate=False)

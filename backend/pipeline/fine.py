@@ -438,15 +438,17 @@ def gaussian_fields(gaussians) -> dict[str, torch.Tensor]:
     return out
 
 
-def extract_surface(gaussians, grid_resolution: int, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The coarse stage's extractor at ``grid_resolution`` → (positions (N, 3), faces (F, 3)) numpy.
+def extract_surface(gaussians, grid_resolution: int, threshold: float | None = None,
+                    carve=None) -> tuple[np.ndarray, np.ndarray]:
+    """The coarse stage's extractor at ``grid_resolution`` → (positions (N, 3), faces (F, 3)) numpy;
+    ``carve``: ``backend.mesh.carve.CarveViews`` to fill what the coarse cameras never saw empty.
 
     Its own decimation is disabled (huge budget): :func:`prepare_textured_mesh` decimates after
     clean-up, so no faces are dropped before the winding/hole repair.
     """
     from backend.mesh.extract import extract_mesh
 
-    kwargs = {"grid_resolution": int(grid_resolution), "face_budget": 1 << 30, "with_colors": False}
+    kwargs = {"grid_resolution": int(grid_resolution), "face_budget": 1 << 30, "with_colors": False, "carve": carve}
     if threshold is not None:
         kwargs["threshold"] = float(threshold)
     mesh = extract_mesh(gaussians, **kwargs)
@@ -491,7 +493,10 @@ def run_fine_stage(gaussians: GaussianModel | Gaussians, preset, guidance, ctx: 
     backend = str(cfg.rasterizer)
     rz.resolve_backend(backend, device)  # a bad name or nvdiffrast without CUDA fails before any work
     ctx.emit(ProgressEvent("fine", 0, cfg.steps, "extracting mesh"))
-    positions, faces = extract_surface(gaussians, cfg.grid_resolution, preset.coarse.density_threshold)
+    from backend.mesh.carve import carve_views_for
+
+    positions, faces = extract_surface(gaussians, cfg.grid_resolution, preset.coarse.density_threshold,
+                                       carve=carve_views_for(preset.coarse))
     ctx.check_cancel()
     color_fn = gaussian_color_fn(fields["means"], fields["quats"], fields["scales"], fields["opacities"],
                                  fields["colors"])

@@ -132,6 +132,11 @@ class CoarseConfig:
             (DreamFusion's environment background, optimised by ray direction at ``lr_background``;
             a random solid colour still replaces it with ``random_bg_prob``;
             ``backend/pipeline/background.py``).
+        fill_unseen: mesh the Gaussians with the cells that none of this stage's cameras
+            (``elevation_range``, ``distance_range``, ``fovy_range``) saw empty filled: space carving
+            (Kutulakos & Seitz 2000; ``backend/mesh/carve.py``). Closes the hollow that SDS leaves under
+            an object it only saw from above. Used by the final meshes (the fine stage's starting
+            surface, the coarse GLB, a coarse-only result), not by previews.
     """
 
     steps: int = 500
@@ -175,6 +180,7 @@ class CoarseConfig:
     opacity_reset_every: int = 0
     background: str = "solid"
     lr_background: float = 1e-2
+    fill_unseen: bool = False
 
 
 @dataclass
@@ -325,7 +331,7 @@ def _draft() -> Preset:
     return Preset(
         name="draft",
         coarse=CoarseConfig(steps=500, batch_size=4, num_points=4000, render_resolution=128,
-                            render_resolution_end=256, preview_every=50, mesh_grid=128, mesh_faces=30000),
+                            render_resolution_end=256, preview_every=50, mesh_grid=128, mesh_faces=30000, fill_unseen=True),
         fine=None, guidance=_guidance(vae="taesd"), shading=_shading(),
     )
 
@@ -334,7 +340,7 @@ def _standard() -> Preset:
     return Preset(
         name="standard",
         coarse=CoarseConfig(steps=800, batch_size=4, num_points=5000, preview_every=100,
-                            density_threshold=SURFACE_LEVEL),
+                            density_threshold=SURFACE_LEVEL, fill_unseen=True),
         fine=FineConfig(steps=300, render_resolution=512, texture_resolution=1024, t_max=0.5,
                         texture_filter="linear-mipmap-linear", rebake_sigma=1.0, **_geometry()),
         guidance=_guidance(), shading=_shading(),
@@ -346,7 +352,7 @@ def _high() -> Preset:
         name="high",
         coarse=CoarseConfig(steps=1500, batch_size=4, num_points=5000, render_resolution=256,
                             render_resolution_end=512, max_points=100000, preview_every=150,
-                            mesh_grid=192, mesh_faces=100000, density_threshold=SURFACE_LEVEL),
+                            mesh_grid=192, mesh_faces=100000, density_threshold=SURFACE_LEVEL, fill_unseen=True),
         fine=FineConfig(steps=600, render_resolution=512, texture_resolution=2048, grid_resolution=192,
                         face_budget=100000, t_max=0.5, texture_filter="linear-mipmap-linear", rebake_sigma=1.0,
                         **_geometry()),
@@ -372,7 +378,7 @@ def _cpu() -> Preset:
                             lr_means=2e-3, lr_means_end=1e-4, densify_interval=40, densify_fraction=0.1,
                             max_points=3000, split_scale=0.06, preview_every=50, preview_grid=48,
                             preview_faces=5000, mesh_grid=64, mesh_faces=10000, background="learned",
-                            random_bg_prob=0.75, density_threshold=SURFACE_LEVEL),
+                            random_bg_prob=0.75, density_threshold=SURFACE_LEVEL, fill_unseen=True),
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
                         face_budget=5000, lr=2e-2, t_max=0.5,
                         texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5,

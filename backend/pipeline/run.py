@@ -91,11 +91,12 @@ def export_coarse_mesh(gaussians, preset: Preset, out_dir: Path | None, name: st
     if out_dir is None:
         return None
     try:
+        from backend.mesh.carve import carve_views_for
         from backend.mesh.export import export_mesh
         from backend.mesh.extract import extract_mesh, fit_to_size
 
         c = preset.coarse
-        mesh = extract_mesh(gaussians, c.mesh_grid, c.mesh_faces, c.density_threshold)
+        mesh = extract_mesh(gaussians, c.mesh_grid, c.mesh_faces, c.density_threshold, carve=carve_views_for(c))
         return export_mesh(fit_to_size(mesh, preset.object_size), out_dir, name)
     except Exception as exc:
         log.warning("could not save the coarse mesh: %s", exc)
@@ -147,8 +148,10 @@ def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
         fine = run_fine_stage(coarse.gaussians, preset, guidance, ctx, int(seed))
         mesh = fine.mesh
     else:
+        from backend.mesh.carve import carve_views_for
+
         mesh = extract_mesh(coarse.gaussians, preset.coarse.mesh_grid, preset.coarse.mesh_faces,
-                            preset.coarse.density_threshold)
+                            preset.coarse.density_threshold, carve=carve_views_for(preset.coarse))
     mesh = fit_to_size(mesh, preset.object_size)
     ctx.check_cancel()
 

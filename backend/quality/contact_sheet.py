@@ -1,4 +1,4 @@
-"""Contact sheets for the asset-quality benchmark: four azimuths, the top view and the texture atlas.
+"""Contact sheets for the asset-quality benchmark: four azimuths, the top and bottom views and the atlas.
 
 ``render_views(mesh, views, size)`` rasterises the textured mesh with the project's PyTorch
 rasteriser (``backend.mesh.rasterize_torch``) under an orthographic camera that frames the mesh's
@@ -9,11 +9,12 @@ both white and black objects stand out.
 
 Views (azimuth, elevation) in degrees, MeshPayload frame (+Z up, front −Y): azimuth 0 looks at the
 front from −Y, 90 from +X, 180 from +Y, 270 from −X, at 20° elevation; the top view looks down −Z
-with +Y up in the picture. The atlas tile shows the texture with everything outside the UV charts
+with +Y up in the picture, the bottom view up +Z (the underside, which no view above the horizon
+shows: a hollow or open base is visible there). The atlas tile shows the texture with everything outside the UV charts
 darkened, so padding and unused atlas area are visible.
 
 ``contact_sheet(mesh, report, title)`` → a PIL image: a header with the prompt and the judge's key
-numbers (failures marked), then the six tiles in a row, each labelled.
+numbers (failures marked), then the seven tiles in a row, each labelled.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from backend.quality.geometry import one_torch_thread
 
 VIEWS: tuple[tuple[str, float, float], ...] = (
     ("front", 0.0, 20.0), ("right", 90.0, 20.0), ("back", 180.0, 20.0), ("left", 270.0, 20.0), ("top", 0.0, 90.0),
+    ("bottom", 0.0, -90.0),
 )
 BACKGROUND = np.array([0.80, 0.83, 0.88])
 
@@ -140,7 +142,7 @@ def header_lines(report) -> list[tuple[str, bool | None]]:
 
 
 def contact_sheet(mesh, report=None, title: str = "", size: int = 192):
-    """PIL RGB image: header (title, verdict, numbers) over front/right/back/left/top renders and the atlas."""
+    """PIL RGB image: header (title, verdict, numbers) over front/right/back/left/top/bottom renders and the atlas."""
     from PIL import Image, ImageDraw
 
     tiles = render_views(mesh, VIEWS, size) + [atlas_tile(mesh, size)]
