@@ -38,11 +38,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CarveViews:
-    """The views that carve: ``azimuths`` evenly spaced azimuths × ``elevations`` elevations spread
-    evenly over ``elevation_range`` (degrees; the defaults, 16 × 3 = 48 views, carve what 24 × 4 do
-    within ±0.003 IoU on the cpu preset's solids at half the time, about 2 s at 64³ on one core), at ``distance`` (world units) with ``fovy`` (degrees),
-    rendered at ``resolution`` pixels (None: two pixels per grid cell, 32 to 256; a 64³ grid → 128 px,
-    about 1.4 pixels per cell at the middle distance). ``alpha_level``: below it a pixel is background.
+    """The views that carve.
+
+    ``azimuths`` evenly spaced azimuths × ``elevations`` elevations spread evenly over
+    ``elevation_range`` (degrees), at ``distance`` (world units) with ``fovy`` (degrees), rendered at
+    ``resolution`` pixels (None: two pixels per grid cell, 32 to 256; a 64³ grid → 128 px, about 1.4
+    pixels per cell at the middle distance). The defaults, 16 × 3 = 48 views, carve what 24 × 4 do
+    within ±0.003 IoU on the cpu preset's solids in half the time (about 2 s at 64³ on one core;
+    docs/benchmarks.md, session 7). ``alpha_level``: below it a pixel is background.
     ``margin_cells``: how far in front of the rendered depth a cell must lie to be carved."""
 
     elevation_range: tuple[float, float] = (-10.0, 80.0)
