@@ -4,8 +4,9 @@ SDS constrains only what its cameras see. The coarse stage looks from elevations
 (``CoarseConfig.elevation_range``), so an object's underside, and any pocket that opens only
 downwards, is never seen from below: the Gaussians there stay faint, and the density iso-surface
 opens a dome-shaped hollow under a cone, a cube or a pyramid whose rim is the object's lowest
-point. The hollow is invisible from every training view, yet it is a third of a cone's volume and
-the artist gets a thin shell instead of a solid.
+point. The hollow is invisible from every training view, yet it held about a sixth of a cone's volume
+in the cpu preset's benchmark (57,690 of the ideal's 68,736 voxels, docs/benchmarks.md session 7), and
+the artist gets a shell with a dented, open underside instead of a solid.
 
 Space carving (Kutulakos & Seitz 2000, "A Theory of Shape by Space Carving"; the visual hull of
 Laurentini 1994, with depth) keeps a cell unless some view shows it to be empty. Here the views are
