@@ -68,7 +68,7 @@ def test_a_torus_hole_is_seen_from_above_and_stays_empty():
     c = (torch.arange(32) + 0.5) / 16 - 1.0
     X, Y, Z = torch.meshgrid(c, c, c, indexing="ij")
     rho = (X**2 + Y**2).sqrt()
-    in_hole = (rho < R - r - 0.08).numpy()
+    in_hole = (rho < R - r - 0.12).numpy()  # beyond the splats' 3-sigma skirt (scale 0.03)
     in_tube = (((rho - R) ** 2 + Z**2).sqrt() < r - 0.08).numpy()
     far = (((rho - R) ** 2 + Z**2).sqrt() > r + 0.15).numpy()
     assert not unseen[in_hole].any()
