@@ -19,7 +19,8 @@ def _shell(points: torch.Tensor, scale: float = 0.012, opacity: float = 0.9) -> 
     n = points.shape[0]
     quats = torch.zeros(n, 4)
     quats[:, 0] = 1.0
-    return Gaussians(points.float(), quats, torch.full((n, 3), scale), torch.full((n,), opacity), torch.full((n, 3), 0.5))
+    return Gaussians(points.float(), quats, torch.full((n, 3), scale), torch.full((n,), opacity),
+                     torch.full((n, 3), 0.5))
 
 
 def _cone_side(n: int = 9000, apex_up: bool = True) -> Gaussians:
@@ -47,7 +48,6 @@ def test_a_shell_open_underneath_is_filled_because_no_camera_above_the_horizon_s
     shell = _cone_side(apex_up=True)
     hollow = _volume(shell, None)
     carved = _volume(shell, VIEWS)
-    print(f"hollow {hollow:.3f} carved {carved:.3f} cone {CONE_VOLUME:.3f}")
     assert hollow < 0.5 * CONE_VOLUME, hollow  # the thin shell alone
     assert 0.85 * CONE_VOLUME < carved < 1.3 * CONE_VOLUME, (carved, CONE_VOLUME)
 

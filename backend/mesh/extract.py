@@ -9,7 +9,8 @@ with the same box size, so memory stays bounded) and scattered into the grid; ``
 is the exact point-wise form (points in spatially coherent blocks), used by tests and small queries.
 Enclosed pockets below the threshold are filled first (``fill_cavities``: no hidden inner
 shells), and with ``carve`` also the cells no camera of the optimisation saw empty
-(``backend.mesh.carve``: the hollow under an object seen only from above). The iso-surface ``d = threshold`` (marching cubes, scikit-image) is kept to its largest connected
+(``backend.mesh.carve``: the hollow under an object seen only from above). The iso-surface
+``d = threshold`` (marching cubes, scikit-image) is kept to its largest connected
 components, decimated to a face budget (fast-simplification) and coloured per vertex with the
 density-weighted mean colour of the Gaussians (a colour grid splatted alongside, sampled trilinearly).
 

@@ -331,7 +331,8 @@ def _draft() -> Preset:
     return Preset(
         name="draft",
         coarse=CoarseConfig(steps=500, batch_size=4, num_points=4000, render_resolution=128,
-                            render_resolution_end=256, preview_every=50, mesh_grid=128, mesh_faces=30000, fill_unseen=True),
+                            render_resolution_end=256, preview_every=50, mesh_grid=128, mesh_faces=30000,
+                            fill_unseen=True),
         fine=None, guidance=_guidance(vae="taesd"), shading=_shading(),
     )
 

@@ -10,8 +10,8 @@ both white and black objects stand out.
 Views (azimuth, elevation) in degrees, MeshPayload frame (+Z up, front −Y): azimuth 0 looks at the
 front from −Y, 90 from +X, 180 from +Y, 270 from −X, at 20° elevation; the top view looks down −Z
 with +Y up in the picture, the bottom view up +Z (the underside, which no view above the horizon
-shows: a hollow or open base is visible there). The atlas tile shows the texture with everything outside the UV charts
-darkened, so padding and unused atlas area are visible.
+shows: a hollow or open base is visible there). The atlas tile shows the texture with everything
+outside the UV charts darkened, so padding and unused atlas area are visible.
 
 ``contact_sheet(mesh, report, title)`` → a PIL image: a header with the prompt and the judge's key
 numbers (failures marked), then the seven tiles in a row, each labelled.
