@@ -268,6 +268,7 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.alpha_entropy_weight": _f(0.0, 1e6, "weight of the rendered alpha's entropy"),
     "coarse.max_scale": _f(0.0, 100.0, "clamp each Gaussian's std to this after every step (0 = off; world units)"),
     "coarse.fill_unseen": _b("mesh as solid what none of the stage's cameras saw empty (space carving)"),
+    "coarse.stratified_azimuth": _b("each step's cameras one from each equal arc of azimuth (all sides every step)"),
     # fine (textured mesh); fine=none turns the stage off
     "fine": OverrideSpec("off", help="'none' turns the fine stage off"),
     "fine.steps": _i(0, 20_000, "optimisation steps"),
@@ -309,6 +310,10 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "shading.textureless_prob": _f(0.0, 1.0, "probability of a white-albedo view"),
     "shading.light_elevation_range": _pair(-90.0, 90.0, "light elevation low,high (degrees)"),
     "shading.light_azimuth_spread": _f(0.0, 180.0, "light azimuth = camera azimuth ± this (degrees)"),
+    "shading.light_frame": _c("where lights are drawn", "camera", "world"),
+    "shading.world_light_azimuth": _f(-360.0, 360.0, "azimuth of the world-frame light (degrees)"),
+    "shading.world_light_elevation": _f(-90.0, 90.0, "elevation of the world-frame light (degrees)"),
+    "shading.world_light_jitter": _f(0.0, 10.0, "std of the noise added to the world light's unit vector"),
     # whole preset
     "object_size": _f(0.001, 1000.0, "largest dimension of the asset (metres)"),
     "seed": OverrideSpec("int", 0, SEED_MAX, "preset seed (none = the job's seed)", optional=True),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from backend.gaussians.model import Gaussians
@@ -77,8 +78,6 @@ def test_a_torus_hole_is_seen_from_above_and_stays_empty():
 
 
 def test_fill_unseen_keeps_seen_density_and_lifts_unseen_cells_over_the_level():
-    import numpy as np
-
     vol = np.zeros((16, 16, 16), dtype=np.float32)
     vol[2:5, 2:5, 2:5] = 1.0
     unseen = np.zeros_like(vol, dtype=bool)
@@ -95,3 +94,19 @@ def test_presets_carve_with_their_own_camera_ranges_and_the_override_turns_it_of
     assert carve_views_for(get_preset("cpu", {"coarse.fill_unseen": "false"}).coarse) is None
     for name in ("draft", "standard", "high"):
         assert get_preset(name).coarse.fill_unseen
+
+
+def test_carving_the_same_gaussians_again_is_remembered_and_a_change_is_not(monkeypatch):
+    import backend.mesh.carve as carve
+
+    calls = []
+    real = carve._unseen_cells
+    monkeypatch.setattr(carve, "_unseen_cells", lambda *a: calls.append(1) or real(*a))
+    shell = _cone_side(n=2000)
+    first = carve.unseen_cells(shell, VIEWS, resolution=16)
+    again = carve.unseen_cells(_shell(shell.means.clone()), VIEWS, resolution=16)  # equal contents, new tensors
+    assert len(calls) == 1 and again is first and not first.flags.writeable
+    moved = _shell(shell.means + torch.tensor([0.0, 0.0, 0.2]))
+    other = carve.unseen_cells(moved, VIEWS, resolution=16)
+    finer = carve.unseen_cells(shell, VIEWS, resolution=20)
+    assert len(calls) == 3 and not np.array_equal(other, first) and finer.shape == (20, 20, 20)

@@ -91,6 +91,22 @@ def test_sample_shading_modes_and_lights_follow_the_config():
     assert torch.rad2deg(torch.acos((horiz * lh).sum(-1).clamp(-1, 1))).max() < 10.5  # within the spread
 
 
+def test_world_frame_lights_stay_near_their_direction_whatever_the_camera():
+    cams = orbit_cameras(torch.linspace(-180, 180, 400), torch.full((400,), 20.0), width=8)
+    cfg = ShadingConfig(light_frame="world", world_light_azimuth=38.0, world_light_elevation=55.0,
+                        world_light_jitter=0.1)
+    lights = sample_shading(cams, cfg, torch.Generator().manual_seed(0)).lights
+    want = orbit_cameras(torch.tensor([38.0]), torch.tensor([55.0]), width=8).camera_centers()[0]
+    want = want / want.norm()
+    angle = torch.rad2deg(torch.acos((lights @ want).clamp(-1, 1)))
+    assert torch.allclose(lights.norm(dim=-1), torch.ones(400), atol=1e-5)
+    assert angle.max() < 25.0 and angle.mean() < 12.0  # a cone around the world direction...
+    back, front = lights[:200], lights[200:]  # ...for cameras behind the object as well as in front
+    assert abs(back.mean(0) @ want - front.mean(0) @ want) < 0.05
+    with pytest.raises(ValueError, match="light_frame"):
+        sample_shading(cams, ShadingConfig(light_frame="sun"), None)
+
+
 def test_dreamtime_schedule_is_monotone_and_time_prioritised():
     ts = [dreamtime_timestep(r / 99, 0.02, 0.98) for r in range(100)]
     assert all(a >= b for a, b in zip(ts, ts[1:]))  # never increases
@@ -102,6 +118,28 @@ def test_dreamtime_schedule_is_monotone_and_time_prioritised():
     assert dreamtime_prior(0.65, 0.8, 0.5, 0.3, 0.1) == 1.0
     assert dreamtime_prior(0.2, 0.8, 0.5, 0.3, 0.1) == pytest.approx(math.exp(-0.09 / 0.02))
     assert dreamtime_timestep(0.5, 0.3, 0.3) == 0.3
+
+
+def test_stratified_azimuth_puts_one_camera_in_each_arc_and_keeps_the_generator_in_step():
+    from backend.gaussians.cameras import sample_cameras
+
+    def azimuths(cams) -> torch.Tensor:
+        centres = cams.camera_centers()
+        return torch.rad2deg(torch.atan2(centres[:, 0], -centres[:, 1]))  # x = sin(az), y = -cos(az)
+
+    plain_arcs, plain_after = set(), []
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        a = azimuths(sample_cameras(4, 16, g, stratified_azimuth=True)) % 360.0
+        # each camera in its own quarter of the circle, whatever the draw
+        assert sorted(int(x // 90.0) for x in a) == [0, 1, 2, 3]
+        after = torch.rand(1, generator=g)
+        g2 = torch.Generator().manual_seed(seed)
+        plain = azimuths(sample_cameras(4, 16, g2)) % 360.0
+        plain_arcs.add(len({int(x // 90.0) for x in plain}))
+        plain_after.append(bool(torch.equal(after, torch.rand(1, generator=g2))))
+    assert min(plain_arcs) < 4  # uniform draws do bunch: the test can tell the two apart
+    assert all(plain_after)  # the same number of draws either way: later randomness is unchanged
 
 
 @pytest.fixture(scope="module")

@@ -151,14 +151,26 @@ def sample_cameras(
     distance_range: tuple[float, float] = DISTANCE_RANGE,
     fovy_range: tuple[float, float] = FOVY_RANGE,
     device: torch.device | str = "cpu",
+    stratified_azimuth: bool = False,
 ) -> Cameras:
-    """B random orbit cameras (uniform in each documented range), reproducible with ``generator``."""
+    """B random orbit cameras (uniform in each documented range), reproducible with ``generator``.
+
+    With ``stratified_azimuth`` the azimuth range is cut into B equal arcs and camera i is drawn
+    uniformly inside arc i (threestudio's ``batch_uniform_azimuth``, as MVDream's four views spread
+    around the object): every batch sees the object from all sides, so one step's SDS gradient is a
+    consensus of views around it rather than of views that may bunch on one side. Each camera is
+    still uniform over the whole range, and the generator draws the same numbers either way."""
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(batch, generator=generator)
 
+    if stratified_azimuth:
+        lo, hi = azimuth_range
+        azimuth = lo + (hi - lo) * (torch.arange(batch) + torch.rand(batch, generator=generator)) / batch
+    else:
+        azimuth = uniform(*azimuth_range)
     return orbit_cameras(
-        uniform(*azimuth_range), uniform(*elevation_range), uniform(*distance_range),
+        azimuth, uniform(*elevation_range), uniform(*distance_range),
         uniform(*fovy_range), width, width, device,
     )
 

@@ -26,8 +26,11 @@ Frames: world (Blender, +Z up) grid over [-bound, bound]^3, cell-centred, indexe
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import torch
@@ -84,14 +87,51 @@ def carve_views_for(coarse_config) -> CarveViews | None:
     return CarveViews(elevation_range=(e_lo, e_hi), distance=0.5 * (d_lo + d_hi), fovy=0.5 * (f_lo + f_hi))
 
 
-@torch.no_grad()
+#: The last few :func:`unseen_cells` results, by the Gaussians' contents and the carving's settings. A job
+#: meshes the same final Gaussians twice (the coarse GLB and the fine stage's starting surface), and
+#: both carve alike at the cpu preset's equal grids; the second is then a lookup instead of 48 renders.
+_CACHE_SIZE = 2
+_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _cache_key(gaussians, views: CarveViews, resolution: int, bound: float) -> str:
+    """A digest of every tensor that the carving's renders read, and of the carving's settings."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in (gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.colors):
+        a = t.detach().float().cpu().contiguous().numpy()
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    h.update(repr((astuple(views), int(resolution), float(bound))).encode())
+    return h.hexdigest()
+
+
 def unseen_cells(gaussians, views: CarveViews, resolution: int, bound: float = 1.0, chunk_views: int = 8) -> np.ndarray:
     """(R, R, R) bool: grid cells that some view of ``views`` sees and none shows to be empty (see the
     module docstring); a cell outside every view's image is not unseen but unknown, and stays empty.
 
     ``gaussians``: activated Gaussians (means, quats, scales, opacities, colors), rendered with
-    ``backend.gaussians.render.render_gaussians`` on their own device.
+    ``backend.gaussians.render.render_gaussians`` on their own device. The result is read-only and
+    remembered for the same Gaussians and settings (the last ``_CACHE_SIZE`` of them).
     """
+    key = _cache_key(gaussians, views, resolution, bound)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    result = _unseen_cells(gaussians, views, resolution, bound, chunk_views)
+    result.flags.writeable = False
+    with _cache_lock:
+        _cache[key] = result
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return result
+
+
+@torch.no_grad()
+def _unseen_cells(gaussians, views: CarveViews, resolution: int, bound: float, chunk_views: int) -> np.ndarray:
+    """:func:`unseen_cells` without the cache."""
     from backend.gaussians.render import render_gaussians
 
     device = gaussians.means.device

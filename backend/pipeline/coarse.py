@@ -130,7 +130,7 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         res = render_resolution(config, ratio)
         cams = sample_cameras(config.batch_size, res, generator, elevation_range=as_range(config.elevation_range),
                               distance_range=as_range(config.distance_range), fovy_range=as_range(config.fovy_range),
-                              device=device)
+                              device=device, stratified_azimuth=config.stratified_azimuth)
         for group in optimizer.param_groups:
             group["lr"] = _lrs(config, ratio)[group["name"]]
         densifying = config.densify_from <= ratio <= config.densify_until

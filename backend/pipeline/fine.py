@@ -408,15 +408,17 @@ def fine_loss_fn(guidance, cfg: FineConfig) -> LossFn:
 
 def random_camera_fn(batch: int, resolution: int, coarse_cfg: CoarseConfig | None = None, seed: int | None = None,
                      device: torch.device | str = "cpu") -> CameraFn:
-    """Random orbit cameras per step, in the coarse stage's sampling ranges when given."""
+    """Random orbit cameras per step, in the coarse stage's sampling ranges (and its azimuth
+    stratification) when given."""
     gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 1)
     kw = {}
     if coarse_cfg is not None:
         kw = dict(elevation_range=as_range(coarse_cfg.elevation_range),
                   distance_range=as_range(coarse_cfg.distance_range), fovy_range=as_range(coarse_cfg.fovy_range))
+    stratified = bool(coarse_cfg is not None and coarse_cfg.stratified_azimuth)
 
     def fn(step: int) -> Cameras:
-        return sample_cameras(batch, resolution, generator=gen, device=device, **kw)
+        return sample_cameras(batch, resolution, generator=gen, device=device, stratified_azimuth=stratified, **kw)
 
     return fn
 

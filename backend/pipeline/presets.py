@@ -137,6 +137,9 @@ class CoarseConfig:
             (Kutulakos & Seitz 2000; ``backend/mesh/carve.py``). Closes the hollow that SDS leaves under
             an object it only saw from above. Used by the final meshes (the fine stage's starting
             surface, the coarse GLB, a coarse-only result), not by previews.
+        stratified_azimuth: each step's ``batch_size`` cameras come one from each of as many equal
+            arcs of azimuth (threestudio's ``batch_uniform_azimuth``; ``cameras.sample_cameras``), so
+            every step sees the object from all sides.
     """
 
     steps: int = 500
@@ -181,6 +184,7 @@ class CoarseConfig:
     background: str = "solid"
     lr_background: float = 1e-2
     fill_unseen: bool = False
+    stratified_azimuth: bool = False
 
 
 @dataclass
@@ -267,6 +271,12 @@ class ShadingConfig:
         textureless_prob: probability that a view is rendered with a white albedo (shading only).
         light_elevation_range: light elevation above the horizon (degrees, uniform);
         light_azimuth_spread: light azimuth = camera azimuth ± this (degrees, uniform).
+        light_frame: "camera" (the two settings above: DreamFusion's light around the camera) or
+            "world": one light fixed in the world at ``world_light_azimuth``, ``world_light_elevation``
+            (degrees), its unit vector jittered by Gaussian noise of std ``world_light_jitter`` and kept
+            above the horizon, as the bundled prior's training renders are lit (``backend.priors.data``,
+            ``priors.solids.DEFAULT_LIGHT``: 38°, 55°, jitter 0.25). Measured on the cpu preset
+            (docs/benchmarks.md, session 8): cubes boxier, pyramids and cones worse; off.
     """
 
     coarse: bool = False
@@ -277,6 +287,10 @@ class ShadingConfig:
     textureless_prob: float = 0.0
     light_elevation_range: tuple[float, float] = (20.0, 80.0)
     light_azimuth_spread: float = 90.0
+    light_frame: str = "camera"
+    world_light_azimuth: float = 38.0
+    world_light_elevation: float = 55.0
+    world_light_jitter: float = 0.25
 
 
 @dataclass

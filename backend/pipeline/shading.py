@@ -11,7 +11,9 @@ Per view ``sample_shading`` draws one of three modes (``LIT``, ``ALBEDO``, ``TEX
 light direction. Directions are world unit vectors pointing *towards* the light (Blender frame,
 +Z up): azimuth = the camera's azimuth ± ``light_azimuth_spread`` degrees (uniform), elevation
 uniform in ``light_elevation_range`` degrees above the horizon (threestudio's camera-relative light
-sampling, kept above the horizon as natural and rendered lighting is).
+sampling, kept above the horizon as natural and rendered lighting is). With ``light_frame="world"``
+the light is instead one world direction with a little noise, whatever the camera: the lighting of a
+prior trained on renders lit from a fixed world light (the bundled ``conjure-solids``).
 
 Normals:
 
@@ -52,11 +54,20 @@ def sample_shading(cameras: Cameras, config, generator: torch.Generator | None =
     """Draw a light and a mode per camera from a ``ShadingConfig`` (see the module docstring)."""
     B = len(cameras)
     u = torch.rand(B, 3, generator=generator)
-    spread = float(config.light_azimuth_spread)
-    az = cameras.azimuth_deg.detach().float().cpu() + (2.0 * u[:, 0] - 1.0) * spread
-    lo, hi = (float(x) for x in config.light_elevation_range)
-    el = lo + (hi - lo) * u[:, 1]
-    lights = orbit_position(az, el, torch.ones(B))
+    frame = getattr(config, "light_frame", "camera")
+    if frame == "world":
+        base = orbit_position(torch.tensor([float(config.world_light_azimuth)]),
+                              torch.tensor([float(config.world_light_elevation)]), torch.ones(1))
+        lights = F.normalize(base + float(config.world_light_jitter) * torch.randn(B, 3, generator=generator), dim=-1)
+        lights[:, 2] = lights[:, 2].abs().clamp(min=0.3)  # above the horizon
+    elif frame == "camera":
+        spread = float(config.light_azimuth_spread)
+        az = cameras.azimuth_deg.detach().float().cpu() + (2.0 * u[:, 0] - 1.0) * spread
+        lo, hi = (float(x) for x in config.light_elevation_range)
+        el = lo + (hi - lo) * u[:, 1]
+        lights = orbit_position(az, el, torch.ones(B))
+    else:
+        raise ValueError(f"shading.light_frame must be 'camera' or 'world', got {frame!r}")
     p_alb, p_tl = float(config.albedo_prob), float(config.textureless_prob)
     modes = torch.full((B,), LIT, dtype=torch.long)
     modes[u[:, 2] < p_alb + p_tl] = TEXTURELESS
