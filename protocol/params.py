@@ -266,6 +266,7 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.prune_scale": _f(0.0, 100.0, "prune Gaussians whose largest std exceeds this (world units)"),
     "coarse.opacity_entropy_weight": _f(0.0, 1e6, "weight of the Gaussians' opacity entropy"),
     "coarse.alpha_entropy_weight": _f(0.0, 1e6, "weight of the rendered alpha's entropy"),
+    "coarse.alpha_entropy_from": _f(0.0, 1.0, "fraction of the run from which the alpha entropy applies"),
     "coarse.max_scale": _f(0.0, 100.0, "clamp each Gaussian's std to this after every step (0 = off; world units)"),
     "coarse.fill_unseen": _b("mesh as solid what none of the stage's cameras saw empty (space carving)"),
     "coarse.stratified_azimuth": _b("each step's cameras one from each equal arc of azimuth (all sides every step)"),

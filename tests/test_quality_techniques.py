@@ -196,6 +196,40 @@ def test_gaussian_regularisers_entropy_and_scale_limit():
     assert res.gaussians.activated().scales.max() <= 0.02 + 1e-6
 
 
+def test_alpha_entropy_makes_the_rendered_silhouette_crisp():
+    """threestudio's ``lambda_opaque``: with no other loss, the entropy of the rendered alpha alone drives
+    half-covered pixels to empty or full, so a haze becomes a solid with a clean silhouette."""
+    cams = orbit_cameras(torch.tensor([0.0, 120.0, 240.0]), torch.full((3,), 20.0), width=24)
+
+    def mean_alpha_entropy(model) -> float:
+        with torch.no_grad():
+            return float(binary_entropy(model.render(cams, torch.zeros(3)).alpha))
+
+    def run(weight: float):
+        cfg = CoarseConfig(steps=60, batch_size=2, num_points=300, render_resolution=24, render_resolution_end=24,
+                           preview_every=0, densify_from=2.0, init_opacity=0.15, init_scale=0.06,
+                           alpha_entropy_weight=weight, lr_opacities=0.1, renderer="torch")
+        start = GaussianModel.init_random(300, 0.5, "sphere", 0.06, 0.15, torch.Generator().manual_seed(1))
+        before = mean_alpha_entropy(start)
+        res = run_coarse_stage(lambda im, c, bg, r: im.sum() * 0.0, cfg, generator=torch.Generator().manual_seed(0),
+                               init=start)
+        return before, mean_alpha_entropy(res.gaussians)
+
+    before, after = run(10.0)
+    assert after < 0.7 * before, (before, after)  # measured: 0.073 -> 0.037
+    before, unchanged = run(0.0)
+    assert unchanged == pytest.approx(before, rel=1e-3)
+
+
+def test_alpha_entropy_starts_late_and_ramps_in():
+    from backend.pipeline.coarse import alpha_entropy_weight
+
+    late = CoarseConfig(alpha_entropy_weight=300.0, alpha_entropy_from=0.5)
+    assert [alpha_entropy_weight(late, r) for r in (0.0, 0.49, 0.55, 0.6, 1.0)] == pytest.approx([0, 0, 150, 300, 300])
+    assert alpha_entropy_weight(CoarseConfig(alpha_entropy_weight=300.0), 0.0) == 300.0
+    assert alpha_entropy_weight(CoarseConfig(alpha_entropy_from=0.5), 0.9) == 0.0
+
+
 def test_cpu_preset_turns_the_techniques_on_and_they_can_be_switched_off():
     p = get_preset("cpu")
     assert p.shading.coarse and p.shading.fine and p.guidance.t_sampling == "dreamtime"

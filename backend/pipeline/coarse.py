@@ -58,6 +58,18 @@ def binary_entropy(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return -(p * p.log() + (1.0 - p) * (1.0 - p).log()).mean()
 
 
+def alpha_entropy_weight(config, ratio: float) -> float:
+    """The weight of the rendered alpha's entropy at ``ratio`` of the run (threestudio's ``lambda_opaque``):
+    0 before ``alpha_entropy_from``, then a linear ramp over a tenth of the run to ``alpha_entropy_weight``.
+    Starting late lets the shape change its topology first (a torus's hole opens through half-covered
+    pixels, which the entropy term would hold at 0 or 1) and then makes its silhouette crisp."""
+    full = float(config.alpha_entropy_weight)
+    start = float(getattr(config, "alpha_entropy_from", 0.0))
+    if full <= 0 or ratio < start:
+        return 0.0
+    return full * min(1.0, (ratio - start) / 0.1) if start > 0 else full
+
+
 def render_resolution(config, ratio: float) -> int:
     """Progressive render size at ``ratio`` (multiple of 4 pixels)."""
     res = anneal(config.render_resolution, config.render_resolution_end, ratio, "linear",
@@ -153,8 +165,9 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         loss = loss_fn(images, cams, bg, ratio)
         if config.opacity_entropy_weight > 0:
             loss = loss + config.opacity_entropy_weight * binary_entropy(model.activated().opacities)
-        if config.alpha_entropy_weight > 0:
-            loss = loss + config.alpha_entropy_weight * binary_entropy(out.alpha)
+        alpha_weight = alpha_entropy_weight(config, ratio)
+        if alpha_weight > 0:
+            loss = loss + alpha_weight * binary_entropy(out.alpha)
         optimizer.zero_grad(set_to_none=True)
         if env_optimizer is not None:
             env_optimizer.zero_grad(set_to_none=True)

@@ -118,7 +118,9 @@ class CoarseConfig:
         opacity_entropy_weight: weight of the mean binary entropy of the Gaussians' opacities,
             which drives each opacity to 0 or 1 so half-transparent films and haze go (the opacity
             regulariser of GaussianDreamer-style / DreamGaussian-style Gaussian SDS); 0 disables.
-        alpha_entropy_weight: the same on the rendered alpha per pixel (a crisp silhouette).
+        alpha_entropy_weight: the same on the rendered alpha per pixel (a crisp silhouette; threestudio's
+            ``lambda_opaque``), from ``alpha_entropy_from`` of the run on (ramped in over a tenth of
+            the run; ``coarse.alpha_entropy_weight``).
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
             0 disables. Large splats bridge holes and blur the surface. Measured on the cpu preset without
             densification (docs/benchmarks.md, session 6): 0.08 opens a torus's hole, and costs the pyramid,
@@ -179,6 +181,7 @@ class CoarseConfig:
     renderer: str = "auto"
     opacity_entropy_weight: float = 0.0
     alpha_entropy_weight: float = 0.0
+    alpha_entropy_from: float = 0.0
     max_scale: float = 0.0
     opacity_reset_every: int = 0
     background: str = "solid"
