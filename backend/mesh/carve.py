@@ -79,7 +79,7 @@ class CarveViews:
 def carve_views_for(coarse_config) -> CarveViews | None:
     """The :class:`CarveViews` of a ``CoarseConfig`` (its camera ranges), or None when its
     ``fill_unseen`` is off."""
-    if not getattr(coarse_config, "fill_unseen", False):
+    if not coarse_config.fill_unseen:
         return None
     d_lo, d_hi = (float(x) for x in coarse_config.distance_range)
     f_lo, f_hi = (float(x) for x in coarse_config.fovy_range)

@@ -64,7 +64,7 @@ def alpha_entropy_weight(config, ratio: float) -> float:
     Starting late lets the shape change its topology first (a torus's hole opens through half-covered
     pixels, which the entropy term would hold at 0 or 1) and then makes its silhouette crisp."""
     full = float(config.alpha_entropy_weight)
-    start = float(getattr(config, "alpha_entropy_from", 0.0))
+    start = float(config.alpha_entropy_from)
     if full <= 0 or ratio < start:
         return 0.0
     return full * min(1.0, (ratio - start) / 0.1) if start > 0 else full

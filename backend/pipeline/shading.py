@@ -54,7 +54,7 @@ def sample_shading(cameras: Cameras, config, generator: torch.Generator | None =
     """Draw a light and a mode per camera from a ``ShadingConfig`` (see the module docstring)."""
     B = len(cameras)
     u = torch.rand(B, 3, generator=generator)
-    frame = getattr(config, "light_frame", "camera")
+    frame = config.light_frame
     if frame == "world":
         base = orbit_position(torch.tensor([float(config.world_light_azimuth)]),
                               torch.tensor([float(config.world_light_elevation)]), torch.ones(1))
