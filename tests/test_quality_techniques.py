@@ -23,6 +23,7 @@ from backend.pipeline.shading import (
     apply_shading,
     depth_normals,
     face_normals_image,
+    normal_smoothness,
     sample_shading,
 )
 from backend.schedule import dreamtime_prior, dreamtime_timestep
@@ -462,3 +463,85 @@ def test_fine_stage_takes_its_own_sds_form(tiny_pixel):
     assert seen[-1].sds_form == "multistep" and seen[-1].t_max == 0.5 and g.config.sds_form == "eps"
     fine_loss_fn(g, FineConfig(sds_form=None, t_max=None, cfg_scale=None))
     assert len(seen) == 1  # nothing to change: the guidance's own form
+
+
+def _plane_depth(cams, normal, offset, bump=0.0):
+    """(1, 1, H, W) camera-space depth of the plane n·P = offset seen by ``cams`` (one camera), plus a
+    bump of ``bump`` world units in the middle of the image."""
+    H, W = cams.height, cams.width
+    K = cams.Ks[0]
+    jj, ii = torch.meshgrid(torch.arange(W) + 0.5, torch.arange(H) + 0.5, indexing="xy")
+    rays = torch.stack([(jj - K[0, 2]) / K[0, 0], (ii - K[1, 2]) / K[1, 1], torch.ones_like(jj)], dim=0)
+    depth = offset / (torch.tensor(normal).view(3, 1, 1) * rays).sum(0)
+    r2 = ((jj - W / 2) ** 2 + (ii - H / 2) ** 2) / (W / 6) ** 2
+    return (depth + bump * torch.exp(-r2)).view(1, 1, H, W)
+
+
+def test_normal_smoothness_is_zero_on_a_plane_whatever_its_silhouette_and_grows_with_a_bump():
+    cams = orbit_cameras([30.0], [20.0], 3.0, 40.0, width=32)
+    yy, xx = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    alpha = (((xx - 16) ** 2 + (yy - 16) ** 2) < 12 ** 2).float().view(1, 1, 32, 32)  # a disc of surface
+    plane = _plane_depth(cams, (0.2, -0.3, 0.93), 3.0)
+    flat = normal_smoothness(depth_normals(plane, alpha, cams), alpha)
+    assert float(flat) < 1e-8  # the disc's edge (normals fall back to the view) is not counted
+    bumped = _plane_depth(cams, (0.2, -0.3, 0.93), 3.0, bump=-0.3).requires_grad_(True)
+    rough = normal_smoothness(depth_normals(bumped, alpha, cams), alpha)
+    assert float(rough.detach()) > 1e-3
+    rough.backward()
+    assert bumped.grad is not None and bumped.grad.abs().sum() > 0  # the gradient reaches the depth
+
+
+def test_capped_normal_smoothness_does_not_ask_to_bridge_an_occlusion_edge():
+    """With ``cap`` (the weak membrane) a depth jump inside the silhouette, where a near part hides a
+    far one, costs a constant and sends (almost) no gradient; the plain square pulls at it."""
+    cams = orbit_cameras([30.0], [20.0], 3.0, 40.0, width=32)
+    alpha = torch.ones(1, 1, 32, 32)
+    depth = torch.full((1, 1, 32, 32), 3.0)
+    depth[..., 16:] = 3.6  # the right half lies 0.6 behind the left
+
+    def gradient(cap: float) -> float:
+        d = depth.clone().requires_grad_(True)
+        normal_smoothness(depth_normals(d, alpha, cams), alpha, cap=cap).backward()
+        assert d.grad is not None
+        return float(d.grad.abs().sum())
+
+    plain, capped = gradient(0.0), gradient(0.25)
+    assert plain > 0.1 and capped < 0.01 * plain, (plain, capped)  # measured: 0.95 and 0.0012
+
+
+def test_normal_smoothness_alone_flattens_a_lumpy_surface_of_gaussians():
+    """threestudio's ``lambda_normal_smooth`` on the Gaussians' depth normals: with no other loss, the
+    term moves the Gaussians so the surface they render is smoother; with no weight nothing changes."""
+    cams = orbit_cameras(torch.tensor([0.0, 120.0, 240.0]), torch.full((3,), 20.0), width=24)
+
+    def roughness(model) -> float:
+        with torch.no_grad():
+            out = model.render(cams, torch.zeros(3))
+            return float(normal_smoothness(depth_normals(out.depth, out.alpha, cams), out.alpha))
+
+    def run(weight: float):
+        cfg = CoarseConfig(steps=40, batch_size=2, num_points=300, render_resolution=24, render_resolution_end=24,
+                           preview_every=0, densify_from=2.0, init_opacity=0.6, init_scale=0.05,
+                           normal_smooth_weight=weight, lr_means=5e-3, lr_means_end=5e-3, renderer="torch")
+        start = GaussianModel.init_random(300, 0.5, "shell", 0.05, 0.6, torch.Generator().manual_seed(1))
+        with torch.no_grad():  # a lumpy shell: radii jittered by ±15 %
+            means = start.params["means"]
+            means.mul_(1.0 + 0.15 * (2 * torch.rand(len(means), 1, generator=torch.Generator().manual_seed(2)) - 1))
+        before = roughness(start)
+        res = run_coarse_stage(lambda im, c, bg, r: im.sum() * 0.0, cfg, generator=torch.Generator().manual_seed(0),
+                               init=start)
+        return before, roughness(res.gaussians)
+
+    before, after = run(10.0)
+    assert after < 0.8 * before, (before, after)
+    before, unchanged = run(0.0)
+    assert unchanged == pytest.approx(before, rel=1e-3)
+
+
+def test_normal_smoothness_starts_late_and_ramps_in_like_the_alpha_entropy():
+    from backend.pipeline.coarse import normal_smooth_weight
+
+    late = CoarseConfig(normal_smooth_weight=100.0, normal_smooth_from=0.3)
+    assert [normal_smooth_weight(late, r) for r in (0.0, 0.29, 0.35, 0.4, 1.0)] == pytest.approx([0, 0, 50, 100, 100])
+    assert normal_smooth_weight(CoarseConfig(normal_smooth_weight=100.0), 0.0) == 100.0
+    assert normal_smooth_weight(CoarseConfig(), 0.5) == 0.0

@@ -31,7 +31,7 @@ from backend.pipeline.background import EnvironmentBackground, composite_backgro
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.losslog import LossLog
 from backend.pipeline.presets import CoarseConfig, ShadingConfig
-from backend.pipeline.shading import apply_shading, depth_normals, sample_shading
+from backend.pipeline.shading import apply_shading, depth_normals, normal_smoothness, sample_shading
 from backend.schedule import anneal, step_ratio
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,27 @@ def binary_entropy(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return -(p * p.log() + (1.0 - p) * (1.0 - p).log()).mean()
 
 
-def alpha_entropy_weight(config, ratio: float) -> float:
-    """The weight of the rendered alpha's entropy at ``ratio`` of the run (threestudio's ``lambda_opaque``):
-    0 before ``alpha_entropy_from``, then a linear ramp over a tenth of the run to ``alpha_entropy_weight``.
-    Starting late lets the shape change its topology first (a torus's hole opens through half-covered
-    pixels, which the entropy term would hold at 0 or 1) and then makes its silhouette crisp."""
-    full = float(config.alpha_entropy_weight)
-    start = float(config.alpha_entropy_from)
+def ramped_weight(full: float, start: float, ratio: float) -> float:
+    """A regulariser's weight at ``ratio`` of the run: 0 before ``start``, then a linear ramp over a
+    tenth of the run to ``full`` (``full`` from the first step when ``start`` is 0)."""
+    full, start = float(full), float(start)
     if full <= 0 or ratio < start:
         return 0.0
     return full * min(1.0, (ratio - start) / 0.1) if start > 0 else full
+
+
+def alpha_entropy_weight(config, ratio: float) -> float:
+    """The weight of the rendered alpha's entropy at ``ratio`` of the run (threestudio's ``lambda_opaque``;
+    ``ramped_weight`` from ``alpha_entropy_from``). Starting late lets the shape change its topology first
+    (a torus's hole opens through half-covered pixels, which the entropy term would hold at 0 or 1) and
+    then makes its silhouette crisp."""
+    return ramped_weight(config.alpha_entropy_weight, config.alpha_entropy_from, ratio)
+
+
+def normal_smooth_weight(config, ratio: float) -> float:
+    """The weight of the depth normals' smoothness at ``ratio`` of the run (threestudio's
+    ``lambda_normal_smooth``; ``ramped_weight`` from ``normal_smooth_from``)."""
+    return ramped_weight(config.normal_smooth_weight, config.normal_smooth_from, ratio)
 
 
 def render_resolution(config, ratio: float) -> int:
@@ -156,9 +167,12 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
                                retain_means2d=densifying)
             images, bg = composite_backgrounds(out.image, out.alpha, environment(cams), colours.to(device),
                                                use_random.to(device))
-        if shading is not None:
-            draw = sample_shading(cams, shading, generator)
+        smooth_weight = normal_smooth_weight(config, ratio)
+        normals = None
+        if shading is not None or smooth_weight > 0:
             normals = depth_normals(out.depth, out.alpha, cams)
+        if shading is not None and normals is not None:
+            draw = sample_shading(cams, shading, generator)
             images = apply_shading(images, out.alpha, bg, normals, draw, shading.ambient, shading.diffuse)
         if bg.dim() == 4:
             bg = bg.mean(dim=(2, 3))  # the loss type's (B, 3) backgrounds
@@ -168,6 +182,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         alpha_weight = alpha_entropy_weight(config, ratio)
         if alpha_weight > 0:
             loss = loss + alpha_weight * binary_entropy(out.alpha)
+        if smooth_weight > 0 and normals is not None:
+            loss = loss + smooth_weight * normal_smoothness(normals, out.alpha, cap=config.normal_smooth_cap)
         optimizer.zero_grad(set_to_none=True)
         if env_optimizer is not None:
             env_optimizer.zero_grad(set_to_none=True)

@@ -123,6 +123,12 @@ class CoarseConfig:
             the run; ``coarse.alpha_entropy_weight()``). Measured on the cpu preset (docs/benchmarks.md,
             session 8): 300 from 0.25 makes cylinders and cubes boxier (+0.02 to +0.07 IoU) but costs
             cones 0.03 and films one torus hole in six; from the start it films every torus. Off.
+        normal_smooth_weight: weight of the smoothness of the rendered depth normals (threestudio's
+            ``lambda_normal_smooth``: the mean squared difference of neighbouring pixels' normals;
+            ``shading.normal_smoothness``), from ``normal_smooth_from`` of the run on (ramped in over a
+            tenth of the run like the alpha entropy); 0 disables. ``normal_smooth_cap`` > 0 truncates
+            each pair's squared difference there (edge-preserving: creases and occlusion edges cost a
+            constant), 0 leaves the plain square.
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
             0 disables. Large splats bridge holes and blur the surface. Measured on the cpu preset without
             densification (docs/benchmarks.md, session 6): 0.08 opens a torus's hole, and costs the pyramid,
@@ -185,6 +191,9 @@ class CoarseConfig:
     opacity_entropy_weight: float = 0.0
     alpha_entropy_weight: float = 0.0
     alpha_entropy_from: float = 0.0
+    normal_smooth_weight: float = 0.0
+    normal_smooth_from: float = 0.0
+    normal_smooth_cap: float = 0.0
     max_scale: float = 0.0
     opacity_reset_every: int = 0
     background: str = "solid"

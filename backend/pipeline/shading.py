@@ -76,6 +76,45 @@ def sample_shading(cameras: Cameras, config, generator: torch.Generator | None =
     return ShadingDraw(F.normalize(lights, dim=-1).to(dev), modes.to(dev))
 
 
+def covered_pixels(alpha: torch.Tensor, min_alpha: float = 0.5) -> torch.Tensor:
+    """(B, 1, H, W) bool: the pixel and its four neighbours are more than ``min_alpha`` covered, so a
+    central-difference depth normal there sees only surface (``alpha``: (B, 1, H, W); no gradient)."""
+    ap = F.pad(alpha.detach(), (1, 1, 1, 1), mode="constant", value=0.0)
+    return (ap[:, :, 1:-1, 1:-1] > min_alpha) & (ap[:, :, 1:-1, 2:] > min_alpha) & \
+        (ap[:, :, 1:-1, :-2] > min_alpha) & (ap[:, :, 2:, 1:-1] > min_alpha) & (ap[:, :, :-2, 1:-1] > min_alpha)
+
+
+def normal_smoothness(normals: torch.Tensor, alpha: torch.Tensor, min_alpha: float = 0.5,
+                      cap: float = 0.0) -> torch.Tensor:
+    """Mean squared difference between the unit normals of horizontally and vertically neighbouring
+    pixels, over pairs where both pixels are covered (``covered_pixels``); a scalar, 0 for a plane.
+
+    threestudio's 2D normal-smoothness loss (``lambda_normal_smooth``, used with DreamFusion-style
+    systems; the same term regularises Gaussian normals in GaussianShader, Jiang et al. 2024). On the
+    depth normals of the Gaussians (``depth_normals``) it sends its gradient to their positions, so
+    a face SDS left dented or bulging is pulled flat. Pairs that cross the silhouette are left out:
+    there the normal falls back to the view direction, which is not a surface's.
+
+    ``cap`` > 0 truncates each pair's squared difference at ``cap`` (Blake & Zisserman's weak membrane,
+    "Visual Reconstruction", 1987): a pair across a crease or an occlusion edge inside the silhouette
+    (the back of a ring seen past its front, a handle in front of a body) costs a
+    constant and sends no gradient, so the term flattens faces without asking to bridge depth jumps
+    with a film. The squared difference of unit normals is 2 − 2 cos θ (θ the angle between them):
+    0.27 at 30°, 0.59 at 45°.
+
+    Args:
+        normals: (B, 3, H, W) unit normals (any frame); alpha: (B, 1, H, W) coverage.
+    """
+    ok = covered_pixels(alpha, min_alpha).to(normals.dtype)
+    dx = (normals[..., :, 1:] - normals[..., :, :-1]).square().sum(1, keepdim=True)
+    dy = (normals[..., 1:, :] - normals[..., :-1, :]).square().sum(1, keepdim=True)
+    if cap > 0:
+        dx, dy = dx.clamp(max=cap), dy.clamp(max=cap)
+    mx = ok[..., :, 1:] * ok[..., :, :-1]
+    my = ok[..., 1:, :] * ok[..., :-1, :]
+    return ((dx * mx).sum() + (dy * my).sum()) / (mx.sum() + my.sum()).clamp(min=1.0)
+
+
 def depth_normals(depth: torch.Tensor, alpha: torch.Tensor, cameras: Cameras,
                   min_alpha: float = 0.5) -> torch.Tensor:
     """World-frame unit normals (B, 3, H, W) of an expected-depth map (see the module docstring).
@@ -99,10 +138,7 @@ def depth_normals(depth: torch.Tensor, alpha: torch.Tensor, cameras: Cameras,
     dy = (Pp[:, :, 2:, 1:-1] - Pp[:, :, :-2, 1:-1]) * 0.5
     n = torch.cross(dx, dy, dim=1)
     view = F.normalize(P.detach(), dim=1, eps=1e-8)
-    ap = F.pad(alpha.detach(), (1, 1, 1, 1), mode="constant", value=0.0)
-    covered = (ap[:, :, 1:-1, 1:-1] > min_alpha) & (ap[:, :, 1:-1, 2:] > min_alpha) & \
-              (ap[:, :, 1:-1, :-2] > min_alpha) & (ap[:, :, 2:, 1:-1] > min_alpha) & (ap[:, :, :-2, 1:-1] > min_alpha)
-    ok = covered & (n.detach().norm(dim=1, keepdim=True) > 1e-12)
+    ok = covered_pixels(alpha, min_alpha) & (n.detach().norm(dim=1, keepdim=True) > 1e-12)
     n = torch.where(ok, F.normalize(n, dim=1, eps=1e-12), -view)
     facing = (n * view).sum(1, keepdim=True)
     n = torch.where(facing > 0, -n, n)  # towards the camera
