@@ -97,10 +97,11 @@ def normal_smoothness(normals: torch.Tensor, alpha: torch.Tensor, min_alpha: flo
 
     ``cap`` > 0 truncates each pair's squared difference at ``cap`` (Blake & Zisserman's weak membrane,
     "Visual Reconstruction", 1987): a pair across a crease or an occlusion edge inside the silhouette
-    (the back of a ring seen past its front, a handle in front of a body) costs a
-    constant and sends no gradient, so the term flattens faces without asking to bridge depth jumps
-    with a film. The squared difference of unit normals is 2 − 2 cos θ (θ the angle between them):
-    0.27 at 30°, 0.59 at 45°.
+    (the back of a ring seen past its front, a handle in front of a body) costs a constant and sends
+    no gradient, so the term flattens faces without asking to bridge depth jumps. The squared
+    difference of unit normals is 2 − 2 cos θ (θ the angle between them): 0.27 at 30°, 0.59 at 45°.
+    Measured on the cpu preset (docs/benchmarks.md, session 9): the cap does not keep a torus's hole
+    from filming over when the term runs from the start; a late start does.
 
     Args:
         normals: (B, 3, H, W) unit normals (any frame); alpha: (B, 1, H, W) coverage.
