@@ -18,6 +18,10 @@ Encoding ``"orbit-sincos"`` (dim 4): ``(sin az, cos az, sin el, cos el)`` per vi
 and elevation of ``backend.gaussians.cameras`` (world frame: Blender's, +Z up, the object's front
 faces −Y; azimuth about +Z from the front, +90° at +X; elevation above the XY plane). Distance and
 field of view are left out: they only scale the object in the image.
+
+Encoding ``"orbit-fourier4"`` (dim 10): ``(sin k·az, cos k·az)`` for k = 1..4, then ``(sin el, cos el)``
+(``orbit_fourier``): the same angles with the azimuth's harmonics up to the fourth, so an object's
+four-fold symmetry (a box seen at yaw 0° and 90°) is one feature away for the embedding.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ import torch
 CAMERA_CONDITIONING_FILE = "camera_conditioning.json"
 
 #: Known encodings → vector length.
-ENCODINGS = {"orbit-sincos": 4}
+ENCODINGS = {"orbit-sincos": 4, "orbit-fourier4": 10}
+
+#: Azimuth harmonics of ``"orbit-fourier4"``: sin/cos of k·azimuth for k = 1..4.
+FOURIER_HARMONICS = 4
 
 
 def orbit_sincos(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torch.Tensor:
@@ -41,11 +48,35 @@ def orbit_sincos(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torc
     return torch.stack([az.sin(), az.cos(), el.sin(), el.cos()], dim=-1)
 
 
+def orbit_fourier(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor,
+                  harmonics: int = FOURIER_HARMONICS) -> torch.Tensor:
+    """(B, 2 * harmonics + 2) float32 ``(sin az, cos az, sin 2az, cos 2az, …, sin el, cos el)`` for (B,)
+    angles in degrees: the azimuth's Fourier features (the positional encoding of NeRF, Mildenhall et
+    al. 2020; Tancik et al. 2020 show why a small MLP learns a high-frequency function of its input
+    only when it is given such features). An object with n-fold symmetry about +Z looks the same at
+    azimuths a and a + 360°/n, so what a view shows of it is a function of the n-th harmonic; with the
+    first harmonic alone the embedding MLP has to synthesise that frequency itself."""
+    az = torch.deg2rad(azimuth_deg.float().reshape(-1))
+    el = torch.deg2rad(elevation_deg.float().reshape(-1))
+    k = torch.arange(1, harmonics + 1, dtype=torch.float32)
+    kaz = az[:, None] * k[None, :]
+    feats = torch.stack([kaz.sin(), kaz.cos()], dim=-1).reshape(az.shape[0], 2 * harmonics)
+    return torch.cat([feats, torch.stack([el.sin(), el.cos()], dim=-1)], dim=-1)
+
+
 def encode_cameras(encoding: str, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torch.Tensor:
     """(B, ENCODINGS[encoding]) camera vectors for (B,) azimuths/elevations in degrees."""
     if encoding == "orbit-sincos":
         return orbit_sincos(azimuth_deg, elevation_deg)
+    if encoding == "orbit-fourier4":
+        return orbit_fourier(azimuth_deg, elevation_deg)
     raise ValueError(f"unknown camera encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
+
+
+_INPUTS = {
+    "orbit-sincos": "sin(azimuth), cos(azimuth), sin(elevation), cos(elevation)",
+    "orbit-fourier4": "sin(k azimuth), cos(k azimuth) for k = 1..4, then sin(elevation), cos(elevation)",
+}
 
 
 def declaration(encoding: str) -> dict:
@@ -55,7 +86,7 @@ def declaration(encoding: str) -> dict:
     return {
         "encoding": encoding,
         "dim": ENCODINGS[encoding],
-        "inputs": "sin(azimuth), cos(azimuth), sin(elevation), cos(elevation)",
+        "inputs": _INPUTS[encoding],
         "frame": "world +Z up, object front faces -Y; azimuth about +Z from the front (+90 deg at +X), "
                  "elevation above the XY plane (backend.gaussians.cameras)",
         "unet": "class_embed_type='projection': the vector is embedded and added to the timestep embedding "

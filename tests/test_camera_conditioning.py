@@ -163,3 +163,65 @@ def test_training_refuses_to_resume_after_the_camera_phase_with_a_camera(tmp_pat
         train(TrainConfig(camera_encoding="orbit-sincos"), tmp_path / "never", log=lambda *_: None,
               resume=tmp_path / "phase4", resume_phase=5)
     assert not (tmp_path / "never").exists()
+
+
+def test_orbit_fourier4_gives_the_azimuths_harmonics():
+    """sin/cos of k·azimuth for k = 1..4, then the elevation's: a quarter turn changes the first
+    harmonic and leaves the fourth alone (what a four-fold symmetric object looks like)."""
+    v = cc.encode_cameras("orbit-fourier4", torch.tensor([0.0, 90.0, 30.0]), torch.tensor([0.0, 30.0, 90.0]))
+    assert v.shape == (3, cc.ENCODINGS["orbit-fourier4"]) == (3, 10)
+    assert torch.allclose(v[:, 8:], cc.encode_cameras("orbit-sincos", torch.zeros(3),
+                                                      torch.tensor([0.0, 30.0, 90.0]))[:, 2:], atol=1e-6)
+    assert torch.allclose(v[0, 6:8], v[1, 6:8], atol=1e-6)  # k = 4: (sin 0, cos 0) == (sin 360°, cos 360°)
+    assert not torch.allclose(v[0, 0:2], v[1, 0:2], atol=0.5)  # k = 1: a quarter turn apart
+    k = torch.arange(1, 5, dtype=torch.float32) * torch.deg2rad(torch.tensor(30.0))
+    assert torch.allclose(v[2, :8], torch.stack([k.sin(), k.cos()], dim=-1).reshape(-1), atol=1e-6)
+    assert cc.declaration("orbit-fourier4")["dim"] == 10
+
+
+def _train_late(out, resume=None, camera_steps=2):
+    """A tiny run whose camera embedding arrives in phase 6, after a finished text-only phase 5."""
+    from backend.priors.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=1, phase2_steps=1, phase3_steps=1, phase4_steps=1, phase5_steps=1, phase6_steps=camera_steps,
+                      batch=4, warmup=1, phase2_warmup=1, phase3_warmup=1, phase4_warmup=1, phase5_warmup=1,
+                      phase6_warmup=1, camera_encoding="orbit-fourier4", camera_phase=6, views_per_shape=6,
+                      save_every=100, log_every=100)
+    train(cfg, out, log=lambda *_: None, resume=resume, resume_phase=6)
+
+
+def test_a_sixth_phase_adds_the_camera_to_a_finished_model_and_resumes_bit_identically(tmp_path):
+    """``camera_phase`` 6 fine-tunes the finished text-only model (the end of phase 5) with the camera,
+    on phase 5's camera mix; resumed from that model it equals one uninterrupted run. Its
+    ``camera_gap`` is then measurable, while a text-only model's is exactly 0."""
+    from safetensors.torch import load_file
+
+    from backend.priors.evaluate import camera_gap
+
+    torch.set_num_threads(1)
+    _train_late(tmp_path / "whole")
+    _train_late(tmp_path / "text", camera_steps=0)
+    assert load_model(tmp_path / "text").camera_encoding is None
+    _train_late(tmp_path / "resumed", resume=tmp_path / "text")
+    whole = load_model(tmp_path / "whole")
+    assert whole.camera_encoding == "orbit-fourier4"
+    assert whole.unet.class_embedding.linear_2.weight.abs().max() > 0
+    a = load_file(tmp_path / "whole" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    text = camera_gap(tmp_path / "text", shapes=("cube",), images_per_shape=4, bands=((500, 1000),))
+    assert text["encoding"] is None and all(v == r["mse"] for r in text["rows"] for v in r["turned"].values())
+    cam = camera_gap(tmp_path / "whole", shapes=("cube",), images_per_shape=4, bands=((500, 1000),))
+    assert cam["encoding"] == "orbit-fourier4" and len(cam["rows"]) == 1
+    assert any(v != cam["rows"][0]["mse"] for v in cam["rows"][0]["turned"].values())
+
+
+def test_training_refuses_a_camera_phase_that_is_not_a_restart(tmp_path):
+    from backend.priors.train import TrainConfig, train
+
+    for phase in (1, 7):
+        with pytest.raises(ValueError, match="--camera-phase must be 2 to 6"):
+            train(TrainConfig(camera_encoding="orbit-sincos", camera_phase=phase), tmp_path / "never",
+                  log=lambda *_: None)
+    assert not (tmp_path / "never").exists()

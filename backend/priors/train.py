@@ -87,19 +87,28 @@ class TrainConfig:
     phase5_warmup: int = 50
     # phase 5's data: this fraction of the views from 45-85 deg elevation (phases 1-4: HIGH_ELEVATION_FRACTION)
     phase5_high_elevation_fraction: float = 0.4
-    camera_encoding: str = "none"  # "orbit-sincos": phase 4 adds a zero-initialised camera embedding
+    # phase 6 (off by default): one more restart from the EMA on phase 5's camera mix; with a
+    # camera_encoding and camera_phase 6 it fine-tunes a finished text-only model with the camera (MVDream)
+    phase6_steps: int = 0
+    phase6_lr: float = 1.5e-4
+    phase6_warmup: int = 50
+    phase6_t_min: int = 0  # phase 6 draws its timesteps from [phase6_t_min, num_train_timesteps)
+    camera_encoding: str = "none"  # e.g. "orbit-sincos": phase camera_phase adds a zero-initialised camera embedding
+    camera_phase: int = 4  # the phase that adds the camera embedding (MVDream) when camera_encoding is set
 
 
-#: The phase that adds the camera embedding when ``camera_encoding`` is set (MVDream).
+#: The default phase that adds the camera embedding when ``camera_encoding`` is set (MVDream).
 CAMERA_PHASE = 4
+#: The number of phases (``phase_schedule``); a phase of 0 steps is skipped.
+PHASES = 6
 
 
 def phase_schedule(cfg: TrainConfig) -> list[tuple[int, int, float, int, int]]:
-    """(first step, last step, peak lr, warm-up steps, data seed) of phases 1-5; steps count from 1
+    """(first step, last step, peak lr, warm-up steps, data seed) of phases 1-6; steps count from 1
     across phases, so a phase's last step is the sum of its and the earlier phases' lengths."""
     specs = [(cfg.steps, cfg.lr, cfg.warmup), (cfg.phase2_steps, cfg.phase2_lr, cfg.phase2_warmup),
              (cfg.phase3_steps, cfg.phase3_lr, cfg.phase3_warmup), (cfg.phase4_steps, cfg.phase4_lr, cfg.phase4_warmup),
-             (cfg.phase5_steps, cfg.phase5_lr, cfg.phase5_warmup)]
+             (cfg.phase5_steps, cfg.phase5_lr, cfg.phase5_warmup), (cfg.phase6_steps, cfg.phase6_lr, cfg.phase6_warmup)]
     schedule, end = [], 0
     for k, (steps, lr, warmup) in enumerate(specs, start=1):
         schedule.append((end + 1, end + steps, lr, warmup, cfg.seed + k))
@@ -116,8 +125,10 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, resume_phase: int = 2) -> dict:
     if cfg.camera_encoding != "none" and cfg.camera_encoding not in ENCODINGS:  # before hours of phases 1-3
         raise ValueError(f"unknown camera encoding {cfg.camera_encoding!r}; known: none, {', '.join(ENCODINGS)}")
-    if resume is not None and resume_phase > CAMERA_PHASE and cfg.camera_encoding != "none":
-        raise ValueError(f"--resume-phase {resume_phase} with a camera encoding: resume at phase {CAMERA_PHASE} "
+    if cfg.camera_encoding != "none" and not 2 <= cfg.camera_phase <= PHASES:
+        raise ValueError(f"--camera-phase must be 2 to {PHASES} (a restart from a trained model), got {cfg.camera_phase}")
+    if resume is not None and resume_phase > cfg.camera_phase and cfg.camera_encoding != "none":
+        raise ValueError(f"--resume-phase {resume_phase} with a camera encoding: resume at phase {cfg.camera_phase} "
                          "(the phase that adds the camera embedding) or earlier")
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -126,6 +137,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     bank = build_geometry_bank(cfg.views_per_shape, cfg.resolution, seed=cfg.seed)
+    bank_fraction = HIGH_ELEVATION_FRACTION
     log(f"geometry bank {tuple(bank.coverage.shape)} ready in {time.time() - t0:.1f}s")
     with tempfile.TemporaryDirectory() as tmp:
         model = new_model(Path(tmp) / "tokenizer")
@@ -157,7 +169,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     phase = 1
 
     def camera_encoding() -> str | None:
-        return cfg.camera_encoding if phase >= CAMERA_PHASE and cfg.camera_encoding != "none" else None
+        return cfg.camera_encoding if phase >= cfg.camera_phase and cfg.camera_encoding != "none" else None
 
     def checkpoint(step: int) -> None:
         save_model(out, SolidsModel(ema_unet, ema_te, tok, sched, camera_encoding()))
@@ -168,7 +180,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
                  "torch": torch.__version__, "device": str(device)}
         (out / "train_state.json").write_text(json.dumps(state, indent=1) + "\n")
 
-    def run(first: int, last: int, peak_lr: float, warmup: int, g: torch.Generator) -> None:
+    def run(first: int, last: int, peak_lr: float, warmup: int, g: torch.Generator, t_min: int = 0) -> None:
         nonlocal ema_loss
         for step in range(first, last + 1):
             lr = peak_lr * min(1.0, (step - first + 1) / warmup)
@@ -177,7 +189,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
             b = sample_batch(bank, cfg.batch, g, p_empty=cfg.p_empty)
             x0 = (b.images * 2 - 1).to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
-            t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=g).to(device)
+            t = torch.randint(t_min, sched.config.num_train_timesteps, (cfg.batch,), generator=g).to(device)
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             emb = te(ids_for(b.captions))[0]
@@ -235,7 +247,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
         if phase < first_phase or last < first:
             continue
         start_step = first
-        if phase == CAMERA_PHASE and camera_encoding() is not None:  # MVDream: a zero-initialised camera embedding on the trained UNet
+        if phase == cfg.camera_phase and camera_encoding() is not None:  # MVDream: a zero-initialised camera embedding on the trained UNet
             ema_unet = add_camera_conditioning(ema_unet, cfg.camera_encoding, seed=cfg.seed + 4).eval()
             for p in ema_unet.parameters():
                 p.requires_grad_(False)
@@ -247,12 +259,14 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
             unet.load_state_dict(ema_unet.state_dict())
             te.load_state_dict(ema_te.state_dict())
             opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
-        if phase == 5 and cfg.phase5_high_elevation_fraction != HIGH_ELEVATION_FRACTION:
+        fraction = cfg.phase5_high_elevation_fraction if phase >= 5 else HIGH_ELEVATION_FRACTION
+        if fraction != bank_fraction:  # phases 5 and 6 see their own camera mix
             bank = build_geometry_bank(cfg.views_per_shape, cfg.resolution, seed=cfg.seed,
-                                       high_elevation_fraction=cfg.phase5_high_elevation_fraction)
-            log(f"phase 5 data: {cfg.phase5_high_elevation_fraction:.0%} of the views from 45-85 deg elevation")
+                                       high_elevation_fraction=fraction)
+            bank_fraction = fraction
+            log(f"phase {phase} data: {fraction:.0%} of the views from 45-85 deg elevation")
         t_train = time.time()
-        run(first, last, peak, warm, torch.Generator().manual_seed(data_seed))
+        run(first, last, peak, warm, torch.Generator().manual_seed(data_seed), cfg.phase6_t_min if phase == 6 else 0)
         seconds_before += time.time() - t_train
         t_train = time.time()
     log(f"done: {total} steps, final ema_loss {ema_loss:.4f}")
@@ -268,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", type=Path, default=None,
                     help="a model folder saved at the end of phase (--resume-phase - 1): skip the earlier "
                          "phases and continue from it (bit-identical to the uninterrupted run)")
-    ap.add_argument("--resume-phase", type=int, default=2, help="the phase that --resume starts (2 to 5)")
+    ap.add_argument("--resume-phase", type=int, default=2, help=f"the phase that --resume starts (2 to {PHASES})")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(d)})
 
