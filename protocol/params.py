@@ -200,6 +200,8 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     # guidance
     "guidance.model": OverrideSpec("model", help="'auto', a known model name or a Hub id like org/name"),
     "guidance.cfg_scale": _f(0.0, 1000.0, "classifier-free guidance scale"),
+    "guidance.cfg_scale_end": OverrideSpec("float", 0.0, 1000.0, "guidance scale at the end of a run, reached "
+                                           "linearly from cfg_scale (none = constant)", optional=True),
     "guidance.negative_prompt": OverrideSpec("str", help="negative prompt used when the job gives none"),
     "guidance.t_min": _f(0.0, 1.0, "lowest timestep at the start (fraction of training steps)"),
     "guidance.t_max": _f(0.0, 1.0, "highest timestep at the start (fraction)"),

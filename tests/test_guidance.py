@@ -258,3 +258,33 @@ def test_offload_path_gives_the_same_gradient(tiny_models):
         resting = module._conjure_resting
         assert all(t.data.data_ptr() == cpu.data_ptr() for t, cpu in resting.tensors)
     clear_cache()
+
+
+def test_annealed_guidance_scale_reaches_its_end_value(tiny_models):
+    """``cfg_scale_end``: the scale falls linearly from ``cfg_scale``; at a step ratio the SDS gradient is
+    the one a constant guidance of that scale gives (same draws), and the fine stage's own scale stays
+    constant."""
+    from backend.pipeline.fine import fine_loss_fn
+    from backend.pipeline.presets import FineConfig
+
+    annealed = load_guidance(config(tiny_models["pixel"], cfg_scale=20.0, cfg_scale_end=5.0), "cpu")
+    assert [annealed.cfg_scale_at(r) for r in (0.0, 0.5, 1.0)] == pytest.approx([20.0, 12.5, 5.0])
+    images = torch.rand(2, 3, 32, 32)
+    az, el = torch.tensor([0.0, 90.0]), torch.tensor([10.0, 30.0])
+    grads = []
+    for g in (annealed, annealed.with_config(cfg_scale=12.5, cfg_scale_end=None)):
+        g.set_prompt("a red cube")
+        x = images.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        g.sds_loss(x, az, el, 0.5).backward()
+        grads.append(x.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    plain = annealed.with_config(cfg_scale_end=None)
+    plain.set_prompt("a red cube")
+    x = images.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    plain.sds_loss(x, az, el, 0.5).backward()
+    assert not torch.allclose(grads[0], x.grad, atol=1e-6)  # 20 is not 12.5
+    fine = fine_loss_fn(annealed, FineConfig(cfg_scale=30.0))
+    used = [c.cell_contents for c in fine.__closure__ or () if hasattr(c.cell_contents, "cfg_scale_at")]
+    assert [g.cfg_scale_at(r) for g in used for r in (0.0, 1.0)] == [30.0, 30.0]

@@ -188,10 +188,19 @@ class DiffusionGuidance(Guidance):
             return None
         return encode_cameras(encoding, azimuth_deg.detach(), elevation_deg.detach()).to(self.device, self.bundle.dtype)
 
+    def cfg_scale_at(self, step_ratio: float) -> float:
+        """The classifier-free guidance scale at ``step_ratio``: ``cfg_scale``, or annealed linearly
+        from it to ``cfg_scale_end`` over the run when that is set."""
+        c = self.config
+        if c.cfg_scale_end is None:
+            return float(c.cfg_scale)
+        return anneal(float(c.cfg_scale), float(c.cfg_scale_end), step_ratio, "linear")
+
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                      camera: torch.Tensor | None = None) -> torch.Tensor:
+                      camera: torch.Tensor | None = None, cfg_scale: float | None = None) -> torch.Tensor:
         """CFG noise prediction (B, C, h, w) float32 for noisy inputs ``z_t`` at timesteps ``t``;
-        ``camera`` (B, D): the views' camera vectors for a camera-conditioned model (both passes)."""
+        ``camera`` (B, D): the views' camera vectors for a camera-conditioned model (both passes);
+        ``cfg_scale``: the guidance scale (None: the config's ``cfg_scale``)."""
         B = z_t.shape[0]
         unet = self.bundle.unet
         dtype = self.bundle.dtype
@@ -212,7 +221,8 @@ class DiffusionGuidance(Guidance):
         elif ptype != "epsilon":
             raise GuidanceError(f"unsupported prediction_type {ptype!r}")
         eps_cond, eps_uncond = out.chunk(2)
-        return eps_uncond + self.config.cfg_scale * (eps_cond - eps_uncond)
+        scale = self.config.cfg_scale if cfg_scale is None else cfg_scale
+        return eps_uncond + scale * (eps_cond - eps_uncond)
 
     def x0_estimate(self, z_t: torch.Tensor, t: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
         """The one-step denoised estimate (B, C, h, w) of ``z_t`` at timesteps ``t`` (B,) given its noise
@@ -222,7 +232,7 @@ class DiffusionGuidance(Guidance):
         return x0 if self.is_latent else x0.clamp(-1.0, 1.0)
 
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, eps_hat: torch.Tensor, cond: torch.Tensor,
-                camera: torch.Tensor | None, steps: int) -> torch.Tensor:
+                camera: torch.Tensor | None, steps: int, cfg_scale: float | None = None) -> torch.Tensor:
         """Deterministic DDIM (eta 0; Song et al. 2021) from ``z_t`` at timesteps ``t`` (B,) down to a clean
         sample (B, C, h, w) in ``steps`` evenly spaced steps per view; ``eps_hat`` is the CFG noise
         prediction already made at ``t`` (reused as the first step's). Used by ``sds_form="multistep"``."""
@@ -235,7 +245,7 @@ class DiffusionGuidance(Guidance):
             t_k = (t.float() * (1.0 - k / steps)).round().long().clamp_min(1)
             a_next = self.bundle.alphas_cumprod[t_k].view(-1, 1, 1, 1)
             x = a_next.sqrt() * x0 + (1.0 - a_next).sqrt() * eps
-            eps = self.predict_noise(x, t_k, cond, camera)
+            eps = self.predict_noise(x, t_k, cond, camera, cfg_scale)
         return self.x0_estimate(x, t_k, eps)
 
     def sds_loss(self, images: torch.Tensor, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor,
@@ -261,9 +271,10 @@ class DiffusionGuidance(Guidance):
                 noise = torch.randn_like(z)
                 a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
                 z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
-                eps_hat = self.predict_noise(z_t, t, cond, camera)
+                scale = self.cfg_scale_at(step_ratio)
+                eps_hat = self.predict_noise(z_t, t, cond, camera, scale)
                 if self.config.sds_form == "multistep":
-                    x0 = self.denoise(z_t, t, eps_hat, cond, camera, int(self.config.denoise_steps))
+                    x0 = self.denoise(z_t, t, eps_hat, cond, camera, int(self.config.denoise_steps), scale)
                     grad = float(self.config.x0_weight) * (z.detach() - x0)
                 elif self.config.sds_form == "x0":
                     grad = float(self.config.x0_weight) * (z.detach() - self.x0_estimate(z_t, t, eps_hat))

@@ -397,8 +397,8 @@ def fine_loss_fn(guidance, cfg: FineConfig) -> LossFn:
         changes.update(t_max=float(cfg.t_max), t_max_end=min(float(g.t_max_end), float(cfg.t_max)),
                        t_min=min(float(g.t_min), float(cfg.t_max)),
                        t_min_end=min(float(g.t_min_end), float(cfg.t_max)))
-    if cfg.cfg_scale is not None:
-        changes["cfg_scale"] = float(cfg.cfg_scale)
+    if cfg.cfg_scale is not None:  # the fine stage's own scale is constant
+        changes.update(cfg_scale=float(cfg.cfg_scale), cfg_scale_end=None)
     if cfg.sds_form is not None:
         changes["sds_form"] = str(cfg.sds_form)
     if changes:

@@ -37,6 +37,11 @@ class GuidanceConfig:
         model: "auto" (SD 2.1-base with CUDA, the bundled CPU prior otherwise), a hub id or a
             local folder in the diffusers pipeline layout.
         cfg_scale: classifier-free guidance scale (DreamFusion-style SDS uses ~100 for SD).
+        cfg_scale_end: when set, the scale falls linearly from ``cfg_scale`` at the start of a run to
+            this at its end (None: constant). High guidance is mode-seeking and exaggerates a
+            shape's salient features (DreamFusion §3.2, Poole et al. 2022; the over-saturation and
+            over-smoothing ProlificDreamer, Wang et al. 2023, attributes to it); a lower scale late in
+            the run lets the detail settle once the shape is there.
         negative_prompt: used when the job gives none.
         t_min, t_max: timestep range as fractions of the training timesteps at the start of the run;
         t_min_end, t_max_end: the same at the end of the run; t_anneal: schedule kind between them.
@@ -64,6 +69,7 @@ class GuidanceConfig:
 
     model: str = "auto"
     cfg_scale: float = 100.0
+    cfg_scale_end: float | None = None
     negative_prompt: str = ""
     t_min: float = 0.02
     t_max: float = 0.98
