@@ -272,6 +272,10 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.normal_smooth_weight": _f(0.0, 1e6, "weight of the rendered depth normals' smoothness"),
     "coarse.normal_smooth_from": _f(0.0, 1.0, "fraction of the run from which the normal smoothness applies"),
     "coarse.normal_smooth_cap": _f(0.0, 4.0, "truncate the normal smoothness per pixel pair here (0 = plain square)"),
+    "coarse.normal_smooth_views": _i(0, 16, "extra views from below per step that only the normal smoothness sees"),
+    "coarse.normal_smooth_elevation_range": _pair(-90.0, 90.0, "elevation low,high of those views (degrees)"),
+    "coarse.normal_smooth_views_max_nz": _f(-1.0, 1.0, "those views smooth only pixels whose world normal z is at "
+                                             "most this (1 = all)"),
     "coarse.max_scale": _f(0.0, 100.0, "clamp each Gaussian's std to this after every step (0 = off; world units)"),
     "coarse.fill_unseen": _b("mesh as solid what none of the stage's cameras saw empty (space carving)"),
     "coarse.stratified_azimuth": _b("each step's cameras one from each equal arc of azimuth (all sides every step)"),

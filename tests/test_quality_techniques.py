@@ -525,15 +525,51 @@ def test_normal_smoothness_alone_flattens_a_lumpy_surface_of_gaussians():
             out = model.render(_THREE_VIEWS, torch.zeros(3))
             return float(normal_smoothness(depth_normals(out.depth, out.alpha, _THREE_VIEWS), out.alpha))
 
-    def lumpy_shell() -> GaussianModel:
-        shell = GaussianModel.init_random(300, 0.5, "shell", 0.05, 0.6, torch.Generator().manual_seed(1))
-        with torch.no_grad():  # radii jittered by ±15 %
-            jitter = 2 * torch.rand(len(shell), 1, generator=torch.Generator().manual_seed(2)) - 1
-            shell.params["means"].mul_(1.0 + 0.15 * jitter)
-        return shell
-
     lrs = dict(lr_means=5e-3, lr_means_end=5e-3)
-    before, after = _regulariser_alone(roughness, lumpy_shell, 40, normal_smooth_weight=10.0, **lrs)
+    before, after = _regulariser_alone(roughness, _lumpy_shell, 40, normal_smooth_weight=10.0, **lrs)
     assert after < 0.8 * before, (before, after)  # measured: 0.168 -> 0.042
-    before, unchanged = _regulariser_alone(roughness, lumpy_shell, 40, normal_smooth_weight=0.0, **lrs)
+    before, unchanged = _regulariser_alone(roughness, _lumpy_shell, 40, normal_smooth_weight=0.0, **lrs)
     assert unchanged == pytest.approx(before, rel=1e-3)
+
+
+def _lumpy_shell() -> GaussianModel:
+    """A shell of 300 Gaussians of radius 0.5 whose radii are jittered by ±15 %."""
+    shell = GaussianModel.init_random(300, 0.5, "shell", 0.05, 0.6, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        jitter = 2 * torch.rand(len(shell), 1, generator=torch.Generator().manual_seed(2)) - 1
+        shell.params["means"].mul_(1.0 + 0.15 * jitter)
+    return shell
+
+
+def test_views_from_below_smooth_the_underside_the_guidance_never_sees():
+    """``normal_smooth_views``: with the guidance's cameras high above (60-80 deg), the normal
+    smoothness alone leaves the shell's underside as lumpy as it was; extra views from below, seen
+    only by the regulariser, smooth it too."""
+    below = orbit_cameras([0.0, 120.0, 240.0], [-50.0, -50.0, -50.0], 3.0, 40.0, width=32)
+
+    def underside_roughness(model) -> float:
+        with torch.no_grad():
+            out = model.render(below, torch.zeros(3))
+            return float(normal_smoothness(depth_normals(out.depth, out.alpha, below), out.alpha))
+
+    common = dict(normal_smooth_weight=10.0, lr_means=5e-3, lr_means_end=5e-3, elevation_range=(60.0, 80.0))
+    before, unseen = _regulariser_alone(underside_roughness, _lumpy_shell, 40, **common)
+    _, seen = _regulariser_alone(underside_roughness, _lumpy_shell, 40, normal_smooth_views=2, **common)
+    assert seen < 0.7 * unseen, (before, unseen, seen)
+
+
+def test_the_views_from_below_can_keep_only_surface_that_faces_down():
+    """``normal_smooth_views_max_nz``: those views' term counts only pixels whose world normal's z is at
+    most this, so at -1 nothing is left, and at 0 less than with every pixel."""
+    from backend.pipeline.coarse import underside_smoothness
+
+    shell = _lumpy_shell()
+
+    def term(max_nz: float) -> float:
+        cfg = CoarseConfig(normal_smooth_views=3, normal_smooth_views_max_nz=max_nz, renderer="torch")
+        with torch.no_grad():
+            return float(underside_smoothness(shell, cfg, 32, torch.Generator().manual_seed(0), torch.device("cpu"),
+                                              "torch"))
+
+    every, down, none = term(1.0), term(0.0), term(-1.0)
+    assert every > 0 and none == 0.0 and down != every, (every, down, none)

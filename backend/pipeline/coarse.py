@@ -103,6 +103,24 @@ def _lrs(config, ratio: float) -> dict[str, float]:
     }
 
 
+def underside_smoothness(model: GaussianModel, config: CoarseConfig, resolution: int,
+                         generator: torch.Generator | None, device: torch.device, backend: str) -> torch.Tensor:
+    """The normal smoothness (``shading.normal_smoothness``) of ``config.normal_smooth_views`` extra
+    renders of ``model`` from below: random azimuths, elevations in ``normal_smooth_elevation_range``,
+    the guidance's distances and fields of view, ``resolution`` px. The guidance never sees these
+    views; the term smooths the surface it leaves unshaped (an object's underside)."""
+    cams = sample_cameras(config.normal_smooth_views, resolution, generator,
+                          elevation_range=as_range(config.normal_smooth_elevation_range),
+                          distance_range=as_range(config.distance_range), fovy_range=as_range(config.fovy_range),
+                          device=device)
+    out = model.render(cams, torch.zeros(config.normal_smooth_views, 3, device=device), backend=backend)
+    normals = depth_normals(out.depth, out.alpha, cams)
+    alpha = out.alpha
+    if config.normal_smooth_views_max_nz < 1.0:  # only surface facing down (world +Z up)
+        alpha = alpha * (normals[:, 2:3].detach() <= config.normal_smooth_views_max_nz)
+    return normal_smoothness(normals, alpha, cap=config.normal_smooth_cap)
+
+
 def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | None = None, *,
                      device: torch.device | str = "cpu",
                      generator: torch.Generator | None = None, object_size: float = 1.0,
@@ -184,6 +202,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
             loss = loss + alpha_weight * binary_entropy(out.alpha)
         if smooth_weight > 0 and normals is not None:
             loss = loss + smooth_weight * normal_smoothness(normals, out.alpha, cap=config.normal_smooth_cap)
+        if smooth_weight > 0 and config.normal_smooth_views > 0:
+            loss = loss + smooth_weight * underside_smoothness(model, config, res, generator, device, backend)
         optimizer.zero_grad(set_to_none=True)
         if env_optimizer is not None:
             env_optimizer.zero_grad(set_to_none=True)

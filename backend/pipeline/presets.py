@@ -137,6 +137,14 @@ class CoarseConfig:
             constant), 0 leaves the plain square. Measured on the cpu preset (docs/benchmarks.md,
             session 9): from the start it films every torus hole, with or without the cap; 300 from
             0.5 (on in ``cpu``) smooths away warts and pits and raises the benchmark's IoU passes.
+        normal_smooth_views: extra views per step, from below (``normal_smooth_elevation_range``),
+            that only the normal smoothness sees, while it is on; 0 disables. The guidance's cameras
+            stop at ``elevation_range``'s low end (the prior has seen nothing lower), so nothing shapes
+            an object's underside and it stays as lumpy as the Gaussians started: its lowest bumps
+            set the bounding box, under a base that sits a few voxels higher. A regulariser needs no
+            prior, so it can look where the guidance cannot. ``normal_smooth_views_max_nz`` < 1 keeps
+            only the pixels whose world normal points down (its z at most this) in those views' term:
+            the faces no guidance camera sees face-on, not the walls of a hole seen from below.
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
             0 disables. Large splats bridge holes and blur the surface. Measured on the cpu preset without
             densification (docs/benchmarks.md, session 6): 0.08 opens a torus's hole, and costs the pyramid,
@@ -202,6 +210,9 @@ class CoarseConfig:
     normal_smooth_weight: float = 0.0
     normal_smooth_from: float = 0.0
     normal_smooth_cap: float = 0.0
+    normal_smooth_views: int = 0
+    normal_smooth_elevation_range: tuple[float, float] = (-80.0, -20.0)
+    normal_smooth_views_max_nz: float = 1.0
     max_scale: float = 0.0
     opacity_reset_every: int = 0
     background: str = "solid"
