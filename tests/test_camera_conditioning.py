@@ -217,11 +217,13 @@ def test_a_sixth_phase_adds_the_camera_to_a_finished_model_and_resumes_bit_ident
     assert any(v != cam["rows"][0]["mse"] for v in cam["rows"][0]["turned"].values())
 
 
-def test_training_refuses_a_camera_phase_that_is_not_a_restart(tmp_path):
+def test_training_refuses_a_camera_phase_that_is_not_a_restart_and_timesteps_out_of_range(tmp_path):
     from backend.priors.train import TrainConfig, train
 
     for phase in (1, 7):
         with pytest.raises(ValueError, match="--camera-phase must be 2 to 6"):
             train(TrainConfig(camera_encoding="orbit-sincos", camera_phase=phase), tmp_path / "never",
                   log=lambda *_: None)
+    with pytest.raises(ValueError, match="--phase6-t-min must be 0 to 999"):
+        train(TrainConfig(phase6_steps=10, phase6_t_min=1000), tmp_path / "never", log=lambda *_: None)
     assert not (tmp_path / "never").exists()

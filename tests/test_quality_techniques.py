@@ -422,9 +422,9 @@ def test_multistep_target_is_ddim_and_one_step_is_the_x0_form(tiny_pixel):
     calls = []
     real_predict = g.predict_noise
 
-    def counted(x, tt, c, cam=None):
+    def counted(x, tt, c, cam=None, scale=None):
         calls.append(int(tt[0]))
-        return real_predict(x, tt, c, cam)
+        return real_predict(x, tt, c, cam, scale)
 
     g.predict_noise = counted
     with torch.no_grad():

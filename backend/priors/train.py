@@ -22,7 +22,10 @@ the UNet gains a camera embedding whose output starts at zero and every image is
 view's camera. The bundled model is text-only ("none"): its phase 4 is one more text-only phase
 (2500 steps: cubes and pyramids come out boxier in 3D; 2500 steps of camera conditioning did not
 teach the model the camera; docs/benchmarks.md "Camera conditioning and a longer prior run (session 3)"
-and "Issue 12 — after (session 4)"). No
+and "Issue 12 — after (session 4)"). An optional sixth phase (``phase6_steps``, default 0) restarts once more
+on phase 5's camera mix; with ``--camera-phase 6`` it adds the camera to a finished text-only model
+(session 10: with ``orbit-fourier4`` the model still learnt no yaw, ``evaluate --camera-gap``; docs/benchmarks.md
+"Camera conditioning, again"). No
 phase depends on its own length, so the checkpoint at step k of a phase equals the end of a run whose
 phase has k steps, and ``--resume DIR --resume-phase K`` continues bit-identically from a folder
 saved at the end of phase K-1 (the bundled weights are phase 5 resumed from session 4's 8500-step bundled
@@ -50,7 +53,14 @@ import torch
 from backend.camera_conditioning import ENCODINGS, encode_cameras
 from backend.priors import BUNDLED_PRIOR_DIR
 from backend.priors.data import HIGH_ELEVATION_FRACTION, build_geometry_bank, sample_batch
-from backend.priors.model import RESOLUTION, SolidsModel, add_camera_conditioning, new_model, save_model
+from backend.priors.model import (
+    RESOLUTION,
+    SolidsModel,
+    add_camera_conditioning,
+    make_scheduler,
+    new_model,
+    save_model,
+)
 
 
 @dataclass
@@ -130,6 +140,9 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     if resume is not None and resume_phase > cfg.camera_phase and cfg.camera_encoding != "none":
         raise ValueError(f"--resume-phase {resume_phase} with a camera encoding: resume at phase {cfg.camera_phase} "
                          "(the phase that adds the camera embedding) or earlier")
+    timesteps = make_scheduler().config.num_train_timesteps
+    if not 0 <= cfg.phase6_t_min < timesteps:
+        raise ValueError(f"--phase6-t-min must be 0 to {timesteps - 1}, got {cfg.phase6_t_min}")
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
