@@ -132,16 +132,22 @@ def _train(out, resume=None, camera_steps=3, views=6):
 def test_training_phase_four_adds_the_camera_and_resumes_bit_identically(tmp_path):
     """Phase 4 turns the text-only model camera-conditioned (declaration written, embedding trained
     away from zero); resuming at phase 4 from the end of phase 3 gives the same weights as one run."""
+    _camera_phase_resumes_bit_identically(_train, tmp_path, "orbit-sincos")
+
+
+def _camera_phase_resumes_bit_identically(train_fn, tmp_path, encoding: str) -> None:
+    """``train_fn(out, resume=None, camera_steps=…)`` run whole, text-only (no camera steps) and resumed
+    from the text-only folder: the camera phase is declared and trained, and resuming is bit-identical."""
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
-    _train(tmp_path / "whole")
-    _train(tmp_path / "text", camera_steps=0)
+    train_fn(tmp_path / "whole")
+    train_fn(tmp_path / "text", camera_steps=0)
     assert not (tmp_path / "text" / cc.CAMERA_CONDITIONING_FILE).exists()
     assert load_model(tmp_path / "text").camera_encoding is None
-    _train(tmp_path / "resumed", resume=tmp_path / "text")
+    train_fn(tmp_path / "resumed", resume=tmp_path / "text")
     whole = load_model(tmp_path / "whole")
-    assert whole.camera_encoding == "orbit-sincos"
+    assert whole.camera_encoding == encoding
     assert whole.unet.class_embedding.linear_2.weight.abs().max() > 0
     a = load_file(tmp_path / "whole" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -194,22 +200,9 @@ def test_a_sixth_phase_adds_the_camera_to_a_finished_model_and_resumes_bit_ident
     """``camera_phase`` 6 fine-tunes the finished text-only model (the end of phase 5) with the camera,
     on phase 5's camera mix; resumed from that model it equals one uninterrupted run. Its
     ``camera_gap`` is then measurable, while a text-only model's is exactly 0."""
-    from safetensors.torch import load_file
-
     from backend.priors.evaluate import camera_gap
 
-    torch.set_num_threads(1)
-    _train_late(tmp_path / "whole")
-    _train_late(tmp_path / "text", camera_steps=0)
-    assert load_model(tmp_path / "text").camera_encoding is None
-    _train_late(tmp_path / "resumed", resume=tmp_path / "text")
-    whole = load_model(tmp_path / "whole")
-    assert whole.camera_encoding == "orbit-fourier4"
-    assert whole.unet.class_embedding.linear_2.weight.abs().max() > 0
-    a = load_file(tmp_path / "whole" / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
+    _camera_phase_resumes_bit_identically(_train_late, tmp_path, "orbit-fourier4")
     text = camera_gap(tmp_path / "text", shapes=("cube",), images_per_shape=4, bands=((500, 1000),))
     assert text["encoding"] is None and all(v == r["mse"] for r in text["rows"] for v in r["turned"].values())
     cam = camera_gap(tmp_path / "whole", shapes=("cube",), images_per_shape=4, bands=((500, 1000),))
