@@ -556,6 +556,9 @@ def test_views_from_below_smooth_the_underside_the_guidance_never_sees():
     before, unseen = _regulariser_alone(underside_roughness, _lumpy_shell, 40, **common)
     _, seen = _regulariser_alone(underside_roughness, _lumpy_shell, 40, normal_smooth_views=2, **common)
     assert seen < 0.7 * unseen, (before, unseen, seen)
+    _, weightless = _regulariser_alone(underside_roughness, _lumpy_shell, 40, normal_smooth_views=2,
+                                       normal_smooth_views_scale=0.0, **common)
+    assert weightless > 0.9 * unseen, (unseen, weightless)  # the views are drawn but weigh nothing
 
 
 def test_the_views_from_below_can_keep_only_surface_that_faces_down():

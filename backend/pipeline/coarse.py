@@ -203,7 +203,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         if smooth_weight > 0 and normals is not None:
             loss = loss + smooth_weight * normal_smoothness(normals, out.alpha, cap=config.normal_smooth_cap)
         if smooth_weight > 0 and config.normal_smooth_views > 0:
-            loss = loss + smooth_weight * underside_smoothness(model, config, res, generator, device, backend)
+            loss = loss + config.normal_smooth_views_scale * smooth_weight * underside_smoothness(
+                model, config, res, generator, device, backend)
         optimizer.zero_grad(set_to_none=True)
         if env_optimizer is not None:
             env_optimizer.zero_grad(set_to_none=True)

@@ -145,6 +145,7 @@ class CoarseConfig:
             prior, so it can look where the guidance cannot. ``normal_smooth_views_max_nz`` < 1 keeps
             only the pixels whose world normal points down (its z at most this) in those views' term:
             the faces no guidance camera sees face-on, not the walls of a hole seen from below.
+            ``normal_smooth_views_scale`` multiplies the normal smoothness's weight for those views.
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
             0 disables. Large splats bridge holes and blur the surface. Measured on the cpu preset without
             densification (docs/benchmarks.md, session 6): 0.08 opens a torus's hole, and costs the pyramid,
@@ -213,6 +214,7 @@ class CoarseConfig:
     normal_smooth_views: int = 0
     normal_smooth_elevation_range: tuple[float, float] = (-80.0, -20.0)
     normal_smooth_views_max_nz: float = 1.0
+    normal_smooth_views_scale: float = 1.0
     max_scale: float = 0.0
     opacity_reset_every: int = 0
     background: str = "solid"
