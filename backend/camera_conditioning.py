@@ -41,13 +41,6 @@ ENCODINGS = {"orbit-sincos": 4, "orbit-fourier4": 10}
 FOURIER_HARMONICS = 4
 
 
-def orbit_sincos(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torch.Tensor:
-    """(B, 4) float32 ``(sin az, cos az, sin el, cos el)`` for (B,) angles in degrees."""
-    az = torch.deg2rad(azimuth_deg.float().reshape(-1))
-    el = torch.deg2rad(elevation_deg.float().reshape(-1))
-    return torch.stack([az.sin(), az.cos(), el.sin(), el.cos()], dim=-1)
-
-
 def orbit_fourier(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor,
                   harmonics: int = FOURIER_HARMONICS) -> torch.Tensor:
     """(B, 2 * harmonics + 2) float32 ``(sin az, cos az, sin 2az, cos 2az, …, sin el, cos el)`` for (B,)
@@ -62,6 +55,12 @@ def orbit_fourier(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor,
     kaz = az[:, None] * k[None, :]
     feats = torch.stack([kaz.sin(), kaz.cos()], dim=-1).reshape(az.shape[0], 2 * harmonics)
     return torch.cat([feats, torch.stack([el.sin(), el.cos()], dim=-1)], dim=-1)
+
+
+def orbit_sincos(azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torch.Tensor:
+    """(B, 4) float32 ``(sin az, cos az, sin el, cos el)`` for (B,) angles in degrees: ``orbit_fourier``
+    with the first harmonic only."""
+    return orbit_fourier(azimuth_deg, elevation_deg, harmonics=1)
 
 
 def encode_cameras(encoding: str, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torch.Tensor:

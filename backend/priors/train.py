@@ -107,8 +107,6 @@ class TrainConfig:
     camera_phase: int = 4  # the phase that adds the camera embedding (MVDream) when camera_encoding is set
 
 
-#: The default phase that adds the camera embedding when ``camera_encoding`` is set (MVDream).
-CAMERA_PHASE = 4
 #: The number of phases (``phase_schedule``); a phase of 0 steps is skipped.
 PHASES = 6
 
