@@ -146,6 +146,9 @@ class CoarseConfig:
             only the pixels whose world normal points down (its z at most this) in those views' term:
             the faces no guidance camera sees face-on, not the walls of a hole seen from below.
             ``normal_smooth_views_scale`` multiplies the normal smoothness's weight for those views.
+            Measured on the cpu preset (docs/benchmarks.md, sessions 10 and 11): at scale 1 the best
+            mean IoU but every torus hole narrows (0.45–0.87); the narrowing grows with the scale, and
+            0.1 (on in ``cpu``) keeps the holes and most of the pyramids' and cones' gain.
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
             0 disables. Large splats bridge holes and blur the surface. Measured on the cpu preset without
             densification (docs/benchmarks.md, session 6): 0.08 opens a torus's hole, and costs the pyramid,
@@ -427,9 +430,18 @@ def _cpu() -> Preset:
     ``lambda_normal_smooth``, ``coarse.normal_smooth_weight`` 300 from ``normal_smooth_from`` 0.5, so a
     torus's hole has opened first): on the 12-prompt × 3-seed benchmark mean IoU 0.767 → 0.787, IoU
     passes 19 → 22 of 36, the warts and pits gone from the sheets; one torus hole in six half-filmed
-    (docs/benchmarks.md "Normal smoothness on the Gaussians' depth normals (session 9)"). The GPU
-    presets leave it off: unmeasured with Stable Diffusion, and the term's scale depends on the render
-    resolution."""
+    (docs/benchmarks.md "Normal smoothness on the Gaussians' depth normals (session 9)").
+
+    One extra view per step from below (``coarse.normal_smooth_views`` 1) lets the normal smoothness
+    shape the underside no guidance camera sees, counting only downward-facing pixels
+    (``normal_smooth_views_max_nz`` 0), at a tenth of the weight (``normal_smooth_views_scale`` 0.1):
+    at full weight it also pulls a torus's ring inwards and shuts the hole. Each pixel pair's cost is
+    capped at 0.25 (``normal_smooth_cap``) in every view, the guidance's too. On the 12-prompt ×
+    3-seed benchmark: mean IoU 0.787 → 0.808, IoU passes 22 → 24 and every-measure passes 21 → 23 of
+    36, torus holes passing 5/6 either way (the worst 0.44 → 0.16), pyramids 0.660 → 0.719, cones
+    0.753 → 0.785; the extra render costs time, median per prompt 48 → 65 s on the same machine
+    (docs/benchmarks.md "Issue 12 — after (session 11)"). The GPU presets leave all of it off:
+    unmeasured with Stable Diffusion, and the term's scale depends on the render resolution."""
     return Preset(
         name="cpu",
         coarse=CoarseConfig(steps=350, batch_size=4, num_points=1000, init_scale=0.05, init_opacity=0.2,
@@ -438,7 +450,9 @@ def _cpu() -> Preset:
                             max_points=3000, split_scale=0.06, preview_every=50, preview_grid=48,
                             preview_faces=5000, mesh_grid=64, mesh_faces=10000, background="learned",
                             random_bg_prob=0.75, density_threshold=SURFACE_LEVEL, fill_unseen=True,
-                            normal_smooth_weight=300.0, normal_smooth_from=0.5),
+                            normal_smooth_weight=300.0, normal_smooth_from=0.5, normal_smooth_cap=0.25,
+                            normal_smooth_views=1, normal_smooth_views_max_nz=0.0,
+                            normal_smooth_views_scale=0.1),
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
                         face_budget=5000, lr=2e-2, t_max=0.5,
                         texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5,
