@@ -439,8 +439,8 @@ def _cpu() -> Preset:
     capped at 0.25 (``normal_smooth_cap``) in every view, the guidance's too. On the 12-prompt ×
     3-seed benchmark: mean IoU 0.787 → 0.808, IoU passes 22 → 24 and every-measure passes 21 → 23 of
     36, torus holes passing 5/6 either way (the worst 0.44 → 0.16), pyramids 0.660 → 0.719, cones
-    0.753 → 0.785; the extra render costs time, median per prompt 48 → 65 s on the same machine
-    (docs/benchmarks.md "Issue 12 — after (session 11)"). The GPU presets leave all of it off:
+    0.753 → 0.785; the extra render costs about a tenth of a job's time (+6 % and +11 % in interleaved
+    pairs; docs/benchmarks.md "Issue 12 — after (session 11)"). The GPU presets leave all of it off:
     unmeasured with Stable Diffusion, and the term's scale depends on the render resolution."""
     return Preset(
         name="cpu",
