@@ -146,7 +146,7 @@ class CoarseConfig:
             only the pixels whose world normal points down (its z at most this) in those views' term:
             the faces no guidance camera sees face-on, not the walls of a hole seen from below.
             ``normal_smooth_views_scale`` multiplies the normal smoothness's weight for those views.
-            Measured on the cpu preset (docs/benchmarks.md, sessions 10 and 11): at scale 1 the best
+            Measured on the cpu preset (docs/benchmarks.md, sessions 10–12): at scale 1 the best
             mean IoU but every torus hole narrows (0.45–0.87); the narrowing grows with the scale, and
             0.1 (on in ``cpu``) keeps the holes and most of the pyramids' and cones' gain.
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
@@ -440,7 +440,7 @@ def _cpu() -> Preset:
     3-seed benchmark: mean IoU 0.787 → 0.808, IoU passes 22 → 24 and every-measure passes 21 → 23 of
     36, torus holes passing 5/6 either way (the worst 0.44 → 0.16), pyramids 0.660 → 0.719, cones
     0.753 → 0.785; the extra render costs about a tenth of a job's time (+6 % and +11 % in interleaved
-    pairs; docs/benchmarks.md "Issue 12 — after (session 11)"). The GPU presets leave all of it off:
+    pairs; docs/benchmarks.md "Issue 12 — after (session 12)"). The GPU presets leave all of it off:
     unmeasured with Stable Diffusion, and the term's scale depends on the render resolution."""
     return Preset(
         name="cpu",
