@@ -276,6 +276,8 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.normal_smooth_elevation_range": _pair(-90.0, 90.0, "elevation low,high of those views (degrees)"),
     "coarse.normal_smooth_views_scale": _f(0.0, 100.0, "the normal smoothness's weight for the views from below, "
                                            "as a multiple of normal_smooth_weight"),
+    "coarse.normal_smooth_views_cap": OverrideSpec("float", 0.0, 4.0, "the cap of the views from below' normal "
+                                                   "smoothness (none = normal_smooth_cap)", optional=True),
     "coarse.normal_smooth_views_max_nz": _f(-1.0, 1.0, "those views smooth only pixels whose world normal z is at "
                                              "most this (1 = all)"),
     "coarse.max_scale": _f(0.0, 100.0, "clamp each Gaussian's std to this after every step (0 = off; world units)"),

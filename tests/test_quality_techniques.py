@@ -578,3 +578,23 @@ def test_the_views_from_below_can_keep_only_surface_that_faces_down():
 
     every, down, none = term(1.0), term(0.0), term(-1.0)
     assert every > 0 and none == 0.0 and down != every, (every, down, none)
+
+
+def test_the_views_from_below_have_their_own_cap_when_it_is_set():
+    """``normal_smooth_views_cap``: None uses ``normal_smooth_cap`` (the guidance views' cap); a value caps
+    only the views from below, so a tiny cap there bounds their term by it whatever the other cap."""
+    from backend.pipeline.coarse import underside_smoothness
+
+    shell = _lumpy_shell()
+
+    def term(**kw) -> float:
+        cfg = CoarseConfig(normal_smooth_views=3, renderer="torch", **kw)
+        with torch.no_grad():
+            return float(underside_smoothness(shell, cfg, 32, torch.Generator().manual_seed(0), torch.device("cpu"),
+                                              "torch"))
+
+    plain, shared, own = term(), term(normal_smooth_cap=0.01), term(normal_smooth_cap=0.01, normal_smooth_views_cap=0.0)
+    tiny = term(normal_smooth_views_cap=0.01)
+    assert 0 < shared <= 0.01 < plain, (plain, shared)
+    assert own == plain, (own, plain)  # 0 = the plain square, whatever normal_smooth_cap says
+    assert 0 < tiny <= 0.01, tiny

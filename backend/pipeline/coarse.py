@@ -108,7 +108,8 @@ def underside_smoothness(model: GaussianModel, config: CoarseConfig, resolution:
     """The normal smoothness (``shading.normal_smoothness``) of ``config.normal_smooth_views`` extra
     renders of ``model`` from below: random azimuths, elevations in ``normal_smooth_elevation_range``,
     the guidance's distances and fields of view, ``resolution`` px. The guidance never sees these
-    views; the term smooths the surface it leaves unshaped (an object's underside)."""
+    views; the term smooths the surface it leaves unshaped (an object's underside). Its cap is
+    ``normal_smooth_views_cap`` where set, ``normal_smooth_cap`` otherwise."""
     cams = sample_cameras(config.normal_smooth_views, resolution, generator,
                           elevation_range=as_range(config.normal_smooth_elevation_range),
                           distance_range=as_range(config.distance_range), fovy_range=as_range(config.fovy_range),
@@ -118,7 +119,8 @@ def underside_smoothness(model: GaussianModel, config: CoarseConfig, resolution:
     alpha = out.alpha
     if config.normal_smooth_views_max_nz < 1.0:  # only surface facing down (world +Z up)
         alpha = alpha * (normals[:, 2:3].detach() <= config.normal_smooth_views_max_nz)
-    return normal_smoothness(normals, alpha, cap=config.normal_smooth_cap)
+    cap = config.normal_smooth_cap if config.normal_smooth_views_cap is None else config.normal_smooth_views_cap
+    return normal_smoothness(normals, alpha, cap=cap)
 
 
 def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | None = None, *,

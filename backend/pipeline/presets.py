@@ -145,7 +145,8 @@ class CoarseConfig:
             prior, so it can look where the guidance cannot. ``normal_smooth_views_max_nz`` < 1 keeps
             only the pixels whose world normal points down (its z at most this) in those views' term:
             the faces no guidance camera sees face-on, not the walls of a hole seen from below.
-            ``normal_smooth_views_scale`` multiplies the normal smoothness's weight for those views.
+            ``normal_smooth_views_scale`` multiplies the normal smoothness's weight for those views, and
+            ``normal_smooth_views_cap`` is their cap (None: ``normal_smooth_cap``, as in the guidance's views).
             Measured on the cpu preset (docs/benchmarks.md, sessions 10–12): at scale 1 the best
             mean IoU but every torus hole narrows (0.45–0.87); the narrowing grows with the scale, and
             0.1 (on in ``cpu``) keeps the holes and most of the pyramids' and cones' gain.
@@ -218,6 +219,7 @@ class CoarseConfig:
     normal_smooth_elevation_range: tuple[float, float] = (-80.0, -20.0)
     normal_smooth_views_max_nz: float = 1.0
     normal_smooth_views_scale: float = 1.0
+    normal_smooth_views_cap: float | None = None
     max_scale: float = 0.0
     opacity_reset_every: int = 0
     background: str = "solid"
