@@ -110,3 +110,22 @@ def test_carving_the_same_gaussians_again_is_remembered_and_a_change_is_not(monk
     other = carve.unseen_cells(moved, VIEWS, resolution=16)
     finer = carve.unseen_cells(shell, VIEWS, resolution=20)
     assert len(calls) == 3 and not np.array_equal(other, first) and finer.shape == (20, 20, 20)
+
+
+def test_meshing_the_same_gaussians_again_evaluates_the_density_grid_once(monkeypatch):
+    """A job meshes its final Gaussians twice (the coarse GLB, the fine stage's surface): the second
+    ``extract_mesh`` reuses the density grid (``backend.mesh.memo``) and gives the same mesh; other
+    Gaussians or another grid are evaluated afresh."""
+    import backend.mesh.extract as extract
+
+    calls = []
+    real = extract.density_grid
+    monkeypatch.setattr(extract, "density_grid", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shell = _cone_side(n=2000)
+    first = extract_mesh(shell, grid_resolution=24, face_budget=10_000)
+    again = extract_mesh(_shell(shell.means.clone()), grid_resolution=24, face_budget=10_000, with_colors=False)
+    assert len(calls) == 1
+    assert np.array_equal(first.positions, again.positions) and np.array_equal(first.faces, again.faces)
+    extract_mesh(_shell(shell.means * 0.9), grid_resolution=24, face_budget=10_000)
+    extract_mesh(shell, grid_resolution=28, face_budget=10_000)
+    assert len(calls) == 3

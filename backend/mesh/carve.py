@@ -26,16 +26,14 @@ Frames: world (Blender, +Z up) grid over [-bound, bound]^3, cell-centred, indexe
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import astuple, dataclass
 
 import numpy as np
 import torch
 
 from backend.gaussians.cameras import Cameras, orbit_cameras
+from backend.mesh.memo import GaussianMemo
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +88,7 @@ def carve_views_for(coarse_config) -> CarveViews | None:
 #: The last few :func:`unseen_cells` results, by the Gaussians' contents and the carving's settings. A job
 #: meshes the same final Gaussians twice (the coarse GLB and the fine stage's starting surface), and
 #: both carve alike at the cpu preset's equal grids; the second is then a lookup instead of 48 renders.
-_CACHE_SIZE = 2
-_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def _cache_key(gaussians, views: CarveViews, resolution: int, bound: float) -> str:
-    """A digest of every tensor that the carving's renders read, and of the carving's settings."""
-    h = hashlib.blake2b(digest_size=16)
-    for t in (gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.colors):
-        a = t.detach().float().cpu().contiguous().numpy()
-        h.update(repr(a.shape).encode())
-        h.update(a.tobytes())
-    h.update(repr((astuple(views), int(resolution), float(bound))).encode())
-    return h.hexdigest()
+_memo = GaussianMemo(size=2)
 
 
 def unseen_cells(gaussians, views: CarveViews, resolution: int, bound: float = 1.0, chunk_views: int = 8) -> np.ndarray:
@@ -112,21 +97,10 @@ def unseen_cells(gaussians, views: CarveViews, resolution: int, bound: float = 1
 
     ``gaussians``: activated Gaussians (means, quats, scales, opacities, colors), rendered with
     ``backend.gaussians.render.render_gaussians`` on their own device. The result is read-only and
-    remembered for the same Gaussians and settings (the last ``_CACHE_SIZE`` of them).
+    remembered for the same Gaussians and settings (``backend.mesh.memo``; the last two of them).
     """
-    key = _cache_key(gaussians, views, resolution, bound)
-    with _cache_lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit
-    result = _unseen_cells(gaussians, views, resolution, bound, chunk_views)
-    result.flags.writeable = False
-    with _cache_lock:
-        _cache[key] = result
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return result
+    return _memo.get(gaussians, ("unseen_cells", astuple(views), int(resolution), float(bound)),
+                     lambda: _unseen_cells(gaussians, views, resolution, bound, chunk_views))
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ shells), and with ``carve`` also the cells no camera of the optimisation saw emp
 ``d = threshold`` (marching cubes, scikit-image) is kept to its largest connected
 components, decimated to a face budget (fast-simplification) and coloured per vertex with the
 density-weighted mean colour of the Gaussians (a colour grid splatted alongside, sampled trilinearly).
+The density grid of the same Gaussians at the same grid is remembered (``backend.mesh.memo``): a job
+meshes its final Gaussians twice.
 
 ``extract_mesh(gaussians, grid_resolution, face_budget, threshold)`` → ``MeshPayload`` (positions in
 world units of the optimisation frame; ``fit_to_size`` scales to metres).
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from backend.mesh.export import compute_vertex_normals
+from backend.mesh.memo import GaussianMemo
 from protocol.mesh import MeshPayload
 
 log = logging.getLogger(__name__)
@@ -146,7 +149,7 @@ def density_grid(gaussians, resolution: int = 64, bound: float = 1.0, with_color
 
 def sample_grid(grid: np.ndarray, points: np.ndarray, bound: float = 1.0) -> np.ndarray:
     """Trilinear samples of a cell-centred (R, R, R, C) grid over [-bound, bound]^3 at points (M, 3)."""
-    vol = torch.from_numpy(np.ascontiguousarray(grid)).float()
+    vol = torch.tensor(np.asarray(grid, dtype=np.float32))  # a copy: the grid may be a read-only memo
     if vol.dim() == 3:
         vol = vol[..., None]
     vol = vol.permute(3, 0, 1, 2)[None]  # (1, C, X, Y, Z): D=x, H=y, W=z
@@ -206,6 +209,11 @@ def fill_cavities(vol: np.ndarray, level: float) -> np.ndarray:
     return out
 
 
+#: The last two density grids (with colour) that :func:`extract_mesh` evaluated, by the Gaussians' contents
+#: and the grid (``backend.mesh.memo``): a job meshes its final Gaussians twice at the cpu preset's grids.
+_density_memo = GaussianMemo(size=2)
+
+
 def extract_mesh(gaussians, grid_resolution: int = 64, face_budget: int = 20000, threshold: float = 0.5,
                  bound: float = 1.0, min_component_fraction: float = 0.1, max_components: int = 4,
                  with_colors: bool = True, carve=None) -> MeshPayload:
@@ -231,7 +239,8 @@ def extract_mesh(gaussians, grid_resolution: int = 64, face_budget: int = 20000,
     g = _as_gaussians(gaussians)
     if len(g) == 0:
         raise EmptyMeshError("no Gaussians to mesh")
-    vol, color_grid = density_grid(g, grid_resolution, bound, with_color=True)
+    vol, color_grid = _density_memo.get(g, ("density_grid", int(grid_resolution), float(bound)),
+                                        lambda: density_grid(g, grid_resolution, bound, with_color=True))
     peak = float(vol.max())
     level = float(threshold)
     if peak < level:

@@ -1,0 +1,55 @@
+"""Remember the last few grid computations on the same Gaussians, within one process.
+
+A job meshes the same final Gaussians twice (the coarse GLB and the fine stage's starting surface),
+and with the cpu preset's equal grids both evaluate the same density grid and carve alike. A
+:class:`GaussianMemo` keys a result by a digest of every tensor of the activated Gaussians and of the
+computation's settings, so the second evaluation is a lookup. Results are numpy arrays made read-only,
+shared by every caller that asks again (copy before writing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+
+def gaussians_digest(gaussians, settings: Any) -> str:
+    """Hex digest of the activated Gaussians' means, quats, scales, opacities and colors (shapes and
+    float32 bytes) and of ``repr(settings)``."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in (gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.colors):
+        a = t.detach().float().cpu().contiguous().numpy()
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    h.update(repr(settings).encode())
+    return h.hexdigest()
+
+
+class GaussianMemo:
+    """The last ``size`` results of one computation, by :func:`gaussians_digest` (thread-safe)."""
+
+    def __init__(self, size: int = 2):
+        self.size = int(size)
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, gaussians, settings: Any, compute: Callable[[], Any]) -> Any:
+        """The remembered result for these Gaussians and settings, or ``compute()``'s, remembered.
+        Numpy arrays in the result (alone or in a tuple) are made read-only."""
+        key = gaussians_digest(gaussians, settings)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        result = compute()
+        for a in result if isinstance(result, tuple) else (result,):
+            if hasattr(a, "flags"):
+                a.flags.writeable = False
+        with self._lock:
+            self._items[key] = result
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return result
