@@ -129,3 +129,23 @@ def test_meshing_the_same_gaussians_again_evaluates_the_density_grid_once(monkey
     extract_mesh(_shell(shell.means * 0.9), grid_resolution=24, face_budget=10_000)
     extract_mesh(shell, grid_resolution=28, face_budget=10_000)
     assert len(calls) == 3
+
+
+def test_the_memo_keeps_at_most_its_byte_budget():
+    """``GaussianMemo(max_bytes=...)``: a result larger than the budget is returned and not kept; older
+    results are dropped until the kept ones fit."""
+    from backend.mesh.memo import GaussianMemo
+
+    memo = GaussianMemo(size=3, max_bytes=1000)
+    shell = _cone_side(n=50)
+    calls = []
+
+    def compute(n):
+        return lambda: calls.append(n) or np.zeros(n, dtype=np.uint8)
+
+    big = memo.get(shell, "big", compute(2000))
+    assert big.nbytes == 2000 and memo.get(shell, "big", compute(2000)) is not big and calls == [2000, 2000]
+    a = memo.get(shell, "a", compute(600))
+    memo.get(shell, "b", compute(600))  # 1200 bytes > 1000: "a" goes
+    assert memo.get(shell, "b", compute(600)) is not None and len(calls) == 4
+    assert memo.get(shell, "a", compute(600)) is not a and len(calls) == 5

@@ -28,11 +28,19 @@ def gaussians_digest(gaussians, settings: Any) -> str:
     return h.hexdigest()
 
 
-class GaussianMemo:
-    """The last ``size`` results of one computation, by :func:`gaussians_digest` (thread-safe)."""
+def _nbytes(result: Any) -> int:
+    return sum(int(getattr(a, "nbytes", 0)) for a in (result if isinstance(result, tuple) else (result,)))
 
-    def __init__(self, size: int = 2):
+
+class GaussianMemo:
+    """The last ``size`` results of one computation, by :func:`gaussians_digest` (thread-safe), holding
+    at most ``max_bytes`` of numpy arrays: older results go first, and one larger than that alone is
+    returned but not kept (a worker process lives long; the ``high`` preset's 192³ grids with colour
+    are 113 MB each)."""
+
+    def __init__(self, size: int = 2, max_bytes: int = 256 << 20):
         self.size = int(size)
+        self.max_bytes = int(max_bytes)
         self._items: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -48,8 +56,10 @@ class GaussianMemo:
         for a in result if isinstance(result, tuple) else (result,):
             if hasattr(a, "flags"):
                 a.flags.writeable = False
+        if _nbytes(result) > self.max_bytes:
+            return result
         with self._lock:
             self._items[key] = result
-            while len(self._items) > self.size:
+            while len(self._items) > self.size or sum(map(_nbytes, self._items.values())) > self.max_bytes:
                 self._items.popitem(last=False)
         return result
