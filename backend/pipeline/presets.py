@@ -147,9 +147,9 @@ class CoarseConfig:
             the faces no guidance camera sees face-on, not the walls of a hole seen from below.
             ``normal_smooth_views_scale`` multiplies the normal smoothness's weight for those views, and
             ``normal_smooth_views_cap`` is their cap (None: ``normal_smooth_cap``, as in the guidance's views).
-            Measured on the cpu preset (docs/benchmarks.md, sessions 10–12): at scale 1 the best
-            mean IoU but every torus hole narrows (0.45–0.87); the narrowing grows with the scale, and
-            0.1 (on in ``cpu``) keeps the holes and most of the pyramids' and cones' gain.
+            Measured on the cpu preset (docs/benchmarks.md, sessions 10–13): at scale 1 with cap 0.25
+            the best mean IoU but every torus hole narrows (0.45–0.87), and the narrowing grows with
+            the scale; with cap 0.05 in those views (``cpu``: scale 1) the holes stay open.
         max_scale: after every step each Gaussian's std is clamped to at most this (world units);
             0 disables. Large splats bridge holes and blur the surface. Measured on the cpu preset without
             densification (docs/benchmarks.md, session 6): 0.08 opens a torus's hole, and costs the pyramid,
@@ -436,14 +436,21 @@ def _cpu() -> Preset:
 
     One extra view per step from below (``coarse.normal_smooth_views`` 1) lets the normal smoothness
     shape the underside no guidance camera sees, counting only downward-facing pixels
-    (``normal_smooth_views_max_nz`` 0), at a tenth of the weight (``normal_smooth_views_scale`` 0.1):
-    at full weight it also pulls a torus's ring inwards and shuts the hole. Each pixel pair's cost is
-    capped at 0.25 (``normal_smooth_cap``) in every view, the guidance's too. On the 12-prompt ×
-    3-seed benchmark: mean IoU 0.787 → 0.808, IoU passes 22 → 24 and every-measure passes 21 → 23 of
-    36, torus holes passing 5/6 either way (the worst 0.44 → 0.16), pyramids 0.660 → 0.719, cones
-    0.753 → 0.785; the extra render costs about a tenth of a job's time (+6 % and +11 % in interleaved
-    pairs; docs/benchmarks.md "Issue 12 — after (session 12)"). The GPU presets leave all of it off:
-    unmeasured with Stable Diffusion, and the term's scale depends on the render resolution."""
+    (``normal_smooth_views_max_nz`` 0); the extra render costs about a tenth of a job's time (+6 % and
+    +11 % in interleaved pairs; docs/benchmarks.md "Issue 12 — after (session 12)").
+
+    Each pixel pair's cost is capped (``normal_smooth_cap``: a weak membrane): at 0.1 (18°) in the
+    guidance's views and 0.05 (13°) in the view from below (``normal_smooth_views_cap``), which then
+    has the full weight (``normal_smooth_views_scale`` 1). At 48 px a torus's tube bends about 18–20°
+    from pixel to pixel, so with the earlier cap of 0.25 (29°) the term fattened the tube into the hole
+    and the view from below had to stay at a tenth of the weight. With the low caps the tube's bend
+    costs a constant while small bumps are still smoothed. On the 12-prompt × 3-seed benchmark,
+    against cap 0.25 with a tenth of the weight from below: IoU passes 24 → 27 and every-measure passes
+    23 → 26 of 36, torus holes 5/6 → 6/6 (at most 0.10), pyramids 0.719 → 0.758 (1/6 → 4/6); mean IoU
+    0.808 either way, the blue cones lose (0.67–0.73) and the white cubes stay at 0.68–0.70
+    (docs/benchmarks.md "A cap of their own for the views from below (session 13)"). The GPU presets
+    leave all of it off: unmeasured with Stable Diffusion, and the term's scale depends on the render
+    resolution."""
     return Preset(
         name="cpu",
         coarse=CoarseConfig(steps=350, batch_size=4, num_points=1000, init_scale=0.05, init_opacity=0.2,
@@ -452,9 +459,9 @@ def _cpu() -> Preset:
                             max_points=3000, split_scale=0.06, preview_every=50, preview_grid=48,
                             preview_faces=5000, mesh_grid=64, mesh_faces=10000, background="learned",
                             random_bg_prob=0.75, density_threshold=SURFACE_LEVEL, fill_unseen=True,
-                            normal_smooth_weight=300.0, normal_smooth_from=0.5, normal_smooth_cap=0.25,
+                            normal_smooth_weight=300.0, normal_smooth_from=0.5, normal_smooth_cap=0.1,
                             normal_smooth_views=1, normal_smooth_views_max_nz=0.0,
-                            normal_smooth_views_scale=0.1),
+                            normal_smooth_views_scale=1.0, normal_smooth_views_cap=0.05),
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
                         face_budget=5000, lr=2e-2, t_max=0.5,
                         texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5,
