@@ -28,8 +28,13 @@ def gaussians_digest(gaussians, settings: Any) -> str:
     return h.hexdigest()
 
 
+def _parts(result: Any) -> tuple:
+    """A result's parts: the items of a tuple, or the result alone."""
+    return result if isinstance(result, tuple) else (result,)
+
+
 def _nbytes(result: Any) -> int:
-    return sum(int(getattr(a, "nbytes", 0)) for a in (result if isinstance(result, tuple) else (result,)))
+    return sum(int(getattr(a, "nbytes", 0)) for a in _parts(result))
 
 
 class GaussianMemo:
@@ -53,7 +58,7 @@ class GaussianMemo:
                 self._items.move_to_end(key)
                 return self._items[key]
         result = compute()
-        for a in result if isinstance(result, tuple) else (result,):
+        for a in _parts(result):
             if hasattr(a, "flags"):
                 a.flags.writeable = False
         if _nbytes(result) > self.max_bytes:
