@@ -44,13 +44,13 @@ def run_coarse(prompt: str, seed: int, preset_name: str, overrides: dict, out: P
     from backend.quality.prompts import slug
 
     preset = get_preset(preset_name, overrides)
-    generator = seed_everything(seed)
     device = pick_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     t0 = time.perf_counter()
     guidance = load_guidance(preset.guidance, device)
     guidance.set_prompt(prompt, preset.guidance.negative_prompt)
+    generator = seed_everything(seed)  # after loading, as run_job seeds
     t1 = time.perf_counter()
     coarse = run_coarse_stage(sds_loss_fn(guidance), preset.coarse, JobContext(out_dir=None), device=device,
                               generator=generator, object_size=preset.object_size,

@@ -114,7 +114,6 @@ def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
     preset = get_preset(params.preset, dict(params.overrides or {}))
     seed = params.seed if params.seed is not None else (preset.seed if preset.seed is not None
                                                         else random.SystemRandom().randrange(2**31))
-    generator = seed_everything(int(seed))
     device = pick_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
@@ -136,6 +135,11 @@ def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
             ctx.emit(ProgressEvent("load", 1, 1, "warning: " + msg))
     guidance.set_prompt(params.prompt, params.negative_prompt or preset.guidance.negative_prompt)
     ctx.check_cancel()
+    # Seeded only now: building a model the first time draws from torch's global generator (module
+    # initialisation before the weights are loaded), while a resident model draws nothing, and the SDS
+    # noise comes from that generator. Seeded before loading, a server's first job of a seed differed
+    # from every later job of the same seed.
+    generator = seed_everything(int(seed))
 
     coarse = run_coarse_stage(sds_loss_fn(guidance), preset.coarse, ctx, device=device, generator=generator,
                               object_size=preset.object_size,

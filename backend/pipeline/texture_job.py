@@ -141,7 +141,6 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
         warnings.append(f"preset {preset.name!r} has no fine stage; the texture uses the default fine settings")
     seed = params.seed if params.seed is not None else (preset.seed if preset.seed is not None
                                                         else random.SystemRandom().randrange(2**31))
-    seed_everything(int(seed))
     device = pick_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
@@ -164,6 +163,7 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
         loss_fn = fine_loss_fn(guidance, cfg)  # the fine stage's own t_max / cfg_scale
     ctx.emit(ProgressEvent("load", 1, 1, description))
     ctx.check_cancel()
+    seed_everything(int(seed))  # after loading: a first load draws from the global generator (run.run_job)
 
     # 1. frame (a normalised copy for the cameras; the upload itself is never touched)
     centre, scale = normalising_frame(mesh.positions)
