@@ -302,6 +302,7 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "fine.offset_limit": _f(0.0, 1.0, "largest vertex offset per axis (world units)"),
     "fine.laplacian_weight": _f(0.0, 1e9, "Laplacian regulariser weight"),
     "fine.normal_weight": _f(0.0, 1e9, "normal regulariser weight"),
+    "fine.normal_cap": _f(0.0, 2.0, "cap of each face pair's normal-consistency cost (a weak membrane; 0 = no cap)"),
     "fine.rasterizer": _c("mesh rasteriser", "auto", "nvdiffrast", "torch"),
     "fine.t_max": OverrideSpec("float", 0.0, 1.0, "fine-stage SDS timesteps at or below this (fraction; none = "
                                "the guidance's)", optional=True),

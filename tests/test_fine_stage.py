@@ -174,3 +174,41 @@ def test_cleanup_fills_small_holes():
     clean = clean_mesh(sphere.vertices, faces)
     assert clean.stats["watertight"] and len(clean.faces) == len(sphere.faces)
     assert _signed_volume(clean.positions, clean.faces) > 0
+
+
+def _extruded_profile(angles_deg: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A strip: a polyline in the xz plane whose segments turn by ``angles_deg`` (unit segments),
+    extruded one unit along y and split into two triangles per segment."""
+    pts, heading = [np.zeros(2)], 0.0
+    for turn in [0.0, *angles_deg]:
+        heading += np.radians(turn)
+        pts.append(pts[-1] + np.array([np.cos(heading), np.sin(heading)]))
+    n = len(pts)
+    verts = [(x, y, z) for y in (0.0, 1.0) for x, z in pts]
+    faces = []
+    for i in range(n - 1):
+        a, b, c, d = i, i + 1, n + i, n + i + 1
+        faces += [(a, b, d), (a, d, c)]
+    return torch.tensor(verts, dtype=torch.float32), torch.tensor(faces, dtype=torch.int64)
+
+
+def test_capped_normal_consistency_prefers_a_crease_to_a_rounded_edge():
+    """The plain term rounds a 90° edge (three 30° bends cost less than one 90° bend); with a cap
+    (a weak membrane) the single crease is the cheaper one, and a bend beyond the cap has no gradient."""
+    from backend.pipeline.fine import face_adjacency
+
+    sharp_v, sharp_f = _extruded_profile([90.0, 0.0, 0.0])
+    round_v, round_f = _extruded_profile([30.0, 30.0, 30.0])
+    adj_s, adj_r = face_adjacency(sharp_f), face_adjacency(round_f)
+    assert len(adj_s) == len(adj_r)
+
+    def cost(v, f, a, cap):
+        return float(normal_consistency(v, f, a, cap=cap)) * len(a)  # summed over the pairs
+
+    assert cost(sharp_v, sharp_f, adj_s, 0.0) > 2.0 * cost(round_v, round_f, adj_r, 0.0)  # plain: rounding wins
+    assert cost(sharp_v, sharp_f, adj_s, 0.05) < 0.5 * cost(round_v, round_f, adj_r, 0.05)  # capped: the crease
+    v = sharp_v.clone().requires_grad_(True)
+    normal_consistency(v, sharp_f, adj_s, cap=0.05).backward()
+    assert v.grad is not None and float(v.grad.abs().max()) == 0.0  # flat pairs and a capped crease: no pull
+    noisy = sharp_v + 0.01 * torch.randn(sharp_v.shape, generator=torch.Generator().manual_seed(0))
+    assert normal_consistency(noisy, sharp_f, adj_s, cap=0.05) > normal_consistency(sharp_v, sharp_f, adj_s, cap=0.05)

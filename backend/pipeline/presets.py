@@ -246,7 +246,9 @@ class FineConfig:
         bake_dilation: texel rings filled beyond the charts when baking;
         min_component_fraction: clean-up keeps components with at least this fraction of faces;
         lr_offsets: vertex-offset learning rate; offset_limit: largest offset per axis (world
-        units); laplacian_weight, normal_weight: offset regularisers; rasterizer: "auto",
+        units); laplacian_weight, normal_weight: offset regularisers; normal_cap: > 0 truncates each
+        adjacent-face pair's normal-consistency cost there (a weak membrane that leaves creases to the
+        guidance; ``fine.normal_consistency``), 0 the plain term; rasterizer: "auto",
         "nvdiffrast" or "torch".
         t_max: when set, the fine stage's SDS timesteps stay at or below this fraction (threestudio's
             Magic3D refine stage samples t in [0.02, 0.5]: the coarse shape is kept and only detail
@@ -287,6 +289,7 @@ class FineConfig:
     offset_limit: float = 0.05
     laplacian_weight: float = 1e4
     normal_weight: float = 1e2
+    normal_cap: float = 0.0
     rasterizer: str = "auto"
     t_max: float | None = None
     cfg_scale: float | None = None
@@ -555,6 +558,7 @@ def validate_preset(preset: Preset) -> None:
             ("fine.render_resolution", preset.fine.render_resolution >= 8, "must be >= 8"),
             ("fine.texture_resolution", preset.fine.texture_resolution >= 8, "must be >= 8"),
             ("fine.face_budget", preset.fine.face_budget >= 4, "must be >= 4"),
+            ("fine.normal_cap", preset.fine.normal_cap >= 0, "must be >= 0 (0: no cap)"),
             ("fine.texture_filter", preset.fine.texture_filter in ("linear", "linear-mipmap-linear"),
              "must be linear or linear-mipmap-linear"),
             ("fine.t_max", preset.fine.t_max is None or 0.0 < preset.fine.t_max <= 1.0, "must be in (0, 1]"),
