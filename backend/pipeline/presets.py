@@ -450,8 +450,8 @@ def _cpu() -> Preset:
     costs a constant while small bumps are still smoothed. On the 12-prompt × 3-seed benchmark,
     against cap 0.25 with a tenth of the weight from below: IoU passes 24 → 27 and every-measure passes
     23 → 26 of 36 (26 and 25 once every job is seeded after the model loads, session 14), torus holes
-    5/6 → 6/6 (at most 0.10), pyramids 0.719 → 0.758 (1/6 → 4/6); mean IoU 0.808 either way, the blue cones lose (0.67–0.73) and the white cubes stay at 0.68–0.70
-    (docs/benchmarks.md "A cap of their own for the views from below (session 13)"). The GPU presets
+    5/6 → 6/6 (at most 0.10), pyramids 0.719 → 0.758 (1/6 → 4/6); mean IoU 0.808 either way, the blue
+    cones lose (0.67–0.73) and the white cubes stay at 0.68–0.70 (docs/benchmarks.md "A cap of their own for the views from below (session 13)"). The GPU presets
     leave all of it off: unmeasured with Stable Diffusion, and the term's scale depends on the render
     resolution."""
     return Preset(
