@@ -451,9 +451,9 @@ def _cpu() -> Preset:
     against cap 0.25 with a tenth of the weight from below: IoU passes 24 → 27 and every-measure passes
     23 → 26 of 36 (26 and 25 once every job is seeded after the model loads, session 14), torus holes
     5/6 → 6/6 (at most 0.10), pyramids 0.719 → 0.758 (1/6 → 4/6); mean IoU 0.808 either way, the blue
-    cones lose (0.67–0.73) and the white cubes stay at 0.68–0.70 (docs/benchmarks.md "A cap of their own for the views from below (session 13)"). The GPU presets
-    leave all of it off: unmeasured with Stable Diffusion, and the term's scale depends on the render
-    resolution."""
+    cones lose (0.67–0.73) and the white cubes stay at 0.68–0.70 (docs/benchmarks.md "A cap of their
+    own for the views from below (session 13)"). The GPU presets leave all of it off: unmeasured with
+    Stable Diffusion, and the term's scale depends on the render resolution."""
     return Preset(
         name="cpu",
         coarse=CoarseConfig(steps=350, batch_size=4, num_points=1000, init_scale=0.05, init_opacity=0.2,
