@@ -129,7 +129,6 @@ def test_small_config_is_a_real_coarse_config():
     assert replace(SMALL, steps=3).steps == 3
 
 
-
 def test_a_seed_gives_the_same_asset_whether_or_not_the_model_was_resident(tmp_path):
     """A server's first job loads the model, and building the bundled prior's modules draws from
     torch's global generator, which the SDS noise also uses; later jobs find the model resident. The

@@ -4,9 +4,10 @@ bundled prior, seed 0) on two prompts, judged by the strict judge with its absol
 The full benchmark (12 prompts × 3 seeds, contact sheets) is ``bench/bench_quality.py``. Each run
 takes about a minute on an idle 2-core machine, hence ``slow``. Today's pipeline does not meet
 every target (docs/benchmarks.md, "Issue 12 — after (session 14)"): the red cube's IoU is marginal
-(0.770 / 0.785 / 0.805 at seeds 0–2 against 0.80; this run is seed 0), so the full check stays ``xfail``. Until session 14 a process's first
-job drew its SDS noise differently from later jobs of the same seed (seeded before the model loaded),
-so this run's result depended on whether an earlier test had loaded the bundled prior; it no longer does. The measures both prompts meet with a margin are
+(0.770 / 0.785 / 0.805 at seeds 0–2 against 0.80; this run is seed 0), so the full check stays
+``xfail``. Until session 14 a process's first job drew its SDS noise differently from later jobs of
+the same seed (seeded before the model loaded), so this run's result depended on whether an earlier
+test had loaded the bundled prior; it no longer does. The measures both prompts meet with a margin are
 asserted strictly, and so are the torus's IoU and hole (IoU 0.80–0.85 against 0.75 in all six torus
 runs of the benchmark; the orange torus's hole 0.02 at seed 0, 0.05 and 0.10 at seeds 1 and 2,
 against 0.15).
