@@ -9,6 +9,7 @@ Layout written by ``save_model(folder, ...)`` (what ``backend.guidance`` loads w
     tokenizer/     CLIPTokenizer (word-level vocabulary of the closed world, see ``tokenizer``)
     scheduler/     DDPMScheduler (1000 steps, squaredcos_cap_v2, epsilon prediction)
     camera_conditioning.json  only for a camera-conditioned UNet (``backend.camera_conditioning``)
+    sample_sides.json  only for a UNet trained at several sides (``backend.guidance.sample_sides``)
     vocabulary.json  {"shapes": [...], "colours": [...], "views": [...], "filler": [...]}
 
 There is deliberately no ``vae/``: the guidance treats that as a pixel-space model.
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from backend import camera_conditioning
+from backend.guidance import sample_sides
 from backend.priors import FILLER_WORDS, VOCABULARY
 from backend.priors.tokenizer import BOS, EOS, build_vocab, write_tokenizer
 
@@ -39,6 +41,7 @@ class SolidsModel:
     tokenizer: object
     scheduler: object
     camera_encoding: str | None = None  # ``backend.camera_conditioning`` encoding, None: text only
+    sides: tuple[int, ...] | None = None  # image sides it was trained at (``sample_sides.json``), None: sample_size
 
 
 def make_unet(resolution: int = RESOLUTION, camera_dim: int | None = None):
@@ -120,12 +123,13 @@ def make_scheduler():
     )
 
 
-def new_model(tmp_tokenizer_dir: str | Path) -> SolidsModel:
-    """A freshly initialised model (seed torch before calling for reproducibility)."""
+def new_model(tmp_tokenizer_dir: str | Path, resolution: int = RESOLUTION) -> SolidsModel:
+    """A freshly initialised model whose UNet declares ``resolution`` as its ``sample_size`` (seed
+    torch before calling for reproducibility)."""
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp_tokenizer_dir)))
-    return SolidsModel(make_unet(), make_text_encoder(), tok, make_scheduler())
+    return SolidsModel(make_unet(resolution), make_text_encoder(), tok, make_scheduler())
 
 
 def save_model(folder: str | Path, model: SolidsModel) -> Path:
@@ -157,6 +161,11 @@ def save_model(folder: str | Path, model: SolidsModel) -> Path:
         camera_conditioning.write_declaration(folder, model.camera_encoding)
     elif declared.exists():
         declared.unlink()
+    sides_file = folder / sample_sides.SAMPLE_SIDES_FILE
+    if model.sides is not None and len(model.sides) > 1:
+        sample_sides.write_sides(folder, model.sides)
+    elif sides_file.exists():
+        sides_file.unlink()
     return folder
 
 
@@ -174,7 +183,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Solids
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     encoding = camera_conditioning.read_declaration(folder)
     camera_conditioning.check_unet(unet, encoding, str(folder))
-    return SolidsModel(unet, te, tok, sched, encoding)
+    sides = sample_sides.read_sides(folder, int(unet.config.sample_size))
+    return SolidsModel(unet, te, tok, sched, encoding, sides if len(sides) > 1 else None)
 
 
 def encode_prompts(model: SolidsModel, prompts: list[str], device: str | torch.device = "cpu") -> torch.Tensor:

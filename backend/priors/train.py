@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backend import camera_conditioning
 from backend.camera_conditioning import ENCODINGS, encode_cameras
 from backend.priors import BUNDLED_PRIOR_DIR
 from backend.priors.data import HIGH_ELEVATION_FRACTION, build_geometry_bank, sample_batch
@@ -105,6 +106,11 @@ class TrainConfig:
     phase6_t_min: int = 0  # phase 6 draws its timesteps from [phase6_t_min, num_train_timesteps)
     camera_encoding: str = "none"  # e.g. "orbit-sincos": phase camera_phase adds a zero-initialised camera embedding
     camera_phase: int = 4  # the phase that adds the camera embedding (MVDream) when camera_encoding is set
+    # a resolution fine-tune: start from this trained text-only model folder's weights instead of fresh ones
+    init_from: str = ""
+    # comma-separated image sides, e.g. "32,48,64": each step draws one and area-downsamples the batch from
+    # ``resolution`` (the bank's side) to it, so one model serves every side; "" = ``resolution`` only
+    train_resolutions: str = ""
 
 
 #: The number of phases (``phase_schedule``); a phase of 0 steps is skipped.
@@ -122,6 +128,35 @@ def phase_schedule(cfg: TrainConfig) -> list[tuple[int, int, float, int, int]]:
         schedule.append((end + 1, end + steps, lr, warmup, cfg.seed + k))
         end += steps
     return schedule
+
+
+def training_sides(cfg: TrainConfig) -> list[int]:
+    """The image sides a step may train at (``train_resolutions``), each a multiple of 4 (two
+    down-samplings in the UNet) and at most ``resolution``, the side the geometry bank is rendered at."""
+    if not cfg.train_resolutions.strip():
+        return [cfg.resolution]
+    try:
+        sides = sorted({int(v) for v in cfg.train_resolutions.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"--train-resolutions must be comma-separated integers, got {cfg.train_resolutions!r}") from None
+    bad = [v for v in sides if v < 8 or v % 4 or v > cfg.resolution]
+    if not sides or bad:
+        raise ValueError(f"--train-resolutions: every side must be a multiple of 4 from 8 to --resolution "
+                         f"({cfg.resolution}), got {cfg.train_resolutions!r}")
+    return sides
+
+
+def load_initial_weights(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    """Copy a trained text-only model's UNet and text-encoder weights into freshly built ones (a
+    resolution fine-tune keeps the layout; only the declared ``sample_size`` differs)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    if camera_conditioning.read_declaration(folder) is not None:
+        raise ValueError(f"--init-from {folder}: a camera-conditioned model; start from a text-only one")
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict())
+    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").state_dict())
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -146,12 +181,16 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sides = training_sides(cfg)
+    if cfg.init_from and resume is not None:
+        raise ValueError("--init-from and --resume are exclusive: --resume already holds weights")
     t0 = time.time()
-    bank = build_geometry_bank(cfg.views_per_shape, cfg.resolution, seed=cfg.seed)
-    bank_fraction = HIGH_ELEVATION_FRACTION
-    log(f"geometry bank {tuple(bank.coverage.shape)} ready in {time.time() - t0:.1f}s")
+    bank, bank_fraction = None, None  # rendered by the first phase that runs, with that phase's camera mix
     with tempfile.TemporaryDirectory() as tmp:
-        model = new_model(Path(tmp) / "tokenizer")
+        model = new_model(Path(tmp) / "tokenizer", cfg.resolution)
+    if cfg.init_from:
+        load_initial_weights(cfg.init_from, model.unet, model.text_encoder)
+        log(f"starting from the weights of {cfg.init_from} at {', '.join(map(str, sides))} px")
     unet, te = model.unet.to(device).train(), model.text_encoder.to(device).train()
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
@@ -183,7 +222,8 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
         return cfg.camera_encoding if phase >= cfg.camera_phase and cfg.camera_encoding != "none" else None
 
     def checkpoint(step: int) -> None:
-        save_model(out, SolidsModel(ema_unet, ema_te, tok, sched, camera_encoding()))
+        save_model(out, SolidsModel(ema_unet, ema_te, tok, sched, camera_encoding(),
+                                    tuple(sides) if len(sides) > 1 else None))
         state = {"step": step, "phase": phase, "config": asdict(cfg), "ema_loss": ema_loss,
                  "train_seconds": round(seconds_before + time.time() - t_train, 1),
                  "total_seconds": round(time.time() - t0 + resumed_seconds, 1), "loss_history": history,
@@ -197,8 +237,13 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
             lr = peak_lr * min(1.0, (step - first + 1) / warmup)
             for pg in opt.param_groups:
                 pg["lr"] = lr
+            assert bank is not None
             b = sample_batch(bank, cfg.batch, g, p_empty=cfg.p_empty)
             x0 = (b.images * 2 - 1).to(device)
+            if len(sides) > 1:
+                side = sides[int(torch.randint(len(sides), (1,), generator=g))]
+                if side != x0.shape[-1]:
+                    x0 = torch.nn.functional.interpolate(x0, size=(side, side), mode="area")
             noise = torch.randn(x0.shape, generator=g).to(device)
             t = torch.randint(t_min, sched.config.num_train_timesteps, (cfg.batch,), generator=g).to(device)
             a = alphas[t].view(-1, 1, 1, 1)
@@ -272,10 +317,12 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
             opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
         fraction = cfg.phase5_high_elevation_fraction if phase >= 5 else HIGH_ELEVATION_FRACTION
         if fraction != bank_fraction:  # phases 5 and 6 see their own camera mix
+            t_bank = time.time()
             bank = build_geometry_bank(cfg.views_per_shape, cfg.resolution, seed=cfg.seed,
                                        high_elevation_fraction=fraction)
             bank_fraction = fraction
-            log(f"phase {phase} data: {fraction:.0%} of the views from 45-85 deg elevation")
+            log(f"phase {phase} data: geometry bank {tuple(bank.coverage.shape)}, {fraction:.0%} of the views "
+                f"from 45-85 deg elevation, ready in {time.time() - t_bank:.1f}s")
         t_train = time.time()
         run(first, last, peak, warm, torch.Generator().manual_seed(data_seed), cfg.phase6_t_min if phase == 6 else 0)
         seconds_before += time.time() - t_train
