@@ -288,3 +288,37 @@ def test_annealed_guidance_scale_reaches_its_end_value(tiny_models):
     fine = fine_loss_fn(annealed, FineConfig(cfg_scale=30.0))
     used = [c.cell_contents for c in fine.__closure__ or () if hasattr(c.cell_contents, "cfg_scale_at")]
     assert [g.cfg_scale_at(r) for g in used for r in (0.0, 1.0)] == [30.0, 30.0]
+
+
+def test_declared_sample_sides_are_checked_and_picked_per_render(tiny_models, tmp_path):
+    """``sample_sides.json``: a bad declaration is a clear error naming the file; a good one makes the
+    pixel-space UNet score each render at the largest declared side not above the render's own."""
+    import shutil
+
+    from backend.guidance.sample_sides import SAMPLE_SIDES_FILE, guidance_side, parse_sides
+
+    assert guidance_side((16, 32), 8) == 16 and guidance_side((16, 32), 31) == 16 and guidance_side((16, 32), 64) == 32
+    for bad in ('{"sides": [18, 32]}', '{"sides": []}', '[16, 32]', '{"sides": [16, true]}', "not json"):
+        with pytest.raises(ValueError, match="sides.json"):
+            parse_sides(bad, "m/sample_sides.json", 32)
+    with pytest.raises(ValueError, match="largest side 16 must be the UNet's sample_size 32"):
+        parse_sides('{"sides": [8, 16]}', "m/sample_sides.json", 32)
+
+    folder = tmp_path / "pixel"
+    shutil.copytree(tiny_models["pixel"], folder)
+    (folder / SAMPLE_SIDES_FILE).write_text('{"sides": [24, 40]}')
+    with pytest.raises(GuidanceError, match="largest side 40 must be the UNet's sample_size 32"):
+        load_model(str(folder), "cpu")
+    (folder / SAMPLE_SIDES_FILE).write_text('{"sides": [16, 32]}')
+    g = load_guidance(config(folder), "cpu")
+    assert g.sides == (16, 32) and g.resolution == 32
+    seen: list[int] = []
+    g.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(int((args[0] if args else kwargs["sample"]).shape[-1])), with_kwargs=True)
+    g.set_prompt("a red cube")
+    for side, scored_at in ((16, 16), (20, 32), (48, 32)):  # sds_loss keeps a declared side, resizes others
+        seen.clear()
+        images = torch.rand(1, 3, side, side, requires_grad=True)
+        g.sds_loss(images, torch.tensor([0.0]), torch.tensor([10.0]), 0.5).backward()
+        assert set(seen) == {scored_at}
+        assert images.grad is not None and images.grad.abs().sum() > 0

@@ -160,6 +160,55 @@ def test_training_phase_five_resumes_bit_identically_and_uses_its_own_views(tmp_
     assert (state["step"], state["phase"]) == (7, 5)
 
 
+def test_a_resolution_fine_tune_declares_its_sides_and_the_guidance_uses_them(tmp_path):
+    """``--init-from`` starts from trained weights; ``--train-resolutions`` trains several sides, which the
+    saved folder declares and the guidance then scores renders at (the largest side not above theirs)."""
+    from backend.guidance import load_guidance
+    from backend.guidance.loss import sds_loss_fn
+    from backend.guidance.sample_sides import SAMPLE_SIDES_FILE
+    from backend.pipeline.presets import get_preset
+    from backend.priors.model import load_model
+    from backend.priors.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    start = tmp_path / "start"
+    zero = dict(phase2_steps=0, phase3_steps=0, phase4_steps=0, batch=4, views_per_shape=4,
+                save_every=100, log_every=100, phase5_warmup=1)
+    train(TrainConfig(**zero, steps=1, warmup=1, phase5_steps=0), start, log=lambda *_: None)
+    out = tmp_path / "sides"
+    train(TrainConfig(**zero, steps=0, phase5_steps=3, init_from=str(start), train_resolutions="16,32"), out,
+          log=lambda *_: None)
+    assert json.loads((out / SAMPLE_SIDES_FILE).read_text()) == {"sides": [16, 32]}
+    tuned, first = load_model(out), load_model(start)
+    assert tuned.sides == (16, 32) and first.sides is None
+    assert int(tuned.unet.config.sample_size) == 32
+    start_w = dict(first.unet.named_parameters())
+    # started from the trained weights (close), and trained (not equal)
+    diffs = [float((p - start_w[k]).detach().abs().max()) for k, p in tuned.unet.named_parameters()]
+    assert 0 < max(diffs) < 0.05
+
+    g = load_guidance(get_preset("cpu", {"guidance.model": str(out)}).guidance, "cpu")
+    assert g.sides == (16, 32) and g.resolution == 32
+    seen: list[int] = []
+    g.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(int((args[0] if args else kwargs["sample"]).shape[-1])), with_kwargs=True)
+    g.set_prompt("a red cube")
+    loss_fn = sds_loss_fn(g)
+    for side, scored_at in ((16, 16), (24, 16), (40, 32)):
+        seen.clear()
+        imgs = torch.rand(1, 3, side, side, requires_grad=True)
+        cams = orbit_cameras(torch.tensor([0.0]), torch.tensor([10.0]), torch.tensor([3.0]), torch.tensor([40.0]), side)
+        loss_fn(imgs, cams, torch.ones(1, 3), 0.5).backward()
+        assert imgs.grad is not None and torch.isfinite(imgs.grad).all() and imgs.grad.abs().sum() > 0
+        assert set(seen) == {scored_at}
+
+    with pytest.raises(ValueError, match="multiple of 4"):
+        train(TrainConfig(**zero, steps=0, phase5_steps=1, train_resolutions="18,32"), tmp_path / "bad", log=lambda *_: None)
+    with pytest.raises(ValueError, match="exclusive"):
+        train(TrainConfig(**zero, steps=0, phase5_steps=1, init_from=str(start)), tmp_path / "bad", log=lambda *_: None,
+              resume=start, resume_phase=5)
+
+
 # ----------------------------------------------------------------------------- judges
 
 def test_colour_judge_on_renders():

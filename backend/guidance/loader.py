@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from backend import camera_conditioning
 from backend.guidance.base import GuidanceError, ModelNotFoundError
+from backend.guidance.sample_sides import read_sides
 from backend.models.cache import hub_cache_dir, hub_offline, snapshot_path
 from backend.models.catalogue import BUNDLED_MODEL, DEFAULT_GPU_MODEL, TAESD_MODEL, pull_command
 
@@ -113,6 +114,11 @@ class ModelBundle:
     embed_cache: dict[str, torch.Tensor] = field(default_factory=dict)  # text -> (1, L, D) on CPU
     encode_calls: int = 0                 # text-encoder forward passes (for tests/logs)
     camera_encoding: str | None = None    # camera-conditioned UNet (``backend.camera_conditioning``), else None
+    sides: tuple[int, ...] = ()           # pixel sides the model accepts (``sample_sides``); () = (resolution,)
+
+    def __post_init__(self) -> None:
+        if not self.sides:
+            self.sides = (int(self.resolution),)
 
     @property
     def is_latent(self) -> bool:
@@ -326,15 +332,19 @@ def _load_uncached(model: str, device: torch.device, dtype: torch.dtype, offload
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     sample = int(unet.config.sample_size)
     resolution = sample * factor if latent else sample
+    try:
+        sides = (resolution,) if latent else read_sides(folder, sample)
+    except ValueError as exc:
+        raise GuidanceError(str(exc)) from exc
     bundle = ModelBundle(
         model_id=model, device=device, dtype=dtype, unet=unet, tokenizer=tokenizer, text_encoder=text_encoder,
         vae=vae, alphas_cumprod=alphas, num_train_timesteps=int(scheduler.config.num_train_timesteps),
         prediction_type=str(scheduler.config.get("prediction_type", "epsilon")), resolution=resolution,
         vocabulary=_load_vocabulary(folder), vae_device=device if vae is not None else None, offload=offload,
-        vae_kind=vae_kind, warnings=warnings, camera_encoding=camera,
+        vae_kind=vae_kind, warnings=warnings, camera_encoding=camera, sides=sides,
     )
-    log.info("loaded %s model %s on %s (%s), resolution %d%s%s%s", "latent" if latent else "pixel-space", model,
-             device, dtype, resolution, ", TAESD encoder" if vae_kind == "taesd" else "",
+    log.info("loaded %s model %s on %s (%s), resolution %s%s%s%s", "latent" if latent else "pixel-space", model,
+             device, dtype, "/".join(map(str, sides)), ", TAESD encoder" if vae_kind == "taesd" else "",
              ", model CPU offload" if offload else "", f", camera-conditioned ({camera})" if camera else "")
     return bundle
 

@@ -21,16 +21,19 @@ import torch
 import torch.nn.functional as F
 
 from backend.gaussians.cameras import Cameras
+from backend.guidance.sample_sides import guidance_side
 
 LossFn = Callable[[torch.Tensor, Cameras, torch.Tensor, float], torch.Tensor]
 
 
 def sds_loss_fn(guidance) -> LossFn:
-    """The SDS loss of a ``Guidance`` as a :data:`LossFn`; renders are resized to ``guidance.resolution``
-    (bilinear, antialiased when shrinking)."""
-    side = int(guidance.resolution)
+    """The SDS loss of a ``Guidance`` as a :data:`LossFn`; renders are resized (bilinear, antialiased when
+    shrinking) to the side of ``guidance.sides`` that fits them (``sample_sides.guidance_side``), for most
+    models the one ``guidance.resolution``."""
+    sides = tuple(getattr(guidance, "sides", None) or (int(guidance.resolution),))
 
     def loss(images: torch.Tensor, cameras: Cameras, backgrounds: torch.Tensor, step_ratio: float) -> torch.Tensor:
+        side = guidance_side(sides, images.shape[-1])
         if images.shape[-1] != side or images.shape[-2] != side:
             images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False,
                                    antialias=images.shape[-1] > side)

@@ -76,6 +76,7 @@ class DiffusionGuidance(Guidance):
         self.config = config
         self.model_id = bundle.model_id
         self.resolution = bundle.resolution
+        self.sides = bundle.sides
         self.vocabulary = bundle.vocabulary
         self.description = description or f"using model {bundle.model_id}"
         self.device = bundle.device
@@ -124,8 +125,12 @@ class DiffusionGuidance(Guidance):
 
     # ------------------------------------------------------------------ SDS
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] → the UNet's input space (latents or [-1, 1] RGB), float32."""
+        """Images (B, 3, H, W) in [0, 1] → the UNet's input space (latents or [-1, 1] RGB), float32.
+        A pixel-space model keeps a square image at any side it declares (``bundle.sides``); anything
+        else is resized to the model's ``resolution``."""
         size = self.bundle.unet.config.sample_size if not self.is_latent else self.resolution
+        if not self.is_latent and images.shape[-1] == images.shape[-2] and images.shape[-1] in self.bundle.sides:
+            size = images.shape[-1]
         x = images
         if x.shape[-2:] != (size, size):
             down = x.shape[-1] > size
