@@ -202,6 +202,13 @@ def test_a_resolution_fine_tune_declares_its_sides_and_the_guidance_uses_them(tm
         assert imgs.grad is not None and torch.isfinite(imgs.grad).all() and imgs.grad.abs().sum() > 0
         assert set(seen) == {scored_at}
 
+    from backend.priors.sample import sample_images
+
+    assert sample_images(out, ["a red cube"], steps=2, side=16).shape == (1, 3, 16, 16)
+    assert sample_images(out, ["a red cube"], steps=2).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="side 24 is not one the model was trained at"):
+        sample_images(out, ["a red cube"], steps=2, side=24)
+
     with pytest.raises(ValueError, match="multiple of 4"):
         train(TrainConfig(**zero, steps=0, phase5_steps=1, train_resolutions="18,32"), tmp_path / "bad", log=lambda *_: None)
     with pytest.raises(ValueError, match="exclusive"):

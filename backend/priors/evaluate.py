@@ -194,11 +194,12 @@ VIEW_CAMERAS = {"front": (0.0, 15.0), "side": (90.0, 15.0), "back": (180.0, 15.0
 
 def evaluate_prior(model_dir: str | Path = BUNDLED_PRIOR_DIR, pairs: list[tuple[str, str]] | None = None,
                    samples_per_pair: int = 2, steps: int = 30, cfg: float = 3.0, seed: int = 0,
-                   view: str | None = None, chunk: int = 48, eta: float = 1.0) -> dict:
+                   view: str | None = None, chunk: int = 48, eta: float = 1.0, side: int | None = None) -> dict:
     """Sample each (shape, colour) pair ``samples_per_pair`` times and judge every image.
 
     ``steps``/``cfg``/``eta``: the sampler; the default ``eta`` 1 is ancestral sampling (DDIM with
     eta 1 = the model's own DDPM sampler on a 30-step schedule); ``eta`` 0 is deterministic DDIM.
+    ``side``: sample at this declared side (``sample_images``); None: the model's ``sample_size``.
 
     A camera-conditioned model sees each sample from a random camera of the data's range (seeded),
     or from the view word's camera when ``view`` is given.
@@ -223,7 +224,7 @@ def evaluate_prior(model_dir: str | Path = BUNDLED_PRIOR_DIR, pairs: list[tuple[
     for i in range(0, len(jobs), chunk):
         part = jobs[i:i + chunk]
         images.append(sample_images(model_dir, [caption(s, c, view) for s, c in part], steps=steps, cfg=cfg,
-                                    seed=seed + i, eta=eta, cameras=cameras[i:i + chunk]))
+                                    seed=seed + i, eta=eta, cameras=cameras[i:i + chunk], side=side))
     imgs = torch.cat(images)
     shapes = judge_shapes(imgs)
     rows = [(s, c, js, judge_colour(img)) for (s, c), js, img in zip(jobs, shapes, imgs)]
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 ancestral (DDPM-like), 0 deterministic")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--view", default=None, help="append ', <view> view' to every prompt")
+    ap.add_argument("--side", type=int, default=None,
+                    help="sample at this side, one the model declares in sample_sides.json (default: its sample_size)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", type=Path, default=None, help="write a PNG contact sheet of the samples")
     ap.add_argument("--camera-gap", action="store_true",
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_classifier or not CLASSIFIER_PATH.is_file():
         train_classifier()
     res = evaluate_prior(args.model, samples_per_pair=args.samples_per_pair, steps=args.steps, cfg=args.cfg,
-                         seed=args.seed, view=args.view, eta=args.eta)
+                         seed=args.seed, view=args.view, eta=args.eta, side=args.side)
     print(f"{'prompt':28s} {'shape':9s} {'colour':7s}")
     for s, c, js, jc in res["rows"]:
         mark = ("ok" if js == s else "XX") + " " + ("ok" if jc == c else "XX")

@@ -38,6 +38,7 @@ def sample_images(
     negative_prompt: str = "",
     eta: float = 0.0,
     cameras: list[tuple[float, float]] | None = None,
+    side: int | None = None,
 ) -> torch.Tensor:
     """Sample one image per prompt with DDIM and classifier-free guidance.
 
@@ -47,8 +48,9 @@ def sample_images(
         steps: DDIM steps; cfg: guidance scale (1 = no guidance); seed: initial-noise seed.
         cameras: (azimuth, elevation) degrees per prompt for a camera-conditioned model (ignored by a
             text-only one); None: ``DEFAULT_CAMERA``.
+        side: image side in pixels, one the model declares (``sample_sides.json``); None: ``sample_size``.
     Returns:
-        (B, 3, H, W) float32 RGB in [0, 1], row 0 at the top; H = W = ``unet.config.sample_size``.
+        (B, 3, H, W) float32 RGB in [0, 1], row 0 at the top; H = W = ``side``.
     """
     from diffusers import DDIMScheduler
 
@@ -63,6 +65,11 @@ def sample_images(
     cond = encode_prompts(m, prompts)
     uncond = encode_prompts(m, [negative_prompt] * B)
     size = int(m.unet.config.sample_size)
+    declared = m.sides or (size,)
+    if side is not None:
+        if int(side) not in declared:
+            raise ValueError(f"side {side} is not one the model was trained at ({', '.join(map(str, declared))})")
+        size = int(side)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, int(m.unet.config.in_channels), size, size, generator=g)
     emb = torch.cat([cond, uncond])

@@ -2,6 +2,20 @@
 
     python -m backend.priors.train --out backend/priors/weights/conjure-solids
 
+A resolution fine-tune of a trained model (``init_from``, ``train_resolutions``; session 15's 64 px
+experiment, not the bundled model)::
+
+    python -m backend.priors.train --out DIR --init-from backend/priors/weights/conjure-solids \
+        --resolution 64 --train-resolutions 32,48,64 --steps 0 --phase2-steps 0 --phase3-steps 0 \
+        --phase4-steps 0 --phase5-steps 1500 --phase5-lr 2e-4
+
+starts from the 32 px weights and trains phase 5 again on images of 32, 48 and 64 px (each step draws
+one side and area-downsamples the 64 px renders to it; 1.8 s/step on one thread, 45 min), so one fully
+convolutional UNet serves all three. The folder declares them in ``sample_sides.json`` and SDS then
+scores each render at the largest side that fits it (``backend.guidance.sample_sides``; coarse-to-fine
+guidance resolution as in Magic3D). Measured in docs/benchmarks.md "A 64 px prior (session 15)": cubes,
+cones and pyramids come out sharper, cylinders waisted, and a job takes 1.6-3x as long.
+
 Defaults (documented in ``TrainConfig``) are sized for 2 CPU cores: 11500 steps of batch 16, about
 two hours of wall time with ``torch.set_num_threads(1)`` while another job used the second core (65 min
 for the first 6000 steps, 24 for phase 4, 26 for phase 5). The
