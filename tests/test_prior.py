@@ -209,8 +209,10 @@ def test_a_resolution_fine_tune_declares_its_sides_and_the_guidance_uses_them(tm
     with pytest.raises(ValueError, match="side 24 is not one the model was trained at"):
         sample_images(out, ["a red cube"], steps=2, side=24)
 
-    with pytest.raises(ValueError, match="multiple of 4"):
-        train(TrainConfig(**zero, steps=0, phase5_steps=1, train_resolutions="18,32"), tmp_path / "bad", log=lambda *_: None)
+    for bad in ("18,32", "16,24", "16,x"):
+        with pytest.raises(ValueError, match="--train-resolutions"):
+            train(TrainConfig(**zero, steps=0, phase5_steps=1, train_resolutions=bad), tmp_path / "bad",
+                  log=lambda *_: None)
     with pytest.raises(ValueError, match="exclusive"):
         train(TrainConfig(**zero, steps=0, phase5_steps=1, init_from=str(start)), tmp_path / "bad", log=lambda *_: None,
               resume=start, resume_phase=5)

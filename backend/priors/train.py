@@ -146,7 +146,8 @@ def phase_schedule(cfg: TrainConfig) -> list[tuple[int, int, float, int, int]]:
 
 def training_sides(cfg: TrainConfig) -> list[int]:
     """The image sides a step may train at (``train_resolutions``), each a multiple of 4 (two
-    down-samplings in the UNet) and at most ``resolution``, the side the geometry bank is rendered at."""
+    down-samplings in the UNet); the largest is ``resolution``, the side the geometry bank is rendered at
+    and the UNet's ``sample_size``."""
     if not cfg.train_resolutions.strip():
         return [cfg.resolution]
     try:
@@ -154,9 +155,9 @@ def training_sides(cfg: TrainConfig) -> list[int]:
     except ValueError:
         raise ValueError(f"--train-resolutions must be comma-separated integers, got {cfg.train_resolutions!r}") from None
     bad = [v for v in sides if v < 8 or v % 4 or v > cfg.resolution]
-    if not sides or bad:
+    if not sides or bad or sides[-1] != cfg.resolution:
         raise ValueError(f"--train-resolutions: every side must be a multiple of 4 from 8 to --resolution "
-                         f"({cfg.resolution}), got {cfg.train_resolutions!r}")
+                         f"({cfg.resolution}), the largest --resolution itself, got {cfg.train_resolutions!r}")
     return sides
 
 
