@@ -14,7 +14,8 @@ one side and area-downsamples the 64 px renders to it; 1.8 s/step on one thread,
 convolutional UNet serves all three. The folder declares them in ``sample_sides.json`` and SDS then
 scores each render at the largest side that fits it (``backend.guidance.sample_sides``; coarse-to-fine
 guidance resolution as in Magic3D). Measured in docs/benchmarks.md "A 64 px prior (session 15)": cubes,
-cones and pyramids come out sharper, cylinders waisted, and a job takes 1.6-3x as long.
+cones and pyramids come out sharper, cylinders waisted, and a job takes 1.4x as long (1.8x with
+the coarse stage's renders ending at 64 px).
 
 Defaults (documented in ``TrainConfig``) are sized for 2 CPU cores: 11500 steps of batch 16, about
 two hours of wall time with ``torch.set_num_threads(1)`` while another job used the second core (65 min
