@@ -13,9 +13,10 @@ starts from the 32 px weights and trains phase 5 again on images of 32, 48 and 6
 one side and area-downsamples the 64 px renders to it; 1.8 s/step on one thread, 45 min), so one fully
 convolutional UNet serves all three. The folder declares them in ``sample_sides.json`` and SDS then
 scores each render at the largest side that fits it (``backend.guidance.sample_sides``; coarse-to-fine
-guidance resolution as in Magic3D). Measured in docs/benchmarks.md "A 64 px prior (session 15)": cubes,
-cones and pyramids come out sharper, cylinders waisted, and a job takes 1.4x as long (1.8x with
-the coarse stage's renders ending at 64 px).
+guidance resolution as in Magic3D). Measured in docs/benchmarks.md "A 64 px prior (session 15)": cubes
+and some cones and pyramids come out sharper, but cylinders come out waisted and tori's holes fill (6 of
+12 prompts pass at seed 0 against 9), and a job takes 1.4x as long (1.8x with the coarse stage's renders
+ending at 64 px); the fine-tuned model draws poor shapes at 48 and 64 px.
 
 Defaults (documented in ``TrainConfig``) are sized for 2 CPU cores: 11500 steps of batch 16, about
 two hours of wall time with ``torch.set_num_threads(1)`` while another job used the second core (65 min
