@@ -19,14 +19,15 @@ class Guidance:
     Attributes:
         resolution: image side (pixels) the prior works at; renders are resized to it.
         sides: every image side the prior accepts, ascending, ``resolution`` the largest; a render is
-            resized to the largest one not above its own side (``backend.guidance.sample_sides``).
+            resized to the largest one not above its own side (``backend.guidance.sample_sides``);
+            empty: ``resolution`` only.
         model_id: the hub id or folder the model came from.
         description: one plain line saying which model is used and why (for logs / progress).
         vocabulary: set of words the prior knows, or None when it is open-vocabulary.
     """
 
     resolution: int = 512
-    sides: tuple[int, ...] = (512,)
+    sides: tuple[int, ...] = ()
     model_id: str = ""
     description: str = ""
     vocabulary: frozenset[str] | None = None

@@ -114,11 +114,7 @@ class ModelBundle:
     embed_cache: dict[str, torch.Tensor] = field(default_factory=dict)  # text -> (1, L, D) on CPU
     encode_calls: int = 0                 # text-encoder forward passes (for tests/logs)
     camera_encoding: str | None = None    # camera-conditioned UNet (``backend.camera_conditioning``), else None
-    sides: tuple[int, ...] = ()           # pixel sides the model accepts (``sample_sides``); () = (resolution,)
-
-    def __post_init__(self) -> None:
-        if not self.sides:
-            self.sides = (int(self.resolution),)
+    sides: tuple[int, ...] = ()           # pixel sides the model accepts (``sample_sides``); () = resolution only
 
     @property
     def is_latent(self) -> bool:

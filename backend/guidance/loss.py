@@ -30,7 +30,7 @@ def sds_loss_fn(guidance) -> LossFn:
     """The SDS loss of a ``Guidance`` as a :data:`LossFn`; renders are resized (bilinear, antialiased when
     shrinking) to the side of ``guidance.sides`` that fits them (``sample_sides.guidance_side``), for most
     models the one ``guidance.resolution``."""
-    sides = tuple(getattr(guidance, "sides", None) or (int(guidance.resolution),))
+    sides = tuple(guidance.sides) or (int(guidance.resolution),)
 
     def loss(images: torch.Tensor, cameras: Cameras, backgrounds: torch.Tensor, step_ratio: float) -> torch.Tensor:
         side = guidance_side(sides, images.shape[-1])
