@@ -163,15 +163,17 @@ def training_sides(cfg: TrainConfig) -> list[int]:
     return sides
 
 
-def load_initial_weights(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
-    """Copy a trained text-only model's UNet and text-encoder weights into freshly built ones (a
-    resolution fine-tune keeps the layout; only the declared ``sample_size`` differs)."""
+def load_trained_weights(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+                         option: str = "--init-from") -> None:
+    """Copy a trained text-only model's UNet and text-encoder weights into freshly built ones (``--resume``
+    keeps the layout; a resolution fine-tune, ``--init-from``, changes only the declared ``sample_size``).
+    ``option`` names the command-line flag in the error."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     folder = Path(folder)
     if camera_conditioning.read_declaration(folder) is not None:
-        raise ValueError(f"--init-from {folder}: a camera-conditioned model; start from a text-only one")
+        raise ValueError(f"{option} {folder}: a camera-conditioned model; start from a text-only one")
     unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict())
     text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").state_dict())
 
@@ -206,7 +208,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     with tempfile.TemporaryDirectory() as tmp:
         model = new_model(Path(tmp) / "tokenizer", cfg.resolution)
     if cfg.init_from:
-        load_initial_weights(cfg.init_from, model.unet, model.text_encoder)
+        load_trained_weights(cfg.init_from, model.unet, model.text_encoder)
         log(f"starting from the weights of {cfg.init_from} at {', '.join(map(str, sides))} px")
     unet, te = model.unet.to(device).train(), model.text_encoder.to(device).train()
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
@@ -298,9 +300,6 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     first_phase = 1
     if resume is not None:
         # the folder holds the EMA weights written at the end of phase resume_phase - 1
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
         if not 2 <= resume_phase <= len(phases):
             raise ValueError(f"--resume-phase must be 2 to {len(phases)}, got {resume_phase}")
         state = json.loads((Path(resume) / "train_state.json").read_text())
@@ -308,8 +307,7 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
         if state.get("step") != want or state.get("config", {}).get("seed") != cfg.seed:
             raise ValueError(f"{resume} is not the end of phase {resume_phase - 1} of this configuration "
                              f"(step {state.get('step')} != {want} or another seed)")
-        ema_unet.load_state_dict(UNet2DConditionModel.from_pretrained(resume, subfolder="unet").state_dict())
-        ema_te.load_state_dict(CLIPTextModel.from_pretrained(resume, subfolder="text_encoder").state_dict())
+        load_trained_weights(resume, ema_unet, ema_te, option="--resume")
         ema_loss, history = state.get("ema_loss"), list(state.get("loss_history", []))
         resumed_seconds = float(state.get("train_seconds", 0.0))
         first_phase = resume_phase
