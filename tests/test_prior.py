@@ -218,6 +218,77 @@ def test_a_resolution_fine_tune_declares_its_sides_and_the_guidance_uses_them(tm
               resume=start, resume_phase=5)
 
 
+
+def test_growing_a_unet_keeps_its_levels_and_starts_the_new_one_as_pool_and_upsample():
+    """``grow_unet`` (progressive growing): the old weights move one level in, the bottleneck of the grown
+    model at twice the side is the old one's, and the new outer level starts as 2x2 pooling in and
+    nearest upsampling out."""
+    from backend.priors.model import grow_unet, make_unet
+
+    torch.manual_seed(0)
+    old = make_unet(32).eval()
+    new = grow_unet(old, 64).eval()
+    assert int(new.config.sample_size) == 64 and len(new.down_blocks) == len(old.down_blocks) + 1
+    new_w = dict(new.state_dict())
+    for key, value in old.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "down_blocks":
+            parts[1] = str(int(parts[1]) + 1)
+        assert torch.equal(new_w[".".join(parts)], value), key
+
+    sizes: dict[str, int] = {}
+
+    def record(name):
+        return lambda mod, args, out: sizes.__setitem__(name, int((out[0] if isinstance(out, tuple) else out).shape[-1]))
+
+    handles = [old.mid_block.register_forward_hook(record("old")), new.mid_block.register_forward_hook(record("new"))]
+    pooled: list[torch.Tensor] = []
+    handles.append(new.down_blocks[0].register_forward_hook(lambda mod, args, out: pooled.append(out[0])))
+    feats: list[torch.Tensor] = []
+    handles.append(new.conv_in.register_forward_hook(lambda mod, args, out: feats.append(out)))
+    ups: list[torch.Tensor] = []
+    handles.append(new.up_blocks[-2].register_forward_hook(lambda mod, args, out: ups.append(out)))
+    outer: list[torch.Tensor] = []
+    handles.append(new.up_blocks[-1].register_forward_hook(lambda mod, args, out: outer.append(out)))
+    text = torch.randn(2, 16, 64)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        old(torch.randn(2, 3, 32, 32), t, text)
+        new(torch.randn(2, 3, 64, 64), t, text)
+    for h in handles:
+        h.remove()
+    assert sizes["old"] == sizes["new"] == 8
+    # the outer down block's output is the 2x2 average of conv_in's features
+    assert torch.allclose(pooled[0], torch.nn.functional.avg_pool2d(feats[0], 2), atol=1e-5)
+    # and the outer up block passes the old last up block's (already upsampled) features through
+    assert ups[0].shape[-1] == 64 and torch.allclose(outer[0], ups[0], atol=1e-5)
+    with pytest.raises(ValueError, match="text-only"):
+        from backend.priors.model import add_camera_conditioning
+
+        grow_unet(add_camera_conditioning(old, "orbit-sincos"), 64)
+
+
+def test_training_with_grow_from_saves_a_grown_model_the_guidance_loads(tmp_path):
+    """``--grow-from`` trains the grown UNet at the new sides and saves a folder that declares them."""
+    from backend.guidance.sample_sides import SAMPLE_SIDES_FILE
+    from backend.priors.model import load_model
+    from backend.priors.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    start = tmp_path / "start"
+    zero = dict(phase2_steps=0, phase3_steps=0, phase4_steps=0, batch=2, views_per_shape=2,
+                save_every=100, log_every=100, phase5_warmup=1)
+    train(TrainConfig(**zero, steps=1, warmup=1, phase5_steps=0, resolution=16), start, log=lambda *_: None)
+    out = tmp_path / "grown"
+    train(TrainConfig(**zero, steps=0, phase5_steps=2, resolution=32, grow_from=str(start),
+                      train_resolutions="24,32"), out, log=lambda *_: None)
+    grown = load_model(out)
+    assert grown.sides == (24, 32) and json.loads((out / SAMPLE_SIDES_FILE).read_text()) == {"sides": [24, 32]}
+    assert int(grown.unet.config.sample_size) == 32 and len(grown.unet.down_blocks) == 4
+    with pytest.raises(ValueError, match="exclusive"):
+        train(TrainConfig(**zero, steps=0, phase5_steps=1, init_from=str(start), grow_from=str(start)),
+              tmp_path / "bad", log=lambda *_: None)
+
 # ----------------------------------------------------------------------------- judges
 
 def test_colour_judge_on_renders():

@@ -92,6 +92,72 @@ def add_camera_conditioning(unet: torch.nn.Module, encoding: str, seed: int = 0)
     return new.to(next(unet.parameters()).device).train(unet.training)
 
 
+def grow_unet(unet: torch.nn.Module, sample_size: int, seed: int = 0) -> torch.nn.Module:
+    """A copy of a trained ``unet`` with one more resolution level outside the old ones, for images of
+    twice the side: progressive growing (Karras et al. 2018, "Progressive Growing of GANs"), started as a
+    function-preserving expansion (Chen et al. 2016, "Net2Net").
+
+    The old levels keep their weights and their depth: a UNet trained at 32 px with its bottleneck at
+    8×8 becomes one for 64 px whose bottleneck is still 8×8, so the shapes it learnt at 32 px keep the
+    same receptive field. The new outer level (``DownBlock2D`` / ``UpBlock2D`` at
+    ``block_out_channels[0]`` channels) starts as a 2×2 area pooling into the old network and a nearest
+    upsampling out of it: its resnets' second convolution is zero (an identity), the downsampler averages
+    each channel's 2×2 block, the old last up block's new upsampler copies each channel, and the new up
+    block's shortcuts pass the upsampled features and drop the skip. ``conv_in`` and ``conv_out`` keep
+    the old weights at the new side. Fine-tuning at the new side then teaches the outer level the detail
+    the old model never saw (``python -m backend.priors.train --grow-from DIR``).
+
+    Args:
+        unet: a text-only ``UNet2DConditionModel`` whose down blocks are all ``DownBlock2D`` or
+            ``CrossAttnDownBlock2D`` (the bundled layout).
+        sample_size: the grown model's declared ``sample_size`` (pixels).
+        seed: draws the new level's other weights (the global RNG is left as it was).
+    """
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    if config.get("class_embed_type") is not None:
+        raise ValueError("grow a text-only UNet; add the camera embedding afterwards")
+    width = int(config["block_out_channels"][0])
+    config.update(sample_size=int(sample_size),
+                  block_out_channels=(width, *config["block_out_channels"]),
+                  down_block_types=("DownBlock2D", *config["down_block_types"]),
+                  up_block_types=(*config["up_block_types"], "UpBlock2D"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = type(unet).from_config(config)
+    target = new.state_dict()
+    moved = {}
+    for key, value in unet.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "down_blocks":
+            parts[1] = str(int(parts[1]) + 1)
+        name = ".".join(parts)
+        if name not in target or target[name].shape != value.shape:
+            raise ValueError(f"UNet layouts differ at {key} -> {name}")
+        moved[name] = value
+    target.update(moved)
+    new.load_state_dict(target)
+    outer_down, last_old_up, outer_up = new.down_blocks[0], new.up_blocks[-2], new.up_blocks[-1]
+    eye = torch.eye(width)
+    with torch.no_grad():
+        for block in (outer_down, outer_up):
+            for resnet in block.resnets:
+                resnet.conv2.weight.zero_()
+                resnet.conv2.bias.zero_()
+                if resnet.conv_shortcut is not None:  # (width + skip) -> width: keep the upsampled features
+                    resnet.conv_shortcut.weight.zero_()
+                    resnet.conv_shortcut.bias.zero_()
+                    resnet.conv_shortcut.weight[:, :width, 0, 0] = eye
+        down = outer_down.downsamplers[0].conv  # 3x3, stride 2, padding 1: taps 1..2 cover a 2x2 block
+        down.weight.zero_()
+        down.bias.zero_()
+        down.weight[:, :, 1:, 1:] = 0.25 * eye[:, :, None, None]
+        up = last_old_up.upsamplers[0].conv  # nearest x2, then 3x3: the centre tap copies
+        up.weight.zero_()
+        up.bias.zero_()
+        up.weight[:, :, 1, 1] = eye
+    return new.to(next(unet.parameters()).device).train(unet.training)
+
+
 def make_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
 

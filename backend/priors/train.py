@@ -74,6 +74,7 @@ from backend.priors.model import (
     RESOLUTION,
     SolidsModel,
     add_camera_conditioning,
+    grow_unet,
     make_scheduler,
     new_model,
     save_model,
@@ -127,6 +128,9 @@ class TrainConfig:
     # comma-separated image sides, e.g. "32,48,64": each step draws one and area-downsamples the batch from
     # ``resolution`` (the bank's side) to it, so one model serves every side; "" = ``resolution`` only
     train_resolutions: str = ""
+    # progressive growing: start from this trained text-only model folder with one more outer UNet level
+    # (``model.grow_unet``) for ``resolution`` px images; exclusive with init_from
+    grow_from: str = ""
 
 
 #: The number of phases (``phase_schedule``); a phase of 0 steps is skipped.
@@ -203,6 +207,8 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     sides = training_sides(cfg)
     if cfg.init_from and resume is not None:
         raise ValueError("--init-from and --resume are exclusive: --resume already holds weights")
+    if cfg.init_from and cfg.grow_from:
+        raise ValueError("--init-from and --grow-from are exclusive: give the trained model to one of them")
     t0 = time.time()
     bank, bank_fraction = None, None  # rendered by the first phase that runs, with that phase's camera mix
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,6 +216,10 @@ def train(cfg: TrainConfig, out: Path, log=print, resume: Path | None = None, re
     if cfg.init_from:
         load_trained_weights(cfg.init_from, model.unet, model.text_encoder)
         log(f"starting from the weights of {cfg.init_from} at {', '.join(map(str, sides))} px")
+    if cfg.grow_from:  # with --resume too: the grown layout first, then the resumed weights over it
+        load_trained_weights(cfg.grow_from, model.unet, model.text_encoder, option="--grow-from")
+        model.unet = grow_unet(model.unet, cfg.resolution, seed=cfg.seed + 7)
+        log(f"grew {cfg.grow_from} by one outer level for {', '.join(map(str, sides))} px")
     unet, te = model.unet.to(device).train(), model.text_encoder.to(device).train()
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     for p in list(ema_unet.parameters()) + list(ema_te.parameters()):
