@@ -176,6 +176,47 @@ def test_cleanup_fills_small_holes():
     assert _signed_volume(clean.positions, clean.faces) > 0
 
 
+def test_cleanup_splits_sheets_glued_along_an_edge_and_drops_a_stray_triangle():
+    """What a quadric collapse now and then leaves: two closed boxes sharing one edge (four faces on it)
+    and a stray triangle hanging off a box edge (three faces, two open edges). The clean mesh has two
+    faces on every edge, keeps both boxes' volume, and drops the stray."""
+    from backend.mesh.manifold import edge_face_counts, nonmanifold_edge_count, split_nonmanifold
+
+    a = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    b = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    b.vertices += [1.0, 1.0, 0.0]  # touches a along the vertical edge x = y = 0.5
+    glued = trimesh.util.concatenate([a, b])
+    glued.merge_vertices()
+    assert nonmanifold_edge_count(glued.faces) == 1
+    edge = np.flatnonzero(edge_face_counts(glued.faces)[1] == 4)
+    assert len(edge) == 1
+    # a stray triangle on an edge of box a (a new vertex out in the air)
+    i, j = [int(np.flatnonzero((glued.vertices == v).all(1))[0]) for v in ([-0.5, -0.5, 0.5], [0.5, -0.5, 0.5])]
+    vertices = np.vstack([glued.vertices, [[0.0, 0.0, 1.5]]])
+    faces = np.vstack([glued.faces, [[i, j, len(vertices) - 1]]])
+    assert nonmanifold_edge_count(faces) == 2
+
+    positions, split_faces, n = split_nonmanifold(glued.vertices, glued.faces)
+    assert n == 2 and len(positions) == len(glued.vertices) + 2
+    assert np.abs(positions[: len(glued.vertices)] - glued.vertices).max() < 1e-3  # a hair, not a dent
+    assert set(edge_face_counts(split_faces)[1].tolist()) == {2}
+    assert len(split_faces) == len(glued.faces)
+    # the stray ends as a component of its own, which clean_mesh's component filter drops
+    stray_p, stray_f, stray_n = split_nonmanifold(vertices, faces)
+    assert stray_n == 4 and not set(stray_f[-1].tolist()) & set(stray_f[:-1].ravel().tolist())
+    assert set(edge_face_counts(stray_f[:-1])[1].tolist()) == {2}
+    # faces of a manifold mesh come back untouched
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    same_p, same_f, none = split_nonmanifold(sphere.vertices, sphere.faces)
+    assert none == 0 and np.array_equal(same_f, sphere.faces) and np.array_equal(same_p, sphere.vertices)
+
+    clean = clean_mesh(vertices, faces, min_component_fraction=0.1)  # the stray: 1 face of 25 here, of ~5000 in a job
+    assert clean.stats["nonmanifold_vertices_split"] == 2  # the glued edge's ends (trimesh drops the stray first)
+    assert set(edge_face_counts(clean.faces)[1].tolist()) == {2}
+    assert clean.stats["watertight"] and len(clean.faces) == len(glued.faces)  # the stray went
+    assert _signed_volume(clean.positions, clean.faces) == pytest.approx(2.0, rel=1e-2)
+
+
 def _extruded_profile(angles_deg: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """A strip: a polyline in the xz plane whose segments turn by ``angles_deg`` (unit segments),
     extruded one unit along y and split into two triangles per segment."""

@@ -12,7 +12,10 @@ Steps of :func:`clean_mesh`:
 4. make the winding consistent per component and orient it outward (positive signed volume
    for closed components, normals pointing away from the component centre otherwise);
 5. decimate to ``face_budget`` faces with fast-simplification (quadric edge collapse), then
-   repeat 1 and 4 on the result.
+   repeat 1 and 4 on the result;
+6. give every fan of faces around a vertex its own vertex (``backend.mesh.manifold``): a collapse
+   now and then glues two sheets along an edge or leaves a stray triangle on one, and the stray,
+   then a component of its own, goes as in 2.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import trimesh
+
+from backend.mesh.manifold import split_nonmanifold
 
 
 class MeshCleanupError(ValueError):
@@ -187,6 +192,10 @@ def clean_mesh(positions: np.ndarray, faces: np.ndarray, face_budget: int | None
     if face_budget is not None:
         pts, tris = decimate(mesh.vertices, mesh.faces, face_budget)
         mesh = orient_outward(_basic(pts, tris))
+    pts, tris, split = split_nonmanifold(mesh.vertices, mesh.faces)
+    stats["nonmanifold_vertices_split"] = split
+    if split:  # a collapse glued two sheets or left a stray triangle: one vertex per fan, strays dropped
+        mesh = keep_large_components(trimesh.Trimesh(pts, tris, process=False), min_component_fraction)
     stats["faces_out"] = int(len(mesh.faces))
     stats["vertices_out"] = int(len(mesh.vertices))
     stats["watertight"] = bool(mesh.is_watertight)
