@@ -18,6 +18,17 @@ and some cones and pyramids come out sharper, but cylinders come out waisted and
 12 prompts pass at seed 0 against 9), and a job takes 1.4x as long (1.8x with the coarse stage's renders
 ending at 64 px); the fine-tuned model draws poor shapes at 48 and 64 px.
 
+Progressive growing (``grow_from``; session 16, not the bundled model either)::
+
+    python -m backend.priors.train --out DIR --grow-from backend/priors/weights/conjure-solids \
+        --resolution 64 --train-resolutions 48,64 --steps 0 --phase2-steps 0 --phase3-steps 0 \
+        --phase4-steps 0 --phase5-steps 1500 --phase5-lr 3e-4 --threads 2
+
+adds one outer level to the trained 32 px UNet (``model.grow_unet``), so at 64 px its bottleneck is
+the 8x8 the 32 px model learnt at, and fine-tunes the whole at 48 and 64 px (0.46 s/step on two threads,
+12 min). Measured in docs/benchmarks.md "A grown 64 px prior (session 16)": 5 of 12 prompts pass at
+seed 0 against 9 for the bundled model; cubes come out with concave faces and pyramids with flared feet.
+
 Defaults (documented in ``TrainConfig``) are sized for 2 CPU cores: 11500 steps of batch 16, about
 two hours of wall time with ``torch.set_num_threads(1)`` while another job used the second core (65 min
 for the first 6000 steps, 24 for phase 4, 26 for phase 5). The
