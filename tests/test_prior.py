@@ -223,7 +223,7 @@ def test_growing_a_unet_keeps_its_levels_and_starts_the_new_one_as_pool_and_upsa
     """``grow_unet`` (progressive growing): the old weights move one level in, the bottleneck of the grown
     model at twice the side is the old one's, and the new outer level starts as 2x2 pooling in and
     nearest upsampling out."""
-    from backend.priors.model import grow_unet, make_unet
+    from backend.priors.model import add_camera_conditioning, grow_unet, make_unet
 
     torch.manual_seed(0)
     old = make_unet(32).eval()
@@ -263,8 +263,6 @@ def test_growing_a_unet_keeps_its_levels_and_starts_the_new_one_as_pool_and_upsa
     # and the outer up block passes the old last up block's (already upsampled) features through
     assert ups[0].shape[-1] == 64 and torch.allclose(outer[0], ups[0], atol=1e-5)
     with pytest.raises(ValueError, match="text-only"):
-        from backend.priors.model import add_camera_conditioning
-
         grow_unet(add_camera_conditioning(old, "orbit-sincos"), 64)
 
 
