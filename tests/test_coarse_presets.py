@@ -8,6 +8,7 @@ import math
 import pytest
 
 from backend.pipeline.presets import (
+    ANNEALED_RANGE_KEYS,
     FineConfig,
     Preset,
     get_preset,
@@ -66,6 +67,9 @@ def test_overrides_coerce_types():
     ("draft", {"object_size": -1}, "object_size"),
     ("draft", {"name": "x"}, "unknown setting 'name'"),
     ("draft", {"coarse": 3}, "unknown setting 'coarse'"),
+    ("cpu", {"guidance.t_max_end": 0.4}, "guidance.t_max_end has no effect with guidance.t_sampling=dreamtime"),
+    ("standard", {"guidance.t_anneal": "linear", "guidance.t_min_end": 0.1},
+     "guidance.t_anneal, guidance.t_min_end have no effect"),
 ])
 def test_bad_overrides_name_the_key(name, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -87,7 +91,11 @@ def test_cli_override_parsing():
         for part in key.split(".")[:-1]:
             obj = getattr(obj, part)
         value = getattr(obj, key.split(".")[-1])
-        get_preset("standard", {key: value})
+        # the annealed range's keys need the sampling that reads them
+        extra = {"guidance.t_sampling": "random"} if key in ANNEALED_RANGE_KEYS else {}
+        get_preset("standard", {key: value, **extra})
+    annealed = get_preset("cpu", {"guidance.t_sampling": "random", "guidance.t_max_end": 0.4}).guidance
+    assert annealed.t_sampling == "random" and annealed.t_max_end == 0.4
 
 
 def test_every_field_is_overridable():

@@ -44,7 +44,9 @@ class GuidanceConfig:
             the run lets the detail settle once the shape is there.
         negative_prompt: used when the job gives none.
         t_min, t_max: timestep range as fractions of the training timesteps at the start of the run;
-        t_min_end, t_max_end: the same at the end of the run; t_anneal: schedule kind between them.
+        t_min_end, t_max_end: the same at the end of the run; t_anneal: schedule kind between them
+            (these three shape ``t_sampling="random"`` only; an override of them on a DreamTime preset,
+            every preset here, is refused by ``get_preset``).
         weighting: "sds" (w = 1 - alpha_bar_t, threestudio), "uniform" (w = 1) or
             "fantasia3d" (w = sqrt(alpha_bar_t) * (1 - alpha_bar_t)).
         grad_clip: clamp each element of the SDS gradient to ±grad_clip (0 disables).
@@ -469,7 +471,7 @@ def _cpu() -> Preset:
                         face_budget=5000, lr=2e-2, t_max=0.5,
                         texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5,
                         rebake_passes=2, rebake_reunwrap=True, random_bg_prob=0.5, **_geometry()),
-        guidance=_guidance(model="auto", cfg_scale=20.0, t_max_end=0.6, fp16=False),
+        guidance=_guidance(model="auto", cfg_scale=20.0, fp16=False),
         shading=_shading(),
     )
 
@@ -502,7 +504,9 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
     ``name`` is the resolved one.
 
     Raises:
-        ValueError: unknown preset, unknown override key, or a value that does not fit the field.
+        ValueError: unknown preset, unknown override key, a value that does not fit the field, or an
+            override that the preset's timestep sampling would ignore (``ANNEALED_RANGE_KEYS`` with
+            DreamTime).
     """
     if not isinstance(name, str) or name not in preset_names():
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
@@ -510,7 +514,16 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
     for key, value in (overrides or {}).items():
         apply_override(preset, key, value)
     validate_preset(preset)
+    ignored = sorted(set(overrides or {}) & set(ANNEALED_RANGE_KEYS))
+    if ignored and preset.guidance.t_sampling == "dreamtime":
+        raise ValueError(f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with guidance.t_sampling=dreamtime (DreamTime's "
+                         "schedule runs over [guidance.t_min, guidance.t_max]); set guidance.t_sampling=random "
+                         "to anneal the range instead")
     return preset
+
+
+#: Overrides that only shape the annealed range of ``t_sampling="random"``; DreamTime ignores them.
+ANNEALED_RANGE_KEYS = ("guidance.t_min_end", "guidance.t_max_end", "guidance.t_anneal")
 
 
 def validate_preset(preset: Preset) -> None:
