@@ -11,9 +11,10 @@ corners of a vertex are in the same fan when their faces share an edge with exac
 manifold vertex keeps one copy, and a vertex where two sheets touch gets one per sheet. The copies are
 moved a hair (``nudge`` of the way towards the centroid of their fan's faces, about 10⁻⁵ m on a 1 m
 asset) so that a weld of equal positions (trimesh's ``merge_vertices``, the judge's) does not glue them
-back; Blender's Merge by Distance at its default 0.1 mm would, as it would any two vertices that close. A stray triangle ends as a component of its own, which
-``cleanup.keep_large_components`` then drops. This is the vertex split that mesh repair tools call
-"split non-manifold vertices" (e.g. MeshLab's *Repair non Manifold Vertices by splitting*).
+back; Blender's Merge by Distance at its default 0.1 mm would, as it would any two vertices that close.
+A stray triangle ends as a component of its own, which ``cleanup.keep_large_components`` then drops.
+This is the vertex split that mesh repair tools call "split non-manifold vertices" (e.g. MeshLab's
+*Repair non Manifold Vertices by splitting*).
 
 Arrays: positions (N, 3) float, metres in Blender's frame; faces (F, 3) int64.
 """
@@ -21,6 +22,7 @@ Arrays: positions (N, 3) float, metres in Blender's frame; faces (F, 3) int64.
 from __future__ import annotations
 
 import numpy as np
+import trimesh
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -53,39 +55,30 @@ def split_nonmanifold(positions: np.ndarray, faces: np.ndarray,
     n_faces = len(f)
     if n_faces == 0:
         return pos.copy(), f.copy(), 0
-    # the three edges of every face: (vertex a, vertex b) with corners k and (k + 1) % 3
-    ka = np.repeat(np.arange(3)[None], n_faces, 0)
-    kb = (ka + 1) % 3
-    fa = np.repeat(np.arange(n_faces)[:, None], 3, 1)
-    va, vb = f[fa, ka].ravel(), f[fa, kb].ravel()
-    key = np.minimum(va, vb) * (int(f.max()) + 1) + np.maximum(va, vb)
-    order = np.argsort(key, kind="stable")
-    key_sorted = key[order]
-    starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
-    counts = np.diff(np.r_[starts, len(key_sorted)])
-    pair = starts[counts == 2]
-    e1, e2 = order[pair], order[pair + 1]  # the two face-edges of every manifold edge
-    corner_a = fa.ravel() * 3 + ka.ravel()  # corner of vertex va in its face
-    corner_b = fa.ravel() * 3 + kb.ravel()
-    # the same vertex's corners on the two sides of a manifold edge belong to one fan
-    same_a = va[e1] == va[e2]
-    link_1 = np.r_[corner_a[e1], corner_b[e1]]
-    link_2 = np.r_[np.where(same_a, corner_a[e2], corner_b[e2]), np.where(same_a, corner_b[e2], corner_a[e2])]
+    # trimesh pairs the faces of every edge that has exactly two (``face_adjacency``); a vertex's corners
+    # on the two sides of such an edge belong to one fan
+    pairs, shared = trimesh.graph.face_adjacency(faces=f, return_edges=True)
+    pairs, shared = np.asarray(pairs, np.int64).reshape(-1, 2), np.asarray(shared, np.int64).reshape(-1, 2)
+
+    def corner(face: np.ndarray, vertex: np.ndarray) -> np.ndarray:
+        return face * 3 + np.argmax(f[face] == vertex[:, None], axis=1)
+
+    link_1 = np.r_[corner(pairs[:, 0], shared[:, 0]), corner(pairs[:, 0], shared[:, 1])]
+    link_2 = np.r_[corner(pairs[:, 1], shared[:, 0]), corner(pairs[:, 1], shared[:, 1])]
     n_corners = 3 * n_faces
     graph = coo_matrix((np.ones(len(link_1), np.int8), (link_1, link_2)), shape=(n_corners, n_corners))
-    _, fan = connected_components(graph, directed=False)
-    vertex_of_corner = f.ravel()
+    n_fans, fan = connected_components(graph, directed=False)  # fan (3F,): the fan of every corner
     # one output vertex per (vertex, fan); the first fan of each vertex keeps the vertex's index
-    fan_ids, first_corner, corner_fan = np.unique(fan, return_index=True, return_inverse=True)
-    fan_vertex = vertex_of_corner[first_corner]
+    first_corner = np.unique(fan, return_index=True)[1]
+    fan_vertex = f.ravel()[first_corner]
     order_fans = np.lexsort((first_corner, fan_vertex))
     is_first = np.r_[True, fan_vertex[order_fans][1:] != fan_vertex[order_fans][:-1]]
-    new_index = np.empty(len(fan_ids), np.int64)
+    new_index = np.empty(n_fans, np.int64)
     new_index[order_fans[is_first]] = fan_vertex[order_fans[is_first]]
     extra = order_fans[~is_first]
     new_index[extra] = len(pos) + np.arange(len(extra))
     out_pos = np.concatenate([pos, pos[fan_vertex[extra]]])
-    out_faces = new_index[corner_fan].reshape(-1, 3)
+    out_faces = new_index[fan].reshape(-1, 3)
     split = np.unique(fan_vertex[extra])
     if nudge > 0 and len(split):
         centroid = pos[f].mean(axis=1)  # (F, 3)
@@ -94,7 +87,9 @@ def split_nonmanifold(positions: np.ndarray, faces: np.ndarray,
         hits = np.zeros(len(out_pos))
         np.add.at(target, out_faces.ravel(), centroid[face_of_corner])
         np.add.at(hits, out_faces.ravel(), 1.0)
-        moved = np.isin(np.arange(len(out_pos)), np.r_[split, len(pos) + np.arange(len(extra))])
+        moved = np.zeros(len(out_pos), bool)
+        moved[split] = True
+        moved[len(pos):] = True
         mean = target[moved] / np.maximum(hits[moved], 1.0)[:, None]
         out_pos[moved] += nudge * (mean - out_pos[moved])
     return out_pos, out_faces, int(len(split))

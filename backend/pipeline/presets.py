@@ -516,7 +516,8 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> Preset:
     validate_preset(preset)
     ignored = sorted(set(overrides or {}) & set(ANNEALED_RANGE_KEYS))
     if ignored and preset.guidance.t_sampling == "dreamtime":
-        raise ValueError(f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with guidance.t_sampling=dreamtime (DreamTime's "
+        verb = "has" if len(ignored) == 1 else "have"
+        raise ValueError(f"{', '.join(ignored)} {verb} no effect with guidance.t_sampling=dreamtime (DreamTime's "
                          "schedule runs over [guidance.t_min, guidance.t_max]); set guidance.t_sampling=random "
                          "to anneal the range instead")
     return preset
