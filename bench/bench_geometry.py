@@ -40,13 +40,13 @@ def run_coarse(prompt: str, seed: int, preset_name: str, overrides: dict, out: P
     from backend.pipeline.coarse import run_coarse_stage
     from backend.pipeline.events import JobContext
     from backend.pipeline.presets import get_preset
-    from backend.pipeline.run import cpu_threads, pick_device, seed_everything
+    from backend.pipeline.run import configure_cpu, pick_device, seed_everything
     from backend.quality.prompts import slug
 
     preset = get_preset(preset_name, overrides)
     device = pick_device()
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads())
+        configure_cpu()
     t0 = time.perf_counter()
     guidance = load_guidance(preset.guidance, device)
     guidance.set_prompt(prompt, preset.guidance.negative_prompt)
@@ -83,12 +83,12 @@ def run_fine(path: Path, preset_name: str, overrides: dict, out: Path, sheets: b
     from backend.mesh.extract import fit_to_size
     from backend.pipeline.events import JobContext
     from backend.pipeline.fine import run_fine_stage
-    from backend.pipeline.run import cpu_threads, seed_everything
+    from backend.pipeline.run import configure_cpu, seed_everything
     from backend.quality.judge import judge_prompt
 
     saved, rec, preset = load_saved(path, preset_name, overrides)
     prompt, seed = rec["prompt"], int(rec["seed"])
-    torch.set_num_threads(cpu_threads())
+    configure_cpu()
     guidance = load_guidance(preset.guidance, torch.device("cpu"))
     guidance.set_prompt(prompt, preset.guidance.negative_prompt)
     seed_everything(seed)

@@ -129,18 +129,28 @@ def test_small_config_is_a_real_coarse_config():
     assert replace(SMALL, steps=3).steps == 3
 
 
-def test_a_seed_gives_the_same_asset_whether_or_not_the_model_was_resident(tmp_path):
+def test_a_seed_gives_the_same_asset_whether_or_not_the_model_was_resident(tmp_path, monkeypatch):
     """A server's first job loads the model, and building the bundled prior's modules draws from
     torch's global generator, which the SDS noise also uses; later jobs find the model resident. The
-    job seeds after loading, so both give the same mesh (seeded before, they differed)."""
+    job seeds after loading, so both give the same mesh (seeded before, they differed). Run with two
+    torch threads: before ``configure_cpu`` turned on PyTorch's deterministic algorithms, the threads'
+    accumulation order made the two runs differ here (relative 1e-5; a vertex moved up to 0.96 after
+    40 coarse steps of the cpu preset)."""
     from backend.guidance import clear_cache
 
     overrides = {"coarse.steps": 4, "coarse.preview_every": 0, "coarse.num_points": 300, "fine.steps": 1,
                  "fine.grid_resolution": 32, "fine.face_budget": 800, "fine.texture_resolution": 64,
                  "fine.render_resolution": 32}
     params = GenerationParams(prompt="a red cube", seed=5, preset="cpu", overrides=overrides)
-    clear_cache()
-    first = run_job(params, JobContext(out_dir=tmp_path / "first"))  # loads the model
-    again = run_job(params, JobContext(out_dir=tmp_path / "again"))  # the model is resident
+    monkeypatch.setenv("CONJURE_CPU_THREADS", "2")
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        clear_cache()
+        first = run_job(params, JobContext(out_dir=tmp_path / "first"))  # loads the model
+        assert torch.get_num_threads() == 2 and torch.are_deterministic_algorithms_enabled()
+        again = run_job(params, JobContext(out_dir=tmp_path / "again"))  # the model is resident
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     assert first.mesh.positions.shape == again.mesh.positions.shape
     np.testing.assert_array_equal(first.mesh.positions, again.mesh.positions)

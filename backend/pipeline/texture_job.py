@@ -129,7 +129,7 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
         seam_aware_rebake,
     )
     from backend.pipeline.presets import FineConfig, get_preset, preset_to_dict
-    from backend.pipeline.run import cpu_threads, pick_device, seed_everything, unknown_words
+    from backend.pipeline.run import configure_cpu, pick_device, seed_everything, unknown_words
 
     t_start = time.perf_counter()
     validate_upload_mesh(mesh)
@@ -143,7 +143,7 @@ def run_texture_job(params, mesh: MeshPayload, ctx: JobContext, *, base_color=No
                                                         else random.SystemRandom().randrange(2**31))
     device = pick_device()
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads())
+        configure_cpu()
 
     ctx.emit(ProgressEvent("load", 0, 1, f"preset {preset.name}, seed {seed}: loading the guidance model"))
     ctx.check_cancel()
