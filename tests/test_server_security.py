@@ -97,7 +97,7 @@ def test_curve_allow_list(tmp_path):
                               "--curve-keys", str(keys)]).start()
     try:
         assert srv.info.server_public_key and srv.info.ip == "127.0.0.1"
-        assert "CURVE on, 1 allowed client key(s)" in srv.log()
+        assert srv.wait_for_log("CURVE on, 1 allowed client key(s)"), srv.log()
         with BackendClient(srv.info, client_cert=keys / "alice.key_secret") as alice:
             assert alice.ping(timeout=10).server_session
         with BackendClient(srv.info, client_cert=keys / "mallory.key_secret") as mallory:
