@@ -10,6 +10,8 @@ fake pipeline, and a blocking client to it. A module binds them to its own scope
 
 from __future__ import annotations
 
+import time
+
 from backend.server.client import BackendClient
 from backend.server.launcher import ServerProcess
 
@@ -30,3 +32,14 @@ def backend_client(server):
     c = BackendClient(server.info)
     yield c
     c.close()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll ``predicate`` every 50 ms until it returns something truthy (returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")

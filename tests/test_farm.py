@@ -14,15 +14,14 @@ import hashlib
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from backend.server.client import BackendClient, BackendError
 from backend.server.launcher import RayHead, ServerProcess
+from tests.server_support import FAKE, wait_for
 
-FAKE = "tests.fake_pipeline:run_job"
 QUICK = {"test.steps": 4, "test.step_seconds": 0.01, "test.preview_every": 1, "test.no_obj": False}
 LONG = {"test.steps": 100000, "test.step_seconds": 0.01}
 
@@ -33,16 +32,6 @@ def p(overrides, prompt="farm test"):
 
 def workers(client) -> list[dict]:
     return client.ping().content["stats"]["workers"]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def both_running(client, a: str, b: str) -> bool:

@@ -13,8 +13,7 @@ import zmq
 from backend.server.client import BackendClient, BackendTimeout
 from backend.server.launcher import REPO_ROOT, ServerProcess
 from backend.server.security import make_keys
-
-FAKE = "tests.fake_pipeline:run_job"
+from tests.server_support import FAKE, wait_for
 
 
 def serve(*args, timeout=60):
@@ -97,7 +96,8 @@ def test_curve_allow_list(tmp_path):
                               "--curve-keys", str(keys)]).start()
     try:
         assert srv.info.server_public_key and srv.info.ip == "127.0.0.1"
-        assert srv.wait_for_log("CURVE on, 1 allowed client key(s)"), srv.log()
+        # printed after the connection file is written, so start() can return before it
+        wait_for(lambda: "CURVE on, 1 allowed client key(s)" in srv.log(), 15, "the CURVE start-up line")
         with BackendClient(srv.info, client_cert=keys / "alice.key_secret") as alice:
             assert alice.ping(timeout=10).server_session
         with BackendClient(srv.info, client_cert=keys / "mallory.key_secret") as mallory:

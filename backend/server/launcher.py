@@ -71,16 +71,6 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def wait_for_log(self, text: str, timeout: float = 15.0) -> bool:
-        """Whether ``text`` appears in the log within ``timeout`` seconds. The server writes its
-        connection file before it prints its start-up lines, so :meth:`start` can return before them."""
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if time.monotonic() > deadline or (self.proc is not None and self.proc.poll() is not None):
-                return text in self.log()
-            time.sleep(0.05)
-        return True
-
     @property
     def pid(self) -> int:
         return self.proc.pid
