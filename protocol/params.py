@@ -283,6 +283,12 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.max_scale": _f(0.0, 100.0, "clamp each Gaussian's std to this after every step (0 = off; world units)"),
     "coarse.fill_unseen": _b("mesh as solid what none of the stage's cameras saw empty (space carving)"),
     "coarse.stratified_azimuth": _b("each step's cameras one from each equal arc of azimuth (all sides every step)"),
+    "coarse.reference_weight": _f(0.0, 1e6, "weight of the mask loss in a reference view sampled from the model "
+                                  "first (0 = off; text → image → 3D)"),
+    "coarse.reference_until": _f(0.0, 1.0, "fraction of the run during which the reference view's loss applies"),
+    "coarse.reference_elevation": _f(-10.0, 80.0, "the reference view's elevation (degrees)"),
+    "coarse.reference_cfg": _f(1.0, 100.0, "classifier-free guidance scale of the reference image's sampler"),
+    "coarse.reference_steps": _i(1, 1000, "sampling steps for the reference image"),
     # fine (textured mesh); fine=none turns the stage off
     "fine": OverrideSpec("off", help="'none' turns the fine stage off"),
     "fine.steps": _i(0, 20_000, "optimisation steps"),

@@ -31,6 +31,7 @@ from backend.pipeline.background import EnvironmentBackground, composite_backgro
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.losslog import LossLog
 from backend.pipeline.presets import CoarseConfig, ShadingConfig
+from backend.pipeline.reference_view import reference_mask_loss
 from backend.pipeline.shading import apply_shading, depth_normals, normal_smoothness, sample_shading
 from backend.schedule import anneal, step_ratio
 
@@ -127,7 +128,7 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
                      device: torch.device | str = "cpu",
                      generator: torch.Generator | None = None, object_size: float = 1.0,
                      stage: str = "coarse", init: GaussianModel | None = None,
-                     shading: ShadingConfig | None = None) -> CoarseResult:
+                     shading: ShadingConfig | None = None, reference=None) -> CoarseResult:
     """Run the coarse stage (see module docstring) with a ``CoarseConfig`` and return the Gaussians.
 
     Args:
@@ -207,6 +208,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         if smooth_weight > 0 and config.normal_smooth_views > 0:
             loss = loss + config.normal_smooth_views_scale * smooth_weight * underside_smoothness(
                 model, config, res, generator, device, backend)
+        if reference is not None and config.reference_weight > 0 and ratio <= config.reference_until:
+            loss = loss + config.reference_weight * reference_mask_loss(model, reference, backend)
         optimizer.zero_grad(set_to_none=True)
         if env_optimizer is not None:
             env_optimizer.zero_grad(set_to_none=True)

@@ -121,6 +121,22 @@ def export_coarse_mesh(gaussians, preset: Preset, out_dir: Path | None, name: st
         return None
 
 
+def save_reference(reference, out_dir) -> None:
+    """Write the reference view's image and its mask side by side as ``reference.png`` into ``out_dir``
+    (``coarse.reference_weight``; ``backend.pipeline.reference_view``)."""
+    if out_dir is None:
+        return
+    from PIL import Image
+
+    img = torch.cat([reference.image[0], reference.mask[0].expand(3, -1, -1)], dim=2)
+    arr = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(Path(out_dir) / "reference.png")
+    except OSError as exc:  # a picture for the artist, not part of the asset: the job goes on
+        log.warning("could not save the reference view: %s", exc)
+
+
 def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
     """Run the whole pipeline for ``params`` and export the asset into ``ctx.out_dir``."""
     from backend.guidance import load_guidance
@@ -158,10 +174,17 @@ def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
     # noise comes from that generator. Seeded before loading, a server's first job of a seed differed
     # from every later job of the same seed.
     generator = seed_everything(int(seed))
+    reference = None
+    if preset.coarse.reference_weight > 0:
+        from backend.pipeline.reference_view import draw_reference_view
+
+        # its own generator, so the run's other draws are those of a run without a reference
+        reference = draw_reference_view(guidance, preset.coarse, torch.Generator().manual_seed(int(seed) + 7919))
+        save_reference(reference, getattr(ctx, "out_dir", None))
 
     coarse = run_coarse_stage(sds_loss_fn(guidance), preset.coarse, ctx, device=device, generator=generator,
                               object_size=preset.object_size,
-                              shading=preset.shading if preset.shading.coarse else None)
+                              shading=preset.shading if preset.shading.coarse else None, reference=reference)
     ctx.check_cancel()
     if preset.fine is not None:
         from backend.pipeline.fine import run_fine_stage
