@@ -289,6 +289,8 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.reference_elevation": _f(-10.0, 80.0, "the reference view's elevation (degrees)"),
     "coarse.reference_cfg": _f(1.0, 100.0, "classifier-free guidance scale of the reference image's sampler"),
     "coarse.reference_steps": _i(1, 1000, "sampling steps for the reference image"),
+    "coarse.reference_model": OverrideSpec("model", help="the model the reference image is drawn from (a folder "
+                                           "or Hub id; none = the guidance's own)", optional=True),
     # fine (textured mesh); fine=none turns the stage off
     "fine": OverrideSpec("off", help="'none' turns the fine stage off"),
     "fine.steps": _i(0, 20_000, "optimisation steps"),

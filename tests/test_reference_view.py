@@ -111,3 +111,17 @@ def test_run_job_draws_a_reference_writes_it_and_uses_it(tiny_models, tmp_path):
     assert (tmp_path / "on" / "reference.png").is_file()
     assert on.info["preset"]["coarse"]["reference_weight"] == 100.0
     assert on.mesh.positions.shape != off.mesh.positions.shape or not (on.mesh.positions == off.mesh.positions).all()
+
+
+def test_the_reference_can_come_from_another_model_and_a_missing_one_is_named(tiny_models, tmp_path):
+    params = draft_params(tiny_models["latent"], overrides={"coarse.reference_weight": 100.0,
+                                                            "coarse.reference_steps": 4,
+                                                            "coarse.reference_model": str(tiny_models["pixel"])})
+    result = run_job(params, JobContext(out_dir=tmp_path / "other"))
+    assert (tmp_path / "other" / "reference.png").is_file()
+    assert result.info["preset"]["coarse"]["reference_model"] == str(tiny_models["pixel"])
+    missing = draft_params(tiny_models["pixel"], overrides={"coarse.reference_weight": 100.0,
+                                                            "coarse.reference_model": str(tmp_path / "nowhere")})
+    with pytest.raises(Exception, match="nowhere"):
+        run_job(missing, JobContext(out_dir=tmp_path / "missing"))
+    assert not (tmp_path / "missing" / "asset.glb").exists()

@@ -179,7 +179,13 @@ def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
         from backend.pipeline.reference_view import draw_reference_view
 
         # its own generator, so the run's other draws are those of a run without a reference
-        reference = draw_reference_view(guidance, preset.coarse, torch.Generator().manual_seed(int(seed) + 7919))
+        source = guidance
+        if preset.coarse.reference_model:
+            import dataclasses
+
+            source = load_guidance(dataclasses.replace(preset.guidance, model=preset.coarse.reference_model), device)
+            source.set_prompt(params.prompt, params.negative_prompt or preset.guidance.negative_prompt)
+        reference = draw_reference_view(source, preset.coarse, torch.Generator().manual_seed(int(seed) + 7919))
         save_reference(reference, getattr(ctx, "out_dir", None))
 
     coarse = run_coarse_stage(sds_loss_fn(guidance), preset.coarse, ctx, device=device, generator=generator,
