@@ -12,7 +12,12 @@ with eta 1; Ho et al. 2020, Song et al. 2021) at a fixed front camera with class
 its foreground mask comes from the plain backdrop the image is drawn on (``foreground_mask``). The coarse
 stage then adds ``reference_weight`` × the mean squared error between the rendered alpha and that mask
 (the mask loss of Magic123 / DreamGaussian's image-to-3D stage). Colour still comes from SDS alone: the
-reference carries the model's own shading, which the coarse stage's albedo does not.
+reference carries the model's own shading, which the coarse stage's albedo does not. ``coarse.reference_model``
+draws the reference from another model than the guidance's.
+
+Measured on the ``cpu`` preset (session 19, docs/benchmarks.md): it lowers the mean IoU (0.748 → 0.650–0.718,
+also with a 64 px prior drawing the reference), because the prior does not know the elevation or distance of the
+image it drew. So it stays off.
 
 Frames: the reference camera is ``backend.gaussians.cameras.orbit_cameras`` (world +Z up, azimuth 0 =
 "front"); images are (1, 3, H, W) float32 in [0, 1], row 0 at the top; masks (1, 1, H, W) in [0, 1].
