@@ -181,7 +181,7 @@ class CoarseConfig:
             ``reference_elevation`` degrees; the image is sampled with ``reference_steps`` ancestral steps at
             CFG ``reference_cfg``. Measured on the cpu preset (session 19, docs/benchmarks.md): pyramids and
             white cubes gain a little, cones lose up to 0.2 of IoU (also with a reference drawn by a 64 px
-            prior: the prior does not know the elevation it drew), mean IoU 0.748 → 0.718 at best; off (0). ``reference_model``: draw the
+            prior: the prior does not know the elevation it drew), mean IoU 0.748 → 0.728 at best; off (0). ``reference_model``: draw the
             reference from this model (a folder or Hub id, e.g. a higher-resolution prior) instead of the
             guidance's own (None).
     """

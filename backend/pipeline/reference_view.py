@@ -15,7 +15,7 @@ stage then adds ``reference_weight`` × the mean squared error between the rende
 reference carries the model's own shading, which the coarse stage's albedo does not. ``coarse.reference_model``
 draws the reference from another model than the guidance's.
 
-Measured on the ``cpu`` preset (session 19, docs/benchmarks.md): it lowers the mean IoU (0.748 → 0.650–0.718,
+Measured on the ``cpu`` preset (session 19, docs/benchmarks.md): it lowers the mean IoU (0.748 → 0.650–0.728,
 also with a 64 px prior drawing the reference), because the prior does not know the elevation or distance of the
 image it drew. So it stays off.
 
