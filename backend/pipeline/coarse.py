@@ -31,7 +31,7 @@ from backend.pipeline.background import EnvironmentBackground, composite_backgro
 from backend.pipeline.events import JobContext, PreviewEvent, ProgressEvent
 from backend.pipeline.losslog import LossLog
 from backend.pipeline.presets import CoarseConfig, ShadingConfig
-from backend.pipeline.reference_view import reference_mask_loss
+from backend.pipeline.reference_view import ReferenceView, reference_mask_loss
 from backend.pipeline.shading import apply_shading, depth_normals, normal_smoothness, sample_shading
 from backend.schedule import anneal, step_ratio
 
@@ -128,7 +128,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
                      device: torch.device | str = "cpu",
                      generator: torch.Generator | None = None, object_size: float = 1.0,
                      stage: str = "coarse", init: GaussianModel | None = None,
-                     shading: ShadingConfig | None = None, reference=None) -> CoarseResult:
+                     shading: ShadingConfig | None = None,
+                     reference: ReferenceView | None = None) -> CoarseResult:
     """Run the coarse stage (see module docstring) with a ``CoarseConfig`` and return the Gaussians.
 
     Args:
@@ -138,6 +139,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         init: start from these Gaussians instead of a random ball.
         shading: when given, every view is shaded before the loss (DreamFusion;
             ``backend/pipeline/shading.py``, normals from the rendered depth).
+        reference: a view drawn before the run (``backend.pipeline.reference_view``); with
+            ``config.reference_weight`` its mask loss is added until ``config.reference_until``.
     Raises:
         Cancelled: when ``ctx`` says so (checked before every step).
     """
@@ -157,6 +160,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
     elif config.background != "solid":
         raise ValueError(f"coarse.background must be 'solid' or 'learned', got {config.background!r}")
     result = CoarseResult(model, renderer=backend)
+    if reference is not None:
+        reference = reference.to(device)  # once, not every step
     steps = int(config.steps)
     t_stage = time.perf_counter()
     step_time = 0.0

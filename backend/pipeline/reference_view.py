@@ -44,7 +44,23 @@ class ReferenceView:
     mask: torch.Tensor        # (1, 1, H, W) float32 in [0, 1], 1 = object
     background: torch.Tensor  # (1, 3) the backdrop's colour
     cameras: Cameras          # one camera, width = height = H
-    seed_offset: int          # which of the tries was kept (0 = the first)
+    seed_offset: int          # which of the candidates was kept (0 = the first)
+
+    def to(self, device: torch.device | str) -> ReferenceView:
+        """The same view with its tensors and camera on ``device``."""
+        return ReferenceView(self.image.to(device), self.mask.to(device), self.background.to(device),
+                             self.cameras.to(device), self.seed_offset)
+
+
+def frame_pixels(image: torch.Tensor) -> torch.Tensor:
+    """The one-pixel frame of an image (C, H, W) as (C, 2H + 2W): top, bottom, left and right edges."""
+    return torch.cat([image[:, 0, :], image[:, -1, :], image[:, :, 0], image[:, :, -1]], dim=1)
+
+
+def image_side(guidance) -> int:
+    """The side (pixels) of the images a guidance's model draws: ``resolution`` for a latent model, the
+    UNet's ``sample_size`` for a pixel-space one."""
+    return int(guidance.resolution) if guidance.is_latent else int(guidance.bundle.unet.config.sample_size)
 
 
 def foreground_mask(image: torch.Tensor, low: float = 0.2, high: float = 0.45) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -59,7 +75,7 @@ def foreground_mask(image: torch.Tensor, low: float = 0.2, high: float = 0.45) -
     """
     if image.dim() != 4 or image.shape[:2] != (1, 3):
         raise ValueError(f"image must be (1, 3, H, W), got {tuple(image.shape)}")
-    frame = torch.cat([image[0, :, 0, :], image[0, :, -1, :], image[0, :, :, 0], image[0, :, :, -1]], dim=1)
+    frame = frame_pixels(image[0])
     bg = frame.median(dim=1).values
     spread = float((frame - bg[:, None]).norm(dim=0).median())
     dist = (image[0] - bg[:, None, None]).norm(dim=0)
@@ -79,12 +95,8 @@ def sample_image(guidance, cameras: Cameras, steps: int, cfg_scale: float, gener
         raise GuidanceError("coarse.reference_weight needs a model that can draw an image: this latent model was "
                             "loaded for SDS without its VAE decoder; use a pixel-space model or set "
                             "coarse.reference_weight=0")
-    if guidance.is_latent:
-        side = int(guidance.resolution) // 8
-        channels = int(guidance.bundle.unet.config.in_channels)
-    else:
-        side = int(guidance.bundle.unet.config.sample_size)
-        channels = int(guidance.bundle.unet.config.in_channels)
+    side = image_side(guidance) // 8 if guidance.is_latent else image_side(guidance)
+    channels = int(guidance.bundle.unet.config.in_channels)
     device = guidance.device
     cond = guidance.view_embeddings(cameras.azimuth_deg, cameras.elevation_deg)
     camera = guidance.camera_labels(cameras.azimuth_deg, cameras.elevation_deg)
@@ -112,12 +124,12 @@ def sample_image(guidance, cameras: Cameras, steps: int, cfg_scale: float, gener
     return ((x.clamp(-1.0, 1.0) + 1.0) / 2.0).cpu()
 
 
-def reference_camera(config, side: int) -> Cameras:
-    """The reference's camera: azimuth 0 ("front"), ``config.reference_elevation`` degrees up, at the middle
-    of the coarse stage's distance and field-of-view ranges, ``side`` × ``side`` pixels."""
+def reference_camera(config, side: int, count: int = 1, device: torch.device | str = "cpu") -> Cameras:
+    """The reference's camera, ``count`` times: azimuth 0 ("front"), ``config.reference_elevation`` degrees
+    up, at the middle of the coarse stage's distance and field-of-view ranges, ``side`` × ``side`` pixels."""
     dist = sum(config.distance_range) / 2.0
     fovy = sum(config.fovy_range) / 2.0
-    return orbit_cameras([0.0], [float(config.reference_elevation)], dist, fovy, side)
+    return orbit_cameras([0.0] * count, [float(config.reference_elevation)] * count, dist, fovy, side, device=device)
 
 
 def recentre(image: torch.Tensor, mask: torch.Tensor, background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,17 +177,15 @@ def draw_reference_view(guidance, config, generator: torch.Generator, candidates
     larger side is the median of the candidates' (``rescale``): the model's own typical framing of the
     object, which is what SDS pulls every other view towards (DreamGaussian scales its input to a fixed
     share of the frame for the same reason)."""
-    side = int(guidance.resolution) if guidance.is_latent else int(guidance.bundle.unet.config.sample_size)
-    cams = reference_camera(config, side)
+    side = image_side(guidance)
     n = max(int(candidates), 1)
-    many = orbit_cameras(cams.azimuth_deg.expand(n), cams.elevation_deg.expand(n), cams.distance.expand(n),
-                         float(config.fovy_range[0] + config.fovy_range[1]) / 2.0, side, device=guidance.device)
-    images = sample_image(guidance, many, int(config.reference_steps), float(config.reference_cfg), generator)
+    images = sample_image(guidance, reference_camera(config, side, n, guidance.device), int(config.reference_steps),
+                          float(config.reference_cfg), generator)
     drawn = []
     for i in range(n):
         mask, bg, spread, contrast = foreground_mask(images[i:i + 1])
         cover = float(mask.mean())
-        border = float(torch.cat([mask[0, 0, 0], mask[0, 0, -1], mask[0, 0, :, 0], mask[0, 0, :, -1]]).mean())
+        border = float(frame_pixels(mask[0]).mean())
         ok = spread < 0.05 and contrast >= 0.3 and 0.03 <= cover <= 0.6 and border < 0.02
         drawn.append((ok, i, images[i:i + 1], mask, bg))
     sizes = sorted(mask_extent(d[3]) for d in drawn if d[0]) or sorted(mask_extent(d[3]) for d in drawn)
@@ -187,12 +197,11 @@ def draw_reference_view(guidance, config, generator: torch.Generator, candidates
     extent = mask_extent(mask)
     if extent > 0 and target > 0:
         image, mask = rescale(image, mask, bg, target / extent)
-    return ReferenceView(image, mask, bg, cams, i)
+    return ReferenceView(image, mask, bg, reference_camera(config, side), i)
 
 
 def reference_mask_loss(model, ref: ReferenceView, backend: str) -> torch.Tensor:
     """Mean squared error between the Gaussians' alpha rendered from the reference camera and the
-    reference's mask (scalar)."""
-    cams = ref.cameras.to(model.params["means"].device)
-    out = model.render(cams, ref.background.to(cams.device), backend=backend)
-    return (out.alpha - ref.mask.to(out.alpha.device)).square().mean()
+    reference's mask (scalar); ``ref`` on the Gaussians' device (``ReferenceView.to``)."""
+    out = model.render(ref.cameras, ref.background, backend=backend)
+    return (out.alpha - ref.mask).square().mean()

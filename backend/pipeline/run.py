@@ -11,6 +11,7 @@ Every exported mesh is centred and scaled so its largest dimension is ``preset.o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -181,8 +182,6 @@ def run_job(params: GenerationParams, ctx: JobContext) -> ResultEvent:
         # its own generator, so the run's other draws are those of a run without a reference
         source = guidance
         if preset.coarse.reference_model:
-            import dataclasses
-
             source = load_guidance(dataclasses.replace(preset.guidance, model=preset.coarse.reference_model), device)
             source.set_prompt(params.prompt, params.negative_prompt or preset.guidance.negative_prompt)
         reference = draw_reference_view(source, preset.coarse, torch.Generator().manual_seed(int(seed) + 7919))
