@@ -214,12 +214,16 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "guidance.dreamtime_s1": _f(0.0, 1.0, "DreamTime prior: first mode width (fraction)"),
     "guidance.dreamtime_s2": _f(0.0, 1.0, "DreamTime prior: second mode width (fraction)"),
     "guidance.t_jitter": _f(0.0, 0.5, "per-view timestep jitter (fraction)"),
-    "guidance.sds_form": _c("SDS gradient form: eps, x0 (StableDreamer reconstruction) or multistep "
-                            "(DreamGaussian's multi-step denoised target)", "eps", "x0", "multistep"),
+    "guidance.sds_form": _c("SDS gradient form: eps, x0 (StableDreamer reconstruction), multistep "
+                            "(DreamGaussian's multi-step denoised target) or ism (LucidDreamer's interval score "
+                            "matching)", "eps", "x0", "multistep", "ism"),
+    "guidance.ism_interval": _i(1, 500, "interval score matching: t - s in training timesteps"),
+    "guidance.ism_inversion_stride": _i(10, 1000, "interval score matching: longest DDIM inversion step "
+                                        "(training timesteps)"),
     "guidance.x0_weight": _f(0.0, 1000.0, "weight of the x0-form and multistep SDS losses"),
     "guidance.denoise_steps": _i(1, 50, "DDIM steps of the multistep SDS target (UNet passes per view)"),
     "guidance.t_anneal": _c("timestep schedule", "constant", "linear", "cosine", "sqrt", "step"),
-    "guidance.weighting": _c("SDS weighting w(t)", "sds", "uniform", "fantasia3d"),
+    "guidance.weighting": _c("SDS weighting w(t)", "sds", "uniform", "fantasia3d", "sigma"),
     "guidance.grad_clip": _f(0.0, 1e6, "clamp of each SDS gradient element (0 = off)"),
     "guidance.fp16": _b("float16 UNet/VAE on CUDA"),
     "guidance.attention_slicing": _b("sliced attention (less memory, slower)"),
@@ -283,6 +287,10 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.max_scale": _f(0.0, 100.0, "clamp each Gaussian's std to this after every step (0 = off; world units)"),
     "coarse.fill_unseen": _b("mesh as solid what none of the stage's cameras saw empty (space carving)"),
     "coarse.stratified_azimuth": _b("each step's cameras one from each equal arc of azimuth (all sides every step)"),
+    "coarse.progressive_views_until": _f(0.0, 1.0, "camera ranges grow from one front view to the full ranges "
+                                         "over this fraction of the run (0 = off)"),
+    "coarse.progressive_views_elevation": _f(-90.0, 90.0, "elevation (degrees) of the front view the "
+                                             "progressive ranges grow from"),
     "coarse.reference_weight": _f(0.0, 1e6, "weight of the mask loss in a reference view sampled from the model "
                                   "first (0 = off; text → image → 3D)"),
     "coarse.reference_until": _f(0.0, 1.0, "fraction of the run during which the reference view's loss applies"),

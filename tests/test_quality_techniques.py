@@ -27,6 +27,7 @@ from backend.pipeline.shading import (
     sample_shading,
 )
 from backend.schedule import dreamtime_prior, dreamtime_timestep
+from protocol.errors import ProtocolError
 
 
 def _sphere_mesh(res=32):
@@ -119,6 +120,35 @@ def test_dreamtime_schedule_is_monotone_and_time_prioritised():
     assert dreamtime_prior(0.65, 0.8, 0.5, 0.3, 0.1) == 1.0
     assert dreamtime_prior(0.2, 0.8, 0.5, 0.3, 0.1) == pytest.approx(math.exp(-0.09 / 0.02))
     assert dreamtime_timestep(0.5, 0.3, 0.3) == 0.3
+
+
+def test_progressive_views_grow_from_the_front_view_to_the_full_ranges():
+    """threestudio's progressive views: the coarse cameras start at the front view and their ranges grow
+    linearly to the full ones at ``progressive_views_until``; 0 leaves the full ranges from the start."""
+    from backend.pipeline.coarse import progressive_camera_ranges
+
+    config = CoarseConfig(elevation_range=(-10.0, 80.0), progressive_views_until=0.4, progressive_views_elevation=20.0)
+    assert progressive_camera_ranges(config, 0.0) == ((0.0, 0.0), (20.0, 20.0))
+    azimuth, elevation = progressive_camera_ranges(config, 0.2)
+    assert azimuth == pytest.approx((-90.0, 90.0)) and elevation == pytest.approx((5.0, 50.0))
+    for ratio in (0.4, 0.7, 1.0):
+        assert progressive_camera_ranges(config, ratio) == ((-180.0, 180.0), (-10.0, 80.0))
+    off = CoarseConfig(elevation_range=(-10.0, 80.0))
+    assert progressive_camera_ranges(off, 0.0) == ((-180.0, 180.0), (-10.0, 80.0))
+    # the coarse stage's own cameras follow them: the first step's views are all the front view
+    seen = []
+    cfg = CoarseConfig(steps=8, batch_size=4, num_points=100, render_resolution=16, render_resolution_end=16,
+                       preview_every=0, densify_from=2.0, renderer="torch", progressive_views_until=0.5,
+                       progressive_views_elevation=20.0)
+
+    def record(images, cams, bg, ratio):
+        seen.append((cams.azimuth_deg.detach().clone(), cams.elevation_deg.detach().clone()))
+        return images.sum() * 0.0
+
+    run_coarse_stage(record, cfg, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(seen[0][0], torch.zeros(4)) and torch.allclose(seen[0][1], torch.full((4,), 20.0))
+    assert all(a.abs().max() <= 180.0 * min((k / 7) / 0.5, 1.0) + 1e-4 for k, (a, _) in enumerate(seen))
+    assert max(float(a.abs().max()) for a, _ in seen[4:]) > 90.0
 
 
 def test_stratified_azimuth_puts_one_camera_in_each_arc_and_keeps_the_generator_in_step():
@@ -599,3 +629,71 @@ def test_the_views_from_below_have_their_own_cap_when_it_is_set():
     assert 0 < shared <= 0.01 < plain, (plain, shared)
     assert own == plain, (own, plain)  # 0 = the plain square, whatever normal_smooth_cap says
     assert 0 < tiny <= 0.01, tiny
+
+
+def test_interval_score_matching_inverts_the_render_and_draws_no_noise(tiny_pixel):
+    """LucidDreamer's ISM: z_s comes from z by deterministic DDIM inversion with the unconditional
+    prediction (steps of at most the stride from t = 0), z_t from z_s by one more step, and the
+    gradient is w(t)·(eps_cfg(z_t, t) − eps_uncond(z_s, s)), checked against the DDIM formulas step by
+    step. No random noise enters, so two calls under different seeds give the same gradient, which SDS
+    does not."""
+    from backend.guidance import load_guidance
+
+    g = load_guidance(GuidanceConfig(model=str(tiny_pixel), fp16=False, cfg_scale=5.0, sds_form="ism",
+                                     ism_interval=50, ism_inversion_stride=200), "cpu")
+    g.set_prompt("a red cube")
+    az, el = torch.tensor([0.0, 90.0]), torch.tensor([10.0, 10.0])
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([450, 450])
+    g.sample_timesteps = lambda batch, ratio, lo, hi: (t, 450, 450)
+    calls = []
+    real_unet = g.unet_noise
+
+    def counted(x, tt, emb, cam=None):
+        calls.append([int(v) for v in tt])
+        return real_unet(x, tt, emb, cam)
+
+    g.unet_noise = counted
+    grads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        x = images.clone().requires_grad_(True)
+        g.sds_loss(x, az, el, 0.3).backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+    # s = 400 in ceil(400 / 200) = 2 inversion steps (0 → 200 → 400), one step 400 → 450, one guided pass
+    assert calls[:4] == [[0, 0], [200, 200], [400, 400], [450, 450, 450, 450]]
+    g.unet_noise = real_unet
+    alphas = g.bundle.alphas_cumprod
+    uncond = g._uncond.expand(2, -1, -1)
+    with torch.no_grad():
+        z = images * 2 - 1
+        x, eps = alphas[0].sqrt() * z, None
+        for t_from, t_to in ((0, 200), (200, 400), (400, 450)):
+            eps = real_unet(x, torch.tensor([t_from] * 2), uncond)
+            x0 = (x - (1 - alphas[t_from]).sqrt() * eps) / alphas[t_from].sqrt()
+            x = alphas[t_to].sqrt() * x0 + (1 - alphas[t_to]).sqrt() * eps
+        grad = (1 - alphas[450]) * (g.predict_noise(x, t, g.view_embeddings(az, el)) - eps)
+    # d loss / d image = d loss / d z · 2 = grad / B · 2
+    assert torch.allclose(grads[0], grad * 2 / 2, atol=1e-5)
+    sds = load_guidance(GuidanceConfig(model=str(tiny_pixel), fp16=False, cfg_scale=5.0), "cpu")
+    sds.set_prompt("a red cube")
+    sds_grads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        x = images.clone().requires_grad_(True)
+        sds.sds_loss(x, az, el, 0.3).backward()
+        sds_grads.append(x.grad)
+    assert not torch.allclose(sds_grads[0], sds_grads[1])
+
+
+def test_interval_score_matching_settings_are_checked():
+    from backend.pipeline.presets import get_preset
+
+    preset = get_preset("cpu", overrides={"guidance.sds_form": "ism", "guidance.ism_interval": 80,
+                                          "guidance.weighting": "sigma"})
+    assert (preset.guidance.sds_form, preset.guidance.ism_interval, preset.guidance.weighting) == ("ism", 80, "sigma")
+    with pytest.raises((ValueError, ProtocolError), match="ism_interval"):
+        get_preset("cpu", overrides={"guidance.ism_interval": 0})
+    with pytest.raises((ValueError, ProtocolError), match="ism_inversion_stride"):
+        get_preset("cpu", overrides={"guidance.ism_inversion_stride": 5})

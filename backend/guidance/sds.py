@@ -35,6 +35,15 @@ Options (``GuidanceConfig``):
   x0)^2) / B. One step is the x0 form; more steps give a sample of the prior near the render (a sharp
   mode) instead of the one-step posterior mean (a blur over every image the noisy render could have
   come from). Costs ``denoise_steps`` UNet passes per view instead of one.
+* ``sds_form="ism"``: Interval Score Matching (LucidDreamer, Liang et al. 2024). The render is not
+  noised with fresh random noise: it is carried to s = t − ``ism_interval`` by deterministic DDIM
+  inversion (eta 0, the unconditional prediction, in steps of at most ``ism_inversion_stride``
+  timesteps from t = 0),
+  and from s to t by one more inversion step. The gradient is w(t)·(eps_hat(z_t, t) − eps_uncond(z_s,
+  s)): the guided score at t against the unconditional one a short interval below on the same
+  trajectory, in place of SDS's random eps. So x_t keeps the render's own layout (its pose, its
+  yaw) at every noise level, and the target carries no noise of its own. Costs
+  ceil(s / ``ism_inversion_stride``) + 1 unconditional UNet passes per view on top of the guided one.
 """
 
 from __future__ import annotations
@@ -184,6 +193,8 @@ class DiffusionGuidance(Guidance):
             return torch.ones_like(a)
         if self.config.weighting == "fantasia3d":
             return a.sqrt() * (1.0 - a)
+        if self.config.weighting == "sigma":  # LucidDreamer's w(t) for interval score matching
+            return ((1.0 - a) / a).sqrt()
         raise GuidanceError(f"unknown SDS weighting {self.config.weighting!r}")
 
     def camera_labels(self, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor) -> torch.Tensor | None:
@@ -207,27 +218,32 @@ class DiffusionGuidance(Guidance):
         ``camera`` (B, D): the views' camera vectors for a camera-conditioned model (both passes);
         ``cfg_scale``: the guidance scale (None: the config's ``cfg_scale``)."""
         B = z_t.shape[0]
-        unet = self.bundle.unet
-        dtype = self.bundle.dtype
         uncond = self._uncond.expand(B, -1, -1)
-        model_in = torch.cat([z_t, z_t], dim=0).to(dtype)
         labels = None if camera is None else torch.cat([camera, camera], dim=0)
-        with on_compute_device(self.bundle, unet):
-            out = unet(model_in, torch.cat([t, t], dim=0), encoder_hidden_states=torch.cat([cond, uncond], 0),
-                       class_labels=labels).sample
-        out = out.float()
-        a = self.bundle.alphas_cumprod[torch.cat([t, t])].view(-1, 1, 1, 1)
-        zz = torch.cat([z_t, z_t], dim=0).float()
-        ptype = self.bundle.prediction_type
-        if ptype == "v_prediction":
-            out = a.sqrt() * out + (1.0 - a).sqrt() * zz
-        elif ptype == "sample":
-            out = (zz - a.sqrt() * out) / (1.0 - a).sqrt()
-        elif ptype != "epsilon":
-            raise GuidanceError(f"unsupported prediction_type {ptype!r}")
+        out = self.unet_noise(torch.cat([z_t, z_t], dim=0), torch.cat([t, t], dim=0), torch.cat([cond, uncond], 0),
+                              labels)
         eps_cond, eps_uncond = out.chunk(2)
         scale = self.config.cfg_scale if cfg_scale is None else cfg_scale
         return eps_uncond + scale * (eps_cond - eps_uncond)
+
+    def unet_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                   camera: torch.Tensor | None = None) -> torch.Tensor:
+        """One UNet pass: the noise (B, C, h, w) float32 it predicts for ``z_t`` at timesteps ``t`` (B,) under
+        text ``embeddings`` (B, L, D) and camera vectors (B, D) or None, whatever its prediction type."""
+        with on_compute_device(self.bundle, self.bundle.unet):
+            out = self.bundle.unet(z_t.to(self.bundle.dtype), t, encoder_hidden_states=embeddings,
+                                   class_labels=camera).sample
+        out = out.float()
+        a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
+        zz = z_t.float()
+        ptype = self.bundle.prediction_type
+        if ptype == "v_prediction":
+            return a.sqrt() * out + (1.0 - a).sqrt() * zz
+        if ptype == "sample":
+            return (zz - a.sqrt() * out) / (1.0 - a).sqrt()
+        if ptype != "epsilon":
+            raise GuidanceError(f"unsupported prediction_type {ptype!r}")
+        return out
 
     def x0_estimate(self, z_t: torch.Tensor, t: torch.Tensor, eps_hat: torch.Tensor) -> torch.Tensor:
         """The one-step denoised estimate (B, C, h, w) of ``z_t`` at timesteps ``t`` (B,) given its noise
@@ -253,6 +269,27 @@ class DiffusionGuidance(Guidance):
             eps = self.predict_noise(x, t_k, cond, camera, cfg_scale)
         return self.x0_estimate(x, t_k, eps)
 
+    def invert(self, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor, steps: int,
+               camera: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDIM inversion (eta 0; Song et al. 2021, run forward in t) of clean inputs ``z`` (B, C, h, w) with
+        the unconditional prediction: ``steps`` equal steps from t = 0 up to ``s`` (B,), then one from ``s``
+        to ``t`` (B,). Returns (z_t, eps_uncond(z_s, s)), the noisy input at ``t`` and the last step's
+        noise prediction, which is Interval Score Matching's target (LucidDreamer, Liang et al. 2024)."""
+        alphas = self.bundle.alphas_cumprod
+        steps = max(int(steps), 1)
+        x = alphas[0].sqrt() * z  # t = 0: the clean render at the schedule's first level, as LucidDreamer
+        t_k = torch.zeros_like(s)
+        eps = None
+        marks = [(s.float() * k / steps).round().long() for k in range(1, steps + 1)] + [t]
+        for t_next in marks:
+            eps = self.unet_noise(x, t_k, self._uncond.expand(x.shape[0], -1, -1), camera)
+            a = alphas[t_k].view(-1, 1, 1, 1)
+            a_next = alphas[t_next].view(-1, 1, 1, 1)
+            x0 = (x - (1.0 - a).sqrt() * eps) / a.sqrt()
+            x = a_next.sqrt() * x0 + (1.0 - a_next).sqrt() * eps
+            t_k = t_next
+        return x, eps
+
     def sds_loss(self, images: torch.Tensor, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor,
                  step_ratio: float) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
@@ -273,9 +310,14 @@ class DiffusionGuidance(Guidance):
                 z = self.encode_images(x)
             t, lo, hi = self.sample_timesteps(B, step_ratio, lo, hi)  # after encoding: same RNG order as before
             with torch.no_grad():
-                noise = torch.randn_like(z)
-                a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
-                z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
+                if self.config.sds_form == "ism":
+                    s = (t - int(self.config.ism_interval)).clamp_min(0)
+                    steps = -(-max(hi - int(self.config.ism_interval), 0) // int(self.config.ism_inversion_stride))
+                    z_t, noise = self.invert(z.detach(), s, t, steps, camera)
+                else:
+                    noise = torch.randn_like(z)
+                    a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
+                    z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
                 scale = self.cfg_scale_at(step_ratio)
                 eps_hat = self.predict_noise(z_t, t, cond, camera, scale)
                 if self.config.sds_form == "multistep":

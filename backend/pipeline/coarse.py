@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.gaussians.cameras import as_range, sample_cameras
+from backend.gaussians.cameras import AZIMUTH_RANGE, as_range, sample_cameras
 from backend.gaussians.densify import Densifier
 from backend.gaussians.model import GaussianModel
 from backend.gaussians.render import resolve_backend
@@ -80,6 +80,21 @@ def normal_smooth_weight(config, ratio: float) -> float:
     """The weight of the depth normals' smoothness at ``ratio`` of the run (threestudio's
     ``lambda_normal_smooth``; ``ramped_weight`` from ``normal_smooth_from``)."""
     return ramped_weight(config.normal_smooth_weight, config.normal_smooth_from, ratio)
+
+
+def progressive_camera_ranges(config, ratio: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(azimuth_range, elevation_range) in degrees for the cameras at ``ratio`` of the run.
+
+    threestudio's progressive views (``progressive_until``): with ``progressive_views_until`` u > 0
+    the ranges grow linearly from the front view (azimuth 0°, ``progressive_views_elevation``) at the
+    start to the full ranges (±180°, ``elevation_range``) at u of the run; with u = 0 they are full from
+    the start."""
+    lo, hi = as_range(config.elevation_range)
+    until = float(config.progressive_views_until)
+    r = 1.0 if until <= 0.0 else min(1.0, ratio / until)
+    front = float(config.progressive_views_elevation)
+    azimuth = (AZIMUTH_RANGE[0] * r, AZIMUTH_RANGE[1] * r)
+    return azimuth, ((1.0 - r) * front + r * lo, (1.0 - r) * front + r * hi)
 
 
 def render_resolution(config, ratio: float) -> int:
@@ -177,9 +192,11 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         t0 = time.perf_counter()
         ratio = step_ratio(step, steps)
         res = render_resolution(config, ratio)
-        cams = sample_cameras(config.batch_size, res, generator, elevation_range=as_range(config.elevation_range),
-                              distance_range=as_range(config.distance_range), fovy_range=as_range(config.fovy_range),
-                              device=device, stratified_azimuth=config.stratified_azimuth)
+        azimuth_range, elevation_range = progressive_camera_ranges(config, ratio)
+        cams = sample_cameras(config.batch_size, res, generator, azimuth_range=azimuth_range,
+                              elevation_range=elevation_range, distance_range=as_range(config.distance_range),
+                              fovy_range=as_range(config.fovy_range), device=device,
+                              stratified_azimuth=config.stratified_azimuth)
         for group in optimizer.param_groups:
             group["lr"] = _lrs(config, ratio)[group["name"]]
         densifying = config.densify_from <= ratio <= config.densify_until

@@ -48,17 +48,24 @@ class GuidanceConfig:
             (these three shape ``t_sampling="random"`` only; an override of them on a DreamTime preset,
             every preset here, is refused by ``get_preset``).
         weighting: "sds" (w = 1 - alpha_bar_t, threestudio), "uniform" (w = 1) or
-            "fantasia3d" (w = sqrt(alpha_bar_t) * (1 - alpha_bar_t)).
+            "fantasia3d" (w = sqrt(alpha_bar_t) * (1 - alpha_bar_t)) or "sigma" (w = sqrt((1 - alpha_bar_t) /
+            alpha_bar_t), LucidDreamer's weight for interval score matching).
         grad_clip: clamp each element of the SDS gradient to ±grad_clip (0 disables).
         t_sampling: "random" (t ~ U[t_lo, t_hi] of the annealed range) or "dreamtime"
             (DreamTime, Huang et al. 2023: a monotonically decreasing, time-prioritised t over the
             run within [t_min, t_max], prior W_p with dreamtime_m1/m2/s1/s2 as fractions of the
             training timesteps; each view jittered by ±t_jitter).
-        sds_form: "eps" (the SDS gradient w(t)·(eps_hat − eps)) or "x0" (StableDreamer, Guo et al.
+        sds_form: "eps" (the SDS gradient w(t)·(eps_hat − eps)), "ism" (below) or "x0" (StableDreamer, Guo et al.
             2023: reconstruction toward the one-step denoised image, x0_weight·(z − x0_hat)) or
             "multistep" (DreamGaussian, Tang et al. 2023, stage 2: toward the image denoised from t by
             ``denoise_steps`` DDIM steps, x0_weight·(z − x0)).
         denoise_steps: DDIM steps of the multistep form (UNet passes per view and step).
+            ``sds_form="ism"`` is Interval Score Matching (LucidDreamer, Liang et al. 2024): the render
+            reaches t by deterministic DDIM inversion instead of random noise, and the target is the
+            unconditional prediction ``ism_interval`` timesteps below t on the same trajectory.
+        ism_interval: ISM's interval t − s in training timesteps (LucidDreamer: 25–100).
+        ism_inversion_stride: the longest DDIM inversion step from 0 to s, in training timesteps
+            (LucidDreamer's 200); the unconditional UNet passes per view are ceil(s / stride) + 1.
         fp16: run the UNet/VAE in float16 on CUDA (always float32 on the CPU).
         attention_slicing: sliced attention; ignored where PyTorch SDPA exists (it would only be slower).
         cpu_offload: diffusers-style model offload: the models rest in CPU memory and each moves to the
@@ -89,6 +96,8 @@ class GuidanceConfig:
     sds_form: str = "eps"
     x0_weight: float = 1.0
     denoise_steps: int = 4
+    ism_interval: int = 50
+    ism_inversion_stride: int = 200
     fp16: bool = True
     attention_slicing: bool = False
     cpu_offload: bool = False
@@ -174,6 +183,15 @@ class CoarseConfig:
             arcs of azimuth (threestudio's ``batch_uniform_azimuth``; ``cameras.sample_cameras``), so
             every step sees the object from all sides. Measured on the cpu preset (session 8): within
             noise; off.
+        progressive_views_until: the camera ranges grow from one front view to the full ranges over
+            this fraction of the run (threestudio's ``progressive_until``): at ``ratio`` r of the run the
+            azimuth is drawn from ±180°·min(r / until, 1) and the elevation from ``elevation_range``
+            pulled towards ``progressive_views_elevation`` by the same factor
+            (``coarse.progressive_camera_ranges``). So the first views agree on which side of the object
+            they see and the shape forms from them; later views meet a shape that is already there. 0
+            disables (full ranges from the start).
+        progressive_views_elevation: the front view's elevation (degrees) the ranges grow from
+            (threestudio's ``eval_elevation_deg``).
         reference_weight: weight of a mask loss in one reference view drawn from the guidance model
             before the run (text → image → 3D, DreamCraft3D / Magic123; ``backend.pipeline.reference_view``):
             the mean squared error between the rendered alpha and the reference image's object mask, during
@@ -238,6 +256,8 @@ class CoarseConfig:
     lr_background: float = 1e-2
     fill_unseen: bool = False
     stratified_azimuth: bool = False
+    progressive_views_until: float = 0.0
+    progressive_views_elevation: float = 15.0
     reference_weight: float = 0.0
     reference_until: float = 1.0
     reference_elevation: float = 15.0
@@ -560,18 +580,23 @@ def validate_preset(preset: Preset) -> None:
         ("coarse.max_points", c.max_points >= c.num_points, "must be >= coarse.num_points"),
         ("coarse.preview_every", c.preview_every >= 0, "must be >= 0"),
         ("coarse.renderer", c.renderer in ("auto", "gsplat", "torch"), "must be auto, gsplat or torch"),
+        ("coarse.progressive_views_until", 0.0 <= c.progressive_views_until <= 1.0, "must be in [0, 1]"),
+        ("coarse.progressive_views_elevation", -90.0 <= c.progressive_views_elevation <= 90.0,
+         "must be in [-90, 90] degrees"),
         ("guidance.t_min", 0.0 <= g.t_min <= g.t_max <= 1.0, "need 0 <= t_min <= t_max <= 1"),
         ("guidance.t_min_end", 0.0 <= g.t_min_end <= g.t_max_end <= 1.0,
          "need 0 <= t_min_end <= t_max_end <= 1"),
-        ("guidance.weighting", g.weighting in ("sds", "uniform", "fantasia3d"),
-         "must be sds, uniform or fantasia3d"),
+        ("guidance.weighting", g.weighting in ("sds", "uniform", "fantasia3d", "sigma"),
+         "must be sds, uniform, fantasia3d or sigma"),
         ("guidance.t_anneal", g.t_anneal in ("constant", "linear", "cosine", "sqrt", "step"),
          "must be constant, linear, cosine, sqrt or step"),
         ("guidance.grad_clip", g.grad_clip >= 0, "must be >= 0"),
         ("guidance.vae", isinstance(g.vae, str) and bool(g.vae.strip()),
          "must be model, taesd, or a hub id / folder holding an AutoencoderTiny"),
         ("guidance.t_sampling", g.t_sampling in ("random", "dreamtime"), "must be random or dreamtime"),
-        ("guidance.sds_form", g.sds_form in ("eps", "x0", "multistep"), "must be eps, x0 or multistep"),
+        ("guidance.sds_form", g.sds_form in ("eps", "x0", "multistep", "ism"), "must be eps, x0, multistep or ism"),
+        ("guidance.ism_interval", 1 <= g.ism_interval <= 500, "must be 1..500 timesteps"),
+        ("guidance.ism_inversion_stride", 10 <= g.ism_inversion_stride <= 1000, "must be 10..1000 timesteps"),
         ("fine.sds_form", preset.fine is None or preset.fine.sds_form in (None, "eps", "x0", "multistep"),
          "must be none, eps, x0 or multistep"),
         ("guidance.t_jitter", 0.0 <= g.t_jitter <= 0.5, "must be in [0, 0.5]"),
