@@ -37,13 +37,14 @@ Options (``GuidanceConfig``):
   come from). Costs ``denoise_steps`` UNet passes per view instead of one.
 * ``sds_form="ism"``: Interval Score Matching (LucidDreamer, Liang et al. 2024). The render is not
   noised with fresh random noise: it is carried to s = t − ``ism_interval`` by deterministic DDIM
-  inversion (eta 0, the unconditional prediction, in steps of at most ``ism_inversion_stride``
-  timesteps from t = 0),
-  and from s to t by one more inversion step. The gradient is w(t)·(eps_hat(z_t, t) − eps_uncond(z_s,
-  s)): the guided score at t against the unconditional one a short interval below on the same
-  trajectory, in place of SDS's random eps. So x_t keeps the render's own layout (its pose, its
-  yaw) at every noise level, and the target carries no noise of its own. Costs
+  inversion (eta 0, the unconditional prediction, steps of at most ``ism_inversion_stride`` timesteps
+  from t = 0), and from s to t by one more inversion step. The gradient is w(t)·(eps_hat(z_t, t) −
+  eps_uncond(z_s, s)): the guided score at t against the unconditional one a short interval below on
+  the same trajectory, in place of SDS's random eps. So z_t keeps the render's own layout (its pose,
+  its yaw) at every noise level, and the target carries no noise of its own. Costs
   ceil(s / ``ism_inversion_stride``) + 1 unconditional UNet passes per view on top of the guided one.
+  Measured on the cpu preset (docs/benchmarks.md, session 20): better cones and pyramids, worse red
+  cylinders and cubes, the same IoU passes, and about 1.7× the time a job; off.
 """
 
 from __future__ import annotations
@@ -277,7 +278,9 @@ class DiffusionGuidance(Guidance):
         noise prediction, which is Interval Score Matching's target (LucidDreamer, Liang et al. 2024)."""
         alphas = self.bundle.alphas_cumprod
         steps = max(int(steps), 1)
-        x = alphas[0].sqrt() * z  # t = 0: the clean render at the schedule's first level, as LucidDreamer
+        # t = 0: the render at the schedule's first level. LucidDreamer also adds that level's tiny noise,
+        # sqrt(1 - alpha_bar_0)·eps; without it the whole trajectory is deterministic.
+        x = alphas[0].sqrt() * z
         t_k = torch.zeros_like(s)
         eps = None
         marks = [(s.float() * k / steps).round().long() for k in range(1, steps + 1)] + [t]
