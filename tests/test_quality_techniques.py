@@ -653,13 +653,17 @@ def test_interval_score_matching_inverts_the_render_and_draws_no_noise(tiny_pixe
         calls.append([int(v) for v in tt])
         return real_unet(x, tt, emb, cam)
 
+    def gradients_under_two_seeds(guidance) -> list[torch.Tensor]:
+        grads = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            x = images.clone().requires_grad_(True)
+            guidance.sds_loss(x, az, el, 0.3).backward()
+            grads.append(x.grad)
+        return grads
+
     g.unet_noise = counted
-    grads = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        x = images.clone().requires_grad_(True)
-        g.sds_loss(x, az, el, 0.3).backward()
-        grads.append(x.grad)
+    grads = gradients_under_two_seeds(g)
     assert torch.equal(grads[0], grads[1])
     # s = 400 in ceil(400 / 200) = 2 inversion steps (0 → 200 → 400), one step 400 → 450, one guided pass
     assert calls[:4] == [[0, 0], [200, 200], [400, 400], [450, 450, 450, 450]]
@@ -674,16 +678,11 @@ def test_interval_score_matching_inverts_the_render_and_draws_no_noise(tiny_pixe
             x0 = (x - (1 - alphas[t_from]).sqrt() * eps) / alphas[t_from].sqrt()
             x = alphas[t_to].sqrt() * x0 + (1 - alphas[t_to]).sqrt() * eps
         grad = (1 - alphas[450]) * (g.predict_noise(x, t, g.view_embeddings(az, el)) - eps)
-    # d loss / d image = d loss / d z · 2 = grad / B · 2
-    assert torch.allclose(grads[0], grad * 2 / 2, atol=1e-5)
+    # d loss / d image = (d loss / d z) · (d z / d image) = grad / B · 2, and B = 2
+    assert torch.allclose(grads[0], grad, atol=1e-5)
     sds = load_guidance(GuidanceConfig(model=str(tiny_pixel), fp16=False, cfg_scale=5.0), "cpu")
     sds.set_prompt("a red cube")
-    sds_grads = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        x = images.clone().requires_grad_(True)
-        sds.sds_loss(x, az, el, 0.3).backward()
-        sds_grads.append(x.grad)
+    sds_grads = gradients_under_two_seeds(sds)
     assert not torch.allclose(sds_grads[0], sds_grads[1])
 
 
