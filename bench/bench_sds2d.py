@@ -70,12 +70,10 @@ def inversion_round_trip(guidance, prompt: str) -> None:
             for t in (300, 600, 900):
                 steps = -(-t // stride)
                 z_t, _ = guidance.invert(z, torch.tensor([t]), torch.tensor([t]), steps, None)
-                x_k, t_k = z_t, t
-                for k in range(1, steps + 1):
-                    t_next = round(t * (1 - k / steps))
-                    eps = guidance.unet_noise(x_k, torch.tensor([t_k]), uncond)
-                    x0 = (x_k - (1 - alphas[t_k]).sqrt() * eps) / alphas[t_k].sqrt()
-                    x_k = alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps
+                x_k, t_k = z_t, torch.tensor([t])
+                for k in range(1, steps + 1):  # back down the same marks, unconditional and unclamped
+                    t_next = torch.tensor([round(t * (1 - k / steps))])
+                    x_k = guidance.ddim_step(x_k, guidance.unet_noise(x_k, t_k, uncond), t_k, t_next)
                     t_k = t_next
                 err = (x_k / alphas[0].sqrt() - z).abs().mean()
                 print(f"stride {stride:3d}  t {t}: inverted std {float(z_t.std()):.3f}  round-trip error {float(err):.3f}")

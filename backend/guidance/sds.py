@@ -286,12 +286,18 @@ class DiffusionGuidance(Guidance):
         marks = [(s.float() * k / steps).round().long() for k in range(1, steps + 1)] + [t]
         for t_next in marks:
             eps = self.unet_noise(x, t_k, self._uncond.expand(x.shape[0], -1, -1), camera)
-            a = alphas[t_k].view(-1, 1, 1, 1)
-            a_next = alphas[t_next].view(-1, 1, 1, 1)
-            x0 = (x - (1.0 - a).sqrt() * eps) / a.sqrt()
-            x = a_next.sqrt() * x0 + (1.0 - a_next).sqrt() * eps
+            x = self.ddim_step(x, eps, t_k, t_next)
             t_k = t_next
         return x, eps
+
+    def ddim_step(self, x: torch.Tensor, eps: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor) -> torch.Tensor:
+        """One deterministic DDIM step (eta 0; Song et al. 2021) of ``x`` (B, C, h, w) from timesteps ``t_from``
+        to ``t_to`` (B,), given the noise ``eps`` predicted at ``t_from``, with the clean estimate unclamped.
+        Up in t it is DDIM inversion (``invert``), down it denoises."""
+        a = self.bundle.alphas_cumprod[t_from].view(-1, 1, 1, 1)
+        a_next = self.bundle.alphas_cumprod[t_to].view(-1, 1, 1, 1)
+        x0 = (x - (1.0 - a).sqrt() * eps) / a.sqrt()
+        return a_next.sqrt() * x0 + (1.0 - a_next).sqrt() * eps
 
     def sds_loss(self, images: torch.Tensor, azimuth_deg: torch.Tensor, elevation_deg: torch.Tensor,
                  step_ratio: float) -> torch.Tensor:
