@@ -215,8 +215,9 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "guidance.dreamtime_s2": _f(0.0, 1.0, "DreamTime prior: second mode width (fraction)"),
     "guidance.t_jitter": _f(0.0, 0.5, "per-view timestep jitter (fraction)"),
     "guidance.sds_form": _c("SDS gradient form: eps, x0 (StableDreamer reconstruction), multistep "
-                            "(DreamGaussian's multi-step denoised target) or ism (LucidDreamer's interval score "
-                            "matching)", "eps", "x0", "multistep", "ism"),
+                            "(DreamGaussian's multi-step denoised target), ism (LucidDreamer's interval score "
+                            "matching) or csd (classifier score distillation)", "eps", "x0", "multistep", "ism",
+                            "csd"),
     "guidance.ism_interval": _i(1, 500, "interval score matching: t - s in training timesteps"),
     "guidance.ism_inversion_stride": _i(10, 1000, "interval score matching: longest DDIM inversion step "
                                         "(training timesteps)"),

@@ -45,6 +45,11 @@ Options (``GuidanceConfig``):
   ceil(s / ``ism_inversion_stride``) + 1 unconditional UNet passes per view on top of the guided one.
   Measured on the cpu preset (docs/benchmarks.md, session 20): better cones and pyramids, worse red
   cylinders and cubes, the same IoU passes, and about 1.7× the time a job; off.
+* ``sds_form="csd"``: Classifier Score Distillation (Yu et al. 2024, "Text-to-3D with Classifier Score
+  Distillation"): grad = w(t)·cfg·(eps_cond − eps_uncond), the classifier-free guidance term alone. SDS's
+  other term, eps_uncond − eps, pulls the render toward any image of the prior at that noise (the
+  unconditional score minus the noise that was added: high variance, and the paper finds it adds little).
+  The same UNet passes as SDS; ``cfg_scale`` is the term's weight, so the learning rates keep their scale.
 """
 
 from __future__ import annotations
@@ -218,14 +223,21 @@ class DiffusionGuidance(Guidance):
         """CFG noise prediction (B, C, h, w) float32 for noisy inputs ``z_t`` at timesteps ``t``;
         ``camera`` (B, D): the views' camera vectors for a camera-conditioned model (both passes);
         ``cfg_scale``: the guidance scale (None: the config's ``cfg_scale``)."""
+        eps_cond, eps_uncond = self.noise_pair(z_t, t, cond, camera)
+        scale = self.config.cfg_scale if cfg_scale is None else cfg_scale
+        return eps_uncond + scale * (eps_cond - eps_uncond)
+
+    def noise_pair(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                   camera: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_cond, eps_uncond), each (B, C, h, w) float32: the conditional and the unconditional noise
+        predictions for ``z_t`` at timesteps ``t`` (B,), in one batched UNet pass."""
         B = z_t.shape[0]
         uncond = self._uncond.expand(B, -1, -1)
         labels = None if camera is None else torch.cat([camera, camera], dim=0)
         out = self.unet_noise(torch.cat([z_t, z_t], dim=0), torch.cat([t, t], dim=0), torch.cat([cond, uncond], 0),
                               labels)
         eps_cond, eps_uncond = out.chunk(2)
-        scale = self.config.cfg_scale if cfg_scale is None else cfg_scale
-        return eps_uncond + scale * (eps_cond - eps_uncond)
+        return eps_cond, eps_uncond
 
     def unet_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
                    camera: torch.Tensor | None = None) -> torch.Tensor:
@@ -328,7 +340,11 @@ class DiffusionGuidance(Guidance):
                     a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
                     z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
                 scale = self.cfg_scale_at(step_ratio)
-                eps_hat = self.predict_noise(z_t, t, cond, camera, scale)
+                if self.config.sds_form == "csd":
+                    eps_cond, eps_uncond = self.noise_pair(z_t, t, cond, camera)
+                    eps_hat = noise + scale * (eps_cond - eps_uncond)  # SDS's eps_hat - eps is then CSD's term
+                else:
+                    eps_hat = self.predict_noise(z_t, t, cond, camera, scale)
                 if self.config.sds_form == "multistep":
                     x0 = self.denoise(z_t, t, eps_hat, cond, camera, int(self.config.denoise_steps), scale)
                     grad = float(self.config.x0_weight) * (z.detach() - x0)
