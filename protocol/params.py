@@ -221,6 +221,7 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "guidance.ism_interval": _i(1, 500, "interval score matching: t - s in training timesteps"),
     "guidance.ism_inversion_stride": _i(10, 1000, "interval score matching: longest DDIM inversion step "
                                         "(training timesteps)"),
+    "guidance.ism_until": _f(0.0, 1.0, "interval score matching for this fraction of the run, then SDS"),
     "guidance.x0_weight": _f(0.0, 1000.0, "weight of the x0-form and multistep SDS losses"),
     "guidance.denoise_steps": _i(1, 50, "DDIM steps of the multistep SDS target (UNet passes per view)"),
     "guidance.t_anneal": _c("timestep schedule", "constant", "linear", "cosine", "sqrt", "step"),

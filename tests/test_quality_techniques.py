@@ -727,3 +727,28 @@ def test_classifier_score_distillation_is_the_guidance_term_alone(tiny_pixel):
     assert torch.allclose(grads["csd"], w * 5.0 * (eps_cond - eps_uncond), atol=1e-5)
     assert torch.allclose(grads["eps"] - grads["csd"], w * (eps_uncond - noises["csd"]), atol=1e-5)
     assert (eps_uncond - noises["csd"]).abs().max() > 1e-3  # the dropped term is not zero here
+
+
+def test_interval_score_matching_can_hand_over_to_sds_part_way(tiny_pixel):
+    """``guidance.ism_until``: before it the gradient has no random noise in it (the same under two seeds),
+    after it the step is plain SDS (two seeds differ, and it equals an ``eps`` guidance's step)."""
+    from backend.guidance import load_guidance
+
+    az, el = torch.tensor([0.0, 90.0]), torch.tensor([10.0, 10.0])
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+    def grad(guidance, seed: int, ratio: float) -> torch.Tensor:
+        guidance.set_prompt("a red cube")
+        guidance.sample_timesteps = lambda batch, r, lo, hi: (torch.tensor([450, 450]), 450, 450)
+        torch.manual_seed(seed)
+        x = images.clone().requires_grad_(True)
+        guidance.sds_loss(x, az, el, ratio).backward()
+        return x.grad
+
+    ism = load_guidance(GuidanceConfig(model=str(tiny_pixel), fp16=False, cfg_scale=5.0, sds_form="ism",
+                                       ism_until=0.5), "cpu")
+    sds = load_guidance(GuidanceConfig(model=str(tiny_pixel), fp16=False, cfg_scale=5.0), "cpu")
+    assert torch.equal(grad(ism, 0, 0.3), grad(ism, 1, 0.3))
+    late = grad(ism, 0, 0.7)
+    assert not torch.allclose(late, grad(ism, 1, 0.7))
+    assert torch.equal(late, grad(sds, 0, 0.7))

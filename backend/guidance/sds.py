@@ -44,7 +44,8 @@ Options (``GuidanceConfig``):
   its yaw) at every noise level, and the target carries no noise of its own. Costs
   ceil(s / ``ism_inversion_stride``) + 1 unconditional UNet passes per view on top of the guided one.
   Measured on the cpu preset (docs/benchmarks.md, session 20): better cones and pyramids, worse red
-  cylinders and cubes, the same IoU passes, and about 1.7× the time a job; off.
+  cylinders and cubes, the same IoU passes, and about 1.7× the time a job; off. ``ism_until`` < 1 uses
+  ISM for that fraction of the run only and SDS's fresh noise after it.
 * ``sds_form="csd"``: Classifier Score Distillation (Yu et al. 2024, "Text-to-3D with Classifier Score
   Distillation"): grad = w(t)·cfg·(eps_cond − eps_uncond), the classifier-free guidance term alone. SDS's
   other term, eps_uncond − eps, pulls the render toward any image of the prior at that noise (the
@@ -331,7 +332,7 @@ class DiffusionGuidance(Guidance):
                 z = self.encode_images(x)
             t, lo, hi = self.sample_timesteps(B, step_ratio, lo, hi)  # after encoding: same RNG order as before
             with torch.no_grad():
-                if self.config.sds_form == "ism":
+                if self.config.sds_form == "ism" and step_ratio < float(self.config.ism_until):
                     s = (t - int(self.config.ism_interval)).clamp_min(0)
                     steps = -(-max(hi - int(self.config.ism_interval), 0) // int(self.config.ism_inversion_stride))
                     z_t, noise = self.invert(z.detach(), s, t, steps, camera)

@@ -55,10 +55,12 @@ class GuidanceConfig:
             (DreamTime, Huang et al. 2023: a monotonically decreasing, time-prioritised t over the
             run within [t_min, t_max], prior W_p with dreamtime_m1/m2/s1/s2 as fractions of the
             training timesteps; each view jittered by ±t_jitter).
-        sds_form: "eps" (the SDS gradient w(t)·(eps_hat − eps)), "ism" (below) or "x0" (StableDreamer, Guo et al.
-            2023: reconstruction toward the one-step denoised image, x0_weight·(z − x0_hat)) or
-            "multistep" (DreamGaussian, Tang et al. 2023, stage 2: toward the image denoised from t by
-            ``denoise_steps`` DDIM steps, x0_weight·(z − x0)).
+        sds_form: "eps" (the SDS gradient w(t)·(eps_hat − eps)), "ism" (below), "csd" (below) or "x0"
+            (StableDreamer, Guo et al. 2023: reconstruction toward the one-step denoised image,
+            x0_weight·(z − x0_hat)) or "multistep" (DreamGaussian, Tang et al. 2023, stage 2: toward the
+            image denoised from t by ``denoise_steps`` DDIM steps, x0_weight·(z − x0)).
+            ``sds_form="csd"`` is Classifier Score Distillation (Yu et al. 2024): w(t)·cfg·(eps_cond −
+            eps_uncond), SDS without its eps_uncond − eps term, at SDS's cost.
         denoise_steps: DDIM steps of the multistep form (UNet passes per view and step).
             ``sds_form="ism"`` is Interval Score Matching (LucidDreamer, Liang et al. 2024): the render
             reaches t by deterministic DDIM inversion instead of random noise, and the target is the
@@ -69,6 +71,10 @@ class GuidanceConfig:
         ism_interval: ISM's interval t − s in training timesteps (LucidDreamer: 25–100).
         ism_inversion_stride: the longest DDIM inversion step from 0 to s, in training timesteps
             (LucidDreamer's 200); the unconditional UNet passes per view are ceil(s / stride) + 1.
+        ism_until: ISM for this fraction of the run, then plain SDS (fresh noise, the ``eps`` form): the
+            high-noise steps early in the run decide the object's layout, which is where SDS's fresh noise
+            lets each view pick its own (DreamTime's reading of the schedule, Huang et al. 2023); later, at
+            low noise, the two differ little and SDS needs no inversion passes. 1 = the whole run.
         fp16: run the UNet/VAE in float16 on CUDA (always float32 on the CPU).
         attention_slicing: sliced attention; ignored where PyTorch SDPA exists (it would only be slower).
         cpu_offload: diffusers-style model offload: the models rest in CPU memory and each moves to the
@@ -101,6 +107,7 @@ class GuidanceConfig:
     denoise_steps: int = 4
     ism_interval: int = 50
     ism_inversion_stride: int = 200
+    ism_until: float = 1.0
     fp16: bool = True
     attention_slicing: bool = False
     cpu_offload: bool = False
@@ -602,6 +609,7 @@ def validate_preset(preset: Preset) -> None:
          "must be eps, x0, multistep, ism or csd"),
         ("guidance.ism_interval", 1 <= g.ism_interval <= 500, "must be 1..500 timesteps"),
         ("guidance.ism_inversion_stride", 10 <= g.ism_inversion_stride <= 1000, "must be 10..1000 timesteps"),
+        ("guidance.ism_until", 0.0 <= g.ism_until <= 1.0, "must be in [0, 1] (a fraction of the run)"),
         ("fine.sds_form", preset.fine is None or preset.fine.sds_form in (None, "eps", "x0", "multistep"),
          "must be none, eps, x0 or multistep"),
         ("guidance.t_jitter", 0.0 <= g.t_jitter <= 0.5, "must be in [0, 0.5]"),
