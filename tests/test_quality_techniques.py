@@ -696,6 +696,9 @@ def test_interval_score_matching_settings_are_checked():
         get_preset("cpu", overrides={"guidance.ism_interval": 0})
     with pytest.raises((ValueError, ProtocolError), match="ism_inversion_stride"):
         get_preset("cpu", overrides={"guidance.ism_inversion_stride": 5})
+    with pytest.raises((ValueError, ProtocolError), match="ism_until"):
+        get_preset("cpu", overrides={"guidance.ism_until": 1.5})
+    assert get_preset("cpu", overrides={"guidance.sds_form": "csd"}).guidance.sds_form == "csd"
 
 
 def test_classifier_score_distillation_is_the_guidance_term_alone(tiny_pixel):
