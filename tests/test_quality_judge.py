@@ -121,6 +121,21 @@ def test_chart_seam_discontinuity_fails_seam():
     assert "speckle" not in failures(rep)  # each chart is still flat
 
 
+def test_blotches_of_two_tints_keep_the_mean_colour_but_show_as_off_colour():
+    """A yellow cone whose texture has orange and green stripes (like the blotches of session 21's CSD runs)
+    still has a yellow mean, so the colour passes; ``off_colour`` (information only) shows their area."""
+    clean = judge_mesh(with_texture(ref("cone", "yellow"), _flat(COLOURS["yellow"])), "cone", "yellow")
+    tex = _flat(COLOURS["yellow"])
+    tex[::32, :, :3] = tex[1::32, :, :3] = tex[2::32, :, :3] = (230, 110, 20)  # orange stripes
+    tex[3::32, :, :3] = tex[4::32, :, :3] = tex[5::32, :, :3] = (60, 150, 40)  # green stripes
+    blotched = judge_mesh(with_texture(ref("cone", "yellow"), tex), "cone", "yellow")
+    assert clean.value("colour") == blotched.value("colour") == "yellow"
+    assert clean.value("off_colour") < 0.01
+    assert 0.1 < blotched.value("off_colour") < 0.3  # 6 rows in 32: 19 % of the atlas
+    assert "off_colour" not in failures(blotched)
+    assert C.off_colour_fraction(np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.5, 0.5, 0.5]]), "red") == 2 / 3
+
+
 def test_grey_is_not_white():
     rep = judge_mesh(with_texture(ref("cube"), _flat((0.55, 0.55, 0.56))), "cube", "white")
     assert {"colour", "value"} <= failures(rep)

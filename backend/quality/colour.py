@@ -56,16 +56,38 @@ def classify_colour(rgb) -> ColourVerdict:
     r, g, b = (float(c) for c in np.clip(np.asarray(rgb, dtype=np.float64).reshape(3), 0.0, 1.0))
     h, s, v = colorsys.rgb_to_hsv(r, g, b)
     hsv = (h * 360.0, s, v)
-    if v <= BLACK_MAX_VALUE:
-        return ColourVerdict("black", hsv, None, (r, g, b))
-    if s <= WHITE_MAX_SATURATION and v >= WHITE_MIN_VALUE:
-        return ColourVerdict("white", hsv, None, (r, g, b))
-    if s < CHROMA_MIN_SATURATION:
-        return ColourVerdict("grey", hsv, None, (r, g, b))
-    dists = sorted((_hue_dist(hsv[0], hue), name) for name, hue in HUES.items())
-    margin = dists[1][0] - dists[0][0]
-    name = dists[0][1] if margin >= MIN_HUE_MARGIN else "ambiguous"
+    name, margin = _name_hsv(hsv)
     return ColourVerdict(name, hsv, margin, (r, g, b))
+
+
+def _name_hsv(hsv: tuple[float, float, float]) -> tuple[str, float | None]:
+    """(name, hue margin or None) of one colour (hue degrees, saturation, value) by the module's rules."""
+    h, s, v = hsv
+    if v <= BLACK_MAX_VALUE:
+        return "black", None
+    if s <= WHITE_MAX_SATURATION and v >= WHITE_MIN_VALUE:
+        return "white", None
+    if s < CHROMA_MIN_SATURATION:
+        return "grey", None
+    dists = sorted((_hue_dist(h, hue), name) for name, hue in HUES.items())
+    margin = dists[1][0] - dists[0][0]
+    return (dists[0][1] if margin >= MIN_HUE_MARGIN else "ambiguous"), margin
+
+
+def off_colour_fraction(rgb: np.ndarray, colour: str) -> float:
+    """Fraction of surface samples ``rgb`` (N, 3) sRGB in [0, 1] (equal-area samples of the surface as seen)
+    whose own colour, named one by one by the module's rules, is not ``colour``: blotches of another hue,
+    grey or black patches on a chromatic object, tinted patches on a white one. The colour verdict
+    judges only the mean, which blotches of two opposite tints leave right. Information only (no
+    threshold); a texture with shading or a little speckle scores a few per cent."""
+    rgb = np.clip(np.asarray(rgb, dtype=np.float64).reshape(-1, 3), 0.0, 1.0)
+    if len(rgb) == 0:
+        return 0.0
+    off = 0
+    for r, g, b in rgb.tolist():
+        h, s, v = colorsys.rgb_to_hsv(r, g, b)
+        off += _name_hsv((h * 360.0, s, v))[0] != colour
+    return off / len(rgb)
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:

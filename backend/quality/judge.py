@@ -31,7 +31,9 @@ relative margins between candidate solids. Measures (``backend.quality.report.Me
 
 Shown for information (no target in issue 12): ``tunnels`` (genus of the closed surface),
 ``voxel_components``, ``lit`` (mean luma of up-facing over down-facing surface, > 1 when light is
-baked into the albedo), ``luma`` (mean luma over the luma of the prompt colour's albedo), ``atlas``
+baked into the albedo), ``luma`` (mean luma over the luma of the prompt colour's albedo), ``off_colour``
+(the fraction of the colour samples that, named one by one, are not the intended colour:
+``colour.off_colour_fraction``; blotches that leave the mean right), ``atlas``
 (fraction of atlas texels whose centre lies in a UV chart, ``texture.chart_mask``; its detail gives
 ``texture.texel_density``: median texels per metre, the p90/p10 spread and the texel aspect).
 
@@ -137,6 +139,9 @@ def judge_mesh(mesh: MeshPayload, shape: str, colour: str | None = None, prompt:
         if colour == "white":
             measures.append(Measure("value", "white's value (HSV V of the mean)", v,
                                     f"≥ {THRESHOLDS['white_value_min']:.2f}", v >= THRESHOLDS["white_value_min"]))
+        if colour is not None:
+            measures.append(Measure("off_colour", "surface off its colour (samples named otherwise)",
+                                    C.off_colour_fraction(rgb, colour), "info", None))
         info.update(mean_rgb=verdict.rgb, mean_hsv=verdict.hsv, hue_margin=verdict.margin)
         # baked light: up-facing against down-facing surface
         tri = pos[faces[fid]]
