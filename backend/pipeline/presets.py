@@ -502,7 +502,14 @@ def _cpu() -> Preset:
     5/6 → 6/6 (at most 0.10), pyramids 0.719 → 0.758 (1/6 → 4/6); mean IoU 0.808 either way, the blue
     cones lose (0.67–0.73) and the white cubes stay at 0.68–0.70 (docs/benchmarks.md "A cap of their
     own for the views from below (session 13)"). The GPU presets leave all of it off: unmeasured with
-    Stable Diffusion, and the term's scale depends on the render resolution."""
+    Stable Diffusion, and the term's scale depends on the render resolution.
+
+    The texels' total-variation prior weighs 1e5 (``fine.tv_weight``, was 1e4). The coarse Gaussians'
+    colours are clean (a white cube's share of off-colour samples is 0.001 before the fine stage), and
+    the fine stage's 40 SDS steps on the texels, with this 32 px prior, paint tinted blotches on them:
+    pastel on 0.20–0.25 of the white cubes' surface, dark on 0.14–0.17 of the orange tori's. At 1e5
+    those shares fall to 0.05–0.10 and 0.02–0.04, the seams and speckle drop, and the IoU moves by at
+    most 0.006 (docs/benchmarks.md, "Session 21"). The GPU presets keep their own weights."""
     return Preset(
         name="cpu",
         coarse=CoarseConfig(steps=350, batch_size=4, num_points=1000, init_scale=0.05, init_opacity=0.2,
@@ -516,7 +523,7 @@ def _cpu() -> Preset:
                             normal_smooth_views_scale=1.0, normal_smooth_views_cap=0.05),
         fine=FineConfig(steps=40, render_resolution=64, texture_resolution=256, grid_resolution=64,
                         face_budget=5000, lr=2e-2, t_max=0.5,
-                        texture_filter="linear-mipmap-linear", tv_weight=1e4, rebake_sigma=1.5,
+                        texture_filter="linear-mipmap-linear", tv_weight=1e5, rebake_sigma=1.5,
                         rebake_passes=2, rebake_reunwrap=True, random_bg_prob=0.5, **_geometry()),
         guidance=_guidance(model="auto", cfg_scale=20.0, fp16=False),
         shading=_shading(),
