@@ -341,18 +341,18 @@ class DiffusionGuidance(Guidance):
                     a = self.bundle.alphas_cumprod[t].view(-1, 1, 1, 1)
                     z_t = a.sqrt() * z.detach() + (1.0 - a).sqrt() * noise
                 scale = self.cfg_scale_at(step_ratio)
-                if self.config.sds_form == "csd":
+                if self.config.sds_form == "csd":  # the guidance term alone; no noise is subtracted
                     eps_cond, eps_uncond = self.noise_pair(z_t, t, cond, camera)
-                    eps_hat = noise + scale * (eps_cond - eps_uncond)  # SDS's eps_hat - eps is then CSD's term
+                    grad = self.weight(t).view(-1, 1, 1, 1) * scale * (eps_cond - eps_uncond)
                 else:
                     eps_hat = self.predict_noise(z_t, t, cond, camera, scale)
-                if self.config.sds_form == "multistep":
-                    x0 = self.denoise(z_t, t, eps_hat, cond, camera, int(self.config.denoise_steps), scale)
-                    grad = float(self.config.x0_weight) * (z.detach() - x0)
-                elif self.config.sds_form == "x0":
-                    grad = float(self.config.x0_weight) * (z.detach() - self.x0_estimate(z_t, t, eps_hat))
-                else:
-                    grad = self.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
+                    if self.config.sds_form == "multistep":
+                        x0 = self.denoise(z_t, t, eps_hat, cond, camera, int(self.config.denoise_steps), scale)
+                        grad = float(self.config.x0_weight) * (z.detach() - x0)
+                    elif self.config.sds_form == "x0":
+                        grad = float(self.config.x0_weight) * (z.detach() - self.x0_estimate(z_t, t, eps_hat))
+                    else:
+                        grad = self.weight(t).view(-1, 1, 1, 1) * (eps_hat - noise)
                 grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
                 if self.config.grad_clip > 0:
                     grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
