@@ -59,15 +59,15 @@ class GuidanceConfig:
             (StableDreamer, Guo et al. 2023: reconstruction toward the one-step denoised image,
             x0_weight·(z − x0_hat)) or "multistep" (DreamGaussian, Tang et al. 2023, stage 2: toward the
             image denoised from t by ``denoise_steps`` DDIM steps, x0_weight·(z − x0)).
-            ``sds_form="csd"`` is Classifier Score Distillation (Yu et al. 2024): w(t)·cfg·(eps_cond −
-            eps_uncond), SDS without its eps_uncond − eps term, at SDS's cost.
-        denoise_steps: DDIM steps of the multistep form (UNet passes per view and step).
             ``sds_form="ism"`` is Interval Score Matching (LucidDreamer, Liang et al. 2024): the render
             reaches t by deterministic DDIM inversion instead of random noise, and the target is the
             unconditional prediction ``ism_interval`` timesteps below t on the same trajectory. Measured on
             the cpu preset (docs/benchmarks.md, session 20; stride 400, the fine stage on ``eps``): cones
             0.780 → 0.849 and green pyramids +0.05, but red cylinders and red cubes lose up to 0.07, so the
             same 24/36 IoU passes (mean 0.808 → 0.821) at 112 s a job instead of 67 s; off.
+            ``sds_form="csd"`` is Classifier Score Distillation (Yu et al. 2024): w(t)·cfg·(eps_cond −
+            eps_uncond), SDS without its eps_uncond − eps term, at SDS's cost.
+        denoise_steps: DDIM steps of the multistep form (UNet passes per view and step).
         ism_interval: ISM's interval t − s in training timesteps (LucidDreamer: 25–100).
         ism_inversion_stride: the longest DDIM inversion step from 0 to s, in training timesteps
             (LucidDreamer's 200); the unconditional UNet passes per view are ceil(s / stride) + 1.
