@@ -33,9 +33,10 @@ from backend.gaussians.cameras import sample_cameras
 SHIPPED_COMPOSITE = render._composite
 
 
-def autograd_composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts):
+def autograd_composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts, depth_sq=False):
     """The renderer's compositing as it was before its hand-written backward: per-pixel differences,
-    then alpha, transmittance and weights as tensor ops that autograd differentiates."""
+    then alpha, transmittance and weights as tensor ops that autograd differentiates (no depth variance)."""
+    assert not depth_sq
     g = idx.clamp_min(0)
     cam_tile = tiles % T
     origin = torch.stack([(cam_tile % tw) * ts, (cam_tile // tw) * ts], -1).to(m2.dtype)
@@ -55,7 +56,7 @@ def autograd_composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts):
     rgb = torch.einsum("nkp,nkc->npc", w, col[g])
     acc = w.sum(1)
     dsum = torch.einsum("nkp,nk->np", w, dep[g])
-    return rgb, acc, dsum
+    return rgb, acc, dsum, None
 
 
 def scene(n: int, seed: int = 0):

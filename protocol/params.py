@@ -275,6 +275,8 @@ OVERRIDE_SPECS: dict[str, OverrideSpec] = {
     "coarse.opacity_entropy_weight": _f(0.0, 1e6, "weight of the Gaussians' opacity entropy"),
     "coarse.alpha_entropy_weight": _f(0.0, 1e6, "weight of the rendered alpha's entropy"),
     "coarse.alpha_entropy_from": _f(0.0, 1.0, "fraction of the run from which the alpha entropy applies"),
+    "coarse.z_variance_weight": _f(0.0, 1e6, "weight of the depth variance along each ray (HiFA's z-variance)"),
+    "coarse.z_variance_from": _f(0.0, 1.0, "fraction of the run from which the z-variance applies"),
     "coarse.normal_smooth_weight": _f(0.0, 1e6, "weight of the rendered depth normals' smoothness"),
     "coarse.normal_smooth_from": _f(0.0, 1.0, "fraction of the run from which the normal smoothness applies"),
     "coarse.normal_smooth_cap": _f(0.0, 4.0, "truncate the normal smoothness per pixel pair here (0 = plain square)"),

@@ -19,13 +19,16 @@ from backend.gaussians.render import (
 )
 
 
-def brute_force(means, quats, scales, opacities, colors, cameras, background):
-    """Per-pixel loops over every Gaussian in depth order (gsplat's classic rule), no tiles, no culling."""
+def brute_force(means, quats, scales, opacities, colors, cameras, background, depth_moments=False):
+    """Per-pixel loops over every Gaussian in depth order (gsplat's classic rule), no tiles, no culling.
+    With ``depth_moments`` also Σ w z and Σ w z² per pixel (C, 1, H, W) each."""
     H, W = cameras.height, cameras.width
     R = quat_to_rotmat(quats)
     cov = R @ torch.diag_embed(scales**2) @ R.transpose(-1, -2)
     img = torch.zeros(len(cameras), 3, H, W, dtype=means.dtype)
     alpha_img = torch.zeros(len(cameras), 1, H, W, dtype=means.dtype)
+    z_sum = torch.zeros(len(cameras), 1, H, W, dtype=means.dtype)
+    z2_sum = torch.zeros(len(cameras), 1, H, W, dtype=means.dtype)
     for c in range(len(cameras)):
         V = cameras.viewmats[c].to(means)
         K = cameras.Ks[c].to(means)
@@ -43,11 +46,11 @@ def brute_force(means, quats, scales, opacities, colors, cameras, background):
             yc = z * min(max(y / z, -lim_y[1]), lim_y[0])
             J = torch.tensor([[fx / z, 0, -fx * xc / z**2], [0, fy / z, -fy * yc / z**2]], dtype=means.dtype)
             c2 = J @ V[:3, :3] @ cov[n] @ V[:3, :3].T @ J.T + 0.3 * torch.eye(2, dtype=means.dtype)
-            splats.append((fx * x / z + cx, fy * y / z + cy, torch.linalg.inv(c2), opacities[n], colors[n]))
+            splats.append((fx * x / z + cx, fy * y / z + cy, torch.linalg.inv(c2), opacities[n], colors[n], z))
         for i in range(H):
             for j in range(W):
                 T, rgb, acc = 1.0, torch.zeros(3, dtype=means.dtype), 0.0
-                for mx, my, P, o, col in splats:
+                for mx, my, P, o, col, z in splats:
                     d = torch.tensor([mx - (j + 0.5), my - (i + 0.5)], dtype=means.dtype)
                     a = min(ALPHA_MAX, float(o * torch.exp(-0.5 * d @ P @ d)))
                     if a < ALPHA_MIN:
@@ -56,9 +59,13 @@ def brute_force(means, quats, scales, opacities, colors, cameras, background):
                         break
                     rgb = rgb + a * T * col
                     acc += a * T
+                    z_sum[c, 0, i, j] += a * T * z
+                    z2_sum[c, 0, i, j] += a * T * z * z
                     T *= 1 - a
                 img[c, :, i, j] = rgb + T * background[c]
                 alpha_img[c, 0, i, j] = acc
+    if depth_moments:
+        return img, alpha_img, z_sum, z2_sum
     return img, alpha_img
 
 
@@ -87,6 +94,24 @@ def test_matches_brute_force_exactly(tile):
     assert torch.allclose(out.image, ref, atol=1e-12, rtol=0)
     assert torch.allclose(out.alpha, ref_alpha, atol=1e-12, rtol=0)
     assert out.alpha.max() > 0.5  # the Gaussians are actually in view
+
+
+def test_depth_and_its_variance_along_the_ray_match_brute_force():
+    """``depth`` is Σ w z / Σ w and ``depth_var`` (HiFA's z-variance) Σ w z² / Σ w − depth², per pixel."""
+    means, quats, scales, opac, colors = random_gaussians(9, seed=2, spread=0.3)
+    cams = orbit_cameras([0.0, 200.0], [15.0, -5.0], 3.0, 49.0, width=12, height=10)
+    bg = torch.zeros(3, dtype=torch.float64)
+    out = render_gaussians(means, quats, scales, opac, colors, cams, bg, backend="torch", chunk_elements=500,
+                           depth_variance=True)
+    _, alpha, z_sum, z2_sum = brute_force(means, quats, scales, opac, colors, cams, bg.expand(2, 3),
+                                          depth_moments=True)
+    seen = alpha > 1e-3
+    depth = z_sum / alpha.clamp_min(1e-10)
+    assert torch.allclose(out.depth[seen], depth[seen], atol=1e-9)
+    variance = (z2_sum / alpha.clamp_min(1e-10) - depth**2).clamp_min(0)
+    assert torch.allclose(out.depth_var[seen], variance[seen], atol=1e-9)
+    assert variance[seen].max() > 1e-3  # splats at different depths share pixels
+    assert render_gaussians(means, quats, scales, opac, colors, cams, bg, backend="torch").depth_var is None
 
 
 def test_many_overlapping_gaussians_stop_at_transmittance_floor():
@@ -191,7 +216,8 @@ def test_backend_resolution_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat parity needs CUDA")
 def test_parity_with_gsplat():
-    """gsplat vs the torch twin on CUDA: images within 2e-3 (max abs), gradients within 2% relative norm.
+    """gsplat vs the torch twin on CUDA: images, alpha and the depth variance within 2e-3 (max abs),
+    gradients within 2% relative norm.
 
     Differences come only from gsplat culling at a 3-sigma tile box where the twin uses the exact
     opacity-aware extent, and from float32 summation order.
@@ -205,13 +231,15 @@ def test_parity_with_gsplat():
     outs, grads = {}, {}
     for backend in ("gsplat", "torch"):
         params = [t.clone().requires_grad_(True) for t in (means, quats, scales, opac, colors)]
-        out = render_gaussians(*params, cams, bg, backend=backend)
+        out = render_gaussians(*params, cams, bg, backend=backend, depth_variance=True)
         weights = torch.linspace(0, 1, out.image.numel(), device=dev).reshape(out.image.shape)
-        (out.image * weights).sum().backward()
+        ((out.image * weights).sum() + (out.depth_var * out.alpha).sum()).backward()
         outs[backend] = out
         grads[backend] = [p.grad for p in params]
     assert (outs["gsplat"].image - outs["torch"].image).abs().max() < 2e-3
     assert (outs["gsplat"].alpha - outs["torch"].alpha).abs().max() < 2e-3
+    solid = outs["torch"].alpha > 0.5  # the depth variance (a fourth colour channel of z² in gsplat)
+    assert (outs["gsplat"].depth_var - outs["torch"].depth_var)[solid].abs().max() < 2e-3
     for g_ref, g in zip(grads["gsplat"], grads["torch"]):
         assert (g - g_ref).norm() <= 0.02 * g_ref.norm() + 1e-6
 

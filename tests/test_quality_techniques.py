@@ -258,11 +258,28 @@ def test_alpha_entropy_makes_the_rendered_silhouette_crisp():
     assert unchanged == pytest.approx(before, rel=1e-3)
 
 
-@pytest.mark.parametrize("term", ["alpha_entropy", "normal_smooth"])
+def test_z_variance_pulls_a_haze_into_one_surface_per_ray():
+    """HiFA's z-variance: with no other loss, the spread of depths behind each opaque pixel shrinks."""
+    from backend.pipeline.coarse import z_variance
+
+    def mean_z_variance(model) -> float:
+        with torch.no_grad():
+            return float(z_variance(model.render(_THREE_VIEWS, torch.zeros(3), depth_variance=True)))
+
+    def haze() -> GaussianModel:
+        return GaussianModel.init_random(300, 0.5, "sphere", 0.06, 0.3, torch.Generator().manual_seed(1))
+
+    before, after = _regulariser_alone(mean_z_variance, haze, 60, z_variance_weight=100.0, lr_opacities=0.1)
+    assert after < 0.7 * before, (before, after)
+    before, unchanged = _regulariser_alone(mean_z_variance, haze, 60, z_variance_weight=0.0, lr_opacities=0.1)
+    assert unchanged == pytest.approx(before, rel=1e-3)
+
+
+@pytest.mark.parametrize("term", ["alpha_entropy", "normal_smooth", "z_variance"])
 def test_a_late_regulariser_starts_late_and_ramps_in(term):
     import backend.pipeline.coarse as coarse
 
-    weight_at = getattr(coarse, f"{term}_weight")  # alpha_entropy_weight(), normal_smooth_weight()
+    weight_at = getattr(coarse, f"{term}_weight")  # alpha_entropy_weight(), normal_smooth_weight(), ...
     late = CoarseConfig(**{f"{term}_weight": 300.0, f"{term}_from": 0.5})
     assert [weight_at(late, r) for r in (0.0, 0.49, 0.55, 0.6, 1.0)] == pytest.approx([0, 0, 150, 300, 300])
     assert weight_at(CoarseConfig(**{f"{term}_weight": 300.0}), 0.0) == 300.0

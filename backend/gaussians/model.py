@@ -107,10 +107,10 @@ class GaussianModel:
                          torch.sigmoid(p["color_logits"]))
 
     def render(self, cameras: Cameras, background: torch.Tensor | None = None, backend: str = "auto",
-               retain_means2d: bool = False) -> RenderOutput:
+               retain_means2d: bool = False, depth_variance: bool = False) -> RenderOutput:
         g = self.activated()
         return render_gaussians(g.means, g.quats, g.scales, g.opacities, g.colors, cameras, background,
-                                backend=backend, retain_means2d=retain_means2d)
+                                backend=backend, retain_means2d=retain_means2d, depth_variance=depth_variance)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.params.items()}

@@ -8,8 +8,10 @@ Inputs (world frame = Blender's, see ``cameras.py``):
     colors (N, 3) in [0, 1], cameras: a ``Cameras`` batch of C views, background (C, 3) or (3,).
 Output: ``RenderOutput`` with image (C, 3, H, W), alpha (C, 1, H, W), depth (C, 1, H, W)
     (expected camera-space depth, alpha-normalised), means2d (C, N, 2) pixel positions whose
-    ``.grad`` is filled after backward when ``retain_means2d=True`` (for densification), and
-    visible (C, N) bool.
+    ``.grad`` is filled after backward when ``retain_means2d=True`` (for densification),
+    visible (C, N) bool, and with ``depth_variance=True`` depth_var (C, 1, H, W): the alpha-normalised
+    variance of the splats' camera-space depths along each pixel's ray, Σ w (z − depth)² / Σ w
+    (world units², 0 where alpha is 0; HiFA's z-variance).
 
 The torch backend follows gsplat's "classic" 3DGS maths exactly: EWA projection with the
 Jacobian's x/z and y/z clamped to 1.3× the field of view, a 0.3 px² dilation of the 2D covariance
@@ -49,6 +51,7 @@ class RenderOutput:
     depth: torch.Tensor            # (C, 1, H, W) expected depth (0 where alpha is 0)
     means2d: torch.Tensor | None = None   # (C, N, 2) pixel positions
     visible: torch.Tensor | None = None   # (C, N) bool
+    depth_var: torch.Tensor | None = None  # (C, 1, H, W) depth variance along the ray (depth_variance=True)
 
 
 def gsplat_available() -> bool:
@@ -148,7 +151,7 @@ def project_gaussians(means, quats, scales, viewmats, Ks, width, height, near=0.
 def render_gaussians(means, quats, scales, opacities, colors, cameras: Cameras, background=None,
                      backend: str = "auto", retain_means2d: bool = False, tile_size: int = 4,
                      chunk_elements: int = 1 << 18, near: float = 0.01, far: float = 1e10,
-                     eps2d: float = 0.3) -> RenderOutput:
+                     eps2d: float = 0.3, depth_variance: bool = False) -> RenderOutput:
     """Render C views of N Gaussians; see the module docstring for shapes and maths."""
     backend = resolve_backend(backend, means.device)
     C = len(cameras)
@@ -159,16 +162,22 @@ def render_gaussians(means, quats, scales, opacities, colors, cameras: Cameras, 
         bg = bg.expand(C, 3)
     if backend == "gsplat":
         return _render_gsplat(means, quats, scales, opacities, colors, cameras, bg, retain_means2d, near, far,
-                              eps2d)
+                              eps2d, depth_variance)
     return _render_torch(means, quats, scales, opacities, colors, cameras, bg, retain_means2d, tile_size,
-                         chunk_elements, near, far, eps2d)
+                         chunk_elements, near, far, eps2d, depth_variance)
 
 
-def _render_gsplat(means, quats, scales, opacities, colors, cameras, bg, retain_means2d, near, far, eps2d):
+def _render_gsplat(means, quats, scales, opacities, colors, cameras, bg, retain_means2d, near, far, eps2d,
+                   depth_variance=False):
     from gsplat import rasterization
 
+    viewmats = cameras.viewmats.to(means)
+    if depth_variance:  # a fourth colour channel per camera: the squared camera-space depth
+        z = torch.einsum("cj,nj->cn", viewmats[:, 2, :3], means) + viewmats[:, 2, None, 3]  # (C, N)
+        rgb_in = colors.expand(len(cameras), *colors.shape) if colors.dim() == 2 else colors
+        colors = torch.cat([rgb_in, (z * z).unsqueeze(-1)], -1)  # (C, N, 4)
     renders, alphas, meta = rasterization(
-        means, quats, scales, opacities, colors, cameras.viewmats.to(means), cameras.Ks.to(means),
+        means, quats, scales, opacities, colors, viewmats, cameras.Ks.to(means),
         cameras.width, cameras.height, near_plane=near, far_plane=far, render_mode="RGB+ED", packed=False,
         rasterize_mode="classic", eps2d=eps2d,
     )
@@ -177,15 +186,19 @@ def _render_gsplat(means, quats, scales, opacities, colors, cameras, bg, retain_
         means2d.retain_grad()
     rgb = renders[..., :3].permute(0, 3, 1, 2)
     alpha = alphas.permute(0, 3, 1, 2)
-    depth = renders[..., 3:4].permute(0, 3, 1, 2)
+    depth = renders[..., -1:].permute(0, 3, 1, 2)  # "ED": already alpha-normalised
     image = rgb + (1.0 - alpha) * bg[:, :, None, None]
     radii = meta["radii"]
     visible = (radii > 0).all(-1) if radii.dim() == 3 else radii > 0
-    return RenderOutput(image, alpha, depth, means2d, visible)
+    depth_var = None
+    if depth_variance:
+        depth_sq = renders[..., 3:4].permute(0, 3, 1, 2) / alpha.clamp_min(1e-10)
+        depth_var = (depth_sq - depth * depth).clamp_min(0.0) * (alpha > 0)
+    return RenderOutput(image, alpha, depth, means2d, visible, depth_var)
 
 
 def _render_torch(means, quats, scales, opacities, colors, cameras, bg, retain_means2d, tile_size,
-                  chunk_elements, near, far, eps2d):
+                  chunk_elements, near, far, eps2d, depth_variance=False):
     W, H = cameras.width, cameras.height
     viewmats = cameras.viewmats.to(means)
     Ks = cameras.Ks.to(means)
@@ -240,7 +253,7 @@ def _render_torch(means, quats, scales, opacities, colors, cameras, bg, retain_m
     opa = opacities.expand(C, N).reshape(C * N)
     col = colors.expand(C, N, 3).reshape(C * N, 3) if colors.dim() == 2 else colors.reshape(C * N, 3)
     dep = depths.reshape(C * N)
-    outs_rgb, outs_a, outs_d = [], [], []
+    outs_rgb, outs_a, outs_d, outs_d2 = [], [], [], []
     i = 0
     n_tiles = C * T
     while i < n_tiles:
@@ -251,10 +264,12 @@ def _render_torch(means, quats, scales, opacities, colors, cameras, bg, retain_m
             j += 1
         tiles = tile_order[i:j]
         k = max(counts_sorted[j - 1], 1)
-        rgb_t, a_t, d_t = _composite(tiles, table[tiles, :k], m2, con, opa, col, dep, local_px, tw, T, ts)
+        rgb_t, a_t, d_t, d2_t = _composite(tiles, table[tiles, :k], m2, con, opa, col, dep, local_px, tw, T, ts,
+                                           depth_variance)
         outs_rgb.append(rgb_t)
         outs_a.append(a_t)
         outs_d.append(d_t)
+        outs_d2.append(d2_t)
         i = j
     inv = torch.argsort(tile_order)
     rgb = torch.cat(outs_rgb)[inv]  # (C*T, P, 3)
@@ -269,10 +284,14 @@ def _render_torch(means, quats, scales, opacities, colors, cameras, bg, retain_m
     alpha = untile(acc.unsqueeze(-1), 1)
     depth = untile(dsum.unsqueeze(-1), 1) / alpha.clamp_min(1e-10)
     image = rgb_img + (1.0 - alpha) * bg[:, :, None, None]
-    return RenderOutput(image, alpha, depth, means2d, vis)
+    depth_var = None
+    if depth_variance:
+        depth_sq = untile(torch.cat(outs_d2)[inv].unsqueeze(-1), 1) / alpha.clamp_min(1e-10)
+        depth_var = (depth_sq - depth * depth).clamp_min(0.0) * (alpha > 0)
+    return RenderOutput(image, alpha, depth, means2d, vis, depth_var)
 
 
-def _composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts):
+def _composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts, depth_sq=False):
     """Front-to-back compositing of (n_tiles, K) depth-sorted Gaussian indices (-1 = padding).
 
     Each Gaussian's exponent over a tile's P pixels is a quadratic in the pixel position, so it is
@@ -303,10 +322,10 @@ def _composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts):
     x, y = local_px.unbind(-1)
     monomials = torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y], -1)  # (P, 6)
     o = torch.where(idx >= 0, opa[g], torch.zeros_like(opa[g]))
-    ones = torch.ones_like(o)
-    feats = torch.cat([col[g], dep[g].unsqueeze(-1), ones.unsqueeze(-1)], -1)  # (n, K, 5)
-    out = _CompositeTiles.apply(coef, o, feats, monomials)  # (n, P, 5)
-    return out[..., :3], out[..., 4], out[..., 3]
+    z = dep[g].unsqueeze(-1)
+    parts = [col[g], z, torch.ones_like(z)] + ([z * z] if depth_sq else [])
+    out = _CompositeTiles.apply(coef, o, torch.cat(parts, -1), monomials)  # (n, P, 5 or 6)
+    return out[..., :3], out[..., 4], out[..., 3], (out[..., 5] if depth_sq else None)
 
 
 class _CompositeTiles(torch.autograd.Function):

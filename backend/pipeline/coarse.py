@@ -76,6 +76,22 @@ def alpha_entropy_weight(config, ratio: float) -> float:
     return ramped_weight(config.alpha_entropy_weight, config.alpha_entropy_from, ratio)
 
 
+def z_variance_weight(config, ratio: float) -> float:
+    """The weight of HiFA's depth variance along the ray at ``ratio`` of the run (threestudio's
+    ``lambda_z_variance``; ``ramped_weight`` from ``z_variance_from``)."""
+    return ramped_weight(config.z_variance_weight, config.z_variance_from, ratio)
+
+
+def z_variance(out) -> torch.Tensor:
+    """HiFA's z-variance loss (Zhu et al. 2023, "HiFA: High-fidelity Text-to-3D Generation with Advanced
+    Diffusion Guidance"; threestudio's ``loss_z_variance``): the mean of a render's ``depth_var`` (C, 1, H,
+    W; world units²) over the pixels whose alpha is above 0.5, 0 when there are none."""
+    solid = out.alpha.detach() > 0.5
+    if not bool(solid.any()):
+        return out.depth_var.sum() * 0.0
+    return out.depth_var[solid].mean()
+
+
 def normal_smooth_weight(config, ratio: float) -> float:
     """The weight of the depth normals' smoothness at ``ratio`` of the run (threestudio's
     ``lambda_normal_smooth``; ``ramped_weight`` from ``normal_smooth_from``)."""
@@ -200,14 +216,15 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         for group in optimizer.param_groups:
             group["lr"] = _lrs(config, ratio)[group["name"]]
         densifying = config.densify_from <= ratio <= config.densify_until
+        zvar_weight = z_variance_weight(config, ratio)
         if environment is None:
             bg = random_backgrounds(config.batch_size, config.random_bg_prob, generator, device)
-            out = model.render(cams, bg, backend=backend, retain_means2d=densifying)
+            out = model.render(cams, bg, backend=backend, retain_means2d=densifying, depth_variance=zvar_weight > 0)
             images = out.image
         else:  # DreamFusion's learned background, a random solid colour for some views
             use_random, colours = draw_random_colours(config.batch_size, config.random_bg_prob, generator)
             out = model.render(cams, torch.zeros(config.batch_size, 3, device=device), backend=backend,
-                               retain_means2d=densifying)
+                               retain_means2d=densifying, depth_variance=zvar_weight > 0)
             images, bg = composite_backgrounds(out.image, out.alpha, environment(cams), colours.to(device),
                                                use_random.to(device))
         smooth_weight = normal_smooth_weight(config, ratio)
@@ -225,6 +242,8 @@ def run_coarse_stage(loss_fn: LossFn, config: CoarseConfig, ctx: JobContext | No
         alpha_weight = alpha_entropy_weight(config, ratio)
         if alpha_weight > 0:
             loss = loss + alpha_weight * binary_entropy(out.alpha)
+        if zvar_weight > 0:
+            loss = loss + zvar_weight * z_variance(out)
         if smooth_weight > 0 and normals is not None:
             loss = loss + smooth_weight * normal_smoothness(normals, out.alpha, cap=config.normal_smooth_cap)
         if smooth_weight > 0 and config.normal_smooth_views > 0:

@@ -150,6 +150,13 @@ class CoarseConfig:
             the run; ``coarse.alpha_entropy_weight()``). Measured on the cpu preset (docs/benchmarks.md,
             session 8): 300 from 0.25 makes cylinders and cubes boxier (+0.02 to +0.07 IoU) but costs
             cones 0.03 and films one torus hole in six; from the start it films every torus. Off.
+        z_variance_weight: weight of the depth variance along each ray (HiFA's z-variance loss, Zhu et al.
+            2023, threestudio's ``lambda_z_variance``): the mean, over the pixels whose rendered alpha is
+            above 0.5, of Σ w (z − depth)² / Σ w, the spread of the splats' camera-space depths behind the
+            pixel (world units²). It pulls each opaque pixel's opacity into one surface, so haze inside and
+            in front of the object becomes surface, without the alpha entropy's barrier at half coverage
+            that films a hole. From ``z_variance_from`` of the run on, ramped in over a tenth of the run
+            (``coarse.z_variance_weight()``); 0 disables.
         normal_smooth_weight: weight of the smoothness of the rendered depth normals (threestudio's
             ``lambda_normal_smooth``: the mean squared difference of neighbouring pixels' normals;
             ``shading.normal_smoothness``), from ``normal_smooth_from`` of the run on (ramped in over a
@@ -253,6 +260,8 @@ class CoarseConfig:
     opacity_entropy_weight: float = 0.0
     alpha_entropy_weight: float = 0.0
     alpha_entropy_from: float = 0.0
+    z_variance_weight: float = 0.0
+    z_variance_from: float = 0.0
     normal_smooth_weight: float = 0.0
     normal_smooth_from: float = 0.0
     normal_smooth_cap: float = 0.0
