@@ -8,9 +8,9 @@ every target (docs/benchmarks.md, "Issue 12 — after (session 14)"): the red cu
 ``xfail``. Until session 14 a process's first job drew its SDS noise differently from later jobs of
 the same seed (seeded before the model loaded), so this run's result depended on whether an earlier
 test had loaded the bundled prior; it no longer does. The measures both prompts meet with a margin are
-asserted strictly, and so are the torus's IoU and hole (IoU 0.80–0.85 against 0.75 in all six torus
-runs of the benchmark; the orange torus's hole 0.02 at seed 0, 0.05 and 0.10 at seeds 1 and 2,
-against 0.15).
+asserted strictly, and so are the torus's IoU and hole (IoU 0.81–0.85 against 0.75 in all six torus
+runs of the benchmark; the orange torus's hole 0.07 at seed 0, 0.09 and 0.13 at seeds 1 and 2 against
+0.15 since the z-variance came in, session 22; a yellow torus at seed 2 has 0.19).
 
 The two runs go in two processes at once (``ProcessPoolExecutor``, spawned): each CPU job uses
 ``cpu_threads()`` threads (one on a 2-core machine), so side by side they take the time of one, the

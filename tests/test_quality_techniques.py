@@ -298,6 +298,7 @@ def test_cpu_preset_turns_the_techniques_on_and_they_can_be_switched_off():
     assert p.coarse.normal_smooth_weight > 0 and p.coarse.normal_smooth_views == 1  # views from below,
     # capped low enough that a torus's tube bends past the cap (its hole stays open) at full weight
     assert p.coarse.normal_smooth_views_scale == 1.0 and 0 < p.coarse.normal_smooth_views_cap < p.coarse.normal_smooth_cap
+    assert p.coarse.z_variance_weight > 0 and p.coarse.z_variance_from >= 0.5  # from the start it films holes
     off = get_preset("cpu", {"shading.coarse": False, "shading.fine": False, "guidance.t_sampling": "random",
                              "fine.t_max": "none", "fine.tv_weight": 0, "fine.texture_filter": "linear",
                              "fine.rebake_sigma": 0, "fine.vertex_offsets": False, "coarse.density_threshold": 0.5})
