@@ -157,8 +157,9 @@ class CoarseConfig:
             in front of the object becomes surface, without the alpha entropy's barrier at half coverage
             that films a hole. From ``z_variance_from`` of the run on, ramped in over a tenth of the run
             (``coarse.z_variance_weight()``); 0 disables. Measured on the cpu preset (docs/benchmarks.md,
-            session 22): from the start it films every torus hole; 1000 from 0.5 (on in ``cpu``) makes boxes of
-            the white cubes and straight cones, and narrows the torus holes (one in six over 0.15).
+            session 22): from the start it films every torus hole (and makes plain boxes of the white cubes);
+            1000 from 0.5 (on in ``cpu``) shrinks the white cubes' flaps, straightens the cones, and narrows the
+            torus holes (one in six over 0.15).
         normal_smooth_weight: weight of the smoothness of the rendered depth normals (threestudio's
             ``lambda_normal_smooth``: the mean squared difference of neighbouring pixels' normals;
             ``shading.normal_smoothness``), from ``normal_smooth_from`` of the run on (ramped in over a
@@ -523,8 +524,9 @@ def _cpu() -> Preset:
     most 0.006 (docs/benchmarks.md, "Session 21"). The GPU presets keep their own weights.
 
     The second half of the coarse run also pulls each opaque pixel's opacity into one surface along its ray
-    (HiFA's z-variance, ``coarse.z_variance_weight`` 1000 from ``z_variance_from`` 0.5): the white cubes lose
-    the flaps along their top edges (and the pastel mottling painted on them), the cones their "kiss" tips. On
+    (HiFA's z-variance, ``coarse.z_variance_weight`` 1000 from ``z_variance_from`` 0.5): the flaps along the
+    white cubes' top edges shrink (with the pastel mottling painted on them), and the cones lose their "kiss"
+    tips and concave flanks. On
     the 12-prompt × 3-seed benchmark, against the same code without it (session 22): IoU passes 26 → 29 of 36,
     every measure 26 → 28, mean IoU 0.811 → 0.820, cones 4/6 → 6/6; but the torus holes narrow (0.01–0.06 →
     0.04–0.19), and one in six goes over the 0.15 target. From the start it films every torus hole, as the
