@@ -124,17 +124,21 @@ def test_many_overlapping_gaussians_stop_at_transmittance_floor():
     assert out.alpha.max() > 0.999
 
 
-def test_gradcheck_float64():
-    means, quats, scales, opac, colors = random_gaussians(3, seed=3, opacity=(0.3, 0.7))
-    cams = orbit_cameras([20.0], [10.0], 3.0, 40.0, width=8, height=6)
+def _gradcheck_render(gaussians, cams, fast_mode: bool) -> bool:
+    """torch.autograd.gradcheck of the torch renderer's image, alpha and alpha-weighted depth (float64)."""
     bg = torch.tensor([0.3, 0.6, 0.1], dtype=torch.float64)
 
     def f(m, q, s, o, c):
         out = render_gaussians(m, q, s, o, c, cams, bg, backend="torch")
         return out.image, out.alpha, out.depth * out.alpha
 
-    inputs = tuple(t.clone().requires_grad_(True) for t in (means, quats, scales, opac, colors))
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+    inputs = tuple(t.clone().requires_grad_(True) for t in gaussians)
+    return torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast_mode)
+
+
+def test_gradcheck_float64():
+    gaussians = random_gaussians(3, seed=3, opacity=(0.3, 0.7))
+    assert _gradcheck_render(gaussians, orbit_cameras([20.0], [10.0], 3.0, 40.0, width=8, height=6), fast_mode=True)
 
 
 def test_gradcheck_float64_through_the_transmittance_floor():
@@ -145,16 +149,10 @@ def test_gradcheck_float64_through_the_transmittance_floor():
     means, quats, scales, opac, colors = random_gaussians(24, seed=4, spread=0.03, opacity=(0.85, 0.95))
     opac[2] = 0.9995  # clamped to 0.999: no gradient through the clamp
     cams = orbit_cameras([10.0], [20.0], 3.0, 40.0, width=7, height=6)
-    bg = torch.tensor([0.3, 0.6, 0.1], dtype=torch.float64)
-    out = render_gaussians(means, quats, scales, opac, colors, cams, bg, backend="torch")
+    out = render_gaussians(means, quats, scales, opac, colors, cams, torch.zeros(3, dtype=torch.float64),
+                           backend="torch")
     assert out.alpha.max() > 0.999  # the floor (T 1e-4) is approached
-
-    def f(m, q, s, o, c):
-        out = render_gaussians(m, q, s, o, c, cams, bg, backend="torch")
-        return out.image, out.alpha, out.depth * out.alpha
-
-    inputs = tuple(t.clone().requires_grad_(True) for t in (means, quats, scales, opac, colors))
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=False)
+    assert _gradcheck_render((means, quats, scales, opac, colors), cams, fast_mode=False)
 
 
 def test_float32_gradients_match_float64_on_many_splats():
