@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -51,7 +52,7 @@ def autograd_composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts, 
     alpha = alpha * (alpha.detach() >= render.ALPHA_MIN)
     log1m = torch.log1p(-alpha)
     cum = torch.cumsum(log1m, dim=1)
-    alive = cum.detach() > torch.log(torch.tensor(render.T_MIN)).item()
+    alive = cum.detach() > math.log(render.T_MIN)
     w = alpha * torch.exp(cum - log1m) * alive
     rgb = torch.einsum("nkp,nkc->npc", w, col[g])
     acc = w.sum(1)

@@ -190,10 +190,7 @@ def _render_gsplat(means, quats, scales, opacities, colors, cameras, bg, retain_
     image = rgb + (1.0 - alpha) * bg[:, :, None, None]
     radii = meta["radii"]
     visible = (radii > 0).all(-1) if radii.dim() == 3 else radii > 0
-    depth_var = None
-    if depth_variance:
-        depth_sq = renders[..., 3:4].permute(0, 3, 1, 2) / alpha.clamp_min(1e-10)
-        depth_var = (depth_sq - depth * depth).clamp_min(0.0) * (alpha > 0)
+    depth_var = _depth_variance(renders[..., 3:4].permute(0, 3, 1, 2), alpha, depth) if depth_variance else None
     return RenderOutput(image, alpha, depth, means2d, visible, depth_var)
 
 
@@ -284,11 +281,14 @@ def _render_torch(means, quats, scales, opacities, colors, cameras, bg, retain_m
     alpha = untile(acc.unsqueeze(-1), 1)
     depth = untile(dsum.unsqueeze(-1), 1) / alpha.clamp_min(1e-10)
     image = rgb_img + (1.0 - alpha) * bg[:, :, None, None]
-    depth_var = None
-    if depth_variance:
-        depth_sq = untile(torch.cat(outs_d2)[inv].unsqueeze(-1), 1) / alpha.clamp_min(1e-10)
-        depth_var = (depth_sq - depth * depth).clamp_min(0.0) * (alpha > 0)
+    depth_var = _depth_variance(untile(torch.cat(outs_d2)[inv].unsqueeze(-1), 1), alpha, depth) if depth_variance else None
     return RenderOutput(image, alpha, depth, means2d, vis, depth_var)
+
+
+def _depth_variance(depth_sq_sum: torch.Tensor, alpha: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """Σ w z² / Σ w − depth² per pixel (C, 1, H, W; world units²) from the composited Σ w z², the alpha
+    Σ w and the alpha-normalised depth; 0 where alpha is 0 (both renderers' ``depth_var``)."""
+    return (depth_sq_sum / alpha.clamp_min(1e-10) - depth * depth).clamp_min(0.0) * (alpha > 0)
 
 
 def _composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts, depth_sq=False):
