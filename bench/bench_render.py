@@ -34,11 +34,12 @@ from backend.gaussians.cameras import sample_cameras
 SHIPPED_COMPOSITE = render._composite
 
 
-def autograd_composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts, depth_sq=False):
+def autograd_composite(tiles, idx, splats, local_px, tw, T, ts):
     """The renderer's compositing as it was before its hand-written backward: per-pixel differences,
     then alpha, transmittance and weights as tensor ops that autograd differentiates (no depth variance)."""
-    assert not depth_sq
+    assert splats.shape[-1] == render.SPLAT_COLUMNS
     g = idx.clamp_min(0)
+    m2, con, opa, col, dep = splats[:, :2], splats[:, 2:5], splats[:, 5].exp(), splats[:, 6:9], splats[:, 9]
     cam_tile = tiles % T
     origin = torch.stack([(cam_tile % tw) * ts, (cam_tile // tw) * ts], -1).to(m2.dtype)
     px = origin[:, None, :] + local_px[None]

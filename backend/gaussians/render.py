@@ -245,24 +245,23 @@ def _render_torch(means, quats, scales, opacities, colors, cameras, bg, retain_m
         local_px = torch.stack([ix.reshape(-1), iy.reshape(-1)], -1).to(means.dtype) + 0.5  # (P, 2)
 
     P = ts * ts
-    m2 = means2d.reshape(C * N, 2)
-    con = conics.reshape(C * N, 3)
-    opa = opacities.expand(C, N).reshape(C * N)
-    col = colors.expand(C, N, 3).reshape(C * N, 3) if colors.dim() == 2 else colors.reshape(C * N, 3)
-    dep = depths.reshape(C * N)
+    col = colors.expand(C, N, 3) if colors.dim() == 2 else colors
+    one = torch.ones_like(depths).unsqueeze(-1)
+    extra = [depths.square().unsqueeze(-1)] if depth_variance else []
+    # every attribute a tile needs of a splat, one row per (camera, Gaussian), so a tile group gathers once
+    splats = torch.cat([means2d, conics, torch.log(opacities.clamp_min(1e-30)).expand(C, N).unsqueeze(-1), col,
+                        depths.unsqueeze(-1), one, *extra], -1).reshape(C * N, -1)  # (C*N, SPLAT_COLUMNS [+ 1])
     outs_rgb, outs_a, outs_d, outs_d2 = [], [], [], []
     i = 0
     n_tiles = C * T
     while i < n_tiles:
-        k = max(counts_sorted[i], 1)
         # grow the group while the padded work stays under the budget
         j = i + 1
         while j < n_tiles and (j - i + 1) * max(counts_sorted[j], 1) * P <= chunk_elements:
             j += 1
         tiles = tile_order[i:j]
         k = max(counts_sorted[j - 1], 1)
-        rgb_t, a_t, d_t, d2_t = _composite(tiles, table[tiles, :k], m2, con, opa, col, dep, local_px, tw, T, ts,
-                                           depth_variance)
+        rgb_t, a_t, d_t, d2_t = _composite(tiles, table[tiles, :k], splats, local_px, tw, T, ts)
         outs_rgb.append(rgb_t)
         outs_a.append(a_t)
         outs_d.append(d_t)
@@ -291,28 +290,35 @@ def _depth_variance(depth_sq_sum: torch.Tensor, alpha: torch.Tensor, depth: torc
     return (depth_sq_sum / alpha.clamp_min(1e-10) - depth * depth).clamp_min(0.0) * (alpha > 0)
 
 
-def _composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts, depth_sq=False):
+#: Columns of the renderer's per-splat table (``_render_torch``): means2d (pixels), conic (a, b, c),
+#: log opacity, colour (3), camera-space depth, a constant 1; a 12th, the squared depth, with ``depth_variance``.
+SPLAT_COLUMNS = 11
+
+
+def _composite(tiles, idx, splats, local_px, tw, T, ts):
     """Front-to-back compositing of (n_tiles, K) depth-sorted Gaussian indices (-1 = padding).
 
-    Each Gaussian's exponent over a tile's P pixels is a quadratic in the pixel position, so it is
-    written as (n, K, 6) coefficients, in tile-local pixels (small numbers, no cancellation), times the
-    (P, 6) monomials [1, x, y, x², xy, y²] of the pixel centres: one batched matmul instead of the
-    per-pixel differences. The coefficients are differentiated by autograd; the compositing itself by
-    ``_CompositeTiles``'s hand-written backward.
+    ``splats`` is the (C·N, ``SPLAT_COLUMNS`` [+ 1]) table of ``_render_torch``. Each Gaussian's exponent
+    over a tile's P pixels is a quadratic in the pixel position, so it is written as (n, K, 6)
+    coefficients, in tile-local pixels (small numbers, no cancellation), times the (P, 6) monomials
+    [1, x, y, x², xy, y²] of the pixel centres: one batched matmul instead of the per-pixel differences.
+    The opacity joins the constant term as log o (o·exp(−σ) = exp(log o − σ)), and padding gets −inf, so
+    its alpha is 0 and it is skipped like any faint Gaussian. The coefficients are differentiated by
+    autograd; the compositing itself by ``_CompositeTiles``'s hand-written backward.
 
-    Padding gets opacity 0, so its alpha falls under 1/255 and is skipped like any faint Gaussian.
-    (σ < 0 cannot happen: the dilated 2D covariance is positive definite.)
+    Returns rgb (n, P, 3), alpha (n, P), the weighted depth sum (n, P) and, with a 12th column, the
+    weighted squared-depth sum (n, P) (else None). (σ < 0 cannot happen: the dilated 2D covariance is
+    positive definite.)
     """
-    g = idx.clamp_min(0)
+    s = splats[idx.clamp_min(0)]  # (n, K, columns)
     cam_tile = tiles % T
-    origin = torch.stack([(cam_tile % tw) * ts, (cam_tile // tw) * ts], -1).to(m2.dtype)  # (n, 2)
-    mu = m2[g] - origin[:, None, :]  # (n, K, 2) tile-local pixels
-    cc = con[g]
-    a, b, c = cc.unbind(-1)
-    mx, my = mu.unbind(-1)
-    # -σ(x, y) = -(a/2 (mx-x)² + c/2 (my-y)² + b (mx-x)(my-y)) as coefficients of the monomials
+    origin = torch.stack([(cam_tile % tw) * ts, (cam_tile // tw) * ts], -1).to(splats.dtype)  # (n, 2)
+    mx, my = (s[..., :2] - origin[:, None, :]).unbind(-1)  # (n, K) tile-local pixels
+    a, b, c = s[..., 2], s[..., 3], s[..., 4]
+    log_o = torch.where(idx >= 0, s[..., 5], torch.full_like(s[..., 5], -math.inf))
+    # log o − σ(x, y) = log o − (a/2 (mx-x)² + c/2 (my-y)² + b (mx-x)(my-y)) as coefficients of the monomials
     coef = torch.stack([
-        -(0.5 * a * mx * mx + 0.5 * c * my * my + b * mx * my),
+        log_o - (0.5 * a * mx * mx + 0.5 * c * my * my + b * mx * my),
         a * mx + b * my,
         c * my + b * mx,
         -0.5 * a,
@@ -321,55 +327,52 @@ def _composite(tiles, idx, m2, con, opa, col, dep, local_px, tw, T, ts, depth_sq
     ], -1)  # (n, K, 6)
     x, y = local_px.unbind(-1)
     monomials = torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y], -1)  # (P, 6)
-    o = torch.where(idx >= 0, opa[g], torch.zeros_like(opa[g]))
-    z = dep[g].unsqueeze(-1)
-    parts = [col[g], z, torch.ones_like(z)] + ([z * z] if depth_sq else [])
-    out = _CompositeTiles.apply(coef, o, torch.cat(parts, -1), monomials)  # (n, P, 5 or 6)
-    return out[..., :3], out[..., 4], out[..., 3], (out[..., 5] if depth_sq else None)
+    out = _CompositeTiles.apply(coef, s[..., 6:], monomials)  # (n, P, 5 or 6): rgb, depth, alpha[, depth²]
+    return out[..., :3], out[..., 4], out[..., 3], (out[..., 5] if splats.shape[-1] > SPLAT_COLUMNS else None)
 
 
 class _CompositeTiles(torch.autograd.Function):
     """Alpha compositing of depth-sorted splats per tile, with a hand-written backward.
 
     Forward, per tile n, splat k (front to back) and pixel p (3DGS, Kerbl et al. 2023, classic rule):
-        g = exp(coef_k · m_p)                     (the Gaussian's falloff; coef · m = -σ)
-        α = min(0.999, o_k g), set to 0 where it is under 1/255
+        raw = exp(coef_k · m_p)                   (opacity × falloff; coef · m = log o − σ)
+        α = min(0.999, raw), set to 0 where it is under 1/255
         T_k = Π_{j<k} (1 − α_j); splats after the one that would take T under 1e-4 are dropped
         w = α T;  out_p = Σ_k w_kp f_k            (f = colour, depth, 1 → rgb, depth sum, alpha)
     Backward (what gsplat's CUDA kernel computes, in tensors): with v_kp = f_k · ∂L/∂out_p,
         ∂L/∂α_k = T_k v_k − (Σ_{j>k} w_j v_j) / (1 − α_k),
-    then through the clamp and the cut-off, ∂L/∂coef = (∂L/∂α · o g) @ m, ∂L/∂o = Σ_p ∂L/∂α · g,
-    ∂L/∂f = Σ_p w ∂L/∂out. It saves the autograd graph's dozen (n, K, P) intermediates and their
-    elementwise backward ops; ``tests/test_gaussians_render.py`` checks it with gradcheck.
+    then through the clamp and the cut-off, ∂L/∂coef = (∂L/∂α · raw) @ m (autograd carries the
+    constant term's share on to the opacity through log o), ∂L/∂f = Σ_p w ∂L/∂out. It saves the autograd
+    graph's dozen (n, K, P) intermediates and their elementwise backward ops. The cut-off, the floor and
+    the clamp's derivative are threshold and sign ops, not boolean masks (a comparison's boolean tensor and
+    its conversion back cost several times an arithmetic op on the CPU). T_k is T_{k+1} / (1 − α_k),
+    which is at least 0.001. ``tests/test_gaussians_render.py`` checks it with gradcheck.
 
-    Inputs: coef (n, K, 6), o (n, K) opacity (0 for padding), feats (n, K, F), monomials (P, 6).
+    Inputs: coef (n, K, 6) (−inf constant for padding), feats (n, K, F), monomials (P, 6).
     Output: (n, P, F).
     """
 
     @staticmethod
-    def forward(ctx, coef, o, feats, monomials):
-        g = torch.exp(torch.matmul(coef, monomials.T))  # (n, K, P)
-        raw = o.unsqueeze(-1) * g
-        kept = raw >= ALPHA_MIN
-        passes = kept & (raw <= ALPHA_MAX)  # where d alpha / d raw is 1
-        alpha = raw.clamp(max=ALPHA_MAX) * kept
-        after = torch.cumprod(1.0 - alpha, dim=1)  # T_{k+1}, the transmittance behind splat k
-        trans = torch.cat([torch.ones_like(after[:, :1]), after[:, :-1]], 1) * (after > T_MIN)  # T_k, 0 once dropped
+    def forward(ctx, coef, feats, monomials):
+        raw = torch.exp(torch.matmul(coef, monomials.T))  # (n, K, P)
+        alpha = torch.threshold_(raw.clamp_(max=ALPHA_MAX), ALPHA_MIN, 0.0)  # 0 under 1/255
+        kept = 1.0 - alpha
+        after = torch.cumprod(kept, dim=1)  # T_{k+1}, the transmittance behind splat k
+        trans = torch.threshold(after, T_MIN, 0.0).div_(kept)  # T_k = T_{k+1} / (1 − α_k), 0 once dropped
         w = alpha * trans
         out = torch.matmul(w.transpose(1, 2), feats)  # (n, P, F)
-        ctx.save_for_backward(g, alpha, trans, w, passes, o, feats, monomials)
+        ctx.save_for_backward(alpha, kept, trans, w, feats, monomials)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        g, alpha, trans, w, passes, o, feats, monomials = ctx.saved_tensors
+        alpha, kept, trans, w, feats, monomials = ctx.saved_tensors
         v = torch.matmul(feats, grad_out.transpose(1, 2))  # (n, K, P)
-        wv = w * v
-        from_k = torch.cumsum(wv.flip(1), dim=1).flip(1)  # Σ_{j>=k} w_j v_j
-        behind = torch.cat([from_k[:, 1:], torch.zeros_like(from_k[:, :1])], 1)  # Σ_{j>k} w_j v_j
-        d_alpha = trans * v - behind / (1.0 - alpha)
-        d_g = d_alpha * passes * g  # ∂L/∂raw · g
-        d_o = d_g.sum(-1)
-        d_coef = torch.matmul(d_g * o.unsqueeze(-1), monomials)  # ∂L/∂(coef·m) = ∂L/∂raw · o g
+        from_k = torch.cumsum((w * v).flip(1), dim=1).flip(1)  # Σ_{j>=k} w_j v_j
+        d = trans * v  # becomes ∂L/∂α, then ∂L/∂(coef·m) = ∂L/∂raw · raw
+        d[:, :-1] -= from_k[:, 1:] / kept[:, :-1]  # − Σ_{j>k} w_j v_j / (1 − α_k)
+        # ∂α/∂raw · raw is raw between the cut-off and the clamp, 0 outside: α · sign(0.999 − α)
+        d.mul_((ALPHA_MAX - alpha).sign_().mul_(alpha))
+        d_coef = torch.matmul(d, monomials)
         d_feats = torch.matmul(w, grad_out)
-        return d_coef, d_o, d_feats, None
+        return d_coef, d_feats, None
